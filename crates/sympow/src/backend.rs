@@ -1,0 +1,495 @@
+//! The [`Backend`] trait: the ops the model is written against, each with an explicit forward
+//! and backward, and [`CpuBackend`], the reference implementation.
+//!
+//! A backend owns its tensors (host vectors on the CPU, device buffers on CUDA) and exposes
+//! them to the model only through these ops, so the model code — forward, then backward in
+//! reverse order, as in llm.c — is the same on every device. Shapes travel explicitly as
+//! arguments; a tensor is a flat buffer.
+
+use crate::attention::{self, AttentionSpec, Form, Shape};
+pub use crate::attention::{AttentionGrads, AttentionOut};
+use crate::float::Float;
+use crate::ops::adamw::AdamWConfig;
+use crate::ops::rotary::RotaryParam;
+use crate::ops::*;
+use std::marker::PhantomData;
+
+/// Saved state of a layer-norm forward.
+#[derive(Clone, Debug)]
+pub struct LayerNormSaved<T> {
+    /// Per-row mean.
+    pub mean: T,
+    /// Per-row reciprocal standard deviation.
+    pub rstd: T,
+}
+
+/// The ops of a conformal-sympow transformer, forward and backward.
+///
+/// ```
+/// use sympow::backend::{Backend, CpuBackend};
+/// let be = CpuBackend::<f32>::new();
+/// let x = be.upload(&[1.0, 2.0, 3.0, 4.0]); // 2 rows of 2
+/// let w = be.upload(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0]); // 3 outputs × 2 inputs
+/// let y = be.linear_forward(&x, &w, None, 2, 3);
+/// assert_eq!(be.download(&y), vec![1.0, 2.0, 3.0, 3.0, 4.0, 7.0]);
+/// ```
+pub trait Backend: Send + Sync {
+    /// The host scalar type at the API boundary (`f32`, or `f64` for reference checks).
+    type Scalar: Float;
+    /// A flat buffer owned by the backend.
+    type Tensor: Clone + Send + Sync;
+
+    /// Human-readable device name.
+    fn name(&self) -> String;
+
+    // ---- memory -------------------------------------------------------------------------
+    /// Copies host data in.
+    fn upload(&self, data: &[Self::Scalar]) -> Self::Tensor;
+    /// Copies a tensor out.
+    fn download(&self, t: &Self::Tensor) -> Vec<Self::Scalar>;
+    /// A zero tensor of `len` elements.
+    fn zeros(&self, len: usize) -> Self::Tensor;
+    /// `dst += src` (residual connections, gradient accumulation).
+    fn add_assign(&self, dst: &mut Self::Tensor, src: &Self::Tensor);
+    /// `dst *= s`.
+    fn scale(&self, dst: &mut Self::Tensor, s: f64);
+    /// Σ x², accumulated in f64 (gradient-norm clipping).
+    fn sum_squares(&self, x: &Self::Tensor) -> f64;
+    /// Splits each row of `x` (`[rows, Σ widths]`) into column blocks of the given widths.
+    fn split_columns(&self, x: &Self::Tensor, widths: &[usize]) -> Vec<Self::Tensor>;
+    /// Inverse of [`split_columns`](Self::split_columns).
+    fn concat_columns(&self, parts: &[&Self::Tensor], widths: &[usize]) -> Self::Tensor;
+
+    // ---- dense layers -----------------------------------------------------------------------
+    /// y = x Wᵀ + b; x `[rows, cin]`, W `[cout, cin]`.
+    fn linear_forward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        cin: usize,
+        cout: usize,
+    ) -> Self::Tensor;
+    /// Returns ∂x; adds into ∂W, ∂b.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        dy: &Self::Tensor,
+        cin: usize,
+        cout: usize,
+        dw: &mut Self::Tensor,
+        db: Option<&mut Self::Tensor>,
+    ) -> Self::Tensor;
+    /// Layer norm over rows of `c`, with optional affine.
+    fn layer_norm_forward(
+        &self,
+        x: &Self::Tensor,
+        c: usize,
+        w: Option<&Self::Tensor>,
+        b: Option<&Self::Tensor>,
+    ) -> (Self::Tensor, LayerNormSaved<Self::Tensor>);
+    /// Returns ∂x; adds into ∂w, ∂b.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward(
+        &self,
+        x: &Self::Tensor,
+        dy: &Self::Tensor,
+        c: usize,
+        w: Option<&Self::Tensor>,
+        saved: &LayerNormSaved<Self::Tensor>,
+        dw: Option<&mut Self::Tensor>,
+        db: Option<&mut Self::Tensor>,
+    ) -> Self::Tensor;
+    /// GELU (tanh approximation).
+    fn gelu_forward(&self, x: &Self::Tensor) -> Self::Tensor;
+    /// ∂x from ∂y.
+    fn gelu_backward(&self, x: &Self::Tensor, dy: &Self::Tensor) -> Self::Tensor;
+    /// Rows of `table` (`[vocab, c]`) for `ids`.
+    fn embedding_forward(&self, table: &Self::Tensor, ids: &[u32], c: usize) -> Self::Tensor;
+    /// Adds ∂table.
+    fn embedding_backward(
+        &self,
+        dtable: &mut Self::Tensor,
+        ids: &[u32],
+        dout: &Self::Tensor,
+        c: usize,
+    );
+
+    // ---- attention-specific -----------------------------------------------------------------
+    /// Fixed RoPE angles `[B,T,H,d/2]` for positions `start..start+T`.
+    fn fixed_rotary_angles(
+        &self,
+        batch: usize,
+        time: usize,
+        heads: usize,
+        head_dim: usize,
+        base: f64,
+        start: usize,
+    ) -> Self::Tensor;
+    /// Learned rotary angles `[B,T,H,d/2]` from logits `[B,T,H,R]`, continuing from `start`.
+    #[allow(clippy::too_many_arguments)]
+    fn learned_rotary_angles(
+        &self,
+        logits: &Self::Tensor,
+        shape: &Shape,
+        param: RotaryParam,
+        base: f64,
+        start: Option<&Self::Tensor>,
+    ) -> Self::Tensor;
+    /// ∂logits from ∂angles.
+    fn learned_rotary_angles_backward(
+        &self,
+        logits: &Self::Tensor,
+        dangles: &Self::Tensor,
+        shape: &Shape,
+        param: RotaryParam,
+        base: f64,
+    ) -> Self::Tensor;
+    /// Rotates pairs of `x` (`[rows, d]`) by `angles` (`[rows, d/2]`).
+    fn rotary_forward(
+        &self,
+        x: &Self::Tensor,
+        angles: &Self::Tensor,
+        head_dim: usize,
+    ) -> Self::Tensor;
+    /// (∂x, ∂angles) from ∂y, given the forward's output y.
+    fn rotary_backward(
+        &self,
+        dy: &Self::Tensor,
+        y: &Self::Tensor,
+        angles: &Self::Tensor,
+        head_dim: usize,
+    ) -> (Self::Tensor, Self::Tensor);
+    /// g = logsigmoid(a).
+    fn log_gate_forward(&self, logits: &Self::Tensor) -> Self::Tensor;
+    /// ∂a from ∂g.
+    fn log_gate_backward(&self, logits: &Self::Tensor, dg: &Self::Tensor) -> Self::Tensor;
+    /// Gated sympow or softmax attention.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        spec: &AttentionSpec,
+        form: Form,
+        shape: &Shape,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        log_gates: Option<&Self::Tensor>,
+    ) -> AttentionOut<Self::Tensor>;
+    /// Its backward.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        spec: &AttentionSpec,
+        form: Form,
+        shape: &Shape,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        log_gates: Option<&Self::Tensor>,
+        out: &AttentionOut<Self::Tensor>,
+        dy: &Self::Tensor,
+    ) -> AttentionGrads<Self::Tensor>;
+
+    // ---- loss and optimiser -------------------------------------------------------------
+    /// Per-row cross-entropy of `logits` (`[rows, vocab]`).
+    fn cross_entropy_forward(
+        &self,
+        logits: &Self::Tensor,
+        targets: &[u32],
+        vocab: usize,
+    ) -> Self::Tensor;
+    /// ∂logits for L = Σ dloss·loss.
+    fn cross_entropy_backward(
+        &self,
+        logits: &Self::Tensor,
+        targets: &[u32],
+        dloss: &Self::Tensor,
+        vocab: usize,
+    ) -> Self::Tensor;
+    /// One AdamW step in place.
+    fn adamw_step(
+        &self,
+        cfg: &AdamWConfig,
+        step: u64,
+        param: &mut Self::Tensor,
+        grad: &Self::Tensor,
+        m: &mut Self::Tensor,
+        v: &mut Self::Tensor,
+    );
+}
+
+/// The CPU backend: pure Rust, `gemm` for matrix products, `rayon` for parallel loops.
+/// At `F = f32` it is what runs; at `F = f64` it is the reference.
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend<F> {
+    _f: PhantomData<F>,
+}
+
+impl<F: Float> CpuBackend<F> {
+    /// The CPU backend (uses rayon's global thread pool).
+    pub fn new() -> Self {
+        CpuBackend { _f: PhantomData }
+    }
+}
+
+impl<F: Float> Backend for CpuBackend<F> {
+    type Scalar = F;
+    type Tensor = Vec<F>;
+
+    fn name(&self) -> String {
+        format!(
+            "cpu ({} threads, {})",
+            rayon::current_num_threads(),
+            std::any::type_name::<F>()
+        )
+    }
+    fn upload(&self, data: &[F]) -> Vec<F> {
+        data.to_vec()
+    }
+    fn download(&self, t: &Vec<F>) -> Vec<F> {
+        t.clone()
+    }
+    fn zeros(&self, len: usize) -> Vec<F> {
+        vec![F::zero(); len]
+    }
+    fn add_assign(&self, dst: &mut Vec<F>, src: &Vec<F>) {
+        assert_eq!(dst.len(), src.len(), "add_assign: length mismatch");
+        dst.iter_mut().zip(src).for_each(|(a, &b)| *a += b);
+    }
+    fn scale(&self, dst: &mut Vec<F>, s: f64) {
+        let s = F::of(s);
+        dst.iter_mut().for_each(|a| *a *= s);
+    }
+    fn sum_squares(&self, x: &Vec<F>) -> f64 {
+        x.iter().map(|v| v.f64() * v.f64()).sum()
+    }
+    fn split_columns(&self, x: &Vec<F>, widths: &[usize]) -> Vec<Vec<F>> {
+        let total: usize = widths.iter().sum();
+        let rows = x.len() / total;
+        let mut parts: Vec<Vec<F>> = widths
+            .iter()
+            .map(|&w| Vec::with_capacity(rows * w))
+            .collect();
+        for row in x.chunks_exact(total) {
+            let mut o = 0;
+            for (p, &w) in parts.iter_mut().zip(widths) {
+                p.extend_from_slice(&row[o..o + w]);
+                o += w;
+            }
+        }
+        parts
+    }
+    fn concat_columns(&self, parts: &[&Vec<F>], widths: &[usize]) -> Vec<F> {
+        let rows = parts.first().map_or(0, |p| p.len() / widths[0].max(1));
+        let mut out = Vec::with_capacity(rows * widths.iter().sum::<usize>());
+        for r in 0..rows {
+            for (p, &w) in parts.iter().zip(widths) {
+                out.extend_from_slice(&p[r * w..(r + 1) * w]);
+            }
+        }
+        out
+    }
+    fn linear_forward(
+        &self,
+        x: &Vec<F>,
+        w: &Vec<F>,
+        b: Option<&Vec<F>>,
+        cin: usize,
+        cout: usize,
+    ) -> Vec<F> {
+        linear::linear_forward(x, w, b.map(|b| &b[..]), cin, cout)
+    }
+    fn linear_backward(
+        &self,
+        x: &Vec<F>,
+        w: &Vec<F>,
+        dy: &Vec<F>,
+        cin: usize,
+        cout: usize,
+        dw: &mut Vec<F>,
+        db: Option<&mut Vec<F>>,
+    ) -> Vec<F> {
+        linear::linear_backward(x, w, dy, cin, cout, dw, db.map(|b| &mut b[..]))
+    }
+    fn layer_norm_forward(
+        &self,
+        x: &Vec<F>,
+        c: usize,
+        w: Option<&Vec<F>>,
+        b: Option<&Vec<F>>,
+    ) -> (Vec<F>, LayerNormSaved<Vec<F>>) {
+        let (y, cache) = layer_norm::layer_norm_forward(x, c, w.map(|w| &w[..]), b.map(|b| &b[..]));
+        (
+            y,
+            LayerNormSaved {
+                mean: cache.mean,
+                rstd: cache.rstd,
+            },
+        )
+    }
+    fn layer_norm_backward(
+        &self,
+        x: &Vec<F>,
+        dy: &Vec<F>,
+        c: usize,
+        w: Option<&Vec<F>>,
+        saved: &LayerNormSaved<Vec<F>>,
+        dw: Option<&mut Vec<F>>,
+        db: Option<&mut Vec<F>>,
+    ) -> Vec<F> {
+        let cache = layer_norm::LayerNormCache {
+            mean: saved.mean.clone(),
+            rstd: saved.rstd.clone(),
+        };
+        layer_norm::layer_norm_backward(
+            x,
+            dy,
+            c,
+            w.map(|w| &w[..]),
+            &cache,
+            dw.map(|d| &mut d[..]),
+            db.map(|d| &mut d[..]),
+        )
+    }
+    fn gelu_forward(&self, x: &Vec<F>) -> Vec<F> {
+        gelu::gelu_forward(x)
+    }
+    fn gelu_backward(&self, x: &Vec<F>, dy: &Vec<F>) -> Vec<F> {
+        gelu::gelu_backward(x, dy)
+    }
+    fn embedding_forward(&self, table: &Vec<F>, ids: &[u32], c: usize) -> Vec<F> {
+        embedding::embedding_forward(table, ids, c)
+    }
+    fn embedding_backward(&self, dtable: &mut Vec<F>, ids: &[u32], dout: &Vec<F>, c: usize) {
+        embedding::embedding_backward(dtable, ids, dout, c)
+    }
+    fn fixed_rotary_angles(
+        &self,
+        batch: usize,
+        time: usize,
+        heads: usize,
+        head_dim: usize,
+        base: f64,
+        start: usize,
+    ) -> Vec<F> {
+        rotary::fixed_rotary_angles(batch, time, heads, head_dim, base, start)
+    }
+    fn learned_rotary_angles(
+        &self,
+        logits: &Vec<F>,
+        shape: &Shape,
+        param: RotaryParam,
+        base: f64,
+        start: Option<&Vec<F>>,
+    ) -> Vec<F> {
+        rotary::learned_rotary_angles(
+            logits,
+            shape.batch,
+            shape.time,
+            shape.heads,
+            shape.dk,
+            param,
+            base,
+            start.map(|s| &s[..]),
+        )
+    }
+    fn learned_rotary_angles_backward(
+        &self,
+        logits: &Vec<F>,
+        dangles: &Vec<F>,
+        shape: &Shape,
+        param: RotaryParam,
+        base: f64,
+    ) -> Vec<F> {
+        rotary::learned_rotary_angles_backward(
+            logits,
+            dangles,
+            shape.batch,
+            shape.time,
+            shape.heads,
+            shape.dk,
+            param,
+            base,
+        )
+    }
+    fn rotary_forward(&self, x: &Vec<F>, angles: &Vec<F>, head_dim: usize) -> Vec<F> {
+        rotary::rotary_forward(x, angles, head_dim)
+    }
+    fn rotary_backward(
+        &self,
+        dy: &Vec<F>,
+        y: &Vec<F>,
+        angles: &Vec<F>,
+        head_dim: usize,
+    ) -> (Vec<F>, Vec<F>) {
+        rotary::rotary_backward(dy, y, angles, head_dim)
+    }
+    fn log_gate_forward(&self, logits: &Vec<F>) -> Vec<F> {
+        gate::log_gate_forward(logits)
+    }
+    fn log_gate_backward(&self, logits: &Vec<F>, dg: &Vec<F>) -> Vec<F> {
+        gate::log_gate_backward(logits, dg)
+    }
+    fn attention_forward(
+        &self,
+        spec: &AttentionSpec,
+        form: Form,
+        shape: &Shape,
+        q: &Vec<F>,
+        k: &Vec<F>,
+        v: &Vec<F>,
+        log_gates: Option<&Vec<F>>,
+    ) -> AttentionOut<Vec<F>> {
+        attention::attention_forward(spec, form, shape, q, k, v, log_gates.map(|g| &g[..]))
+    }
+    fn attention_backward(
+        &self,
+        spec: &AttentionSpec,
+        form: Form,
+        shape: &Shape,
+        q: &Vec<F>,
+        k: &Vec<F>,
+        v: &Vec<F>,
+        log_gates: Option<&Vec<F>>,
+        out: &AttentionOut<Vec<F>>,
+        dy: &Vec<F>,
+    ) -> AttentionGrads<Vec<F>> {
+        attention::attention_backward(
+            spec,
+            form,
+            shape,
+            q,
+            k,
+            v,
+            log_gates.map(|g| &g[..]),
+            out,
+            dy,
+        )
+    }
+    fn cross_entropy_forward(&self, logits: &Vec<F>, targets: &[u32], vocab: usize) -> Vec<F> {
+        cross_entropy::cross_entropy_forward(logits, targets, vocab)
+    }
+    fn cross_entropy_backward(
+        &self,
+        logits: &Vec<F>,
+        targets: &[u32],
+        dloss: &Vec<F>,
+        vocab: usize,
+    ) -> Vec<F> {
+        cross_entropy::cross_entropy_backward(logits, targets, dloss, vocab)
+    }
+    fn adamw_step(
+        &self,
+        cfg: &AdamWConfig,
+        step: u64,
+        param: &mut Vec<F>,
+        grad: &Vec<F>,
+        m: &mut Vec<F>,
+        v: &mut Vec<F>,
+    ) {
+        adamw::adamw_step(cfg, step, param, grad, m, v)
+    }
+}

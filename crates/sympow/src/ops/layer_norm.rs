@@ -1,0 +1,83 @@
+//! Layer normalisation over the last dimension, with optional learned affine.
+
+use crate::float::Float;
+
+/// What the backward pass needs from the forward.
+#[derive(Clone, Debug)]
+pub struct LayerNormCache<F> {
+    /// Per-row mean.
+    pub mean: Vec<F>,
+    /// Per-row 1/√(var + eps).
+    pub rstd: Vec<F>,
+}
+
+/// Normalisation epsilon.
+pub const LN_EPS: f64 = 1e-5;
+
+/// y = (x − μ)/σ · w + b over rows of `c`; `w`, `b` absent for the parameter-free variant.
+pub fn layer_norm_forward<F: Float>(
+    x: &[F],
+    c: usize,
+    w: Option<&[F]>,
+    b: Option<&[F]>,
+) -> (Vec<F>, LayerNormCache<F>) {
+    let rows = x.len() / c;
+    let mut y = vec![F::zero(); x.len()];
+    let mut mean = Vec::with_capacity(rows);
+    let mut rstd = Vec::with_capacity(rows);
+    for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)) {
+        let mu = xr.iter().map(|v| v.f64()).sum::<f64>() / c as f64;
+        let var = xr.iter().map(|v| (v.f64() - mu).powi(2)).sum::<f64>() / c as f64;
+        let rs = 1.0 / (var + LN_EPS).sqrt();
+        let (muf, rsf) = (F::of(mu), F::of(rs));
+        for j in 0..c {
+            let n = (xr[j] - muf) * rsf;
+            yr[j] = n * w.map_or(F::one(), |w| w[j]) + b.map_or(F::zero(), |b| b[j]);
+        }
+        mean.push(muf);
+        rstd.push(rsf);
+    }
+    (y, LayerNormCache { mean, rstd })
+}
+
+/// Returns ∂L/∂x and adds ∂L/∂w, ∂L/∂b into `dw`, `db` when the affine is present.
+pub fn layer_norm_backward<F: Float>(
+    x: &[F],
+    dy: &[F],
+    c: usize,
+    w: Option<&[F]>,
+    cache: &LayerNormCache<F>,
+    mut dw: Option<&mut [F]>,
+    mut db: Option<&mut [F]>,
+) -> Vec<F> {
+    let mut dx = vec![F::zero(); x.len()];
+    let inv_c = F::one() / F::of(c as f64);
+    for (r, ((xr, dyr), dxr)) in x
+        .chunks_exact(c)
+        .zip(dy.chunks_exact(c))
+        .zip(dx.chunks_exact_mut(c))
+        .enumerate()
+    {
+        let (mu, rs) = (cache.mean[r], cache.rstd[r]);
+        let mut sum_g = F::zero();
+        let mut sum_gn = F::zero();
+        for j in 0..c {
+            let n = (xr[j] - mu) * rs;
+            let g = dyr[j] * w.map_or(F::one(), |w| w[j]);
+            sum_g += g;
+            sum_gn += g * n;
+            if let Some(dw) = dw.as_deref_mut() {
+                dw[j] += dyr[j] * n;
+            }
+            if let Some(db) = db.as_deref_mut() {
+                db[j] += dyr[j];
+            }
+        }
+        for j in 0..c {
+            let n = (xr[j] - mu) * rs;
+            let g = dyr[j] * w.map_or(F::one(), |w| w[j]);
+            dxr[j] = rs * (g - inv_c * sum_g - n * inv_c * sum_gn);
+        }
+    }
+    dx
+}
