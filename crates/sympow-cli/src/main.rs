@@ -66,7 +66,7 @@ fn main() -> Result<()> {
         } => {
             sympow::attention::AttentionSpec::sympow(p, head_dim)?;
             println!(
-                "sympow attention forward, CPU ({} threads), p = {p}, d = {head_dim}, {heads} heads, chunk {chunk}, gated",
+                "sympow attention forward, {}, p = {p}, d = {head_dim}, {heads} heads, chunk {chunk}, gated",
                 sympow::backend::Backend::name(&sympow::backend::CpuBackend::<f32>::new())
             );
             let rows = sympow::bench::attention_cpu(&time, p, head_dim, heads, chunk, reps);

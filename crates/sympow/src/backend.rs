@@ -71,7 +71,6 @@ pub trait Backend: Send + Sync {
         cout: usize,
     ) -> Self::Tensor;
     /// Returns ∂x; adds into ∂W, ∂b.
-    #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
         x: &Self::Tensor,
@@ -91,7 +90,6 @@ pub trait Backend: Send + Sync {
         b: Option<&Self::Tensor>,
     ) -> (Self::Tensor, LayerNormSaved<Self::Tensor>);
     /// Returns ∂x; adds into ∂w, ∂b.
-    #[allow(clippy::too_many_arguments)]
     fn layer_norm_backward(
         &self,
         x: &Self::Tensor,
@@ -129,7 +127,6 @@ pub trait Backend: Send + Sync {
         start: usize,
     ) -> Self::Tensor;
     /// Learned rotary angles `[B,T,H,d/2]` from logits `[B,T,H,R]`, continuing from `start`.
-    #[allow(clippy::too_many_arguments)]
     fn learned_rotary_angles(
         &self,
         logits: &Self::Tensor,
@@ -167,7 +164,6 @@ pub trait Backend: Send + Sync {
     /// ∂a from ∂g.
     fn log_gate_backward(&self, logits: &Self::Tensor, dg: &Self::Tensor) -> Self::Tensor;
     /// Gated sympow or softmax attention.
-    #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
         spec: &AttentionSpec,
@@ -179,7 +175,6 @@ pub trait Backend: Send + Sync {
         log_gates: Option<&Self::Tensor>,
     ) -> AttentionOut<Self::Tensor>;
     /// Its backward.
-    #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
         spec: &AttentionSpec,

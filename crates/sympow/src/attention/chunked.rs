@@ -300,7 +300,6 @@ fn output_grads<F: Float>(y: &[F], dy: &[F], log_norm: &[F], e: usize) -> Vec<F>
 
 /// Backward of [`update_state`] given ∂L/∂ΔS (`D × (e+1)`): adds into dk, dv and the local
 /// gate gradients (∂/∂G_τ into `dgcum`, ∂/∂Γ returned).
-#[allow(clippy::too_many_arguments)]
 pub fn update_state_backward<F: Float>(
     sp: &SymPow,
     k: &[F],
@@ -401,7 +400,6 @@ pub fn discumsum_backward<F: Float>(
 
 /// Backward of [`query_state`] given ∂L/∂(inter part) `dout` (`L × (e+1)`): adds into dq and
 /// `dgcum`, and returns ∂L/∂S taken by these queries, φ(Q̃)ᵀ dout.
-#[allow(clippy::too_many_arguments)]
 pub fn query_state_backward<F: Float>(
     sp: &SymPow,
     q: &[F],
@@ -458,7 +456,6 @@ pub fn query_state_backward<F: Float>(
 }
 
 /// Chunked-form backward; memory linear in T.
-#[allow(clippy::too_many_arguments)]
 pub fn chunked_attention_backward<F: Float>(
     spec: &AttentionSpec,
     chunk: usize,
@@ -524,7 +521,7 @@ pub fn chunked_attention_backward<F: Float>(
             }
             let d_delta = discumsum_backward(direct, &cs.states, &cs.totals, &mut dtotals);
             // Key side and intra-chunk attention, chunk by chunk.
-            let key_side: Vec<(Vec<F>, Vec<F>, Vec<F>, Vec<F>)> = (0..n)
+            let key_side: Vec<[Vec<F>; 4]> = (0..n)
                 .into_par_iter()
                 .zip(dq_parts.into_par_iter().zip(dg_parts.into_par_iter()))
                 .map(|(i, (mut dq, mut dg))| {
@@ -578,7 +575,7 @@ pub fn chunked_attention_backward<F: Float>(
                         .into_iter()
                         .map(|x| x + dtotal)
                         .collect();
-                    (dq, dk, dv, dlocal)
+                    [dq, dk, dv, dlocal]
                 })
                 .collect();
             let mut res = vec![
@@ -587,11 +584,10 @@ pub fn chunked_attention_backward<F: Float>(
                 Vec::with_capacity(t * e),
                 Vec::with_capacity(t),
             ];
-            for (dq, dk, dv, dg) in key_side {
-                res[0].extend(dq);
-                res[1].extend(dk);
-                res[2].extend(dv);
-                res[3].extend(dg);
+            for parts in key_side {
+                for (r, p) in res.iter_mut().zip(parts) {
+                    r.extend(p);
+                }
             }
             res
         },

@@ -211,7 +211,6 @@ pub fn attention_forward<F: Float>(
 ///
 /// `fwd` is the forward's output (any form: they agree). Panics for [`Form::Recurrent`],
 /// which exists for inference; train through the chunked form.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward<F: Float>(
     spec: &AttentionSpec,
     form: Form,

@@ -91,7 +91,6 @@ pub fn quadratic_attention_forward<F: Float>(
 
 /// Quadratic-form backward (two passes, flash-attention style: one over query blocks for dq,
 /// one over key blocks for dk and dv, each recomputing its weights).
-#[allow(clippy::too_many_arguments)]
 pub fn quadratic_attention_backward<F: Float>(
     spec: &AttentionSpec,
     shape: &Shape,

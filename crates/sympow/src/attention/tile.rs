@@ -126,7 +126,6 @@ pub struct TileGrads<'a, F> {
 
 /// Backward of one tile, given the final outputs `y` (`m × e`), the final per-row
 /// log-normalisers `log_norm` = ln(Σ_all w + ε) and `dy`. Adds into `grads`.
-#[allow(clippy::too_many_arguments)]
 pub fn tile_backward<F: Float>(
     spec: &AttentionSpec,
     t: &Tile,

@@ -19,7 +19,6 @@ pub enum Trans {
 ///
 /// `accumulate = false` overwrites `c` (its previous contents are never read, so it may hold
 /// garbage); `true` adds to it.
-#[allow(clippy::too_many_arguments)]
 pub fn matmul<F: Float>(
     c: &mut [F],
     a: &[F],

@@ -77,7 +77,6 @@ pub fn fixed_rotary_angles<F: Float>(
 /// Learned rotary angles `[batch, time, heads, d/2]` from logits `[batch, time, heads, R]`
 /// (R = [`RotaryParam::logits_per_head`]). `start` holds the cumulative angles before the
 /// first token, `[batch, heads, d/2]` (None: zero), for continuing a sequence.
-#[allow(clippy::too_many_arguments)]
 pub fn learned_rotary_angles<F: Float>(
     logits: &[F],
     batch: usize,
@@ -150,7 +149,7 @@ pub fn learned_rotary_angles_backward<F: Float>(
 pub fn rotary_forward<F: Float>(x: &[F], angles: &[F], head_dim: usize) -> Vec<F> {
     let half = head_dim / 2;
     assert!(
-        head_dim % 2 == 0,
+        head_dim.is_multiple_of(2),
         "rotary needs an even head dimension, got {head_dim}"
     );
     assert_eq!(
