@@ -53,6 +53,12 @@ pub trait Backend: Send + Sync {
     fn add_assign(&self, dst: &mut Self::Tensor, src: &Self::Tensor);
     /// `dst *= s`.
     fn scale(&self, dst: &mut Self::Tensor, s: f64);
+    /// Elementwise product `a ⊙ b` (dropout masks).
+    fn mul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Self::Tensor;
+    /// `[rows, c]`: `row` (`[c]`) repeated (per-head constants such as a learned gate).
+    fn broadcast_rows(&self, row: &Self::Tensor, rows: usize) -> Self::Tensor;
+    /// `[c]`: the column sums of `x` (`[rows, c]`), the backward of [`broadcast_rows`](Self::broadcast_rows).
+    fn sum_rows(&self, x: &Self::Tensor, c: usize) -> Self::Tensor;
     /// Σ x², accumulated in f64 (gradient-norm clipping).
     fn sum_squares(&self, x: &Self::Tensor) -> f64;
     /// Splits each row of `x` (`[rows, Σ widths]`) into column blocks of the given widths.
@@ -257,6 +263,20 @@ impl<F: Float> Backend for CpuBackend<F> {
     fn scale(&self, dst: &mut Vec<F>, s: f64) {
         let s = F::of(s);
         dst.iter_mut().for_each(|a| *a *= s);
+    }
+    fn mul(&self, a: &Vec<F>, b: &Vec<F>) -> Vec<F> {
+        assert_eq!(a.len(), b.len(), "mul: length mismatch");
+        a.iter().zip(b).map(|(&x, &y)| x * y).collect()
+    }
+    fn broadcast_rows(&self, row: &Vec<F>, rows: usize) -> Vec<F> {
+        row.repeat(rows)
+    }
+    fn sum_rows(&self, x: &Vec<F>, c: usize) -> Vec<F> {
+        let mut out = vec![F::zero(); c];
+        for r in x.chunks_exact(c) {
+            out.iter_mut().zip(r).for_each(|(a, &b)| *a += b);
+        }
+        out
     }
     fn sum_squares(&self, x: &Vec<F>) -> f64 {
         x.iter().map(|v| v.f64() * v.f64()).sum()

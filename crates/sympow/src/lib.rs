@@ -15,7 +15,10 @@
 pub mod attention;
 pub mod backend;
 pub mod bench;
+pub mod config;
 pub mod float;
+pub mod inference;
+pub mod model;
 pub mod ops;
 pub mod testing;
 

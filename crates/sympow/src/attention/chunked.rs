@@ -285,6 +285,50 @@ pub fn chunked_attention_forward<F: Float>(
     AttentionOut { y, log_norm }
 }
 
+/// The state after the last token of each (batch, head) — `[S | z]`, `D × (e+1)` — computed
+/// with the chunked algorithm (update_state per chunk, then one more discumsum step). This is
+/// what a chunked prefill hands to the recurrent decoder.
+pub fn chunked_final_states<F: Float>(
+    spec: &AttentionSpec,
+    chunk: usize,
+    shape: &Shape,
+    k: &[F],
+    v: &[F],
+    log_gates: Option<&[F]>,
+) -> Vec<Vec<F>> {
+    let (t, d, e) = (shape.time, shape.dk, shape.dv);
+    let sp = SymPow::new(d, spec.power());
+    let mut out = Vec::with_capacity(shape.batch * shape.heads);
+    for b in 0..shape.batch {
+        for h in 0..shape.heads {
+            let head = HeadData {
+                q: Vec::new(),
+                k: super::gather(k, shape, d, b, h),
+                v: super::gather(v, shape, e, b, h),
+                g: log_gates.map(|g| super::gather(g, shape, 1, b, h)),
+            };
+            if t == 0 {
+                out.push(vec![F::zero(); sp.dim * (e + 1)]);
+                continue;
+            }
+            let cs = chunk_states(&sp, &head, chunk, t, e);
+            let last = cs.bounds.len() - 1;
+            let (a, bnd) = cs.bounds[last];
+            let g = cs.gcum[last].as_deref();
+            let delta = update_state(&sp, &head.k[a * d..bnd * d], &head.v[a * e..bnd * e], g, e);
+            let decay = cs.totals[last].exp();
+            out.push(
+                cs.states[last]
+                    .iter()
+                    .zip(&delta)
+                    .map(|(&s, &x)| decay * s + x)
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
 /// ∂L/∂(numerator, denominator) per query, `L × (e+1)`: the gradient that flows into both
 /// the inter- and intra-chunk parts. With y = N/(Z+ε): ∂N = dy/(Z+ε), ∂Z = −dy·y/(Z+ε).
 fn output_grads<F: Float>(y: &[F], dy: &[F], log_norm: &[F], e: usize) -> Vec<F> {

@@ -30,7 +30,7 @@ pub mod recurrent;
 pub mod reference;
 pub mod tile;
 
-pub use chunked::{chunked_attention_backward, chunked_attention_forward};
+pub use chunked::{chunked_attention_backward, chunked_attention_forward, chunked_final_states};
 pub use quadratic::{quadratic_attention_backward, quadratic_attention_forward};
 pub use recurrent::{recurrent_attention_forward, RecurrentState};
 

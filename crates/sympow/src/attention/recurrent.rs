@@ -60,6 +60,12 @@ impl<F: Float> RecurrentState<F> {
         }
     }
 
+    /// Replaces the state with `[S | z]` (`D × (e+1)`), e.g. from [`super::chunked_final_states`].
+    pub fn load(&mut self, state: &[F]) {
+        assert_eq!(state.len(), self.s.len(), "state must be D × (e+1)");
+        self.s.iter_mut().zip(state).for_each(|(a, b)| *a = b.f64());
+    }
+
     /// Number of state values, D·(e+1).
     pub fn len(&self) -> usize {
         self.s.len()

@@ -1,0 +1,237 @@
+//! Generation: a prompt is prefilled with the training form (chunked for sympow), then each
+//! new token costs the same whatever the context — sympow updates a recurrent state per head
+//! (SPEC §9), softmax appends to a KV cache.
+//!
+//! The per-token attention runs on the host in f64 (it is O(D·e) per head for sympow), the
+//! rest of the network through the backend.
+
+use crate::attention::{chunked_final_states, AttentionSpec, Form, RecurrentState, Shape};
+use crate::backend::Backend;
+use crate::config::{GateKind, RotaryKind};
+use crate::model::{Model, Trace};
+use crate::ops::rotary;
+use crate::Float;
+
+enum LayerState {
+    /// Sympow: one recurrent state per head.
+    Recurrent(Vec<RecurrentState<f64>>),
+    /// Softmax: rotated keys and values so far, per head (`[t, d]` each).
+    Cache {
+        keys: Vec<Vec<f64>>,
+        values: Vec<Vec<f64>>,
+    },
+}
+
+/// Incremental decoder over a model (batch of one sequence).
+pub struct Decoder<'m, B: Backend> {
+    model: &'m Model<B>,
+    layers: Vec<LayerState>,
+    /// Cumulative rotary angles per layer `[heads·d/2]` (learned rotary).
+    angles: Vec<Vec<f64>>,
+    pos: usize,
+}
+
+fn to_f64<F: Float>(x: &[F]) -> Vec<f64> {
+    x.iter().map(|v| v.f64()).collect()
+}
+
+impl<'m, B: Backend> Decoder<'m, B> {
+    /// Runs the prompt through the model in one forward pass and keeps the state for
+    /// decoding. Returns the decoder and the logits at every prompt position (`[len, vocab]`).
+    pub fn prefill(model: &'m Model<B>, prompt: &[u32]) -> (Self, Vec<f64>) {
+        assert!(!prompt.is_empty(), "prefill needs at least one token");
+        let t = prompt.len();
+        let trace: Trace<B::Tensor> = model.forward(prompt, None, 1, t, None);
+        let be = &model.backend;
+        let (h, d) = (model.dims.heads, model.dims.head_dim);
+        let spec = model.attention_spec();
+        let shape = Shape {
+            batch: 1,
+            time: t,
+            heads: h,
+            dk: d,
+            dv: d,
+        };
+        let mut layers = Vec::new();
+        let mut angles = Vec::new();
+        for bt in &trace.blocks {
+            let k = to_f64(&be.download(&bt.kr));
+            let v = to_f64(&be.download(&bt.v));
+            let g = bt.log_gates.as_ref().map(|g| to_f64(&be.download(g)));
+            layers.push(
+                if model.cfg.model.attention == crate::config::AttentionKind::Softmax {
+                    let split = |x: &[f64]| {
+                        (0..h)
+                            .map(|hh| {
+                                (0..t)
+                                    .flat_map(|ti| {
+                                        x[(ti * h + hh) * d..(ti * h + hh + 1) * d].to_vec()
+                                    })
+                                    .collect()
+                            })
+                            .collect()
+                    };
+                    LayerState::Cache {
+                        keys: split(&k),
+                        values: split(&v),
+                    }
+                } else {
+                    // the chunked algorithm's final state, in f64 (see `RecurrentState`)
+                    let chunk = match model.attention_form(t) {
+                        Form::Chunked(c) => c,
+                        _ => model.cfg.model.chunk,
+                    };
+                    let states = chunked_final_states(&spec, chunk, &shape, &k, &v, g.as_deref());
+                    LayerState::Recurrent(
+                        states
+                            .iter()
+                            .map(|s| {
+                                let mut st = RecurrentState::<f64>::new(&spec, d, d);
+                                st.load(s);
+                                st
+                            })
+                            .collect(),
+                    )
+                },
+            );
+            angles.push(match &bt.angles {
+                Some(a) if model.cfg.rotary() == RotaryKind::Learned => {
+                    let a = to_f64(&be.download(a));
+                    a[(t - 1) * h * d / 2..].to_vec()
+                }
+                _ => Vec::new(),
+            });
+        }
+        let logits = to_f64(&be.download(&trace.logits));
+        (
+            Decoder {
+                model,
+                layers,
+                angles,
+                pos: t,
+            },
+            logits,
+        )
+    }
+
+    /// Tokens consumed so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Feeds one token; returns the next-token logits (`[vocab]`).
+    pub fn step(&mut self, token: u32) -> Vec<f64> {
+        let m = self.model;
+        let be = &m.backend;
+        let dm = &m.dims;
+        let (c, h, d) = (dm.width, dm.heads, dm.head_dim);
+        let half = d / 2;
+        let spec: AttentionSpec = m.attention_spec();
+        let base = m.cfg.model.rotary_base;
+        let mut x = be.embedding_forward(&m.params.wte, &[token], c);
+        for (l, p) in m.params.blocks.iter().enumerate() {
+            let (w, b) = p.ln1.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
+            let (hn, _) = be.layer_norm_forward(&x, c, w, b);
+            let qkv = to_f64(&be.download(&be.linear_forward(
+                &hn,
+                &p.qkv_w,
+                Some(&p.qkv_b),
+                c,
+                dm.qkv_widths.iter().sum(),
+            )));
+            // columns: q, k, v, [gate logits], [rotary logits]
+            let mut off = 0;
+            let mut take = |n: usize| {
+                let s = qkv[off..off + n].to_vec();
+                off += n;
+                s
+            };
+            let (mut q, mut k, v) = (take(h * d), take(h * d), take(h * d));
+            let log_gates: Option<Vec<f64>> = match m.cfg.gate() {
+                GateKind::Data => Some(crate::ops::gate::log_gate_forward(&take(h))),
+                GateKind::Learned => Some(crate::ops::gate::log_gate_forward(&to_f64(
+                    &be.download(p.gate_bias.as_ref().unwrap()),
+                ))),
+                GateKind::None => None,
+            };
+            let angles: Option<Vec<f64>> = match m.cfg.rotary() {
+                RotaryKind::None => None,
+                RotaryKind::Fixed => Some(rotary::fixed_rotary_angles(1, 1, h, d, base, self.pos)),
+                RotaryKind::Learned => {
+                    let logits = take(h * dm.rot_per_head);
+                    let start = &self.angles[l];
+                    let a = rotary::learned_rotary_angles(
+                        &logits,
+                        1,
+                        1,
+                        h,
+                        d,
+                        m.cfg.model.rotary_param.into(),
+                        base,
+                        Some(start),
+                    );
+                    self.angles[l] = a.clone();
+                    Some(a)
+                }
+            };
+            if let Some(a) = &angles {
+                q = rotary::rotary_forward(&q, a, d);
+                k = rotary::rotary_forward(&k, a, d);
+            }
+            debug_assert!(angles.as_ref().is_none_or(|a| a.len() == h * half));
+            let mut y = vec![0.0f64; h * d];
+            match &mut self.layers[l] {
+                LayerState::Recurrent(states) => {
+                    for (hh, st) in states.iter_mut().enumerate() {
+                        let r = hh * d..(hh + 1) * d;
+                        let (yh, _) = st.step(
+                            &q[r.clone()],
+                            &k[r.clone()],
+                            &v[r.clone()],
+                            log_gates.as_ref().map(|g| g[hh]),
+                        );
+                        y[r].copy_from_slice(&yh);
+                    }
+                }
+                LayerState::Cache { keys, values } => {
+                    for hh in 0..h {
+                        let r = hh * d..(hh + 1) * d;
+                        keys[hh].extend_from_slice(&k[r.clone()]);
+                        values[hh].extend_from_slice(&v[r.clone()]);
+                        let scores: Vec<f64> = keys[hh]
+                            .chunks_exact(d)
+                            .map(|kk| {
+                                spec.scale
+                                    * kk.iter()
+                                        .zip(&q[r.clone()])
+                                        .map(|(a, b)| a * b)
+                                        .sum::<f64>()
+                            })
+                            .collect();
+                        let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+                        let z: f64 = w.iter().sum();
+                        for (wi, vv) in w.iter().zip(values[hh].chunks_exact(d)) {
+                            for (yo, &vc) in y[r.clone()].iter_mut().zip(vv) {
+                                *yo += wi * vc / z;
+                            }
+                        }
+                    }
+                }
+            }
+            let yt = be.upload(&y.iter().map(|&a| B::Scalar::of(a)).collect::<Vec<_>>());
+            let o = be.linear_forward(&yt, &p.proj_w, Some(&p.proj_b), h * d, c);
+            be.add_assign(&mut x, &o);
+            let (w, b) = p.ln2.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
+            let (hn, _) = be.layer_norm_forward(&x, c, w, b);
+            let f = be.gelu_forward(&be.linear_forward(&hn, &p.fc_w, Some(&p.fc_b), c, dm.hidden));
+            let mo = be.linear_forward(&f, &p.fc2_w, Some(&p.fc2_b), dm.hidden, c);
+            be.add_assign(&mut x, &mo);
+        }
+        let (w, b) = m.params.lnf.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
+        let (hn, _) = be.layer_norm_forward(&x, c, w, b);
+        let head = m.params.lm_head.as_ref().unwrap_or(&m.params.wte);
+        self.pos += 1;
+        to_f64(&be.download(&be.linear_forward(&hn, head, None, c, dm.vocab)))
+    }
+}

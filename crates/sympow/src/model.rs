@@ -1,0 +1,816 @@
+//! The conformal-sympow transformer (SPEC §6), generic over the [`Backend`].
+//!
+//! Token embedding → L blocks [x += Attn(LN(x)); x += MLP(LN(x))] → LN → LM head. Attention:
+//! one fused linear map x → (q, k, v, gate logits, rotary logits); rotary on q and k; gated
+//! sympow (or softmax) attention; output projection. The forward pass keeps what the backward
+//! needs in a [`Trace`]; [`Model::backward`] is the forward written out in reverse.
+
+use crate::attention::phi::sympow_dim;
+use crate::attention::{AttentionOut, AttentionSpec, Form, Shape};
+use crate::backend::{Backend, LayerNormSaved};
+use crate::config::{AttentionKind, Config, FormKind, GateKind, LayerNormKind, RotaryKind};
+use crate::ops::gate::GATE_INIT_BIAS;
+use crate::ops::rotary::{learned_rotary_init_bias, RotaryParam};
+use crate::testing::randn;
+use crate::Float;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// How a parameter is initialised.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// Normal with this standard deviation.
+    Normal(f64),
+    /// Every element this value.
+    Const(f64),
+    /// Normal(std) for the first `rows` rows, then constants (the fused QKV bias/weights).
+    Rows(&'static str),
+}
+
+/// Name, shape, initialisation and weight-decay flag of one parameter tensor.
+#[derive(Clone, Debug)]
+pub struct ParamInfo {
+    /// e.g. `blocks.3.qkv.weight` (safetensors key).
+    pub name: String,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+    /// Initialisation.
+    pub init: Init,
+    /// Whether AdamW decays it (matrices do, vectors do not).
+    pub decay: bool,
+}
+
+impl ParamInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Sizes derived from the config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dims {
+    /// Vocabulary.
+    pub vocab: usize,
+    /// Width.
+    pub width: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Head dimension (q, k and v).
+    pub head_dim: usize,
+    /// MLP hidden width.
+    pub hidden: usize,
+    /// Rotary logits per head (0 unless learned rotary).
+    pub rot_per_head: usize,
+    /// Column widths of the fused projection: q, k, v, then gate and rotary logits if present.
+    pub qkv_widths: Vec<usize>,
+}
+
+impl Dims {
+    /// Derives the sizes.
+    pub fn new(cfg: &Config) -> Self {
+        let m = &cfg.model;
+        let hd = m.heads * m.head_dim;
+        let rot_per_head = match cfg.rotary() {
+            RotaryKind::Learned => RotaryParam::from(m.rotary_param).logits_per_head(m.head_dim),
+            _ => 0,
+        };
+        let mut qkv_widths = vec![hd, hd, hd];
+        if cfg.gate() == GateKind::Data {
+            qkv_widths.push(m.heads);
+        }
+        if rot_per_head > 0 {
+            qkv_widths.push(m.heads * rot_per_head);
+        }
+        Dims {
+            vocab: m.vocab_size,
+            width: m.width,
+            heads: m.heads,
+            head_dim: m.head_dim,
+            hidden: m.mlp_ratio * m.width,
+            rot_per_head,
+            qkv_widths,
+        }
+    }
+
+    fn qkv_out(&self) -> usize {
+        self.qkv_widths.iter().sum()
+    }
+}
+
+/// Learned layer-norm scale and bias.
+#[derive(Clone, Debug)]
+pub struct LayerNormParams<T> {
+    /// Scale, `[width]`.
+    pub weight: T,
+    /// Bias, `[width]`.
+    pub bias: T,
+}
+
+/// One transformer block's parameters.
+#[derive(Clone, Debug)]
+pub struct Block<T> {
+    /// Pre-attention layer norm (None: parameter-free).
+    pub ln1: Option<LayerNormParams<T>>,
+    /// Fused projection to q, k, v, gate and rotary logits, `[qkv_out, width]`.
+    pub qkv_w: T,
+    /// Its bias, `[qkv_out]` (holds the gate and rotary initial biases).
+    pub qkv_b: T,
+    /// The data-independent learned gate's logit per head, `[heads]`.
+    pub gate_bias: Option<T>,
+    /// Attention output projection, `[width, heads·head_dim]`.
+    pub proj_w: T,
+    /// Its bias.
+    pub proj_b: T,
+    /// Pre-MLP layer norm.
+    pub ln2: Option<LayerNormParams<T>>,
+    /// MLP up-projection, `[hidden, width]`.
+    pub fc_w: T,
+    /// Its bias.
+    pub fc_b: T,
+    /// MLP down-projection, `[width, hidden]`.
+    pub fc2_w: T,
+    /// Its bias.
+    pub fc2_b: T,
+}
+
+/// All parameters (or gradients, or optimizer moments: anything shaped like them).
+#[derive(Clone, Debug)]
+pub struct Params<T> {
+    /// Token embedding, `[vocab, width]`.
+    pub wte: T,
+    /// The blocks.
+    pub blocks: Vec<Block<T>>,
+    /// Final layer norm.
+    pub lnf: Option<LayerNormParams<T>>,
+    /// LM head `[vocab, width]`, None when tied to `wte`.
+    pub lm_head: Option<T>,
+}
+
+/// The parameter list, in canonical order (the order of [`Params::refs`]).
+pub fn layout(cfg: &Config) -> Vec<ParamInfo> {
+    let d = Dims::new(cfg);
+    let m = &cfg.model;
+    let resid_std = 0.02 / (2.0 * m.layers as f64).sqrt();
+    let p = |name: String, shape: Vec<usize>, init: Init, decay: bool| ParamInfo {
+        name,
+        shape,
+        init,
+        decay,
+    };
+    let mut v = vec![p(
+        "wte.weight".into(),
+        vec![d.vocab, d.width],
+        Init::Normal(0.02),
+        true,
+    )];
+    let ln = |v: &mut Vec<ParamInfo>, name: &str| {
+        if m.layer_norm == LayerNormKind::Learned {
+            v.push(p(
+                format!("{name}.weight"),
+                vec![d.width],
+                Init::Const(1.0),
+                false,
+            ));
+            v.push(p(
+                format!("{name}.bias"),
+                vec![d.width],
+                Init::Const(0.0),
+                false,
+            ));
+        }
+    };
+    for l in 0..m.layers {
+        let b = format!("blocks.{l}");
+        ln(&mut v, &format!("{b}.ln1"));
+        v.push(p(
+            format!("{b}.qkv.weight"),
+            vec![d.qkv_out(), d.width],
+            Init::Normal(0.02),
+            true,
+        ));
+        v.push(p(
+            format!("{b}.qkv.bias"),
+            vec![d.qkv_out()],
+            Init::Rows("qkv_bias"),
+            false,
+        ));
+        if cfg.gate() == GateKind::Learned {
+            v.push(p(
+                format!("{b}.gate.bias"),
+                vec![d.heads],
+                Init::Const(GATE_INIT_BIAS),
+                false,
+            ));
+        }
+        v.push(p(
+            format!("{b}.proj.weight"),
+            vec![d.width, d.heads * d.head_dim],
+            Init::Normal(resid_std),
+            true,
+        ));
+        v.push(p(
+            format!("{b}.proj.bias"),
+            vec![d.width],
+            Init::Const(0.0),
+            false,
+        ));
+        ln(&mut v, &format!("{b}.ln2"));
+        v.push(p(
+            format!("{b}.fc.weight"),
+            vec![d.hidden, d.width],
+            Init::Normal(0.02),
+            true,
+        ));
+        v.push(p(
+            format!("{b}.fc.bias"),
+            vec![d.hidden],
+            Init::Const(0.0),
+            false,
+        ));
+        v.push(p(
+            format!("{b}.fc2.weight"),
+            vec![d.width, d.hidden],
+            Init::Normal(resid_std),
+            true,
+        ));
+        v.push(p(
+            format!("{b}.fc2.bias"),
+            vec![d.width],
+            Init::Const(0.0),
+            false,
+        ));
+    }
+    ln(&mut v, "lnf");
+    if !m.tie_weights {
+        v.push(p(
+            "lm_head.weight".into(),
+            vec![d.vocab, d.width],
+            Init::Normal(0.02),
+            true,
+        ));
+    }
+    v
+}
+
+impl<T> Params<T> {
+    /// Builds from tensors given in [`layout`] order.
+    pub fn from_vec(cfg: &Config, tensors: Vec<T>) -> Self {
+        let m = &cfg.model;
+        let mut it = tensors.into_iter();
+        let mut next = || it.next().expect("tensor count matches the layout");
+        let learned_ln = m.layer_norm == LayerNormKind::Learned;
+        let wte = next();
+        let mut blocks = Vec::with_capacity(m.layers);
+        for _ in 0..m.layers {
+            let ln1 = learned_ln.then(|| LayerNormParams {
+                weight: next(),
+                bias: next(),
+            });
+            let (qkv_w, qkv_b) = (next(), next());
+            let gate_bias = (cfg.gate() == GateKind::Learned).then(&mut next);
+            let (proj_w, proj_b) = (next(), next());
+            let ln2 = learned_ln.then(|| LayerNormParams {
+                weight: next(),
+                bias: next(),
+            });
+            let (fc_w, fc_b, fc2_w, fc2_b) = (next(), next(), next(), next());
+            blocks.push(Block {
+                ln1,
+                qkv_w,
+                qkv_b,
+                gate_bias,
+                proj_w,
+                proj_b,
+                ln2,
+                fc_w,
+                fc_b,
+                fc2_w,
+                fc2_b,
+            });
+        }
+        let lnf = learned_ln.then(|| LayerNormParams {
+            weight: next(),
+            bias: next(),
+        });
+        let lm_head = (!m.tie_weights).then(next);
+        Params {
+            wte,
+            blocks,
+            lnf,
+            lm_head,
+        }
+    }
+
+    /// Every tensor, in [`layout`] order.
+    pub fn refs(&self) -> Vec<&T> {
+        let mut v = vec![&self.wte];
+        for b in &self.blocks {
+            if let Some(l) = &b.ln1 {
+                v.extend([&l.weight, &l.bias]);
+            }
+            v.extend([&b.qkv_w, &b.qkv_b]);
+            v.extend(b.gate_bias.as_ref());
+            v.extend([&b.proj_w, &b.proj_b]);
+            if let Some(l) = &b.ln2 {
+                v.extend([&l.weight, &l.bias]);
+            }
+            v.extend([&b.fc_w, &b.fc_b, &b.fc2_w, &b.fc2_b]);
+        }
+        if let Some(l) = &self.lnf {
+            v.extend([&l.weight, &l.bias]);
+        }
+        v.extend(self.lm_head.as_ref());
+        v
+    }
+
+    /// Every tensor, mutably, in [`layout`] order.
+    pub fn refs_mut(&mut self) -> Vec<&mut T> {
+        let mut v = vec![&mut self.wte];
+        for b in &mut self.blocks {
+            if let Some(l) = &mut b.ln1 {
+                v.extend([&mut l.weight, &mut l.bias]);
+            }
+            v.extend([&mut b.qkv_w, &mut b.qkv_b]);
+            v.extend(b.gate_bias.as_mut());
+            v.extend([&mut b.proj_w, &mut b.proj_b]);
+            if let Some(l) = &mut b.ln2 {
+                v.extend([&mut l.weight, &mut l.bias]);
+            }
+            v.extend([&mut b.fc_w, &mut b.fc_b, &mut b.fc2_w, &mut b.fc2_b]);
+        }
+        if let Some(l) = &mut self.lnf {
+            v.extend([&mut l.weight, &mut l.bias]);
+        }
+        v.extend(self.lm_head.as_mut());
+        v
+    }
+}
+
+/// Host values of one parameter at initialisation.
+fn init_values(info: &ParamInfo, cfg: &Config, rng: &mut ChaCha8Rng) -> Vec<f64> {
+    match info.init {
+        Init::Normal(std) => randn(rng, info.numel(), std),
+        Init::Const(c) => vec![c; info.numel()],
+        Init::Rows(_) => {
+            // fused bias: 0 for q, k, v; the gate's γ ≈ 0.999; the rotary step softplus(c) = 1
+            let d = Dims::new(cfg);
+            let mut v = vec![0.0; 3 * d.heads * d.head_dim];
+            if cfg.gate() == GateKind::Data {
+                v.extend(std::iter::repeat_n(GATE_INIT_BIAS, d.heads));
+            }
+            v.extend(std::iter::repeat_n(
+                learned_rotary_init_bias(),
+                d.heads * d.rot_per_head,
+            ));
+            v
+        }
+    }
+}
+
+/// What one block's forward keeps for its backward.
+pub struct BlockTrace<T> {
+    pub(crate) x: T,
+    pub(crate) ln1_out: T,
+    pub(crate) ln1_saved: LayerNormSaved<T>,
+    pub(crate) gate_logits: Option<T>,
+    pub(crate) rot_logits: Option<T>,
+    pub(crate) angles: Option<T>,
+    pub(crate) qr: T,
+    pub(crate) kr: T,
+    pub(crate) v: T,
+    pub(crate) log_gates: Option<T>,
+    pub(crate) att: AttentionOut<T>,
+    pub(crate) proj_mask: Option<T>,
+    pub(crate) x_mid: T,
+    pub(crate) ln2_out: T,
+    pub(crate) ln2_saved: LayerNormSaved<T>,
+    pub(crate) fc_out: T,
+    pub(crate) gelu_out: T,
+    pub(crate) mlp_mask: Option<T>,
+}
+
+/// A forward pass's activations and losses.
+pub struct Trace<T> {
+    pub(crate) ids: Vec<u32>,
+    pub(crate) targets: Vec<u32>,
+    pub(crate) shape: Shape,
+    pub(crate) blocks: Vec<BlockTrace<T>>,
+    pub(crate) x_final: T,
+    pub(crate) lnf_out: T,
+    pub(crate) lnf_saved: LayerNormSaved<T>,
+    /// `[batch·time, vocab]`.
+    pub logits: T,
+    /// Per-token cross-entropy `[batch·time]` (0 where the target is ignored), if targets were given.
+    pub losses: Option<T>,
+}
+
+/// Dropout for one forward: None at evaluation.
+#[derive(Clone, Copy, Debug)]
+pub struct DropoutCtx {
+    /// Seed of the masks (derived from the run seed, step and micro-batch).
+    pub seed: u64,
+}
+
+/// A model: its config, backend and parameters.
+pub struct Model<B: Backend> {
+    /// The backend the parameters live on.
+    pub backend: B,
+    /// The configuration it was built from.
+    pub cfg: Config,
+    /// Sizes.
+    pub dims: Dims,
+    /// Parameters.
+    pub params: Params<B::Tensor>,
+}
+
+impl<B: Backend> Model<B> {
+    /// A freshly initialised model (deterministic in `seed`).
+    pub fn init(backend: B, cfg: &Config, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let tensors = layout(cfg)
+            .iter()
+            .map(|info| {
+                let host: Vec<B::Scalar> = init_values(info, cfg, &mut rng)
+                    .into_iter()
+                    .map(B::Scalar::of)
+                    .collect();
+                backend.upload(&host)
+            })
+            .collect();
+        Self::from_params(backend, cfg, Params::from_vec(cfg, tensors))
+    }
+
+    /// Wraps existing parameters.
+    pub fn from_params(backend: B, cfg: &Config, params: Params<B::Tensor>) -> Self {
+        Model {
+            backend,
+            cfg: cfg.clone(),
+            dims: Dims::new(cfg),
+            params,
+        }
+    }
+
+    /// Zero tensors shaped like the parameters (gradients, optimizer moments).
+    pub fn zeros_like(&self) -> Params<B::Tensor> {
+        Params::from_vec(
+            &self.cfg,
+            layout(&self.cfg)
+                .iter()
+                .map(|i| self.backend.zeros(i.numel()))
+                .collect(),
+        )
+    }
+
+    /// Number of parameters (a tied head counted once).
+    pub fn num_params(&self) -> usize {
+        layout(&self.cfg).iter().map(ParamInfo::numel).sum()
+    }
+
+    /// The attention function of every layer.
+    pub fn attention_spec(&self) -> AttentionSpec {
+        match self.cfg.model.attention {
+            AttentionKind::Softmax => AttentionSpec::softmax(self.dims.head_dim),
+            _ => AttentionSpec::sympow(self.cfg.model.power, self.dims.head_dim)
+                .expect("validated config"),
+        }
+    }
+
+    /// The attention form for sequences of `time` tokens: as configured, or for `auto` the
+    /// one with fewer FLOPs per token (quadratic ~T·2d, chunked ~4·D·(d+1) + 2c·d).
+    pub fn attention_form(&self, time: usize) -> Form {
+        let m = &self.cfg.model;
+        if m.attention == AttentionKind::Softmax {
+            return Form::Quadratic;
+        }
+        match m.form {
+            FormKind::Quadratic => Form::Quadratic,
+            FormKind::Chunked => Form::Chunked(m.chunk),
+            FormKind::Auto => {
+                let d = self.dims.head_dim;
+                let quadratic = time * 2 * d;
+                let chunked = 4 * sympow_dim(d, m.power) * (d + 1) + 2 * m.chunk.min(time) * d;
+                if chunked < quadratic {
+                    Form::Chunked(m.chunk)
+                } else {
+                    Form::Quadratic
+                }
+            }
+        }
+    }
+
+    /// Memory of inference state: for sympow, the recurrent state (constant in context);
+    /// for softmax, the KV cache per token. Returns (numbers, description).
+    pub fn inference_state_size(&self) -> (usize, String) {
+        let (l, h, d) = (self.cfg.model.layers, self.dims.heads, self.dims.head_dim);
+        if self.cfg.model.attention == AttentionKind::Softmax {
+            let n = 2 * l * h * d;
+            (n, format!("KV cache: {n} numbers per token ({:.1} KiB/token in f32), growing with context", n as f64 * 4.0 / 1024.0))
+        } else {
+            let n = l * h * sympow_dim(d, self.cfg.model.power) * (d + 1);
+            (n, format!("recurrent state: {n} numbers ({:.1} MiB in f32), the same at any context length", n as f64 * 4.0 / (1 << 20) as f64))
+        }
+    }
+
+    fn layer_norm(
+        &self,
+        x: &B::Tensor,
+        p: &Option<LayerNormParams<B::Tensor>>,
+    ) -> (B::Tensor, LayerNormSaved<B::Tensor>) {
+        let (w, b) = p.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
+        self.backend.layer_norm_forward(x, self.dims.width, w, b)
+    }
+
+    fn dropout_mask(
+        &self,
+        ctx: Option<DropoutCtx>,
+        layer: usize,
+        site: u64,
+        len: usize,
+    ) -> Option<B::Tensor> {
+        let p = self.cfg.model.dropout;
+        let ctx = ctx.filter(|_| p > 0.0)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed ^ ((layer as u64) << 32) ^ (site << 48));
+        let keep = B::Scalar::of(1.0 / (1.0 - p));
+        let mask: Vec<B::Scalar> = (0..len)
+            .map(|_| {
+                if rng.gen::<f64>() < p {
+                    B::Scalar::of(0.0)
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        Some(self.backend.upload(&mask))
+    }
+
+    /// Forward over `batch` sequences of `time` tokens (`ids` row-major). With targets, also
+    /// the per-token losses. With a dropout context, applies dropout (training).
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        targets: Option<&[u32]>,
+        batch: usize,
+        time: usize,
+        dropout: Option<DropoutCtx>,
+    ) -> Trace<B::Tensor> {
+        let be = &self.backend;
+        let dm = &self.dims;
+        let (n, c, h, hd) = (batch * time, dm.width, dm.heads, dm.head_dim);
+        assert_eq!(ids.len(), n, "ids must be batch × time");
+        let shape = Shape {
+            batch,
+            time,
+            heads: h,
+            dk: hd,
+            dv: hd,
+        };
+        let spec = self.attention_spec();
+        let form = self.attention_form(time);
+        let rotary = self.cfg.rotary();
+        let base = self.cfg.model.rotary_base;
+        let fixed_angles = (rotary == RotaryKind::Fixed)
+            .then(|| be.fixed_rotary_angles(batch, time, h, hd, base, 0));
+        let mut x = be.embedding_forward(&self.params.wte, ids, c);
+        let mut blocks = Vec::with_capacity(self.params.blocks.len());
+        for (l, p) in self.params.blocks.iter().enumerate() {
+            let (ln1_out, ln1_saved) = self.layer_norm(&x, &p.ln1);
+            let qkv = be.linear_forward(&ln1_out, &p.qkv_w, Some(&p.qkv_b), c, dm.qkv_out());
+            let mut parts = be.split_columns(&qkv, &dm.qkv_widths).into_iter();
+            let (q, k, v) = (
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+            );
+            let gate_logits = match self.cfg.gate() {
+                GateKind::Data => parts.next(),
+                GateKind::Learned => Some(be.broadcast_rows(p.gate_bias.as_ref().unwrap(), n)),
+                GateKind::None => None,
+            };
+            let rot_logits = (dm.rot_per_head > 0).then(|| parts.next().unwrap());
+            let angles = match rotary {
+                RotaryKind::Learned => Some(be.learned_rotary_angles(
+                    rot_logits.as_ref().unwrap(),
+                    &shape,
+                    self.cfg.model.rotary_param.into(),
+                    base,
+                    None,
+                )),
+                RotaryKind::Fixed => fixed_angles.clone(),
+                RotaryKind::None => None,
+            };
+            let (qr, kr) = match &angles {
+                Some(a) => (be.rotary_forward(&q, a, hd), be.rotary_forward(&k, a, hd)),
+                None => (q, k),
+            };
+            let log_gates = gate_logits.as_ref().map(|g| be.log_gate_forward(g));
+            let att = be.attention_forward(&spec, form, &shape, &qr, &kr, &v, log_gates.as_ref());
+            let mut o = be.linear_forward(&att.y, &p.proj_w, Some(&p.proj_b), h * hd, c);
+            let proj_mask = self.dropout_mask(dropout, l, 0, n * c);
+            if let Some(m) = &proj_mask {
+                o = be.mul(&o, m);
+            }
+            let mut x_mid = x.clone();
+            be.add_assign(&mut x_mid, &o);
+            let (ln2_out, ln2_saved) = self.layer_norm(&x_mid, &p.ln2);
+            let fc_out = be.linear_forward(&ln2_out, &p.fc_w, Some(&p.fc_b), c, dm.hidden);
+            let gelu_out = be.gelu_forward(&fc_out);
+            let mut mo = be.linear_forward(&gelu_out, &p.fc2_w, Some(&p.fc2_b), dm.hidden, c);
+            let mlp_mask = self.dropout_mask(dropout, l, 1, n * c);
+            if let Some(m) = &mlp_mask {
+                mo = be.mul(&mo, m);
+            }
+            let mut x_out = x_mid.clone();
+            be.add_assign(&mut x_out, &mo);
+            let x_in = std::mem::replace(&mut x, x_out);
+            blocks.push(BlockTrace {
+                x: x_in,
+                ln1_out,
+                ln1_saved,
+                gate_logits,
+                rot_logits,
+                angles,
+                qr,
+                kr,
+                v,
+                log_gates,
+                att,
+                proj_mask,
+                x_mid,
+                ln2_out,
+                ln2_saved,
+                fc_out,
+                gelu_out,
+                mlp_mask,
+            });
+        }
+        let (lnf_out, lnf_saved) = self.layer_norm(&x, &self.params.lnf);
+        let head = self.params.lm_head.as_ref().unwrap_or(&self.params.wte);
+        let logits = be.linear_forward(&lnf_out, head, None, c, dm.vocab);
+        let losses = targets.map(|t| {
+            assert_eq!(t.len(), n, "targets must be batch × time");
+            be.cross_entropy_forward(&logits, t, dm.vocab)
+        });
+        Trace {
+            ids: ids.to_vec(),
+            targets: targets.map(<[u32]>::to_vec).unwrap_or_default(),
+            shape,
+            blocks,
+            x_final: x,
+            lnf_out,
+            lnf_saved,
+            logits,
+            losses,
+        }
+    }
+
+    /// Backward of [`forward`](Self::forward) for L = Σ_tokens dloss·loss: adds every
+    /// parameter's gradient into `grads`. The forward, in reverse order.
+    pub fn backward(
+        &self,
+        tr: &Trace<B::Tensor>,
+        dloss: &B::Tensor,
+        grads: &mut Params<B::Tensor>,
+    ) {
+        let be = &self.backend;
+        let dm = &self.dims;
+        let (c, h, hd) = (dm.width, dm.heads, dm.head_dim);
+        let shape = tr.shape;
+        let n = shape.batch * shape.time;
+        let spec = self.attention_spec();
+        let form = self.attention_form(shape.time);
+        let base = self.cfg.model.rotary_base;
+
+        let dlogits = be.cross_entropy_backward(&tr.logits, &tr.targets, dloss, dm.vocab);
+        let head = self.params.lm_head.as_ref().unwrap_or(&self.params.wte);
+        let dhead = grads.lm_head.as_mut().unwrap_or(&mut grads.wte);
+        let dlnf = be.linear_backward(&tr.lnf_out, head, &dlogits, c, dm.vocab, dhead, None);
+        let mut dx = self.layer_norm_backward(
+            &tr.x_final,
+            &dlnf,
+            &self.params.lnf,
+            &tr.lnf_saved,
+            &mut grads.lnf,
+        );
+
+        for (l, (p, t)) in self.params.blocks.iter().zip(&tr.blocks).enumerate().rev() {
+            let g = &mut grads.blocks[l];
+            // x_out = x_mid + dropout(fc2(gelu(fc(ln2(x_mid)))))
+            let mut dmo = dx.clone();
+            if let Some(m) = &t.mlp_mask {
+                dmo = be.mul(&dmo, m);
+            }
+            let dgelu = be.linear_backward(
+                &t.gelu_out,
+                &p.fc2_w,
+                &dmo,
+                dm.hidden,
+                c,
+                &mut g.fc2_w,
+                Some(&mut g.fc2_b),
+            );
+            let dfc = be.gelu_backward(&t.fc_out, &dgelu);
+            let dln2 = be.linear_backward(
+                &t.ln2_out,
+                &p.fc_w,
+                &dfc,
+                c,
+                dm.hidden,
+                &mut g.fc_w,
+                Some(&mut g.fc_b),
+            );
+            let mut dx_mid = dx;
+            let dx_ln2 =
+                self.layer_norm_backward(&t.x_mid, &dln2, &p.ln2, &t.ln2_saved, &mut g.ln2);
+            be.add_assign(&mut dx_mid, &dx_ln2);
+            // x_mid = x + dropout(proj(attention(rotary(q), rotary(k), v, gate)))
+            let mut dout = dx_mid.clone();
+            if let Some(m) = &t.proj_mask {
+                dout = be.mul(&dout, m);
+            }
+            let dy = be.linear_backward(
+                &t.att.y,
+                &p.proj_w,
+                &dout,
+                h * hd,
+                c,
+                &mut g.proj_w,
+                Some(&mut g.proj_b),
+            );
+            let ga = be.attention_backward(
+                &spec,
+                form,
+                &shape,
+                &t.qr,
+                &t.kr,
+                &t.v,
+                t.log_gates.as_ref(),
+                &t.att,
+                &dy,
+            );
+            let (dq, dk, dangles) = match &t.angles {
+                Some(a) => {
+                    let (dq, mut dang) = be.rotary_backward(&ga.dq, &t.qr, a, hd);
+                    let (dk, dang_k) = be.rotary_backward(&ga.dk, &t.kr, a, hd);
+                    be.add_assign(&mut dang, &dang_k);
+                    (dq, dk, Some(dang))
+                }
+                None => (ga.dq, ga.dk, None),
+            };
+            let mut dparts = vec![dq, dk, ga.dv];
+            if let (Some(logits), Some(dlg)) = (&t.gate_logits, &ga.dlog_gates) {
+                let dlogits = be.log_gate_backward(logits, dlg);
+                match self.cfg.gate() {
+                    GateKind::Data => dparts.push(dlogits),
+                    GateKind::Learned => {
+                        let db = be.sum_rows(&dlogits, h);
+                        be.add_assign(g.gate_bias.as_mut().unwrap(), &db);
+                    }
+                    GateKind::None => unreachable!("gate logits without a gate"),
+                }
+            }
+            if let Some(rl) = &t.rot_logits {
+                let dang = dangles.as_ref().expect("learned rotary has angles");
+                dparts.push(be.learned_rotary_angles_backward(
+                    rl,
+                    dang,
+                    &shape,
+                    self.cfg.model.rotary_param.into(),
+                    base,
+                ));
+            }
+            let dqkv = be.concat_columns(&dparts.iter().collect::<Vec<_>>(), &dm.qkv_widths);
+            let dln1 = be.linear_backward(
+                &t.ln1_out,
+                &p.qkv_w,
+                &dqkv,
+                c,
+                dm.qkv_out(),
+                &mut g.qkv_w,
+                Some(&mut g.qkv_b),
+            );
+            let dx_ln1 = self.layer_norm_backward(&t.x, &dln1, &p.ln1, &t.ln1_saved, &mut g.ln1);
+            dx = dx_mid;
+            be.add_assign(&mut dx, &dx_ln1);
+        }
+        debug_assert_eq!(tr.ids.len(), n);
+        be.embedding_backward(&mut grads.wte, &tr.ids, &dx, c);
+    }
+
+    fn layer_norm_backward(
+        &self,
+        x: &B::Tensor,
+        dy: &B::Tensor,
+        p: &Option<LayerNormParams<B::Tensor>>,
+        saved: &LayerNormSaved<B::Tensor>,
+        g: &mut Option<LayerNormParams<B::Tensor>>,
+    ) -> B::Tensor {
+        let w = p.as_ref().map(|p| &p.weight);
+        let (dw, db) = match g {
+            Some(g) => (Some(&mut g.weight), Some(&mut g.bias)),
+            None => (None, None),
+        };
+        self.backend
+            .layer_norm_backward(x, dy, self.dims.width, w, saved, dw, db)
+    }
+}
