@@ -1,28 +1,160 @@
 //! `sympow`: train, evaluate, sample from and benchmark conformal-sympow transformers.
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use sympow::backend::{Backend, CpuBackend};
+use sympow::config::{Config, TokenizerKind};
+use sympow::data::{TokenData, Tokenizer};
+use sympow::train::{self, RunPaths, TrainOptions};
 
 #[derive(Parser)]
 #[command(
     name = "sympow",
     version,
-    about = "Conformal symmetric-power transformers"
+    about = "Conformal symmetric-power transformers: train, evaluate, generate, benchmark"
 )]
 struct Cli {
+    /// Worker threads (default: all cores). Runs with the same config, seed and thread count
+    /// are bit-identical.
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// Built-in preset: tiny, small, gpt2-124m (default tiny).
+    #[arg(long)]
+    preset: Option<String>,
+    /// TOML config file (see `sympow config`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a field, e.g. --set model.attention=sympow --set train.lr=1e-3.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Shorthand for --set train.steps=N.
+    #[arg(long)]
+    steps: Option<u64>,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Train a model (default: the tiny conformal-sympow preset on the embedded corpus).
+    Train {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Run directory (default runs/<preset>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the run in --out from its checkpoint (only --steps may change).
+        #[arg(long)]
+        resume: bool,
+        /// Stop after this many steps (with a checkpoint); --resume continues.
+        #[arg(long)]
+        stop_after: Option<u64>,
+        /// No progress bar; a line per validation instead.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Loss by context position on validation documents: CSV and PNG per run, and one plot
+    /// with every run.
+    Eval {
+        /// Run directories (repeat to compare runs on one plot).
+        #[arg(long = "run", required = true)]
+        runs: Vec<PathBuf>,
+        /// Evaluation context (default: each run's training context); may exceed it.
+        #[arg(long)]
+        context: Option<usize>,
+        /// Validation windows to average.
+        #[arg(long, default_value_t = 32)]
+        windows: usize,
+        /// Position buckets.
+        #[arg(long, default_value_t = 32)]
+        buckets: usize,
+        /// Windows per forward pass.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// The combined plot (default: <first run>/eval_ctx<N>_runs.png).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+    /// Continue a prompt, streaming tokens as they are sampled.
+    Generate {
+        /// Run directory.
+        #[arg(long)]
+        run: PathBuf,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Tokens to generate.
+        #[arg(long, default_value_t = 200)]
+        max_tokens: usize,
+        /// Sampling seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Softmax temperature (0: greedy).
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// Keep the k most likely tokens (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Nucleus sampling threshold (1: off).
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f64,
+    },
+    /// Train the paper's variants at one size and print their validation losses side by side.
+    Compare {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Parent directory of the runs (one sub-directory per variant).
+        #[arg(long, default_value = "runs/compare")]
+        out: PathBuf,
+        /// No progress bars.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Data preparation.
+    Data {
+        #[command(subcommand)]
+        what: DataCommand,
+    },
+    /// Print a complete config (a preset with overrides) as TOML.
+    Config {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
     /// Benchmarks; each prints a table of ratios measured in the same run.
     Bench {
         #[command(subcommand)]
         what: BenchCommand,
     },
-    /// Reports the compute device that would be used (GPU if available, else CPU).
+    /// Report the compute device that would be used.
     Device,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Tokenise .txt/.md (one document per file) and .jsonl (field "text") files or
+    /// directories, optionally gzipped, into token shards.
+    Prepare {
+        /// Input files or directories.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output directory for shard_*.tok.
+        #[arg(long)]
+        out: PathBuf,
+        /// gpt2 or bytes.
+        #[arg(long, default_value = "gpt2")]
+        tokenizer: String,
+        /// Tokens per shard.
+        #[arg(long, default_value_t = 100_000_000)]
+        shard_tokens: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -50,9 +182,275 @@ enum BenchCommand {
     },
 }
 
-fn main() -> Result<()> {
+impl ConfigArgs {
+    fn name(&self) -> String {
+        match (&self.config, &self.preset) {
+            (Some(p), _) => p
+                .file_stem()
+                .map_or("run".into(), |s| s.to_string_lossy().into_owned()),
+            (None, Some(p)) => p.clone(),
+            (None, None) => "tiny".into(),
+        }
+    }
+
+    fn given(&self) -> bool {
+        self.preset.is_some() || self.config.is_some() || !self.set.is_empty()
+    }
+
+    fn build(&self) -> Result<Config> {
+        if self.preset.is_some() && self.config.is_some() {
+            bail!("give --preset or --config, not both");
+        }
+        let mut cfg = match &self.config {
+            Some(p) => Config::load(p)?,
+            None => Config::preset(self.preset.as_deref().unwrap_or("tiny"))?,
+        };
+        let steps = self.steps.map(|s| s.to_string());
+        let mut pairs = Vec::new();
+        for kv in &self.set {
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
+            pairs.push((k.trim(), v.trim()));
+        }
+        if let Some(s) = &steps {
+            pairs.push(("train.steps", s));
+        }
+        cfg.set_all(&pairs)?;
+        Ok(cfg)
+    }
+}
+
+/// The backend: CPU. (A CUDA build reports a GPU but trains on the CPU until the CUDA
+/// backend implements every op.)
+fn backend() -> CpuBackend<f32> {
+    if let Ok(info) = sympow_cuda::detect(0) {
+        eprintln!("note: found {} but the CUDA backend does not implement the model's ops yet; using the CPU", info.name);
+    }
+    CpuBackend::new()
+}
+
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit at once)");
+    });
+    flag
+}
+
+fn run_train(
+    cfg: &Config,
+    out: &Path,
+    resume: bool,
+    stop_after: Option<u64>,
+    progress: bool,
+    interrupt: Arc<AtomicBool>,
+) -> Result<train::TrainSummary> {
+    let opts = TrainOptions {
+        out: out.to_path_buf(),
+        resume,
+        stop_after,
+        interrupt,
+        progress,
+    };
+    let s = train::train(backend(), cfg, &opts)?;
+    let val = s.val_loss.map_or("-".into(), |v| format!("{v:.4}"));
+    println!(
+        "step {}: train loss {:.4}, validation loss {val} nats/token (unigram baseline {:.4}); {:.0} tokens/s{}",
+        s.step,
+        s.train_loss,
+        s.unigram,
+        s.tokens_per_second,
+        if s.skipped_steps > 0 { format!("; {} non-finite steps skipped", s.skipped_steps) } else { String::new() }
+    );
+    println!(
+        "run: {} (checkpoint.safetensors, metrics.jsonl, loss.png)",
+        out.display()
+    );
+    Ok(s)
+}
+
+fn main() {
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+        {
+            eprintln!("error: --threads {n}: {e}");
+            std::process::exit(2);
+        }
+    }
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", chain.join(": "));
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
     match cli.command {
+        Command::Train {
+            cfg: args,
+            out,
+            resume,
+            stop_after,
+            no_progress,
+        } => {
+            let out = out.unwrap_or_else(|| PathBuf::from("runs").join(args.name()));
+            let cfg = if resume {
+                if args.given() {
+                    bail!("--resume continues the run in --out with its own config; only --steps may be given");
+                }
+                let ck = sympow::checkpoint::load(&RunPaths::new(&out).checkpoint)?;
+                let mut c = ck.config;
+                if let Some(s) = args.steps {
+                    c.set("train.steps", &s.to_string())?;
+                }
+                c
+            } else {
+                args.build()?
+            };
+            let flag = interrupt_flag();
+            let s = run_train(&cfg, &out, resume, stop_after, !no_progress, flag.clone())?;
+            Ok(if flag.load(Ordering::SeqCst) && s.stopped_early {
+                130
+            } else {
+                0
+            })
+        }
+        Command::Eval {
+            runs,
+            context,
+            windows,
+            buckets,
+            batch,
+            plot,
+        } => {
+            let mut curves = Vec::new();
+            let mut ctx_used = 0;
+            for dir in &runs {
+                let model = train::load_model(backend(), dir)?;
+                let ctx = context.unwrap_or(model.cfg.data.context);
+                ctx_used = ctx;
+                let data = TokenData::load(&model.cfg.data)?;
+                let b = sympow::eval::loss_by_position(&model, &data, ctx, windows, batch, buckets);
+                let csv = dir.join(format!("eval_ctx{ctx}.csv"));
+                sympow::eval::write_csv(&csv, &b).with_context(|| csv.display().to_string())?;
+                let label = format!(
+                    "{} ({:?})",
+                    dir.file_name().unwrap_or_default().to_string_lossy(),
+                    model.cfg.model.attention
+                );
+                let png = dir.join(format!("eval_ctx{ctx}.png"));
+                sympow::eval::plot(
+                    &png,
+                    &format!("{label}: loss by position, context {ctx}"),
+                    &[(label.clone(), b.clone())],
+                )
+                .map_err(anyhow::Error::msg)?;
+                let tokens: u64 = b.iter().map(|x| x.tokens).sum();
+                let mean =
+                    b.iter().map(|x| x.loss * x.tokens as f64).sum::<f64>() / tokens.max(1) as f64;
+                println!("{label}: mean loss {mean:.4} over {tokens} tokens; by position (first, middle, last bucket): {:.4}, {:.4}, {:.4}", b[0].loss, b[b.len() / 2].loss, b[b.len() - 1].loss);
+                println!("  wrote {} and {}", csv.display(), png.display());
+                curves.push((label, b));
+            }
+            if runs.len() > 1 {
+                let path =
+                    plot.unwrap_or_else(|| runs[0].join(format!("eval_ctx{ctx_used}_runs.png")));
+                sympow::eval::plot(
+                    &path,
+                    &format!("loss by position, context {ctx_used}"),
+                    &curves,
+                )
+                .map_err(anyhow::Error::msg)?;
+                println!("wrote {}", path.display());
+            }
+            Ok(0)
+        }
+        Command::Generate {
+            run,
+            prompt,
+            max_tokens,
+            seed,
+            temperature,
+            top_k,
+            top_p,
+        } => {
+            let model = train::load_model(backend(), &run)?;
+            let tok = Tokenizer::new(model.cfg.data.tokenizer);
+            let ids = tok.encode(&prompt);
+            if ids.is_empty() {
+                bail!("--prompt is empty");
+            }
+            let sampling = sympow::inference::Sampling {
+                temperature,
+                top_k,
+                top_p,
+            };
+            let mut out = std::io::stdout().lock();
+            write!(out, "{prompt}")?;
+            let mut stream = sympow::data::tokenizer::StreamDecoder::default();
+            sympow::inference::generate(&model, &ids, max_tokens, &sampling, seed, |t| {
+                let bytes = tok.decode_bytes(&[t]).unwrap_or_default();
+                let _ = write!(out, "{}", stream.push(&bytes));
+                let _ = out.flush();
+            });
+            writeln!(out, "{}", stream.finish())?;
+            Ok(0)
+        }
+        Command::Compare {
+            cfg: args,
+            out,
+            no_progress,
+        } => compare(&args, &out, !no_progress),
+        Command::Data {
+            what:
+                DataCommand::Prepare {
+                    inputs,
+                    out,
+                    tokenizer,
+                    shard_tokens,
+                },
+        } => {
+            let kind = match tokenizer.as_str() {
+                "gpt2" => TokenizerKind::Gpt2,
+                "bytes" => TokenizerKind::Bytes,
+                other => bail!("--tokenizer {other}: expected gpt2 or bytes"),
+            };
+            let s = sympow::data::prepare::prepare(
+                &inputs,
+                &out,
+                Tokenizer::new(kind),
+                shard_tokens,
+                true,
+            )?;
+            println!(
+                "{} documents, {} tokens from {:.1} MB of text in {:.1} s ({:.1} MB/s) → {} shard(s) in {}",
+                s.documents,
+                s.tokens,
+                s.bytes as f64 / 1e6,
+                s.seconds,
+                s.bytes as f64 / 1e6 / s.seconds.max(1e-9),
+                s.shards.len(),
+                out.display()
+            );
+            println!("train on it with: sympow train --set data.corpus={:?} --set data.tokenizer={tokenizer}", out.display().to_string());
+            Ok(0)
+        }
+        Command::Config { cfg } => {
+            print!("{}", cfg.build()?.to_toml());
+            Ok(0)
+        }
         Command::Bench {
             what:
                 BenchCommand::AttentionCpu {
@@ -65,24 +463,120 @@ fn main() -> Result<()> {
                 },
         } => {
             sympow::attention::AttentionSpec::sympow(p, head_dim)?;
-            println!(
-                "sympow attention forward, {}, p = {p}, d = {head_dim}, {heads} heads, chunk {chunk}, gated",
-                sympow::backend::Backend::name(&sympow::backend::CpuBackend::<f32>::new())
-            );
+            println!("sympow attention forward, {}, p = {p}, d = {head_dim}, {heads} heads, chunk {chunk}, gated", CpuBackend::<f32>::new().name());
             let rows = sympow::bench::attention_cpu(&time, p, head_dim, heads, chunk, reps);
             print!("{}", sympow::bench::format_attention_table(&rows));
+            Ok(0)
         }
-        Command::Device => match sympow_cuda::detect(0) {
-            Ok(info) => println!(
-                "GPU {}: {} (compute {}.{}, {:.1} GiB)",
-                info.ordinal,
-                info.name,
-                info.compute_capability.0,
-                info.compute_capability.1,
-                info.memory_bytes as f64 / (1u64 << 30) as f64
-            ),
-            Err(why) => println!("CPU ({why})"),
-        },
+        Command::Device => {
+            match sympow_cuda::detect(0) {
+                Ok(info) => println!(
+                    "GPU {}: {} (compute {}.{}, {:.1} GiB)",
+                    info.ordinal,
+                    info.name,
+                    info.compute_capability.0,
+                    info.compute_capability.1,
+                    info.memory_bytes as f64 / (1u64 << 30) as f64
+                ),
+                Err(why) => println!("CPU ({why})"),
+            }
+            Ok(0)
+        }
     }
-    Ok(())
+}
+
+/// The paper's variants (SPEC §6), as config overrides.
+const VARIANTS: [(&str, &[(&str, &str)]); 6] = [
+    ("softmax", &[("model.attention", "softmax")]),
+    (
+        "sympow-p2",
+        &[("model.attention", "sympow"), ("model.power", "2")],
+    ),
+    (
+        "sympow-p4",
+        &[("model.attention", "sympow"), ("model.power", "4")],
+    ),
+    (
+        "sympow-learned-gate",
+        &[("model.attention", "sympow"), ("model.gate", "learned")],
+    ),
+    ("sympow-gated", &[("model.attention", "sympow-gated")]),
+    ("conformal", &[("model.attention", "conformal")]),
+];
+
+fn compare(args: &ConfigArgs, out: &Path, progress: bool) -> Result<i32> {
+    let base = args.build()?;
+    let flag = interrupt_flag();
+    let mut rows = Vec::new();
+    let mut curves = Vec::new();
+    for (name, ov) in VARIANTS {
+        let mut cfg = base.clone();
+        for (k, v) in ov {
+            cfg.set(k, v).with_context(|| format!("variant {name}"))?;
+        }
+        let dir = out.join(name);
+        let paths = RunPaths::new(&dir);
+        println!("== {name}");
+        let done = sympow::checkpoint::load(&paths.checkpoint)
+            .ok()
+            .filter(|c| c.step >= cfg.train.steps && c.config == cfg);
+        if done.is_none() {
+            let resume = paths.checkpoint.exists();
+            let s = run_train(&cfg, &dir, resume, None, progress, flag.clone())?;
+            if s.stopped_early {
+                return Ok(130);
+            }
+        } else {
+            println!("already trained: {}", dir.display());
+        }
+        let model = train::load_model(backend(), &dir)?;
+        let data = TokenData::load(&cfg.data)?;
+        let b = sympow::eval::loss_by_position(
+            &model,
+            &data,
+            cfg.data.context,
+            4 * cfg.train.eval_batches * cfg.train.batch_size,
+            cfg.train.batch_size,
+            16,
+        );
+        let tokens: u64 = b.iter().map(|x| x.tokens).sum();
+        let mean = b.iter().map(|x| x.loss * x.tokens as f64).sum::<f64>() / tokens.max(1) as f64;
+        rows.push((
+            name,
+            model.num_params(),
+            mean,
+            b.last().map_or(f64::NAN, |x| x.loss),
+            data.unigram_baseline(cfg.model.vocab_size),
+        ));
+        sympow::eval::write_csv(&dir.join(format!("eval_ctx{}.csv", cfg.data.context)), &b)?;
+        curves.push((name.to_string(), b));
+    }
+    let mut table = String::from("| variant | parameters | validation loss | loss in last 1/16 of context | vs softmax |\n|---|---|---|---|---|\n");
+    let soft = rows[0].2;
+    for (name, n, mean, last, _) in &rows {
+        table.push_str(&format!(
+            "| {name} | {n} | {mean:.4} | {last:.4} | {:+.4} |\n",
+            mean - soft
+        ));
+    }
+    table.push_str(&format!(
+        "\nunigram baseline: {:.4} nats/token; {} steps of {} × {} tokens\n",
+        rows[0].4, base.train.steps, base.train.batch_size, base.data.context
+    ));
+    print!("\n{table}");
+    std::fs::create_dir_all(out)?;
+    sympow::checkpoint::write_atomic(&out.join("compare.md"), table.as_bytes())?;
+    let plot = out.join("compare.png");
+    sympow::eval::plot(
+        &plot,
+        &format!("loss by position, context {}", base.data.context),
+        &curves,
+    )
+    .map_err(anyhow::Error::msg)?;
+    println!(
+        "wrote {} and {}",
+        out.join("compare.md").display(),
+        plot.display()
+    );
+    Ok(0)
 }

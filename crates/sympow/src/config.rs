@@ -318,7 +318,7 @@ impl Config {
                 c.data.tokenizer = TokenizerKind::Bytes;
                 c.data.context = 256;
                 c.train = TrainConfig {
-                    steps: 600,
+                    steps: 800,
                     batch_size: 12,
                     lr: 3e-3,
                     warmup_steps: 50,
@@ -358,8 +358,25 @@ impl Config {
     }
 
     /// Sets a dotted field (`model.layers`, `train.lr`, …) from a string holding a TOML value
-    /// (bare words are taken as strings), then re-validates.
+    /// (bare words are taken as strings), then re-validates. On error nothing changes.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        self.set_all(&[(key, value)])
+    }
+
+    /// Applies several [`set`](Self::set)s, validating once at the end (so fields that must
+    /// change together, such as the tokenizer and the vocabulary, can). On error nothing
+    /// changes.
+    pub fn set_all(&mut self, pairs: &[(&str, &str)]) -> Result<(), ConfigError> {
+        let mut c = self.clone();
+        for (k, v) in pairs {
+            c.set_one(k, v)?;
+        }
+        c.validate()?;
+        *self = c;
+        Ok(())
+    }
+
+    fn set_one(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
         let mut root = toml::Value::try_from(&*self).expect("config serialises");
         let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
             .ok()
@@ -378,16 +395,15 @@ impl Config {
                     "unknown section `{section}` in `{key}` (model, data, train)"
                 ))
             })?;
-        if !table.contains_key(field) && !(section == "model" && matches!(field, "gate" | "rotary"))
-        {
+        // `gate` and `rotary` are optional (absent when defaulted from `attention`)
+        let optional = section == "model" && matches!(field, "gate" | "rotary");
+        if !table.contains_key(field) && !optional {
             return Err(ConfigError::Parse(format!("unknown field `{key}`")));
         }
         table.insert(field.to_string(), parsed);
-        let c: Config = root.try_into().map_err(|e: toml::de::Error| {
+        *self = root.try_into().map_err(|e: toml::de::Error| {
             ConfigError::Parse(format!("{key} = {value}: {}", e.message().trim()))
         })?;
-        c.validate()?;
-        *self = c;
         Ok(())
     }
 

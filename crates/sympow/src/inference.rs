@@ -235,3 +235,84 @@ impl<'m, B: Backend> Decoder<'m, B> {
         to_f64(&be.download(&be.linear_forward(&hn, head, None, c, dm.vocab)))
     }
 }
+
+/// How to pick the next token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    /// Softmax temperature; 0 picks the most likely token.
+    pub temperature: f64,
+    /// Keep only the k most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p (1: all).
+    pub top_p: f64,
+}
+
+/// Draws a token from `logits`.
+pub fn sample(logits: &[f64], s: &Sampling, rng: &mut impl rand::Rng) -> u32 {
+    if s.temperature <= 0.0 {
+        return logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(0, |(i, _)| i as u32);
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if s.top_k > 0 {
+        idx.truncate(s.top_k);
+    }
+    let mx = logits[idx[0]];
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i] - mx) / s.temperature).exp())
+        .collect();
+    let z: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= z);
+    if s.top_p < 1.0 {
+        let mut acc = 0.0;
+        let keep = probs.iter().position(|p| {
+            acc += p;
+            acc >= s.top_p
+        });
+        let keep = keep.map_or(probs.len(), |k| k + 1);
+        probs.truncate(keep);
+        idx.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut u = rng.gen::<f64>() * total;
+    for (p, &i) in probs.iter().zip(&idx) {
+        u -= p;
+        if u <= 0.0 {
+            return i as u32;
+        }
+    }
+    *idx.last().unwrap() as u32
+}
+
+/// Generates up to `max_tokens` after `prompt`, calling `on_token` with each as it comes.
+/// Memory per step is constant for sympow (recurrent state), linear for softmax (KV cache).
+pub fn generate<B: Backend>(
+    model: &Model<B>,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampling: &Sampling,
+    seed: u64,
+    mut on_token: impl FnMut(u32),
+) -> Vec<u32> {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (mut dec, logits) = Decoder::prefill(model, prompt);
+    let v = model.dims.vocab;
+    let mut next = sample(&logits[(prompt.len() - 1) * v..], sampling, &mut rng);
+    let mut out = Vec::with_capacity(max_tokens);
+    for i in 0..max_tokens {
+        out.push(next);
+        on_token(next);
+        if i + 1 == max_tokens {
+            break;
+        }
+        let logits = dec.step(next);
+        next = sample(&logits, sampling, &mut rng);
+    }
+    out
+}

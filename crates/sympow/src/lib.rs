@@ -15,11 +15,16 @@
 pub mod attention;
 pub mod backend;
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
+pub mod data;
+pub mod eval;
 pub mod float;
 pub mod inference;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod testing;
+pub mod train;
 
 pub use float::Float;

@@ -647,3 +647,125 @@ pub fn chunked_attention_backward<F: Float>(
         dlog_gates: gated.then_some(dg),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Each step of the chunked algorithm against its defining formula, in f64.
+    use super::*;
+    use crate::attention::reference::reference_attention;
+    use crate::testing::{log_gates, randn, rel_err, rng};
+
+    const D: usize = 3;
+    const E: usize = 2;
+
+    fn phi(sp: &SymPow, x: &[f64]) -> Vec<f64> {
+        let mut o = vec![0.0; sp.dim];
+        sp.forward(x, &mut o);
+        o
+    }
+
+    #[test]
+    fn update_state_is_the_decayed_sum_of_outer_products() {
+        let mut r = rng(1);
+        let sp = SymPow::new(D, 2);
+        let l = 5;
+        let (k, v): (Vec<f64>, Vec<f64>) = (randn(&mut r, l * D, 1.0), randn(&mut r, l * E, 1.0));
+        let g = local_cumulative_gates(&log_gates::<f64>(&mut r, l, 0.5, 0.9));
+        let got = update_state(&sp, &k, &v, Some(&g), E);
+        let mut want = vec![0.0; sp.dim * (E + 1)];
+        for t in 0..l {
+            let w = (g[l - 1] - g[t]).exp();
+            let f = phi(&sp, &k[t * D..(t + 1) * D]);
+            for i in 0..sp.dim {
+                for c in 0..E {
+                    want[i * (E + 1) + c] += w * f[i] * v[t * E + c];
+                }
+                want[i * (E + 1) + E] += w * f[i];
+            }
+        }
+        assert!(rel_err(&got, &want) < 1e-12);
+    }
+
+    #[test]
+    fn discumsum_is_the_discounted_recursion() {
+        let mut r = rng(2);
+        let deltas: Vec<Vec<f64>> = (0..4).map(|_| randn(&mut r, 6, 1.0)).collect();
+        let totals: Vec<f64> = vec![-0.1, -2.0, 0.0, -0.5];
+        let mut states = deltas.clone();
+        discumsum(&mut states, &totals);
+        let mut s = vec![0.0; 6];
+        for i in 0..4 {
+            assert!(
+                rel_err(&states[i], &s) < 1e-15
+                    || s.iter().all(|&x| x == 0.0) && states[i].iter().all(|&x| x == 0.0)
+            );
+            s = s
+                .iter()
+                .zip(&deltas[i])
+                .map(|(a, b)| totals[i].exp() * a + b)
+                .collect();
+        }
+    }
+
+    #[test]
+    fn query_state_reads_the_state_with_decayed_queries() {
+        let mut r = rng(3);
+        let sp = SymPow::new(D, 4);
+        let l = 4;
+        let q: Vec<f64> = randn(&mut r, l * D, 1.0);
+        let state: Vec<f64> = randn(&mut r, sp.dim * (E + 1), 1.0);
+        let g = local_cumulative_gates(&log_gates::<f64>(&mut r, l, 0.5, 0.9));
+        let got = query_state(&sp, &q, Some(&g), 0.7, &state, E);
+        for t in 0..l {
+            let qs: Vec<f64> = q[t * D..(t + 1) * D].iter().map(|x| x * 0.7).collect();
+            let f = phi(&sp, &qs);
+            for c in 0..=E {
+                let want: f64 = g[t].exp()
+                    * (0..sp.dim)
+                        .map(|i| f[i] * state[i * (E + 1) + c])
+                        .sum::<f64>();
+                assert!((got[t * (E + 1) + c] - want).abs() < 1e-12 * (1.0 + want.abs()));
+            }
+        }
+    }
+
+    #[test]
+    fn intra_chunk_attention_with_combine_is_attention_within_the_chunk() {
+        let mut r = rng(4);
+        let spec = AttentionSpec::sympow(2, D).unwrap();
+        let l = 6;
+        let (q, k, v): (Vec<f64>, Vec<f64>, Vec<f64>) = (
+            randn(&mut r, l * D, 1.0),
+            randn(&mut r, l * D, 1.0),
+            randn(&mut r, l * E, 1.0),
+        );
+        let lg = log_gates::<f64>(&mut r, l, 0.5, 0.9);
+        let g = local_cumulative_gates(&lg);
+        let mut intra = intra_chunk_attention(&spec, &q, &k, &v, Some(&g), D, E);
+        // with an empty state the inter part is zero and combine normalises the intra part
+        let (y, _) = combine(&vec![0.0; l * (E + 1)], &mut intra, spec.eps, E);
+        let shape = Shape {
+            batch: 1,
+            time: l,
+            heads: 1,
+            dk: D,
+            dv: E,
+        };
+        let want = reference_attention(&spec, &shape, &q, &k, &v, Some(&lg));
+        assert!(rel_err(&y, &want) < 1e-12);
+    }
+
+    #[test]
+    fn combine_adds_numerators_and_denominators() {
+        // one query: intra num 2 (scaled by e^{−m}, m = 1), den 1; inter num 3, den 4
+        let mut intra = TileOut {
+            num: vec![2.0],
+            den: vec![1.0],
+            max: vec![1.0],
+        };
+        let (y, ln) = combine(&[3.0, 4.0], &mut intra, 0.5, 1);
+        let (num, den) = (2.0 * 1f64.exp() + 3.0, 1f64.exp() + 4.0 + 0.5);
+        assert!((y[0] - num / den).abs() < 1e-14);
+        assert!((ln[0] - den.ln()).abs() < 1e-14);
+    }
+}

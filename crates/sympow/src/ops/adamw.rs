@@ -1,6 +1,7 @@
 //! AdamW (decoupled weight decay), with bias correction.
 
 use crate::float::Float;
+use rayon::prelude::*;
 
 /// Hyper-parameters of one AdamW step.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -29,13 +30,17 @@ pub fn adamw_step<F: Float>(
     let bc1 = 1.0 - cfg.beta1.powi(step as i32);
     let bc2 = 1.0 - cfg.beta2.powi(step as i32);
     let (b1, b2) = (F::of(cfg.beta1), F::of(cfg.beta2));
-    for i in 0..param.len() {
-        let g = grad[i];
-        m[i] = b1 * m[i] + (F::one() - b1) * g;
-        v[i] = b2 * v[i] + (F::one() - b2) * g * g;
-        let mhat = m[i].f64() / bc1;
-        let vhat = v[i].f64() / bc2;
-        let p = param[i].f64();
-        param[i] = F::of(p - cfg.lr * (mhat / (vhat.sqrt() + cfg.eps) + cfg.weight_decay * p));
-    }
+    param
+        .par_iter_mut()
+        .zip(grad)
+        .zip(m.par_iter_mut().zip(v.par_iter_mut()))
+        .with_min_len(1 << 14)
+        .for_each(|((p, &g), (m, v))| {
+            *m = b1 * *m + (F::one() - b1) * g;
+            *v = b2 * *v + (F::one() - b2) * g * g;
+            let mhat = m.f64() / bc1;
+            let vhat = v.f64() / bc2;
+            let x = p.f64();
+            *p = F::of(x - cfg.lr * (mhat / (vhat.sqrt() + cfg.eps) + cfg.weight_decay * x));
+        });
 }

@@ -1,6 +1,7 @@
 //! Softmax cross-entropy over the vocabulary, fused with its gradient.
 
 use crate::float::Float;
+use rayon::prelude::*;
 
 /// Target id that contributes no loss (padding).
 pub const IGNORE: u32 = u32::MAX;
@@ -8,7 +9,7 @@ pub const IGNORE: u32 = u32::MAX;
 /// Per-row losses −ln softmax(logits)[target] (0 for [`IGNORE`]d rows); `logits` is `[rows, vocab]`.
 pub fn cross_entropy_forward<F: Float>(logits: &[F], targets: &[u32], vocab: usize) -> Vec<F> {
     logits
-        .chunks_exact(vocab)
+        .par_chunks_exact(vocab)
         .zip(targets)
         .map(|(row, &t)| {
             if t == IGNORE {
@@ -36,20 +37,20 @@ pub fn cross_entropy_backward<F: Float>(
     vocab: usize,
 ) -> Vec<F> {
     let mut d = vec![F::zero(); logits.len()];
-    for (((row, dr), &t), &g) in logits
-        .chunks_exact(vocab)
-        .zip(d.chunks_exact_mut(vocab))
+    logits
+        .par_chunks_exact(vocab)
+        .zip(d.par_chunks_exact_mut(vocab))
         .zip(targets)
         .zip(dloss)
-    {
-        if t == IGNORE {
-            continue;
-        }
-        let lse = row_lse(row);
-        for (o, &x) in dr.iter_mut().zip(row) {
-            *o = g * (x - lse).exp();
-        }
-        dr[t as usize] -= g;
-    }
+        .for_each(|(((row, dr), &t), &g)| {
+            if t == IGNORE {
+                return;
+            }
+            let lse = row_lse(row);
+            for (o, &x) in dr.iter_mut().zip(row) {
+                *o = g * (x - lse).exp();
+            }
+            dr[t as usize] -= g;
+        });
     d
 }

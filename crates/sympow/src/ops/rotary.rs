@@ -7,6 +7,7 @@
 //! Cumulative angles are summed in f64 and reduced modulo 2π, so they stay exact at any length.
 
 use crate::float::Float;
+use rayon::prelude::*;
 use std::f64::consts::TAU;
 
 /// How the learned rotary's increments are parameterised.
@@ -158,14 +159,17 @@ pub fn rotary_forward<F: Float>(x: &[F], angles: &[F], head_dim: usize) -> Vec<F
         "rotary: one angle per pair"
     );
     let mut y = x.to_vec();
-    for (row, ang) in y.chunks_exact_mut(head_dim).zip(angles.chunks_exact(half)) {
-        for i in 0..half {
-            let (s, c) = ang[i].sin_cos();
-            let (a, b) = (row[2 * i], row[2 * i + 1]);
-            row[2 * i] = a * c - b * s;
-            row[2 * i + 1] = a * s + b * c;
-        }
-    }
+    y.par_chunks_exact_mut(head_dim)
+        .zip(angles.par_chunks_exact(half))
+        .with_min_len(256)
+        .for_each(|(row, ang)| {
+            for i in 0..half {
+                let (s, c) = ang[i].sin_cos();
+                let (a, b) = (row[2 * i], row[2 * i + 1]);
+                row[2 * i] = a * c - b * s;
+                row[2 * i + 1] = a * s + b * c;
+            }
+        });
     y
 }
 
@@ -179,20 +183,20 @@ pub fn rotary_backward<F: Float>(
     let half = head_dim / 2;
     let mut dx = dy.to_vec();
     let mut da = vec![F::zero(); angles.len()];
-    for (((dxr, yr), ang), dar) in dx
-        .chunks_exact_mut(head_dim)
-        .zip(y.chunks_exact(head_dim))
-        .zip(angles.chunks_exact(half))
-        .zip(da.chunks_exact_mut(half))
-    {
-        for i in 0..half {
-            let (s, c) = ang[i].sin_cos();
-            let (ga, gb) = (dxr[2 * i], dxr[2 * i + 1]);
-            // x = Rᵀ y; ∂y/∂Θ = (−y_{2i+1}, y_{2i})
-            dxr[2 * i] = ga * c + gb * s;
-            dxr[2 * i + 1] = -ga * s + gb * c;
-            dar[i] = -ga * yr[2 * i + 1] + gb * yr[2 * i];
-        }
-    }
+    dx.par_chunks_exact_mut(head_dim)
+        .zip(y.par_chunks_exact(head_dim))
+        .zip(angles.par_chunks_exact(half))
+        .zip(da.par_chunks_exact_mut(half))
+        .with_min_len(256)
+        .for_each(|(((dxr, yr), ang), dar)| {
+            for i in 0..half {
+                let (s, c) = ang[i].sin_cos();
+                let (ga, gb) = (dxr[2 * i], dxr[2 * i + 1]);
+                // x = Rᵀ y; ∂y/∂Θ = (−y_{2i+1}, y_{2i})
+                dxr[2 * i] = ga * c + gb * s;
+                dxr[2 * i + 1] = -ga * s + gb * c;
+                dar[i] = -ga * yr[2 * i + 1] + gb * yr[2 * i];
+            }
+        });
     (dx, da)
 }

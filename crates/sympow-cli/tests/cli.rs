@@ -1,0 +1,343 @@
+//! The command line as a user meets it: outputs, errors, and files left untouched on error.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn sympow(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sympow"))
+        .args(args)
+        .output()
+        .expect("runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A one-line error naming `what`, with a non-zero exit.
+fn assert_error(o: &Output, what: &str) {
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {}",
+        stderr(o)
+    );
+    let e = stderr(o);
+    let lines: Vec<&str> = e.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {e}");
+    assert!(
+        lines[0].contains(what),
+        "error does not mention {what:?}: {e}"
+    );
+}
+
+const SMALL: &[&str] = &[
+    "--set",
+    "model.width=16",
+    "--set",
+    "model.layers=1",
+    "--set",
+    "model.heads=2",
+    "--set",
+    "model.head_dim=8",
+    "--set",
+    "data.context=32",
+    "--set",
+    "train.batch_size=2",
+    "--set",
+    "train.eval_batches=1",
+    "--set",
+    "train.eval_every=2",
+    "--set",
+    "train.checkpoint_every=2",
+    "--steps",
+    "4",
+    "--no-progress",
+];
+
+fn train_small(out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["--threads", "2", "train", "--out", out.to_str().unwrap()];
+    args.extend(SMALL);
+    args.extend(extra);
+    sympow(&args)
+}
+
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn train_eval_generate_end_to_end_and_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let o = train_small(&a, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("unigram baseline"), "{out}");
+    for f in [
+        "checkpoint.safetensors",
+        "config.toml",
+        "metrics.jsonl",
+        "loss.png",
+    ] {
+        assert!(a.join(f).exists(), "{f} missing");
+    }
+    let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert!(first.get("step").is_some() && first.get("loss").is_some());
+    // same config, seed and thread count: bit-identical checkpoints
+    assert!(train_small(&b, &[]).status.success());
+    let same = std::fs::read(a.join("checkpoint.safetensors")).unwrap()
+        == std::fs::read(b.join("checkpoint.safetensors")).unwrap();
+    assert!(same, "two identical runs wrote different checkpoints");
+
+    let o = sympow(&[
+        "eval",
+        "--run",
+        a.to_str().unwrap(),
+        "--run",
+        b.to_str().unwrap(),
+        "--context",
+        "48",
+        "--windows",
+        "4",
+        "--buckets",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let csv = std::fs::read_to_string(a.join("eval_ctx48.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5);
+    assert!(a.join("eval_ctx48_runs.png").exists());
+
+    let gen = |seed: &str| {
+        sympow(&[
+            "generate",
+            "--run",
+            a.to_str().unwrap(),
+            "--prompt",
+            "Fellow-Citizens",
+            "--max-tokens",
+            "20",
+            "--seed",
+            seed,
+        ])
+    };
+    let (g1, g2) = (gen("5"), gen("5"));
+    assert!(g1.status.success(), "{}", stderr(&g1));
+    let text = String::from_utf8_lossy(&g1.stdout);
+    assert!(text.starts_with("Fellow-Citizens") && text.len() > "Fellow-Citizens".len());
+    assert_eq!(g1.stdout, g2.stdout, "same seed, same text");
+}
+
+#[test]
+fn bad_inputs_fail_with_one_line_and_touch_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    assert!(train_small(&run, &[]).status.success());
+    let before = snapshot(&run);
+
+    assert_error(
+        &sympow(&["train", "--preset", "enormous"]),
+        "unknown preset",
+    );
+    assert_error(&sympow(&["train", "--set", "model.power=3"]), "model.power");
+    assert_error(&sympow(&["train", "--set", "model.heads=0"]), "model.heads");
+    assert_error(&sympow(&["train", "--set", "model.chunk=0"]), "model.chunk");
+    assert_error(&sympow(&["train", "--set", "train.lr=fast"]), "train.lr");
+    // an existing run is not overwritten
+    assert_error(&train_small(&run, &[]), "already holds a run");
+    assert!(
+        snapshot(&run) == before,
+        "a failed command changed the run directory"
+    );
+    // missing and corrupt checkpoints
+    assert_error(
+        &sympow(&["eval", "--run", tmp.path().join("nope").to_str().unwrap()]),
+        "no checkpoint there",
+    );
+    let ck = run.join("checkpoint.safetensors");
+    let mut bytes = std::fs::read(&ck).unwrap();
+    let n = bytes.len();
+    bytes[n - 5] ^= 0x40;
+    std::fs::write(&ck, &bytes).unwrap();
+    let corrupted = snapshot(&run);
+    assert_error(
+        &sympow(&["generate", "--run", run.to_str().unwrap(), "--prompt", "x"]),
+        "corrupt checkpoint",
+    );
+    assert_error(
+        &sympow(&["train", "--out", run.to_str().unwrap(), "--resume"]),
+        "corrupt checkpoint",
+    );
+    assert!(
+        snapshot(&run) == corrupted,
+        "a failed command changed the run directory"
+    );
+    // a config file with a wrong type
+    let cfgf = tmp.path().join("bad.toml");
+    let text = String::from_utf8(sympow(&["config"]).stdout)
+        .unwrap()
+        .replace("layers = 4", "layers = \"four\"");
+    std::fs::write(&cfgf, text).unwrap();
+    assert_error(
+        &sympow(&["train", "--config", cfgf.to_str().unwrap()]),
+        "layers",
+    );
+}
+
+#[test]
+fn data_prepare_and_corrupt_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let docs = tmp.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    for i in 0..6 {
+        std::fs::write(
+            docs.join(format!("{i}.txt")),
+            "The quick brown fox jumps over the lazy dog. ".repeat(20 + i),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        docs.join("more.jsonl"),
+        "{\"text\": \"a second kind of input\"}\n{\"text\": \"and one more\"}\n",
+    )
+    .unwrap();
+    let shards = tmp.path().join("shards");
+    let o = sympow(&[
+        "data",
+        "prepare",
+        docs.to_str().unwrap(),
+        "--out",
+        shards.to_str().unwrap(),
+        "--tokenizer",
+        "bytes",
+        "--shard-tokens",
+        "2000",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("8 documents"));
+    // preparing again into the same place is refused
+    assert_error(
+        &sympow(&[
+            "data",
+            "prepare",
+            docs.to_str().unwrap(),
+            "--out",
+            shards.to_str().unwrap(),
+            "--tokenizer",
+            "bytes",
+        ]),
+        "refusing to overwrite",
+    );
+    // training reads the shards
+    let corpus = format!("data.corpus={}", shards.display());
+    let run = tmp.path().join("run");
+    let o = train_small(&run, &["--set", &corpus, "--set", "data.val_fraction=0.3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // a wrong tokenizer and a corrupted shard are named errors
+    assert_error(
+        &train_small(
+            &tmp.path().join("r2"),
+            &[
+                "--set",
+                &corpus,
+                "--set",
+                "data.tokenizer=gpt2",
+                "--set",
+                "model.vocab_size=50257",
+            ],
+        ),
+        "tokenised with",
+    );
+    let shard = std::fs::read_dir(&shards)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut b = std::fs::read(&shard).unwrap();
+    b[100] ^= 1;
+    std::fs::write(&shard, b).unwrap();
+    assert_error(
+        &train_small(&tmp.path().join("r3"), &["--set", &corpus]),
+        "corrupt shard",
+    );
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_resume_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut args = vec!["train", "--out", run.to_str().unwrap()];
+    args.extend(SMALL.iter().filter(|&&a| a != "--steps" && a != "4"));
+    args.extend([
+        "--steps",
+        "100000",
+        "--set",
+        "train.checkpoint_every=0",
+        "--set",
+        "train.eval_every=0",
+    ]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sympow"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // wait until it is training, then interrupt as a terminal's Ctrl-C would
+    let metrics = run.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 3) {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "train exited early ({status}): {}",
+                String::from_utf8_lossy(&child.wait_with_output().unwrap().stderr)
+            );
+        }
+        assert!(t0.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "exit code after Ctrl-C; stderr: {}",
+        stderr(&out)
+    );
+    let ck = sympow::checkpoint::load(&run.join("checkpoint.safetensors"))
+        .expect("a loadable checkpoint after Ctrl-C");
+    assert!(ck.step >= 3 && ck.step < 100000);
+    // resume to a nearby end
+    let target = (ck.step + 2).to_string();
+    let o = sympow(&[
+        "train",
+        "--out",
+        run.to_str().unwrap(),
+        "--resume",
+        "--steps",
+        &target,
+        "--no-progress",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        sympow::checkpoint::load(&run.join("checkpoint.safetensors"))
+            .unwrap()
+            .step,
+        ck.step + 2
+    );
+}
