@@ -123,7 +123,7 @@ enum Command {
         #[command(subcommand)]
         what: DataCommand,
     },
-    /// Print a complete config (a preset with overrides) as TOML.
+    /// Print a complete, commented config (a preset with overrides) as TOML.
     Config {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -310,8 +310,13 @@ fn run(cli: Cli) -> Result<i32> {
                 if args.given() {
                     bail!("--resume continues the run in --out with its own config; only --steps may be given");
                 }
-                let ck = sympow::checkpoint::load(&RunPaths::new(&out).checkpoint)?;
-                let mut c = ck.config;
+                let paths = RunPaths::new(&out);
+                let mut c = if !paths.checkpoint.exists() && paths.config.exists() {
+                    // killed before its first checkpoint: restart it from its config
+                    Config::load(&paths.config)?
+                } else {
+                    sympow::checkpoint::load(&paths.checkpoint)?.config
+                };
                 if let Some(s) = args.steps {
                     c.set("train.steps", &s.to_string())?;
                 }
@@ -448,7 +453,7 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Config { cfg } => {
-            print!("{}", cfg.build()?.to_toml());
+            print!("{}", cfg.build()?.to_documented_toml());
             Ok(0)
         }
         Command::Bench {

@@ -241,6 +241,47 @@ pub struct Config {
     pub train: TrainConfig,
 }
 
+/// One line of documentation per field, for [`Config::to_documented_toml`].
+const FIELD_DOCS: &[(&str, &str, &str)] = &[
+    ("model", "vocab_size", "vocabulary size; at least the tokenizer's (256 bytes, 50257 GPT-2)"),
+    ("model", "width", "residual stream width"),
+    ("model", "layers", "transformer blocks"),
+    ("model", "heads", "attention heads per block"),
+    ("model", "head_dim", "query/key/value dimension per head (even when rotary is on)"),
+    ("model", "mlp_ratio", "MLP hidden width as a multiple of width"),
+    ("model", "attention", "softmax | sympow | sympow-gated | conformal (gate + learned rotary)"),
+    ("model", "power", "symmetric power p, even (2 or 4); ignored for softmax"),
+    ("model", "gate", "none | learned (one γ per head) | data (γ_t from the token)"),
+    ("model", "rotary", "none | fixed (RoPE) | learned (data-dependent angles)"),
+    ("model", "rotary_param", "per-head | per-frequency: parameterisation of the learned rotary step"),
+    ("model", "rotary_base", "RoPE base: ω_i = base^(−2i/head_dim)"),
+    ("model", "chunk", "chunk size of the chunked attention form"),
+    ("model", "form", "auto | chunked | quadratic: attention form in training (auto: fewer FLOPs)"),
+    ("model", "tie_weights", "share the token embedding with the LM head"),
+    ("model", "layer_norm", "learned | parameter-free"),
+    ("model", "dropout", "dropout on attention and MLP outputs (0 disables)"),
+    ("data", "tokenizer", "gpt2 (BPE, r50k_base) | bytes"),
+    ("data", "corpus", "\"embedded\" (bundled State of the Union corpus) or a directory of shards from `sympow data prepare`"),
+    ("data", "context", "training context in tokens"),
+    ("data", "val_fraction", "fraction of documents held out for validation"),
+    ("train", "steps", "optimizer steps"),
+    ("train", "batch_size", "sequences per micro-batch"),
+    ("train", "grad_accum", "micro-batches accumulated per step"),
+    ("train", "lr", "peak learning rate"),
+    ("train", "min_lr_ratio", "final learning rate of the cosine decay, as a fraction of lr"),
+    ("train", "warmup_steps", "linear warm-up steps"),
+    ("train", "weight_decay", "AdamW decoupled weight decay (matrices only)"),
+    ("train", "beta1", "AdamW β1"),
+    ("train", "beta2", "AdamW β2"),
+    ("train", "adam_eps", "AdamW ε"),
+    ("train", "grad_clip", "clip the global gradient norm to this (0 disables)"),
+    ("train", "eval_every", "validate every this many steps (0: only at the end)"),
+    ("train", "eval_batches", "validation batches per evaluation"),
+    ("train", "checkpoint_every", "checkpoint every this many steps (0: only at the end)"),
+    ("train", "seed", "seed of initialisation, data order and dropout"),
+    ("train", "max_bad_steps", "consecutive non-finite steps skipped before the run stops"),
+];
+
 /// Names of the built-in presets.
 pub const PRESETS: [&str; 3] = ["tiny", "small", "gpt2-124m"];
 
@@ -355,6 +396,36 @@ impl Config {
     /// Serialises to TOML.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("config serialises")
+    }
+
+    /// Serialises to TOML with a comment above every field saying what it means.
+    pub fn to_documented_toml(&self) -> String {
+        let mut out = String::from("# sympow run configuration. Every field is required except model.gate and model.rotary.\n");
+        let mut section = "";
+        for line in self.to_toml().lines() {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = match name {
+                    "model" => "model",
+                    "data" => "data",
+                    _ => "train",
+                };
+                out.push('\n');
+            } else if let Some((key, _)) = line.split_once(" = ") {
+                if let Some((_, _, doc)) = FIELD_DOCS
+                    .iter()
+                    .find(|(s, k, _)| *s == section && *k == key)
+                {
+                    out.push_str(&format!("# {doc}\n"));
+                }
+            }
+            out.push_str(line);
+            out.push('\n');
+            if line == "[model]" {
+                out.push_str("# gate = \"data\"      # none | learned | data; default: none for softmax and sympow, data otherwise\n");
+                out.push_str("# rotary = \"learned\" # none | fixed | learned; default: learned for conformal, fixed otherwise\n");
+            }
+        }
+        out
     }
 
     /// Sets a dotted field (`model.layers`, `train.lr`, …) from a string holding a TOML value
@@ -616,6 +687,23 @@ mod tests {
                 "a failed set must not change the config"
             );
         }
+    }
+
+    #[test]
+    fn documented_toml_documents_every_field_and_parses() {
+        let c = Config::preset("small").unwrap();
+        let text = c.to_documented_toml();
+        assert_eq!(Config::from_toml(&text).unwrap(), c);
+        let plain = c.to_toml();
+        let undocumented: Vec<&str> = plain
+            .lines()
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
+            .filter(|k| !FIELD_DOCS.iter().any(|(_, f, _)| f == k))
+            .collect();
+        assert!(
+            undocumented.is_empty(),
+            "fields without docs: {undocumented:?}"
+        );
     }
 
     #[test]

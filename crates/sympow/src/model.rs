@@ -797,6 +797,36 @@ impl<B: Backend> Model<B> {
         be.embedding_backward(&mut grads.wte, &tr.ids, &dx, c);
     }
 
+    /// Where a forward pass first produced a non-finite value: `"blocks.3 attention output"`,
+    /// `"logits"`, …; None if everything is finite.
+    pub fn locate_non_finite(&self, tr: &Trace<B::Tensor>) -> Option<String> {
+        let bad = |t: &B::Tensor| !self.backend.sum_squares(t).is_finite();
+        for (l, b) in tr.blocks.iter().enumerate() {
+            for (what, t) in [
+                ("input", &b.x),
+                ("attention output", &b.att.y),
+                ("residual after attention", &b.x_mid),
+                ("MLP hidden", &b.gelu_out),
+            ] {
+                if bad(t) {
+                    return Some(format!("blocks.{l} {what}"));
+                }
+            }
+        }
+        [("final residual", &tr.x_final), ("logits", &tr.logits)]
+            .into_iter()
+            .find(|(_, t)| bad(t))
+            .map(|(w, _)| w.to_string())
+    }
+
+    /// Whether every parameter is finite.
+    pub fn params_finite(&self) -> bool {
+        self.params
+            .refs()
+            .iter()
+            .all(|t| self.backend.sum_squares(t).is_finite())
+    }
+
     fn layer_norm_backward(
         &self,
         x: &B::Tensor,

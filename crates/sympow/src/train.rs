@@ -273,7 +273,19 @@ pub fn train<B: Backend>(
 ) -> Result<TrainSummary, TrainError> {
     let paths = RunPaths::new(&opts.out);
     std::fs::create_dir_all(&opts.out).map_err(|e| io_err(&opts.out, e))?;
-    let resumed = if opts.resume {
+    let resumed = if opts.resume && !paths.checkpoint.exists() && paths.config.exists() {
+        // killed before its first checkpoint: nothing to lose, start over with the same config
+        let theirs =
+            Config::load(&paths.config).map_err(|e| TrainError::ConfigMismatch(e.to_string()))?;
+        if theirs.model != cfg.model || theirs.data != cfg.data {
+            return Err(TrainError::ConfigMismatch(format!(
+                "the config differs from {}",
+                paths.config.display()
+            )));
+        }
+        let _ = std::fs::remove_file(&paths.metrics);
+        None
+    } else if opts.resume {
         let ck = checkpoint::load(&paths.checkpoint)?;
         let mut theirs = ck.config.clone();
         theirs.train.steps = cfg.train.steps;
@@ -357,34 +369,46 @@ pub fn train<B: Backend>(
     );
     bar.set_position(start);
 
-    let be_step = |model: &Model<B>, step: u64, grads: &mut Params<B::Tensor>| -> f64 {
-        // one optimizer step's forward/backward over all micro-batches; returns the mean loss
-        let mut loss = 0.0;
-        for micro in 0..cfg.train.grad_accum as u64 {
-            let batch = data.batch(cfg.train.seed, step, micro, b, t);
-            let valid = batch
-                .targets
-                .iter()
-                .filter(|&&x| x != IGNORE)
-                .count()
-                .max(1);
-            let scale = 1.0 / (valid * cfg.train.grad_accum) as f64;
-            let dloss: Vec<B::Scalar> = batch
-                .targets
-                .iter()
-                .map(|&x| B::Scalar::of(if x == IGNORE { 0.0 } else { scale }))
-                .collect();
-            let drop = DropoutCtx {
-                seed: cfg.train.seed ^ (step << 20) ^ micro ^ 0xD50,
-            };
-            let tr = model.forward(&batch.ids, Some(&batch.targets), b, t, Some(drop));
-            let losses = model.backend.download(tr.losses.as_ref().unwrap());
-            loss += losses.iter().map(|x| x.f64()).sum::<f64>() * scale;
-            let dl = model.backend.upload(&dloss);
-            model.backward(&tr, &dl, grads);
-        }
-        loss
-    };
+    let be_step =
+        |model: &Model<B>, step: u64, grads: &mut Params<B::Tensor>| -> (f64, Option<String>) {
+            // one optimizer step's forward/backward over all micro-batches; returns the mean loss
+            // and, if it is not finite, where the forward pass first went non-finite
+            let mut loss = 0.0;
+            for micro in 0..cfg.train.grad_accum as u64 {
+                let batch = data.batch(cfg.train.seed, step, micro, b, t);
+                let valid = batch
+                    .targets
+                    .iter()
+                    .filter(|&&x| x != IGNORE)
+                    .count()
+                    .max(1);
+                let scale = 1.0 / (valid * cfg.train.grad_accum) as f64;
+                let dloss: Vec<B::Scalar> = batch
+                    .targets
+                    .iter()
+                    .map(|&x| B::Scalar::of(if x == IGNORE { 0.0 } else { scale }))
+                    .collect();
+                let drop = DropoutCtx {
+                    seed: cfg.train.seed ^ (step << 20) ^ micro ^ 0xD50,
+                };
+                let tr = model.forward(&batch.ids, Some(&batch.targets), b, t, Some(drop));
+                let losses = model.backend.download(tr.losses.as_ref().unwrap());
+                loss += losses.iter().map(|x| x.f64()).sum::<f64>() * scale;
+                if !loss.is_finite() {
+                    return (
+                        loss,
+                        Some(
+                            model
+                                .locate_non_finite(&tr)
+                                .unwrap_or_else(|| "the loss".into()),
+                        ),
+                    );
+                }
+                let dl = model.backend.upload(&dloss);
+                model.backward(&tr, &dl, grads);
+            }
+            (loss, None)
+        };
 
     let t0 = Instant::now();
     let mut step = start;
@@ -395,7 +419,7 @@ pub fn train<B: Backend>(
     let mut stopped_early = false;
     while step < cfg.train.steps {
         let mut grads = model.zeros_like();
-        let loss = be_step(&model, step, &mut grads);
+        let (loss, loss_site) = be_step(&model, step, &mut grads);
         let norms: Vec<f64> = grads
             .refs()
             .iter()
@@ -404,10 +428,15 @@ pub fn train<B: Backend>(
         let gnorm = norms.iter().sum::<f64>().sqrt();
         if !loss.is_finite() || !gnorm.is_finite() {
             let names = layout(cfg);
-            let tensor = norms
-                .iter()
-                .position(|n| !n.is_finite())
-                .map_or("the loss".to_string(), |i| names[i].name.clone());
+            let tensor = match loss_site {
+                Some(site) => site,
+                None => norms
+                    .iter()
+                    .position(|n| !n.is_finite())
+                    .map_or("the loss".to_string(), |i| {
+                        format!("the gradient of {}", names[i].name)
+                    }),
+            };
             let what = if loss.is_finite() {
                 "gradients"
             } else {
@@ -504,7 +533,7 @@ pub fn train<B: Backend>(
         }
     }
     bar.finish_and_clear();
-    if !stopped_early && step == cfg.train.steps && last_ckpt != step {
+    if !stopped_early && step == cfg.train.steps && last_ckpt != step && model.params_finite() {
         checkpoint::save(&paths.checkpoint, &snapshot(&model, &m, &v, step, skipped))?;
     }
     let title = format!(
