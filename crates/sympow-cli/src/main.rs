@@ -22,6 +22,9 @@ struct Cli {
     /// are bit-identical.
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Run on the CPU even when this build has CUDA and a GPU is present.
+    #[arg(long, global = true)]
+    cpu: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -135,6 +138,13 @@ enum Command {
     },
     /// Report the compute device that would be used.
     Device,
+    /// Check every CUDA op against the CPU op on the GPU, on fresh random inputs (forward,
+    /// backward, and a whole model's gradients); exits non-zero on a mismatch.
+    DeviceCheck {
+        /// Seed of the random inputs (default: from the clock, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -221,15 +231,6 @@ impl ConfigArgs {
     }
 }
 
-/// The backend: CPU. (A CUDA build reports a GPU but trains on the CPU until the CUDA
-/// backend implements every op.)
-fn backend() -> CpuBackend<f32> {
-    if let Ok(info) = sympow_cuda::detect(0) {
-        eprintln!("note: found {} but the CUDA backend does not implement the model's ops yet; using the CPU", info.name);
-    }
-    CpuBackend::new()
-}
-
 fn interrupt_flag() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
@@ -243,7 +244,8 @@ fn interrupt_flag() -> Arc<AtomicBool> {
     flag
 }
 
-fn run_train(
+fn run_train<B: Backend>(
+    backend: B,
     cfg: &Config,
     out: &Path,
     resume: bool,
@@ -258,7 +260,7 @@ fn run_train(
         interrupt,
         progress,
     };
-    let s = train::train(backend(), cfg, &opts)?;
+    let s = train::train(backend, cfg, &opts)?;
     let val = s.val_loss.map_or("-".into(), |v| format!("{v:.4}"));
     println!(
         "step {}: train loss {:.4}, validation loss {val} nats/token (unigram baseline {:.4}); {:.0} tokens/s{}",
@@ -286,7 +288,22 @@ fn main() {
             std::process::exit(2);
         }
     }
-    match run(cli) {
+    #[cfg(feature = "cuda")]
+    let result = match (cli.cpu, sympow_cuda::detect(0)) {
+        (false, Ok(_)) => match sympow_cuda::CudaBackend::new(0) {
+            Ok(_) => run(cli, &|| {
+                sympow_cuda::CudaBackend::new(0).expect("the GPU opened a moment ago")
+            }),
+            Err(why) => {
+                eprintln!("note: GPU found but unusable ({why}); using the CPU");
+                run(cli, &CpuBackend::<f32>::new)
+            }
+        },
+        _ => run(cli, &CpuBackend::<f32>::new),
+    };
+    #[cfg(not(feature = "cuda"))]
+    let result = run(cli, &CpuBackend::<f32>::new);
+    match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
@@ -296,7 +313,8 @@ fn main() {
     }
 }
 
-fn run(cli: Cli) -> Result<i32> {
+/// Runs a command with backends made by `make` (one per model: the CPU, or a GPU).
+fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
     match cli.command {
         Command::Train {
             cfg: args,
@@ -325,7 +343,15 @@ fn run(cli: Cli) -> Result<i32> {
                 args.build()?
             };
             let flag = interrupt_flag();
-            let s = run_train(&cfg, &out, resume, stop_after, !no_progress, flag.clone())?;
+            let s = run_train(
+                make(),
+                &cfg,
+                &out,
+                resume,
+                stop_after,
+                !no_progress,
+                flag.clone(),
+            )?;
             Ok(if flag.load(Ordering::SeqCst) && s.stopped_early {
                 130
             } else {
@@ -343,7 +369,7 @@ fn run(cli: Cli) -> Result<i32> {
             let mut curves = Vec::new();
             let mut ctx_used = 0;
             for dir in &runs {
-                let model = train::load_model(backend(), dir)?;
+                let model = train::load_model(make(), dir)?;
                 let ctx = context.unwrap_or(model.cfg.data.context);
                 ctx_used = ctx;
                 let data = TokenData::load(&model.cfg.data)?;
@@ -391,7 +417,7 @@ fn run(cli: Cli) -> Result<i32> {
             top_k,
             top_p,
         } => {
-            let model = train::load_model(backend(), &run)?;
+            let model = train::load_model(make(), &run)?;
             let tok = Tokenizer::new(model.cfg.data.tokenizer);
             let ids = tok.encode(&prompt);
             if ids.is_empty() {
@@ -417,7 +443,7 @@ fn run(cli: Cli) -> Result<i32> {
             cfg: args,
             out,
             no_progress,
-        } => compare(&args, &out, !no_progress),
+        } => compare(make, &args, &out, !no_progress),
         Command::Data {
             what:
                 DataCommand::Prepare {
@@ -473,6 +499,7 @@ fn run(cli: Cli) -> Result<i32> {
             print!("{}", sympow::bench::format_attention_table(&rows));
             Ok(0)
         }
+        Command::DeviceCheck { seed } => device_check(seed),
         Command::Device => {
             match sympow_cuda::detect(0) {
                 Ok(info) => println!(
@@ -488,6 +515,37 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+#[cfg(feature = "cuda")]
+fn device_check(seed: Option<u64>) -> Result<i32> {
+    let seed = seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as u64)
+    });
+    let gpu = sympow_cuda::CudaBackend::new(0)?;
+    println!("{} against the CPU backend, seed {seed}", gpu.name());
+    let rows = sympow_cuda::check::device_check(&gpu, seed);
+    let mut failed = 0;
+    for r in &rows {
+        let ok = r.err <= r.tol;
+        failed += usize::from(!ok);
+        println!(
+            "{:<52} rel err {:>9.2e}  (< {:.0e})  {}",
+            r.what,
+            r.err,
+            r.tol,
+            if ok { "ok" } else { "MISMATCH" }
+        );
+    }
+    println!("{} passed, {failed} failed", rows.len() - failed);
+    Ok(if failed == 0 { 0 } else { 1 })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_check(_seed: Option<u64>) -> Result<i32> {
+    bail!("this binary was built without the `cuda` feature (cargo build --release --features sympow-cli/cuda)")
 }
 
 /// The paper's variants (SPEC §6), as config overrides.
@@ -509,7 +567,12 @@ const VARIANTS: [(&str, &[(&str, &str)]); 6] = [
     ("conformal", &[("model.attention", "conformal")]),
 ];
 
-fn compare(args: &ConfigArgs, out: &Path, progress: bool) -> Result<i32> {
+fn compare<B: Backend>(
+    make: &dyn Fn() -> B,
+    args: &ConfigArgs,
+    out: &Path,
+    progress: bool,
+) -> Result<i32> {
     let base = args.build()?;
     let flag = interrupt_flag();
     let mut rows = Vec::new();
@@ -527,14 +590,14 @@ fn compare(args: &ConfigArgs, out: &Path, progress: bool) -> Result<i32> {
             .filter(|c| c.step >= cfg.train.steps && c.config == cfg);
         if done.is_none() {
             let resume = paths.checkpoint.exists();
-            let s = run_train(&cfg, &dir, resume, None, progress, flag.clone())?;
+            let s = run_train(make(), &cfg, &dir, resume, None, progress, flag.clone())?;
             if s.stopped_early {
                 return Ok(130);
             }
         } else {
             println!("already trained: {}", dir.display());
         }
-        let model = train::load_model(backend(), &dir)?;
+        let model = train::load_model(make(), &dir)?;
         let data = TokenData::load(&cfg.data)?;
         let b = sympow::eval::loss_by_position(
             &model,

@@ -6,6 +6,12 @@
 //! available and callers use the CPU backend; it never panics.
 
 #[cfg(feature = "cuda")]
+mod backend;
+#[cfg(feature = "cuda")]
+pub use backend::CudaBackend;
+#[cfg(feature = "cuda")]
+pub mod check;
+#[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
 pub use device::CudaGpu;

@@ -1,0 +1,821 @@
+//! [`CudaBackend`]: the model's ops on an NVIDIA GPU.
+//!
+//! Matrix products go to cuBLAS; every other op is an NVRTC-compiled kernel from
+//! `kernels/ops.cu`, the GPU twin of the CPU op of the same name (and tested against it on the
+//! device by `sympow device-check`). Tensors are f32 device buffers.
+//!
+//! Attention is not a GPU kernel yet: it runs through the CPU implementation, copying q, k, v
+//! to the host and back. The fused chunked-sympow kernels replace that (issue 4).
+
+use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Form, Shape};
+use sympow::backend::{Backend, CpuBackend, LayerNormSaved};
+use sympow::ops::adamw::AdamWConfig;
+use sympow::ops::rotary::RotaryParam;
+
+const SOURCE: &str = include_str!("../kernels/ops.cu");
+const BLOCK: u32 = 256;
+
+/// The CUDA backend of one GPU.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    _module: Arc<CudaModule>,
+    fns: HashMap<&'static str, CudaFunction>,
+    cpu: CpuBackend<f32>,
+    name: String,
+    ordinal: usize,
+}
+
+// SAFETY: cudarc's context, stream and cuBLAS handle are used from one thread at a time here
+// (the backend is driven by a single training loop); the trait requires Send + Sync so that
+// models can be moved between threads.
+unsafe impl Send for CudaBackend {}
+unsafe impl Sync for CudaBackend {}
+
+const KERNELS: [&str; 25] = [
+    "add_assign",
+    "scale",
+    "mul",
+    "broadcast_rows",
+    "sum_rows",
+    "sum_squares",
+    "copy_columns",
+    "fill_rows",
+    "gelu_forward",
+    "gelu_backward",
+    "layer_norm_forward",
+    "layer_norm_backward",
+    "layer_norm_param_grads",
+    "embedding_forward",
+    "embedding_backward",
+    "rotary_forward",
+    "rotary_backward",
+    "fixed_rotary_angles",
+    "learned_rotary_angles",
+    "learned_rotary_angles_backward",
+    "log_gate_forward",
+    "log_gate_backward",
+    "cross_entropy_forward",
+    "cross_entropy_backward",
+    "adamw_step",
+];
+
+fn grid(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(BLOCK as usize).max(1) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.max(1) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A null device pointer for an absent optional argument.
+const NULL: u64 = 0;
+
+macro_rules! launch {
+    ($be:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let cfg = $cfg;
+        let f = &$be.fns[$name];
+        let mut b = $be.stream.launch_builder(f);
+        $( b.arg($arg); )*
+        // SAFETY: each kernel's argument list matches its declaration in kernels/ops.cu, and
+        // sizes passed with the buffers bound every index the kernel touches.
+        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA kernel {}: {e}", $name));
+    }};
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal` and compiles the kernels.
+    pub fn new(ordinal: usize) -> Result<Self, crate::Unavailable> {
+        let info = crate::detect(ordinal)?;
+        let drv = |e: cudarc::driver::DriverError| crate::Unavailable::Driver(e.to_string());
+        let ctx = CudaContext::new(ordinal).map_err(drv)?;
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| crate::Unavailable::Driver(format!("cuBLAS: {e}")))?;
+        let ptx = cudarc::nvrtc::compile_ptx(SOURCE)
+            .map_err(|e| crate::Unavailable::Driver(format!("NVRTC: {e}")))?;
+        let module = ctx.load_module(ptx).map_err(drv)?;
+        let mut fns = HashMap::new();
+        for k in KERNELS {
+            fns.insert(k, module.load_function(k).map_err(drv)?);
+        }
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            _module: module,
+            fns,
+            cpu: CpuBackend::new(),
+            name: info.name,
+            ordinal,
+        })
+    }
+
+    fn up_u32(&self, v: &[u32]) -> CudaSlice<u32> {
+        self.stream.clone_htod(v).expect("host to device copy")
+    }
+
+    fn alloc(&self, n: usize) -> CudaSlice<f32> {
+        self.stream
+            .alloc_zeros::<f32>(n.max(1))
+            .expect("device allocation")
+    }
+
+    /// C (col-major m×n) = op(A)·op(B) + beta·C, all f32.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        ta: Op,
+        tb: Op,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &CudaSlice<f32>,
+        lda: usize,
+        b: &CudaSlice<f32>,
+        ldb: usize,
+        beta: f32,
+        c: &mut CudaSlice<f32>,
+        ldc: usize,
+    ) {
+        let cfg = GemmConfig {
+            transa: ta,
+            transb: tb,
+            m: m as i32,
+            n: n as i32,
+            k: k as i32,
+            alpha: 1.0f32,
+            lda: lda as i32,
+            ldb: ldb as i32,
+            beta,
+            ldc: ldc as i32,
+        };
+        // SAFETY: the dimensions and leading dimensions describe buffers of the sizes given.
+        unsafe { self.blas.gemm(cfg, a, b, c) }.expect("cuBLAS sgemm");
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The device's context (for kernels outside this backend).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+}
+
+impl Backend for CudaBackend {
+    type Scalar = f32;
+    type Tensor = CudaSlice<f32>;
+
+    fn name(&self) -> String {
+        format!("cuda ({})", self.name)
+    }
+    fn upload(&self, data: &[f32]) -> CudaSlice<f32> {
+        if data.is_empty() {
+            return self.alloc(0);
+        }
+        self.stream.clone_htod(data).expect("host to device copy")
+    }
+    fn download(&self, t: &CudaSlice<f32>) -> Vec<f32> {
+        self.stream.clone_dtoh(t).expect("device to host copy")
+    }
+    fn zeros(&self, len: usize) -> CudaSlice<f32> {
+        self.alloc(len)
+    }
+    fn add_assign(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) {
+        let n = dst.len() as i64;
+        launch!(self, "add_assign", grid(n as usize), dst, src, &n);
+    }
+    fn scale(&self, dst: &mut CudaSlice<f32>, s: f64) {
+        let (n, s) = (dst.len() as i64, s as f32);
+        launch!(self, "scale", grid(n as usize), dst, &s, &n);
+    }
+    fn mul(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> CudaSlice<f32> {
+        let n = a.len() as i64;
+        let mut out = self.alloc(a.len());
+        launch!(self, "mul", grid(n as usize), &mut out, a, b, &n);
+        out
+    }
+    fn broadcast_rows(&self, row: &CudaSlice<f32>, rows: usize) -> CudaSlice<f32> {
+        let (r, c) = (rows as i64, row.len() as i32);
+        let mut out = self.alloc(rows * row.len());
+        launch!(
+            self,
+            "broadcast_rows",
+            grid(rows * row.len()),
+            &mut out,
+            row,
+            &r,
+            &c
+        );
+        out
+    }
+    fn sum_rows(&self, x: &CudaSlice<f32>, c: usize) -> CudaSlice<f32> {
+        let (rows, ci) = ((x.len() / c) as i64, c as i32);
+        let mut out = self.alloc(c);
+        launch!(self, "sum_rows", grid(c), &mut out, x, &rows, &ci);
+        out
+    }
+    fn sum_squares(&self, x: &CudaSlice<f32>) -> f64 {
+        let n = x.len() as i64;
+        let blocks = (x.len().div_ceil(BLOCK as usize)).clamp(1, 1024);
+        let mut partial = self
+            .stream
+            .alloc_zeros::<f64>(blocks)
+            .expect("device allocation");
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "sum_squares", cfg, &mut partial, x, &n);
+        self.stream
+            .clone_dtoh(&partial)
+            .expect("device to host copy")
+            .iter()
+            .sum()
+    }
+    fn split_columns(&self, x: &CudaSlice<f32>, widths: &[usize]) -> Vec<CudaSlice<f32>> {
+        let total: usize = widths.iter().sum();
+        let rows = x.len() / total;
+        let mut col0 = 0;
+        widths
+            .iter()
+            .map(|&w| {
+                let mut out = self.alloc(rows * w);
+                let (r, t, c0, wi, dir) = (rows as i64, total as i32, col0 as i32, w as i32, 0i32);
+                launch!(
+                    self,
+                    "copy_columns",
+                    grid(rows * w),
+                    &mut out,
+                    x,
+                    &r,
+                    &t,
+                    &c0,
+                    &wi,
+                    &dir
+                );
+                col0 += w;
+                out
+            })
+            .collect()
+    }
+    fn concat_columns(&self, parts: &[&CudaSlice<f32>], widths: &[usize]) -> CudaSlice<f32> {
+        let total: usize = widths.iter().sum();
+        let rows = parts[0].len() / widths[0].max(1);
+        let mut out = self.alloc(rows * total);
+        let mut col0 = 0;
+        for (p, &w) in parts.iter().zip(widths) {
+            let (r, t, c0, wi, dir) = (rows as i64, total as i32, col0 as i32, w as i32, 1i32);
+            launch!(
+                self,
+                "copy_columns",
+                grid(rows * w),
+                &mut out,
+                *p,
+                &r,
+                &t,
+                &c0,
+                &wi,
+                &dir
+            );
+            col0 += w;
+        }
+        out
+    }
+    fn linear_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        b: Option<&CudaSlice<f32>>,
+        cin: usize,
+        cout: usize,
+    ) -> CudaSlice<f32> {
+        let rows = x.len() / cin;
+        let mut y = self.alloc(rows * cout);
+        if let Some(b) = b {
+            let (r, c) = (rows as i64, cout as i32);
+            launch!(self, "fill_rows", grid(rows * cout), &mut y, b, &r, &c);
+        }
+        // row-major y[rows, cout] = x·Wᵀ  ⇔  col-major yᵀ (cout×rows) = Wᵀ(cout×cin)·xᵀ(cin×rows)
+        self.gemm(
+            Op::CUBLAS_OP_T,
+            Op::CUBLAS_OP_N,
+            cout,
+            rows,
+            cin,
+            w,
+            cin,
+            x,
+            cin,
+            if b.is_some() { 1.0 } else { 0.0 },
+            &mut y,
+            cout,
+        );
+        y
+    }
+    fn linear_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        cin: usize,
+        cout: usize,
+        dw: &mut CudaSlice<f32>,
+        db: Option<&mut CudaSlice<f32>>,
+    ) -> CudaSlice<f32> {
+        let rows = x.len() / cin;
+        let mut dx = self.alloc(rows * cin);
+        // dx[rows, cin] = dy·W  ⇔  dxᵀ (cin×rows) = W_cm (cin×cout) · dyᵀ (cout×rows)
+        self.gemm(
+            Op::CUBLAS_OP_N,
+            Op::CUBLAS_OP_N,
+            cin,
+            rows,
+            cout,
+            w,
+            cin,
+            dy,
+            cout,
+            0.0,
+            &mut dx,
+            cin,
+        );
+        // dW[cout, cin] += dyᵀ·x  ⇔  dW_cm (cin×cout) += xᵀ_cm (cin×rows) · dy_cm (rows×cout)
+        self.gemm(
+            Op::CUBLAS_OP_N,
+            Op::CUBLAS_OP_T,
+            cin,
+            cout,
+            rows,
+            x,
+            cin,
+            dy,
+            cout,
+            1.0,
+            dw,
+            cin,
+        );
+        if let Some(db) = db {
+            let s = self.sum_rows(dy, cout);
+            self.add_assign(db, &s);
+        }
+        dx
+    }
+    fn layer_norm_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        c: usize,
+        w: Option<&CudaSlice<f32>>,
+        b: Option<&CudaSlice<f32>>,
+    ) -> (CudaSlice<f32>, LayerNormSaved<CudaSlice<f32>>) {
+        let rows = x.len() / c;
+        let (mut y, mut mean, mut rstd) = (self.alloc(x.len()), self.alloc(rows), self.alloc(rows));
+        let (ci, eps) = (c as i32, sympow::ops::layer_norm::LN_EPS as f32);
+        let f = &self.fns["layer_norm_forward"];
+        let mut l = self.stream.launch_builder(f);
+        l.arg(&mut y).arg(&mut mean).arg(&mut rstd).arg(x);
+        match w {
+            Some(w) => l.arg(w),
+            None => l.arg(&NULL),
+        };
+        match b {
+            Some(b) => l.arg(b),
+            None => l.arg(&NULL),
+        };
+        l.arg(&ci).arg(&eps);
+        // SAFETY: arguments match the kernel's declaration; one block per row.
+        unsafe { l.launch(rows_cfg(rows)) }.expect("layer_norm_forward");
+        (y, LayerNormSaved { mean, rstd })
+    }
+    fn layer_norm_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        c: usize,
+        w: Option<&CudaSlice<f32>>,
+        saved: &LayerNormSaved<CudaSlice<f32>>,
+        dw: Option<&mut CudaSlice<f32>>,
+        db: Option<&mut CudaSlice<f32>>,
+    ) -> CudaSlice<f32> {
+        let rows = x.len() / c;
+        let mut dx = self.alloc(x.len());
+        let ci = c as i32;
+        {
+            let f = &self.fns["layer_norm_backward"];
+            let mut l = self.stream.launch_builder(f);
+            l.arg(&mut dx).arg(x).arg(dy);
+            match w {
+                Some(w) => l.arg(w),
+                None => l.arg(&NULL),
+            };
+            l.arg(&saved.mean).arg(&saved.rstd).arg(&ci);
+            // SAFETY: as above.
+            unsafe { l.launch(rows_cfg(rows)) }.expect("layer_norm_backward");
+        }
+        if dw.is_some() || db.is_some() {
+            let r = rows as i64;
+            let f = &self.fns["layer_norm_param_grads"];
+            let mut l = self.stream.launch_builder(f);
+            match dw {
+                Some(d) => l.arg(d),
+                None => l.arg(&NULL),
+            };
+            match db {
+                Some(d) => l.arg(d),
+                None => l.arg(&NULL),
+            };
+            l.arg(x)
+                .arg(dy)
+                .arg(&saved.mean)
+                .arg(&saved.rstd)
+                .arg(&r)
+                .arg(&ci);
+            // SAFETY: as above; one thread per column.
+            unsafe { l.launch(grid(c)) }.expect("layer_norm_param_grads");
+        }
+        dx
+    }
+    fn gelu_forward(&self, x: &CudaSlice<f32>) -> CudaSlice<f32> {
+        let n = x.len() as i64;
+        let mut y = self.alloc(x.len());
+        launch!(self, "gelu_forward", grid(x.len()), &mut y, x, &n);
+        y
+    }
+    fn gelu_backward(&self, x: &CudaSlice<f32>, dy: &CudaSlice<f32>) -> CudaSlice<f32> {
+        let n = x.len() as i64;
+        let mut dx = self.alloc(x.len());
+        launch!(self, "gelu_backward", grid(x.len()), &mut dx, x, dy, &n);
+        dx
+    }
+    fn embedding_forward(&self, table: &CudaSlice<f32>, ids: &[u32], c: usize) -> CudaSlice<f32> {
+        let vocab = table.len() / c;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            panic!("token id {bad} out of range for vocabulary of {vocab}");
+        }
+        let d_ids = self.up_u32(ids);
+        let (n, ci) = (ids.len() as i64, c as i32);
+        let mut out = self.alloc(ids.len() * c);
+        launch!(
+            self,
+            "embedding_forward",
+            grid(ids.len() * c),
+            &mut out,
+            table,
+            &d_ids,
+            &n,
+            &ci
+        );
+        out
+    }
+    fn embedding_backward(
+        &self,
+        dtable: &mut CudaSlice<f32>,
+        ids: &[u32],
+        dout: &CudaSlice<f32>,
+        c: usize,
+    ) {
+        let d_ids = self.up_u32(ids);
+        let (n, ci) = (ids.len() as i64, c as i32);
+        launch!(
+            self,
+            "embedding_backward",
+            grid(ids.len() * c),
+            dtable,
+            &d_ids,
+            dout,
+            &n,
+            &ci
+        );
+    }
+    fn fixed_rotary_angles(
+        &self,
+        batch: usize,
+        time: usize,
+        heads: usize,
+        head_dim: usize,
+        base: f64,
+        start: usize,
+    ) -> CudaSlice<f32> {
+        let n = batch * time * heads * head_dim / 2;
+        let mut out = self.alloc(n);
+        let (b, t, h, half, st) = (
+            batch as i32,
+            time as i32,
+            heads as i32,
+            (head_dim / 2) as i32,
+            start as i64,
+        );
+        launch!(
+            self,
+            "fixed_rotary_angles",
+            grid(n),
+            &mut out,
+            &b,
+            &t,
+            &h,
+            &half,
+            &base,
+            &st
+        );
+        out
+    }
+    fn learned_rotary_angles(
+        &self,
+        logits: &CudaSlice<f32>,
+        shape: &Shape,
+        param: RotaryParam,
+        base: f64,
+        start: Option<&CudaSlice<f32>>,
+    ) -> CudaSlice<f32> {
+        let half = shape.dk / 2;
+        let mut out = self.alloc(shape.batch * shape.time * shape.heads * half);
+        let (b, t, h, hf, r) = (
+            shape.batch as i32,
+            shape.time as i32,
+            shape.heads as i32,
+            half as i32,
+            param.logits_per_head(shape.dk) as i32,
+        );
+        let f = &self.fns["learned_rotary_angles"];
+        let mut l = self.stream.launch_builder(f);
+        l.arg(&mut out).arg(logits);
+        match start {
+            Some(s) => l.arg(s),
+            None => l.arg(&NULL),
+        };
+        l.arg(&b).arg(&t).arg(&h).arg(&hf).arg(&r).arg(&base);
+        // SAFETY: arguments match the declaration; one thread per (batch, head, frequency).
+        unsafe { l.launch(grid(shape.batch * shape.heads * half)) }.expect("learned_rotary_angles");
+        out
+    }
+    fn learned_rotary_angles_backward(
+        &self,
+        logits: &CudaSlice<f32>,
+        dangles: &CudaSlice<f32>,
+        shape: &Shape,
+        param: RotaryParam,
+        base: f64,
+    ) -> CudaSlice<f32> {
+        assert!(
+            shape.dk <= 128,
+            "the CUDA learned-rotary backward supports head_dim ≤ 128"
+        );
+        let r = param.logits_per_head(shape.dk);
+        let mut out = self.alloc(logits.len());
+        let (b, t, h, hf, ri) = (
+            shape.batch as i32,
+            shape.time as i32,
+            shape.heads as i32,
+            (shape.dk / 2) as i32,
+            r as i32,
+        );
+        launch!(
+            self,
+            "learned_rotary_angles_backward",
+            grid(shape.batch * shape.heads * r),
+            &mut out,
+            logits,
+            dangles,
+            &b,
+            &t,
+            &h,
+            &hf,
+            &ri,
+            &base
+        );
+        out
+    }
+    fn rotary_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        angles: &CudaSlice<f32>,
+        head_dim: usize,
+    ) -> CudaSlice<f32> {
+        let rows = x.len() / head_dim;
+        let mut y = self.alloc(x.len());
+        let (r, d) = (rows as i64, head_dim as i32);
+        launch!(
+            self,
+            "rotary_forward",
+            grid(rows * head_dim / 2),
+            &mut y,
+            x,
+            angles,
+            &r,
+            &d
+        );
+        y
+    }
+    fn rotary_backward(
+        &self,
+        dy: &CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        angles: &CudaSlice<f32>,
+        head_dim: usize,
+    ) -> (CudaSlice<f32>, CudaSlice<f32>) {
+        let rows = dy.len() / head_dim;
+        let (mut dx, mut da) = (self.alloc(dy.len()), self.alloc(angles.len()));
+        let (r, d) = (rows as i64, head_dim as i32);
+        launch!(
+            self,
+            "rotary_backward",
+            grid(rows * head_dim / 2),
+            &mut dx,
+            &mut da,
+            dy,
+            y,
+            angles,
+            &r,
+            &d
+        );
+        (dx, da)
+    }
+    fn log_gate_forward(&self, logits: &CudaSlice<f32>) -> CudaSlice<f32> {
+        let n = logits.len() as i64;
+        let mut g = self.alloc(logits.len());
+        launch!(
+            self,
+            "log_gate_forward",
+            grid(logits.len()),
+            &mut g,
+            logits,
+            &n
+        );
+        g
+    }
+    fn log_gate_backward(&self, logits: &CudaSlice<f32>, dg: &CudaSlice<f32>) -> CudaSlice<f32> {
+        let n = logits.len() as i64;
+        let mut da = self.alloc(logits.len());
+        launch!(
+            self,
+            "log_gate_backward",
+            grid(logits.len()),
+            &mut da,
+            logits,
+            dg,
+            &n
+        );
+        da
+    }
+    fn attention_forward(
+        &self,
+        spec: &AttentionSpec,
+        form: Form,
+        shape: &Shape,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        log_gates: Option<&CudaSlice<f32>>,
+    ) -> AttentionOut<CudaSlice<f32>> {
+        // host fallback until the fused kernels exist
+        let g = log_gates.map(|g| self.download(g));
+        let out = self.cpu.attention_forward(
+            spec,
+            form,
+            shape,
+            &self.download(q),
+            &self.download(k),
+            &self.download(v),
+            g.as_ref(),
+        );
+        AttentionOut {
+            y: self.upload(&out.y),
+            log_norm: self.upload(&out.log_norm),
+        }
+    }
+    fn attention_backward(
+        &self,
+        spec: &AttentionSpec,
+        form: Form,
+        shape: &Shape,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        log_gates: Option<&CudaSlice<f32>>,
+        out: &AttentionOut<CudaSlice<f32>>,
+        dy: &CudaSlice<f32>,
+    ) -> AttentionGrads<CudaSlice<f32>> {
+        let g = log_gates.map(|g| self.download(g));
+        let host_out = AttentionOut {
+            y: self.download(&out.y),
+            log_norm: self.download(&out.log_norm),
+        };
+        let gr = self.cpu.attention_backward(
+            spec,
+            form,
+            shape,
+            &self.download(q),
+            &self.download(k),
+            &self.download(v),
+            g.as_ref(),
+            &host_out,
+            &self.download(dy),
+        );
+        AttentionGrads {
+            dq: self.upload(&gr.dq),
+            dk: self.upload(&gr.dk),
+            dv: self.upload(&gr.dv),
+            dlog_gates: gr.dlog_gates.map(|d| self.upload(&d)),
+        }
+    }
+    fn cross_entropy_forward(
+        &self,
+        logits: &CudaSlice<f32>,
+        targets: &[u32],
+        vocab: usize,
+    ) -> CudaSlice<f32> {
+        let rows = logits.len() / vocab;
+        let t = self.up_u32(targets);
+        let mut loss = self.alloc(rows);
+        let v = vocab as i32;
+        launch!(
+            self,
+            "cross_entropy_forward",
+            rows_cfg(rows),
+            &mut loss,
+            logits,
+            &t,
+            &v
+        );
+        loss
+    }
+    fn cross_entropy_backward(
+        &self,
+        logits: &CudaSlice<f32>,
+        targets: &[u32],
+        dloss: &CudaSlice<f32>,
+        vocab: usize,
+    ) -> CudaSlice<f32> {
+        let rows = logits.len() / vocab;
+        let t = self.up_u32(targets);
+        let mut d = self.alloc(logits.len());
+        let v = vocab as i32;
+        launch!(
+            self,
+            "cross_entropy_backward",
+            rows_cfg(rows),
+            &mut d,
+            logits,
+            &t,
+            dloss,
+            &v
+        );
+        d
+    }
+    fn adamw_step(
+        &self,
+        cfg: &AdamWConfig,
+        step: u64,
+        param: &mut CudaSlice<f32>,
+        grad: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+    ) {
+        let n = param.len() as i64;
+        let (lr, b1, b2, eps, wd) = (
+            cfg.lr as f32,
+            cfg.beta1 as f32,
+            cfg.beta2 as f32,
+            cfg.eps as f32,
+            cfg.weight_decay as f32,
+        );
+        let bc1 = (1.0 - cfg.beta1.powi(step as i32)) as f32;
+        let bc2 = (1.0 - cfg.beta2.powi(step as i32)) as f32;
+        launch!(
+            self,
+            "adamw_step",
+            grid(param.len()),
+            param,
+            grad,
+            m,
+            v,
+            &n,
+            &lr,
+            &b1,
+            &b2,
+            &eps,
+            &wd,
+            &bc1,
+            &bc2
+        );
+    }
+}

@@ -1,0 +1,474 @@
+//! `sympow device-check`: every CUDA op against the CPU op (the reference) on fresh random
+//! inputs, forward and backward, and a whole model's loss and gradients on both backends.
+
+use crate::CudaBackend;
+use sympow::attention::{AttentionSpec, Form, Shape};
+use sympow::backend::{Backend, CpuBackend};
+use sympow::config::Config;
+use sympow::model::Model;
+use sympow::ops::adamw::AdamWConfig;
+use sympow::ops::cross_entropy::IGNORE;
+use sympow::ops::rotary::RotaryParam;
+use sympow::testing::{randn, rel_err, rng, uniform};
+
+/// One comparison.
+pub struct Row {
+    /// Op and output.
+    pub what: String,
+    /// Relative error of the GPU result against the CPU result.
+    pub err: f64,
+    /// The bound it must stay under.
+    pub tol: f64,
+}
+
+/// Angles compared modulo 2π (the two backends may wrap at different last bits).
+fn angle_err(a: &[f32], b: &[f32]) -> f64 {
+    let d: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let t = std::f64::consts::TAU;
+            ((*x as f64 - *y as f64 + t / 2.0).rem_euclid(t)) - t / 2.0
+        })
+        .collect();
+    let n: f64 = b
+        .iter()
+        .map(|x| (*x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
+        .max(1.0);
+    d.iter().map(|x| x * x).sum::<f64>().sqrt() / n
+}
+
+/// Runs every comparison; `seed` draws the inputs.
+pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
+    let cpu = CpuBackend::<f32>::new();
+    let mut r = rng(seed);
+    let mut rows = Vec::new();
+    let up = |x: &[f32]| gpu.upload(x);
+    let dn = |x: &cudarc::driver::CudaSlice<f32>| gpu.download(x);
+    const TOL: f64 = 1e-4;
+
+    // linear
+    let (n, cin, cout) = (37, 48, 33);
+    let x: Vec<f32> = randn(&mut r, n * cin, 1.0);
+    let w: Vec<f32> = randn(&mut r, cout * cin, 0.2);
+    let b: Vec<f32> = randn(&mut r, cout, 1.0);
+    let dy: Vec<f32> = randn(&mut r, n * cout, 1.0);
+    push(
+        &mut rows,
+        "linear forward",
+        &dn(&gpu.linear_forward(&up(&x), &up(&w), Some(&up(&b)), cin, cout)),
+        &cpu.linear_forward(&x, &w, Some(&b), cin, cout),
+        TOL,
+    );
+    let (mut dw_c, mut db_c) = (b.repeat(cin)[..cout * cin].to_vec(), b.clone());
+    let (mut dw_g, mut db_g) = (up(&dw_c), up(&db_c));
+    let dx_c = cpu.linear_backward(&x, &w, &dy, cin, cout, &mut dw_c, Some(&mut db_c));
+    let dx_g = gpu.linear_backward(
+        &up(&x),
+        &up(&w),
+        &up(&dy),
+        cin,
+        cout,
+        &mut dw_g,
+        Some(&mut db_g),
+    );
+    push(&mut rows, "linear backward dx", &dn(&dx_g), &dx_c, TOL);
+    push(
+        &mut rows,
+        "linear backward dW (accumulated)",
+        &dn(&dw_g),
+        &dw_c,
+        TOL,
+    );
+    push(
+        &mut rows,
+        "linear backward db (accumulated)",
+        &dn(&db_g),
+        &db_c,
+        TOL,
+    );
+
+    // layer norm, with and without affine
+    let c = 96;
+    let x: Vec<f32> = randn(&mut r, 21 * c, 2.0);
+    let (lw, lb): (Vec<f32>, Vec<f32>) = (randn(&mut r, c, 1.0), randn(&mut r, c, 1.0));
+    let dy: Vec<f32> = randn(&mut r, 21 * c, 1.0);
+    for affine in [true, false] {
+        let (wc, bc) = if affine {
+            (Some(&lw), Some(&lb))
+        } else {
+            (None, None)
+        };
+        let (wg, bg) = (up(&lw), up(&lb));
+        let (wg, bg) = if affine {
+            (Some(&wg), Some(&bg))
+        } else {
+            (None, None)
+        };
+        let (yc, sc) = cpu.layer_norm_forward(&x, c, wc, bc);
+        let (yg, sg) = gpu.layer_norm_forward(&up(&x), c, wg, bg);
+        push(
+            &mut rows,
+            &format!("layer norm forward (affine {affine})"),
+            &dn(&yg),
+            &yc,
+            TOL,
+        );
+        let (mut dwc, mut dbc) = (vec![0.0; c], vec![0.0; c]);
+        let (mut dwg, mut dbg) = (gpu.zeros(c), gpu.zeros(c));
+        let dxc = cpu.layer_norm_backward(&x, &dy, c, wc, &sc, Some(&mut dwc), Some(&mut dbc));
+        let dxg = gpu.layer_norm_backward(
+            &up(&x),
+            &up(&dy),
+            c,
+            wg,
+            &sg,
+            Some(&mut dwg),
+            Some(&mut dbg),
+        );
+        push(
+            &mut rows,
+            &format!("layer norm backward dx (affine {affine})"),
+            &dn(&dxg),
+            &dxc,
+            TOL,
+        );
+        push(
+            &mut rows,
+            &format!("layer norm backward dw (affine {affine})"),
+            &dn(&dwg),
+            &dwc,
+            TOL,
+        );
+        push(
+            &mut rows,
+            &format!("layer norm backward db (affine {affine})"),
+            &dn(&dbg),
+            &dbc,
+            TOL,
+        );
+    }
+
+    // element-wise
+    let x: Vec<f32> = randn(&mut r, 5000, 2.0);
+    let y: Vec<f32> = randn(&mut r, 5000, 1.0);
+    push(
+        &mut rows,
+        "gelu forward",
+        &dn(&gpu.gelu_forward(&up(&x))),
+        &cpu.gelu_forward(&x),
+        TOL,
+    );
+    push(
+        &mut rows,
+        "gelu backward",
+        &dn(&gpu.gelu_backward(&up(&x), &up(&y))),
+        &cpu.gelu_backward(&x, &y),
+        TOL,
+    );
+    push(
+        &mut rows,
+        "mul",
+        &dn(&gpu.mul(&up(&x), &up(&y))),
+        &cpu.mul(&x, &y),
+        TOL,
+    );
+    let (mut ac, mut ag) = (x.clone(), up(&x));
+    cpu.add_assign(&mut ac, &y);
+    gpu.add_assign(&mut ag, &up(&y));
+    push(&mut rows, "add_assign", &dn(&ag), &ac, TOL);
+    cpu.scale(&mut ac, 0.37);
+    gpu.scale(&mut ag, 0.37);
+    push(&mut rows, "scale", &dn(&ag), &ac, TOL);
+    let err = (gpu.sum_squares(&up(&x)) - cpu.sum_squares(&x)).abs() / cpu.sum_squares(&x);
+    rows.push(Row {
+        what: "sum_squares".into(),
+        err,
+        tol: 1e-6,
+    });
+    let row: Vec<f32> = randn(&mut r, 7, 1.0);
+    push(
+        &mut rows,
+        "broadcast_rows",
+        &dn(&gpu.broadcast_rows(&up(&row), 13)),
+        &cpu.broadcast_rows(&row, 13),
+        TOL,
+    );
+    push(
+        &mut rows,
+        "sum_rows",
+        &dn(&gpu.sum_rows(&up(&x[..4900]), 7)),
+        &cpu.sum_rows(&x[..4900].to_vec(), 7),
+        TOL,
+    );
+    let widths = [3, 5, 2];
+    let xs: Vec<f32> = x[..1000].to_vec();
+    let parts_c = cpu.split_columns(&xs, &widths);
+    let parts_g = gpu.split_columns(&up(&xs), &widths);
+    for (i, (pc, pg)) in parts_c.iter().zip(&parts_g).enumerate() {
+        push(
+            &mut rows,
+            &format!("split_columns part {i}"),
+            &dn(pg),
+            pc,
+            0.0,
+        );
+    }
+    push(
+        &mut rows,
+        "concat_columns",
+        &dn(&gpu.concat_columns(&parts_g.iter().collect::<Vec<_>>(), &widths)),
+        &xs,
+        0.0,
+    );
+
+    // embedding
+    let (vocab, c) = (50, 16);
+    let table: Vec<f32> = randn(&mut r, vocab * c, 1.0);
+    let ids: Vec<u32> = (0..40).map(|i| (i * 7 % vocab) as u32).collect();
+    let dout: Vec<f32> = randn(&mut r, 40 * c, 1.0);
+    push(
+        &mut rows,
+        "embedding forward",
+        &dn(&gpu.embedding_forward(&up(&table), &ids, c)),
+        &cpu.embedding_forward(&table, &ids, c),
+        0.0,
+    );
+    let (mut tc, mut tg) = (table.clone(), up(&table));
+    cpu.embedding_backward(&mut tc, &ids, &dout, c);
+    gpu.embedding_backward(&mut tg, &ids, &up(&dout), c);
+    push(
+        &mut rows,
+        "embedding backward (accumulated)",
+        &dn(&tg),
+        &tc,
+        TOL,
+    );
+
+    // rotary and gate
+    let shape = Shape {
+        batch: 2,
+        time: 300,
+        heads: 3,
+        dk: 16,
+        dv: 16,
+    };
+    let nrow = shape.batch * shape.time * shape.heads;
+    cmp_angles(
+        &mut rows,
+        "fixed rotary angles",
+        &dn(&gpu.fixed_rotary_angles(2, 300, 3, 16, 10000.0, 5)),
+        &cpu.fixed_rotary_angles(2, 300, 3, 16, 10000.0, 5),
+    );
+    for param in [RotaryParam::PerHead, RotaryParam::PerFrequency] {
+        let rp = param.logits_per_head(16);
+        let lg: Vec<f32> = uniform(&mut r, nrow * rp, -2.0, 3.0);
+        let start: Vec<f32> = uniform(&mut r, shape.batch * shape.heads * 8, 0.0, 6.0);
+        let ac = cpu.learned_rotary_angles(&lg, &shape, param, 100.0, Some(&start));
+        let ag = gpu.learned_rotary_angles(&up(&lg), &shape, param, 100.0, Some(&up(&start)));
+        cmp_angles(
+            &mut rows,
+            &format!("learned rotary angles ({param:?})"),
+            &dn(&ag),
+            &ac,
+        );
+        let da: Vec<f32> = randn(&mut r, nrow * 8, 1.0);
+        let gc = cpu.learned_rotary_angles_backward(&lg, &da, &shape, param, 100.0);
+        let gg = gpu.learned_rotary_angles_backward(&up(&lg), &up(&da), &shape, param, 100.0);
+        rows.push(Row {
+            what: format!("learned rotary angles backward ({param:?})"),
+            err: rel_err(&dn(&gg), &gc),
+            tol: TOL,
+        });
+    }
+    let xq: Vec<f32> = randn(&mut r, nrow * 16, 1.0);
+    let ang: Vec<f32> = uniform(&mut r, nrow * 8, -6.0, 6.0);
+    let dyq: Vec<f32> = randn(&mut r, nrow * 16, 1.0);
+    let yc = cpu.rotary_forward(&xq, &ang, 16);
+    rows.push(Row {
+        what: "rotary forward".into(),
+        err: rel_err(&dn(&gpu.rotary_forward(&up(&xq), &up(&ang), 16)), &yc),
+        tol: TOL,
+    });
+    let (dxc, dac) = cpu.rotary_backward(&dyq, &yc, &ang, 16);
+    let (dxg, dag) = gpu.rotary_backward(&up(&dyq), &up(&yc), &up(&ang), 16);
+    rows.push(Row {
+        what: "rotary backward dx".into(),
+        err: rel_err(&dn(&dxg), &dxc),
+        tol: TOL,
+    });
+    rows.push(Row {
+        what: "rotary backward dangles".into(),
+        err: rel_err(&dn(&dag), &dac),
+        tol: TOL,
+    });
+    let a: Vec<f32> = uniform(&mut r, 3000, -40.0, 40.0);
+    let dg: Vec<f32> = randn(&mut r, 3000, 1.0);
+    rows.push(Row {
+        what: "log gate forward".into(),
+        err: rel_err(
+            &dn(&gpu.log_gate_forward(&up(&a))),
+            &cpu.log_gate_forward(&a),
+        ),
+        tol: TOL,
+    });
+    rows.push(Row {
+        what: "log gate backward".into(),
+        err: rel_err(
+            &dn(&gpu.log_gate_backward(&up(&a), &up(&dg))),
+            &cpu.log_gate_backward(&a, &dg),
+        ),
+        tol: TOL,
+    });
+
+    // cross-entropy
+    let (nr, vocab) = (19, 1000);
+    let logits: Vec<f32> = randn(&mut r, nr * vocab, 3.0);
+    let targets: Vec<u32> = (0..nr)
+        .map(|i| {
+            if i == 4 {
+                IGNORE
+            } else {
+                (i * 37 % vocab) as u32
+            }
+        })
+        .collect();
+    let dl: Vec<f32> = uniform(&mut r, nr, 0.1, 1.0);
+    rows.push(Row {
+        what: "cross-entropy forward".into(),
+        err: rel_err(
+            &dn(&gpu.cross_entropy_forward(&up(&logits), &targets, vocab)),
+            &cpu.cross_entropy_forward(&logits, &targets, vocab),
+        ),
+        tol: TOL,
+    });
+    rows.push(Row {
+        what: "cross-entropy backward".into(),
+        err: rel_err(
+            &dn(&gpu.cross_entropy_backward(&up(&logits), &targets, &up(&dl), vocab)),
+            &cpu.cross_entropy_backward(&logits, &targets, &dl, vocab),
+        ),
+        tol: TOL,
+    });
+
+    // AdamW
+    let p: Vec<f32> = randn(&mut r, 4000, 1.0);
+    let g: Vec<f32> = randn(&mut r, 4000, 1.0);
+    let (mut pc, mut mc, mut vc) = (p.clone(), vec![0.1f32; 4000], vec![0.2f32; 4000]);
+    let (mut pg, mut mg, mut vg) = (up(&pc), up(&mc), up(&vc));
+    let cfg = AdamWConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    cpu.adamw_step(&cfg, 7, &mut pc, &g, &mut mc, &mut vc);
+    gpu.adamw_step(&cfg, 7, &mut pg, &up(&g), &mut mg, &mut vg);
+    rows.push(Row {
+        what: "AdamW parameters".into(),
+        err: rel_err(&dn(&pg), &pc),
+        tol: 1e-6,
+    });
+    rows.push(Row {
+        what: "AdamW second moment".into(),
+        err: rel_err(&dn(&vg), &vc),
+        tol: 1e-6,
+    });
+
+    // attention (host fallback for now; checked so the kernels that replace it are too)
+    let spec = AttentionSpec::sympow(2, 16).unwrap();
+    let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        randn(&mut r, nrow * 16, 1.0),
+        randn(&mut r, nrow * 16, 1.0),
+        randn(&mut r, nrow * 16, 1.0),
+    );
+    let lgt: Vec<f32> = sympow::testing::log_gates(&mut r, nrow, 0.8, 0.999);
+    let oc = cpu.attention_forward(&spec, Form::Chunked(64), &shape, &q, &k, &v, Some(&lgt));
+    let og = gpu.attention_forward(
+        &spec,
+        Form::Chunked(64),
+        &shape,
+        &up(&q),
+        &up(&k),
+        &up(&v),
+        Some(&up(&lgt)),
+    );
+    rows.push(Row {
+        what: "sympow attention forward".into(),
+        err: rel_err(&dn(&og.y), &oc.y),
+        tol: TOL,
+    });
+
+    // the whole model: loss and every gradient
+    let mut cfg = Config::preset("tiny").unwrap();
+    cfg.set_all(&[
+        ("model.width", "64"),
+        ("model.layers", "2"),
+        ("model.heads", "2"),
+        ("model.head_dim", "16"),
+        ("model.chunk", "16"),
+        ("model.form", "chunked"),
+    ])
+    .unwrap();
+    let mc = Model::init(CpuBackend::<f32>::new(), &cfg, seed);
+    let params: Vec<Vec<f32>> = mc.params.refs().into_iter().cloned().collect();
+    let mg = Model::from_params(
+        gpu_clone(gpu),
+        &cfg,
+        sympow::model::Params::from_vec(&cfg, params.iter().map(|p| gpu.upload(p)).collect()),
+    );
+    let (bt, t) = (2, 64);
+    let ids: Vec<u32> = (0..bt * t).map(|i| (i * 31 % 256) as u32).collect();
+    let tg: Vec<u32> = (0..bt * t).map(|i| (i * 17 % 256) as u32).collect();
+    let dl = vec![1.0 / (bt * t) as f32; bt * t];
+    let trc = mc.forward(&ids, Some(&tg), bt, t, None);
+    let trg = mg.forward(&ids, Some(&tg), bt, t, None);
+    rows.push(Row {
+        what: "model losses".into(),
+        err: rel_err(
+            &mg.backend.download(trg.losses.as_ref().unwrap()),
+            trc.losses.as_ref().unwrap(),
+        ),
+        tol: TOL,
+    });
+    let mut gc = mc.zeros_like();
+    let mut gg = mg.zeros_like();
+    mc.backward(&trc, &dl, &mut gc);
+    mg.backward(&trg, &mg.backend.upload(&dl), &mut gg);
+    for ((info, a), b) in sympow::model::layout(&cfg)
+        .iter()
+        .zip(gg.refs())
+        .zip(gc.refs())
+    {
+        rows.push(Row {
+            what: format!("model gradient {}", info.name),
+            err: rel_err(&mg.backend.download(a), b),
+            tol: 1e-3,
+        });
+    }
+    rows
+}
+
+fn push(rows: &mut Vec<Row>, what: &str, gpu: &[f32], cpu: &[f32], tol: f64) {
+    rows.push(Row {
+        what: what.into(),
+        err: rel_err(gpu, cpu),
+        tol,
+    });
+}
+
+fn cmp_angles(rows: &mut Vec<Row>, what: &str, a: &[f32], b: &[f32]) {
+    rows.push(Row {
+        what: what.into(),
+        err: angle_err(a, b),
+        tol: 1e-5,
+    });
+}
+
+/// A second handle on the same GPU for the model (the check keeps its own for op calls).
+fn gpu_clone(gpu: &CudaBackend) -> CudaBackend {
+    CudaBackend::new(gpu.ordinal()).expect("the GPU opened once opens again")
+}
