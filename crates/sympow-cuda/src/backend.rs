@@ -4,8 +4,10 @@
 //! `kernels/ops.cu`, the GPU twin of the CPU op of the same name (and tested against it on the
 //! device by `sympow device-check`). Tensors are f32 device buffers.
 //!
-//! Attention is not a GPU kernel yet: it runs through the CPU implementation, copying q, k, v
-//! to the host and back. The fused chunked-sympow kernels replace that (issue 4).
+//! Attention runs as the naive quadratic-form kernels of `kernels/attention.cu` (one thread per
+//! query or key, CUDA cores) for sequences of up to [`GPU_ATTENTION_MAX_T`] tokens, and through
+//! the CPU implementation (copies to the host and back) beyond. The fused tensor-core
+//! chunked-sympow kernels replace both (issue 4).
 
 use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
@@ -18,7 +20,16 @@ use sympow::backend::{Backend, CpuBackend, LayerNormSaved};
 use sympow::ops::adamw::AdamWConfig;
 use sympow::ops::rotary::RotaryParam;
 
-const SOURCE: &str = include_str!("../kernels/ops.cu");
+const SOURCE: &str = concat!(
+    include_str!("../kernels/ops.cu"),
+    "\n",
+    include_str!("../kernels/attention.cu")
+);
+
+/// Longest sequence the naive GPU attention kernels take; longer ones go through the host.
+pub const GPU_ATTENTION_MAX_T: usize = 4096;
+/// Largest head dimension those kernels hold in registers (`MAXE` in attention.cu).
+const GPU_ATTENTION_MAX_DIM: usize = 256;
 const BLOCK: u32 = 256;
 
 /// The CUDA backend of one GPU.
@@ -39,7 +50,7 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 25] = [
+const KERNELS: [&str; 30] = [
     "add_assign",
     "scale",
     "mul",
@@ -65,6 +76,11 @@ const KERNELS: [&str; 25] = [
     "cross_entropy_forward",
     "cross_entropy_backward",
     "adamw_step",
+    "attention_forward",
+    "attention_row_dot",
+    "attention_backward_dq",
+    "attention_backward_dkv",
+    "reverse_cumsum_time",
 ];
 
 fn grid(n: usize) -> LaunchConfig {
@@ -177,6 +193,46 @@ impl CudaBackend {
     /// The device's context (for kernels outside this backend).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+}
+
+/// Scalar arguments of the attention kernels.
+struct AttnArgs {
+    b: i32,
+    t: i32,
+    h: i32,
+    d: i32,
+    e: i32,
+    scale: f32,
+    power: i32,
+    eps: f32,
+}
+
+impl AttnArgs {
+    fn new(spec: &AttentionSpec, s: &Shape) -> Self {
+        let power = match spec.kernel {
+            sympow::attention::Kernel::Power(p) => p as i32,
+            sympow::attention::Kernel::Softmax => 0,
+        };
+        AttnArgs {
+            b: s.batch as i32,
+            t: s.time as i32,
+            h: s.heads as i32,
+            d: s.dk as i32,
+            e: s.dv as i32,
+            scale: spec.scale as f32,
+            power,
+            eps: spec.eps as f32,
+        }
+    }
+}
+
+impl CudaBackend {
+    /// Whether the GPU attention kernels take this shape (else the host does).
+    fn gpu_attention(&self, s: &Shape) -> bool {
+        s.time <= GPU_ATTENTION_MAX_T
+            && s.dk <= GPU_ATTENTION_MAX_DIM
+            && s.dv <= GPU_ATTENTION_MAX_DIM
     }
 }
 
@@ -686,21 +742,43 @@ impl Backend for CudaBackend {
         v: &CudaSlice<f32>,
         log_gates: Option<&CudaSlice<f32>>,
     ) -> AttentionOut<CudaSlice<f32>> {
-        // host fallback until the fused kernels exist
-        let g = log_gates.map(|g| self.download(g));
-        let out = self.cpu.attention_forward(
-            spec,
-            form,
-            shape,
-            &self.download(q),
-            &self.download(k),
-            &self.download(v),
-            g.as_ref(),
-        );
-        AttentionOut {
-            y: self.upload(&out.y),
-            log_norm: self.upload(&out.log_norm),
+        if !self.gpu_attention(shape) {
+            let g = log_gates.map(|g| self.download(g));
+            let out = self.cpu.attention_forward(
+                spec,
+                form,
+                shape,
+                &self.download(q),
+                &self.download(k),
+                &self.download(v),
+                g.as_ref(),
+            );
+            return AttentionOut {
+                y: self.upload(&out.y),
+                log_norm: self.upload(&out.log_norm),
+            };
         }
+        let rows = shape.batch * shape.time * shape.heads;
+        let (mut y, mut ln) = (self.alloc(rows * shape.dv), self.alloc(rows));
+        let a = AttnArgs::new(spec, shape);
+        let f = &self.fns["attention_forward"];
+        let mut l = self.stream.launch_builder(f);
+        l.arg(&mut y).arg(&mut ln).arg(q).arg(k).arg(v);
+        match log_gates {
+            Some(g) => l.arg(g),
+            None => l.arg(&NULL),
+        };
+        l.arg(&a.b)
+            .arg(&a.t)
+            .arg(&a.h)
+            .arg(&a.d)
+            .arg(&a.e)
+            .arg(&a.scale)
+            .arg(&a.power)
+            .arg(&a.eps);
+        // SAFETY: arguments match the kernel's declaration; one thread per query row.
+        unsafe { l.launch(grid(rows)) }.expect("attention_forward");
+        AttentionOut { y, log_norm: ln }
     }
     fn attention_backward(
         &self,
@@ -714,27 +792,117 @@ impl Backend for CudaBackend {
         out: &AttentionOut<CudaSlice<f32>>,
         dy: &CudaSlice<f32>,
     ) -> AttentionGrads<CudaSlice<f32>> {
-        let g = log_gates.map(|g| self.download(g));
-        let host_out = AttentionOut {
-            y: self.download(&out.y),
-            log_norm: self.download(&out.log_norm),
-        };
-        let gr = self.cpu.attention_backward(
-            spec,
-            form,
-            shape,
-            &self.download(q),
-            &self.download(k),
-            &self.download(v),
-            g.as_ref(),
-            &host_out,
-            &self.download(dy),
+        if !self.gpu_attention(shape) {
+            let g = log_gates.map(|g| self.download(g));
+            let host_out = AttentionOut {
+                y: self.download(&out.y),
+                log_norm: self.download(&out.log_norm),
+            };
+            let gr = self.cpu.attention_backward(
+                spec,
+                form,
+                shape,
+                &self.download(q),
+                &self.download(k),
+                &self.download(v),
+                g.as_ref(),
+                &host_out,
+                &self.download(dy),
+            );
+            return AttentionGrads {
+                dq: self.upload(&gr.dq),
+                dk: self.upload(&gr.dk),
+                dv: self.upload(&gr.dv),
+                dlog_gates: gr.dlog_gates.map(|d| self.upload(&d)),
+            };
+        }
+        let rows = shape.batch * shape.time * shape.heads;
+        let a = AttnArgs::new(spec, shape);
+        let mut dd = self.alloc(rows);
+        let (r, e) = (rows as i64, shape.dv as i32);
+        launch!(
+            self,
+            "attention_row_dot",
+            grid(rows),
+            &mut dd,
+            dy,
+            &out.y,
+            &r,
+            &e
         );
+        let (mut dq, mut dk, mut dv, mut dg) = (
+            self.alloc(rows * shape.dk),
+            self.alloc(rows * shape.dk),
+            self.alloc(rows * shape.dv),
+            self.alloc(rows),
+        );
+        {
+            let f = &self.fns["attention_backward_dq"];
+            let mut l = self.stream.launch_builder(f);
+            l.arg(&mut dq).arg(&mut dg).arg(q).arg(k).arg(v);
+            match log_gates {
+                Some(g) => l.arg(g),
+                None => l.arg(&NULL),
+            };
+            l.arg(&out.log_norm)
+                .arg(dy)
+                .arg(&dd)
+                .arg(&a.b)
+                .arg(&a.t)
+                .arg(&a.h)
+                .arg(&a.d)
+                .arg(&a.e)
+                .arg(&a.scale)
+                .arg(&a.power);
+            // SAFETY: as for the forward; one thread per query.
+            unsafe { l.launch(grid(rows)) }.expect("attention_backward_dq");
+        }
+        {
+            let f = &self.fns["attention_backward_dkv"];
+            let mut l = self.stream.launch_builder(f);
+            l.arg(&mut dk)
+                .arg(&mut dv)
+                .arg(&mut dg)
+                .arg(q)
+                .arg(k)
+                .arg(v);
+            match log_gates {
+                Some(g) => l.arg(g),
+                None => l.arg(&NULL),
+            };
+            l.arg(&out.log_norm)
+                .arg(dy)
+                .arg(&dd)
+                .arg(&a.b)
+                .arg(&a.t)
+                .arg(&a.h)
+                .arg(&a.d)
+                .arg(&a.e)
+                .arg(&a.scale)
+                .arg(&a.power);
+            // SAFETY: as above; one thread per key.
+            unsafe { l.launch(grid(rows)) }.expect("attention_backward_dkv");
+        }
+        let dlog_gates = log_gates.map(|_| {
+            let mut out = self.alloc(rows);
+            launch!(
+                self,
+                "reverse_cumsum_time",
+                grid(shape.batch * shape.heads),
+                &mut out,
+                &dg,
+                &a.b,
+                &a.t,
+                &a.h
+            );
+            out
+        });
+        let _ = form;
         AttentionGrads {
-            dq: self.upload(&gr.dq),
-            dk: self.upload(&gr.dk),
-            dv: self.upload(&gr.dv),
-            dlog_gates: gr.dlog_gates.map(|d| self.upload(&d)),
+            dq,
+            dk,
+            dv,
+            dlog_gates,
         }
     }
     fn cross_entropy_forward(

@@ -378,29 +378,87 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         tol: 1e-6,
     });
 
-    // attention (host fallback for now; checked so the kernels that replace it are too)
-    let spec = AttentionSpec::sympow(2, 16).unwrap();
+    // attention: power 2 and 4, gated and not, and softmax; forward and every gradient
     let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
         randn(&mut r, nrow * 16, 1.0),
         randn(&mut r, nrow * 16, 1.0),
         randn(&mut r, nrow * 16, 1.0),
     );
-    let lgt: Vec<f32> = sympow::testing::log_gates(&mut r, nrow, 0.8, 0.999);
-    let oc = cpu.attention_forward(&spec, Form::Chunked(64), &shape, &q, &k, &v, Some(&lgt));
-    let og = gpu.attention_forward(
-        &spec,
-        Form::Chunked(64),
-        &shape,
-        &up(&q),
-        &up(&k),
-        &up(&v),
-        Some(&up(&lgt)),
-    );
-    rows.push(Row {
-        what: "sympow attention forward".into(),
-        err: rel_err(&dn(&og.y), &oc.y),
-        tol: TOL,
-    });
+    let lgt: Vec<f32> = sympow::testing::log_gates(&mut r, nrow, 0.5, 0.999);
+    let dya: Vec<f32> = randn(&mut r, nrow * 16, 1.0);
+    let specs = [
+        ("p=2", AttentionSpec::sympow(2, 16).unwrap(), true),
+        ("p=2 ungated", AttentionSpec::sympow(2, 16).unwrap(), false),
+        ("p=4", AttentionSpec::sympow(4, 16).unwrap(), true),
+        ("softmax", AttentionSpec::softmax(16), false),
+    ];
+    for (label, spec, gated) in specs {
+        let form = if gated {
+            Form::Chunked(64)
+        } else {
+            Form::Quadratic
+        };
+        let gc = gated.then_some(&lgt);
+        let gg = gated.then(|| up(&lgt));
+        let oc = cpu.attention_forward(&spec, form, &shape, &q, &k, &v, gc);
+        let og = gpu.attention_forward(&spec, form, &shape, &up(&q), &up(&k), &up(&v), gg.as_ref());
+        push(
+            &mut rows,
+            &format!("attention {label} forward y"),
+            &dn(&og.y),
+            &oc.y,
+            TOL,
+        );
+        push(
+            &mut rows,
+            &format!("attention {label} forward log-normaliser"),
+            &dn(&og.log_norm),
+            &oc.log_norm,
+            TOL,
+        );
+        let bc = cpu.attention_backward(&spec, form, &shape, &q, &k, &v, gc, &oc, &dya);
+        let bg = gpu.attention_backward(
+            &spec,
+            form,
+            &shape,
+            &up(&q),
+            &up(&k),
+            &up(&v),
+            gg.as_ref(),
+            &og,
+            &up(&dya),
+        );
+        push(
+            &mut rows,
+            &format!("attention {label} backward dq"),
+            &dn(&bg.dq),
+            &bc.dq,
+            TOL,
+        );
+        push(
+            &mut rows,
+            &format!("attention {label} backward dk"),
+            &dn(&bg.dk),
+            &bc.dk,
+            TOL,
+        );
+        push(
+            &mut rows,
+            &format!("attention {label} backward dv"),
+            &dn(&bg.dv),
+            &bc.dv,
+            TOL,
+        );
+        if let (Some(a), Some(b)) = (&bg.dlog_gates, &bc.dlog_gates) {
+            push(
+                &mut rows,
+                &format!("attention {label} backward dlog_gates"),
+                &dn(a),
+                b,
+                TOL,
+            );
+        }
+    }
 
     // the whole model: loss and every gradient
     let mut cfg = Config::preset("tiny").unwrap();
