@@ -227,6 +227,34 @@ impl AttnArgs {
     }
 }
 
+/// The inputs both attention backward kernels take after their outputs: q, k, v, the gates
+/// (or null), the log-normalisers, dy, D = dy·y, then the shape and spec.
+fn attention_inputs<'a>(
+    l: &mut cudarc::driver::LaunchArgs<'a>,
+    qkv: [&'a CudaSlice<f32>; 3],
+    log_gates: Option<&'a CudaSlice<f32>>,
+    rows: [&'a CudaSlice<f32>; 3],
+    a: &'a AttnArgs,
+) {
+    for t in qkv {
+        l.arg(t);
+    }
+    match log_gates {
+        Some(g) => l.arg(g),
+        None => l.arg(&NULL),
+    };
+    for t in rows {
+        l.arg(t);
+    }
+    l.arg(&a.b)
+        .arg(&a.t)
+        .arg(&a.h)
+        .arg(&a.d)
+        .arg(&a.e)
+        .arg(&a.scale)
+        .arg(&a.power);
+}
+
 impl CudaBackend {
     /// Whether the GPU attention kernels take this shape (else the host does).
     fn gpu_attention(&self, s: &Shape) -> bool {
@@ -839,47 +867,16 @@ impl Backend for CudaBackend {
         {
             let f = &self.fns["attention_backward_dq"];
             let mut l = self.stream.launch_builder(f);
-            l.arg(&mut dq).arg(&mut dg).arg(q).arg(k).arg(v);
-            match log_gates {
-                Some(g) => l.arg(g),
-                None => l.arg(&NULL),
-            };
-            l.arg(&out.log_norm)
-                .arg(dy)
-                .arg(&dd)
-                .arg(&a.b)
-                .arg(&a.t)
-                .arg(&a.h)
-                .arg(&a.d)
-                .arg(&a.e)
-                .arg(&a.scale)
-                .arg(&a.power);
+            l.arg(&mut dq).arg(&mut dg);
+            attention_inputs(&mut l, [q, k, v], log_gates, [&out.log_norm, dy, &dd], &a);
             // SAFETY: as for the forward; one thread per query.
             unsafe { l.launch(grid(rows)) }.expect("attention_backward_dq");
         }
         {
             let f = &self.fns["attention_backward_dkv"];
             let mut l = self.stream.launch_builder(f);
-            l.arg(&mut dk)
-                .arg(&mut dv)
-                .arg(&mut dg)
-                .arg(q)
-                .arg(k)
-                .arg(v);
-            match log_gates {
-                Some(g) => l.arg(g),
-                None => l.arg(&NULL),
-            };
-            l.arg(&out.log_norm)
-                .arg(dy)
-                .arg(&dd)
-                .arg(&a.b)
-                .arg(&a.t)
-                .arg(&a.h)
-                .arg(&a.d)
-                .arg(&a.e)
-                .arg(&a.scale)
-                .arg(&a.power);
+            l.arg(&mut dk).arg(&mut dv).arg(&mut dg);
+            attention_inputs(&mut l, [q, k, v], log_gates, [&out.log_norm, dy, &dd], &a);
             // SAFETY: as above; one thread per key.
             unsafe { l.launch(grid(rows)) }.expect("attention_backward_dkv");
         }

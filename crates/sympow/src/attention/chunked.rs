@@ -255,7 +255,7 @@ pub fn chunked_attention_forward<F: Float>(
 ) -> AttentionOut<Vec<F>> {
     let (t, d, e) = (shape.time, shape.dk, shape.dv);
     let sp = SymPow::new(d, spec.power());
-    let mut outs = per_head(
+    let outs = per_head(
         shape,
         q,
         k,
@@ -280,9 +280,7 @@ pub fn chunked_attention_forward<F: Float>(
             vec![y.concat(), ln.concat()]
         },
     );
-    let log_norm = outs.pop().unwrap();
-    let y = outs.pop().unwrap();
-    AttentionOut { y, log_norm }
+    super::forward_out(outs)
 }
 
 /// The state after the last token of each (batch, head) — `[S | z]`, `D × (e+1)` — computed
@@ -514,7 +512,7 @@ pub fn chunked_attention_backward<F: Float>(
     let (t, d, e) = (shape.time, shape.dk, shape.dv);
     let sp = SymPow::new(d, spec.power());
     let gated = log_gates.is_some();
-    let mut outs = per_head(
+    let outs = per_head(
         shape,
         q,
         k,
@@ -636,16 +634,7 @@ pub fn chunked_attention_backward<F: Float>(
             res
         },
     );
-    let dg = outs.pop().unwrap();
-    let dv = outs.pop().unwrap();
-    let dk = outs.pop().unwrap();
-    let dq = outs.pop().unwrap();
-    AttentionGrads {
-        dq,
-        dk,
-        dv,
-        dlog_gates: gated.then_some(dg),
-    }
+    super::grads_out(outs, gated)
 }
 
 #[cfg(test)]

@@ -302,6 +302,23 @@ where
     outs
 }
 
+/// The forward's per-head outputs `[y, log_norm]`, scattered, as an [`AttentionOut`].
+pub(crate) fn forward_out<F>(outs: Vec<Vec<F>>) -> AttentionOut<Vec<F>> {
+    let [y, log_norm]: [Vec<F>; 2] = outs.try_into().ok().expect("y and log_norm");
+    AttentionOut { y, log_norm }
+}
+
+/// The backward's per-head outputs `[dq, dk, dv, dg]`, scattered, as [`AttentionGrads`].
+pub(crate) fn grads_out<F>(outs: Vec<Vec<F>>, gated: bool) -> AttentionGrads<Vec<F>> {
+    let [dq, dk, dv, dg]: [Vec<F>; 4] = outs.try_into().ok().expect("dq, dk, dv and dg");
+    AttentionGrads {
+        dq,
+        dk,
+        dv,
+        dlog_gates: gated.then_some(dg),
+    }
+}
+
 /// Inclusive cumulative sums of `g`, accumulated in f64. Callers subtract a nearby origin
 /// before rounding back to `F`, so gate differences keep full precision at any length.
 pub(crate) fn cumsum_f64<F: Float>(g: &[F]) -> Vec<f64> {

@@ -34,7 +34,7 @@ pub fn quadratic_attention_forward<F: Float>(
     log_gates: Option<&[F]>,
 ) -> AttentionOut<Vec<F>> {
     let (t_len, d, e) = (shape.time, shape.dk, shape.dv);
-    let mut outs = per_head(
+    let outs = per_head(
         shape,
         q,
         k,
@@ -84,9 +84,7 @@ pub fn quadratic_attention_forward<F: Float>(
             vec![y.concat(), ln.concat()]
         },
     );
-    let log_norm = outs.pop().unwrap();
-    let y = outs.pop().unwrap();
-    AttentionOut { y, log_norm }
+    super::forward_out(outs)
 }
 
 /// Quadratic-form backward (two passes, flash-attention style: one over query blocks for dq,
@@ -103,7 +101,7 @@ pub fn quadratic_attention_backward<F: Float>(
 ) -> AttentionGrads<Vec<F>> {
     let (t_len, d, e) = (shape.time, shape.dk, shape.dv);
     let gated = log_gates.is_some();
-    let mut outs = per_head(
+    let outs = per_head(
         shape,
         q,
         k,
@@ -216,16 +214,7 @@ pub fn quadratic_attention_backward<F: Float>(
             vec![dq, dk, dv, reverse_cumsum(&dcum)]
         },
     );
-    let dg = outs.pop().unwrap();
-    let dv = outs.pop().unwrap();
-    let dk = outs.pop().unwrap();
-    let dq = outs.pop().unwrap();
-    AttentionGrads {
-        dq,
-        dk,
-        dv,
-        dlog_gates: gated.then_some(dg),
-    }
+    super::grads_out(outs, gated)
 }
 
 /// ∂L/∂g_r = Σ_{t ≥ r} ∂L/∂G_t, for G the inclusive cumulative sum of g (accumulated in f64).

@@ -137,7 +137,7 @@ pub fn recurrent_attention_forward<F: Float>(
 ) -> AttentionOut<Vec<F>> {
     let (t, d, e) = (shape.time, shape.dk, shape.dv);
     let sp = Arc::new(SymPow::new(d, spec.power()));
-    let mut outs = per_head(
+    let outs = per_head(
         shape,
         q,
         k,
@@ -162,7 +162,5 @@ pub fn recurrent_attention_forward<F: Float>(
             vec![y, ln]
         },
     );
-    let log_norm = outs.pop().unwrap();
-    let y = outs.pop().unwrap();
-    AttentionOut { y, log_norm }
+    super::forward_out(outs)
 }
