@@ -63,6 +63,10 @@ enum Command {
         /// No progress bar; a line per validation instead.
         #[arg(long)]
         no_progress: bool,
+        /// Data-parallel over this many GPUs of this host (NCCL); train.grad_accum must be a
+        /// multiple of it. The global batch, and so the result, is that of one GPU.
+        #[arg(long, default_value_t = 1)]
+        gpus: usize,
     },
     /// Loss by context position on validation documents: CSV and PNG per run, and one plot
     /// with every run.
@@ -261,6 +265,11 @@ fn run_train<B: Backend>(
         progress,
     };
     let s = train::train(backend, cfg, &opts)?;
+    print_summary(&s, out);
+    Ok(s)
+}
+
+fn print_summary(s: &train::TrainSummary, out: &Path) {
     let val = s.val_loss.map_or("-".into(), |v| format!("{v:.4}"));
     println!(
         "step {}: train loss {:.4}, validation loss {val} nats/token (unigram baseline {:.4}); {:.0} tokens/s{}",
@@ -274,7 +283,6 @@ fn run_train<B: Backend>(
         "run: {} (checkpoint.safetensors, metrics.jsonl, loss.png)",
         out.display()
     );
-    Ok(s)
 }
 
 fn main() {
@@ -322,6 +330,7 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
             resume,
             stop_after,
             no_progress,
+            gpus,
         } => {
             let out = out.unwrap_or_else(|| PathBuf::from("runs").join(args.name()));
             let cfg = if resume {
@@ -343,15 +352,26 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
                 args.build()?
             };
             let flag = interrupt_flag();
-            let s = run_train(
-                make(),
-                &cfg,
-                &out,
+            let opts = TrainOptions {
+                out: out.clone(),
                 resume,
                 stop_after,
-                !no_progress,
-                flag.clone(),
-            )?;
+                interrupt: flag.clone(),
+                progress: !no_progress,
+            };
+            let s = if gpus > 1 {
+                train_data_parallel(&cfg, &opts, gpus)?
+            } else {
+                run_train(
+                    make(),
+                    &cfg,
+                    &out,
+                    resume,
+                    stop_after,
+                    !no_progress,
+                    flag.clone(),
+                )?
+            };
             Ok(if flag.load(Ordering::SeqCst) && s.stopped_early {
                 130
             } else {
@@ -515,6 +535,53 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `--gpus N`: one thread per GPU, gradients all-reduced by NCCL; prints rank 0's summary.
+#[cfg(feature = "cuda")]
+fn train_data_parallel(
+    cfg: &Config,
+    opts: &TrainOptions,
+    gpus: usize,
+) -> Result<train::TrainSummary> {
+    use sympow_cuda::{parallel::NcclSync, CudaBackend};
+    let backends: Vec<CudaBackend> = (0..gpus).map(CudaBackend::new).collect::<Result<_, _>>()?;
+    let syncs = NcclSync::for_backends(&backends)?;
+    let results: Vec<Result<train::TrainSummary, train::TrainError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = backends
+            .into_iter()
+            .zip(&syncs)
+            .map(|(be, sync)| {
+                s.spawn(move || {
+                    be.bind_to_thread().map_err(|e| train::TrainError::Io {
+                        path: "GPU".into(),
+                        err: e.to_string(),
+                    })?;
+                    train::train_with(be, cfg, opts, sync)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a rank's thread panicked"))
+            .collect()
+    });
+    let mut results = results.into_iter();
+    let s = results.next().expect("rank 0")?;
+    for r in results {
+        r?;
+    }
+    print_summary(&s, &opts.out);
+    Ok(s)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn train_data_parallel(
+    _cfg: &Config,
+    _opts: &TrainOptions,
+    gpus: usize,
+) -> Result<train::TrainSummary> {
+    bail!("--gpus {gpus}: this binary was built without the `cuda` feature (cargo build --release --features sympow-cli/cuda)")
 }
 
 #[cfg(feature = "cuda")]

@@ -185,6 +185,19 @@ impl CudaBackend {
         unsafe { self.blas.gemm(cfg, a, b, c) }.expect("cuBLAS sgemm");
     }
 
+    /// Makes this GPU's context current on the calling thread (a rank's thread calls this
+    /// before its first op).
+    pub fn bind_to_thread(&self) -> Result<(), crate::Unavailable> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| crate::Unavailable::Driver(e.to_string()))
+    }
+
+    /// The stream every op of this backend runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     /// The device ordinal.
     pub fn ordinal(&self) -> usize {
         self.ordinal

@@ -14,6 +14,8 @@ pub mod check;
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
+pub mod parallel;
+#[cfg(feature = "cuda")]
 pub use device::CudaGpu;
 
 /// Why the CUDA backend is not available.

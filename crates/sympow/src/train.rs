@@ -120,6 +120,35 @@ impl RunPaths {
     }
 }
 
+/// How ranks of a data-parallel run combine their work. Each rank trains a replica on its
+/// share of every step's micro-batches (micro-batch i goes to rank i mod world); `all_reduce`
+/// sums a tensor over the ranks in place, so after it every replica holds the global gradient
+/// and takes the same optimizer step. Rank 0 alone writes checkpoints, metrics and plots.
+pub trait GradSync<B: Backend>: Sync {
+    /// This process's rank.
+    fn rank(&self) -> usize {
+        0
+    }
+    /// Number of ranks.
+    fn world(&self) -> usize {
+        1
+    }
+    /// Sums `t` over the ranks, in place (a no-op for one rank).
+    fn all_reduce(&self, _backend: &B, _t: &mut B::Tensor) {}
+}
+
+/// A single process: nothing to combine.
+pub struct SingleRank;
+
+impl<B: Backend> GradSync<B> for SingleRank {}
+
+/// Sums a scalar over the ranks.
+fn reduce_scalar<B: Backend>(backend: &B, sync: &dyn GradSync<B>, x: f64) -> f64 {
+    let mut t = backend.upload(&[B::Scalar::of(x)]);
+    sync.all_reduce(backend, &mut t);
+    backend.download(&t)[0].f64()
+}
+
 /// Learning rate at `step` (0-based): linear warm-up to `lr`, then cosine to `lr·min_lr_ratio`.
 pub fn learning_rate(t: &TrainConfig, step: u64) -> f64 {
     if step < t.warmup_steps {
@@ -271,6 +300,24 @@ pub fn train<B: Backend>(
     cfg: &Config,
     opts: &TrainOptions,
 ) -> Result<TrainSummary, TrainError> {
+    train_with(backend, cfg, opts, &SingleRank)
+}
+
+/// [`train`] as one rank of a data-parallel run (see [`GradSync`]).
+pub fn train_with<B: Backend>(
+    backend: B,
+    cfg: &Config,
+    opts: &TrainOptions,
+    sync: &dyn GradSync<B>,
+) -> Result<TrainSummary, TrainError> {
+    let (rank, world) = (sync.rank(), sync.world());
+    let lead = rank == 0;
+    if !cfg.train.grad_accum.is_multiple_of(world) {
+        return Err(TrainError::ConfigMismatch(format!(
+            "train.grad_accum = {} must be a multiple of the {world} ranks (each rank takes grad_accum/{world} micro-batches per step)",
+            cfg.train.grad_accum
+        )));
+    }
     let paths = RunPaths::new(&opts.out);
     std::fs::create_dir_all(&opts.out).map_err(|e| io_err(&opts.out, e))?;
     let resumed = if opts.resume && !paths.checkpoint.exists() && paths.config.exists() {
@@ -297,7 +344,7 @@ pub fn train<B: Backend>(
         }
         Some(ck)
     } else {
-        if paths.checkpoint.exists() || paths.metrics.exists() {
+        if lead && (paths.checkpoint.exists() || paths.metrics.exists()) {
             return Err(TrainError::RunExists(opts.out.display().to_string()));
         }
         None
@@ -322,41 +369,62 @@ pub fn train<B: Backend>(
                 upload_params(&model.backend, cfg, cm),
                 upload_params(&model.backend, cfg, cv),
             );
-            truncate_metrics(&paths.metrics, ck.step)?;
+            if lead {
+                truncate_metrics(&paths.metrics, ck.step)?;
+            }
             (model, m, v, ck.step, ck.skipped_steps)
         }
         None => {
             let model = Model::init(backend, cfg, cfg.train.seed);
             let (m, v) = (model.zeros_like(), model.zeros_like());
-            checkpoint::write_atomic(&paths.config, cfg.to_toml().as_bytes())
-                .map_err(|e| io_err(&paths.config, e))?;
+            if lead {
+                checkpoint::write_atomic(&paths.config, cfg.to_toml().as_bytes())
+                    .map_err(|e| io_err(&paths.config, e))?;
+            }
             (model, m, v, 0, 0)
         }
     };
     let decays: Vec<bool> = layout(cfg).iter().map(|i| i.decay).collect();
     let (train_docs, train_tokens) = data.stats(Split::Train);
     let (val_docs, val_tokens) = data.stats(Split::Val);
-    println!(
-        "model: {} parameters, {:?} attention, {}; {}",
-        model.num_params(),
-        cfg.model.attention,
-        model.backend.name(),
-        model.inference_state_size().1
-    );
-    println!(
+    if lead {
+        println!(
+            "model: {} parameters, {:?} attention, {}{}; {}",
+            model.num_params(),
+            cfg.model.attention,
+            model.backend.name(),
+            if world > 1 {
+                format!(" × {world} ranks")
+            } else {
+                String::new()
+            },
+            model.inference_state_size().1
+        );
+        println!(
         "data: {train_docs} training documents ({train_tokens} tokens), {val_docs} validation ({val_tokens}); unigram baseline {unigram:.4} nats/token"
     );
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&paths.metrics)
-        .map_err(|e| io_err(&paths.metrics, e))?;
+    }
+    // only rank 0 writes metrics
+    let mut metrics = if lead {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&paths.metrics)
+                .map_err(|e| io_err(&paths.metrics, e))?,
+        )
+    } else {
+        None
+    };
     let mut log = |line: serde_json::Value| -> Result<(), TrainError> {
+        let Some(metrics) = metrics.as_mut() else {
+            return Ok(());
+        };
         writeln!(metrics, "{line}")
             .and_then(|_| metrics.flush())
             .map_err(|e| io_err(&paths.metrics, e))
     };
-    let bar = if opts.progress {
+    let bar = if opts.progress && lead {
         indicatif::ProgressBar::new(cfg.train.steps)
     } else {
         indicatif::ProgressBar::hidden()
@@ -374,7 +442,8 @@ pub fn train<B: Backend>(
             // one optimizer step's forward/backward over all micro-batches; returns the mean loss
             // and, if it is not finite, where the forward pass first went non-finite
             let mut loss = 0.0;
-            for micro in 0..cfg.train.grad_accum as u64 {
+            // this rank's share of the step's micro-batches
+            for micro in (rank as u64..cfg.train.grad_accum as u64).step_by(world) {
                 let batch = data.batch(cfg.train.seed, step, micro, b, t);
                 let valid = batch
                     .targets
@@ -419,7 +488,13 @@ pub fn train<B: Backend>(
     let mut stopped_early = false;
     while step < cfg.train.steps {
         let mut grads = model.zeros_like();
-        let (loss, loss_site) = be_step(&model, step, &mut grads);
+        let (mut loss, loss_site) = be_step(&model, step, &mut grads);
+        if world > 1 {
+            for g in grads.refs_mut() {
+                sync.all_reduce(&model.backend, g);
+            }
+            loss = reduce_scalar(&model.backend, sync, loss);
+        }
         let norms: Vec<f64> = grads
             .refs()
             .iter()
@@ -500,7 +575,7 @@ pub fn train<B: Backend>(
             serde_json::json!({"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_second": tokens / elapsed}),
         )?;
         let is_last = step == cfg.train.steps;
-        if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0) || is_last {
+        if lead && ((cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0) || is_last) {
             let vl = validation_loss(&model, &val_windows, b, t);
             last_val = Some(vl);
             log(serde_json::json!({"step": step, "val_loss": vl}))?;
@@ -518,14 +593,28 @@ pub fn train<B: Backend>(
             last_val.map_or(String::new(), |v| format!(" val {v:.4}")),
             tokens / elapsed
         ));
-        let interrupted = opts.interrupt.load(Ordering::SeqCst)
+        let local_stop = opts.interrupt.load(Ordering::SeqCst)
             || opts.stop_after.is_some_and(|n| step - start >= n);
-        if interrupted
+        // every rank must stop at the same step, or the others wait forever in all_reduce
+        let interrupted = if world > 1 {
+            reduce_scalar(&model.backend, sync, f64::from(u8::from(local_stop))) > 0.0
+        } else {
+            local_stop
+        };
+        let due = interrupted
             || is_last
-            || (cfg.train.checkpoint_every > 0 && step % cfg.train.checkpoint_every == 0)
-        {
-            checkpoint::save(&paths.checkpoint, &snapshot(&model, &m, &v, step, skipped))?;
-            last_ckpt = step;
+            || (cfg.train.checkpoint_every > 0 && step % cfg.train.checkpoint_every == 0);
+        // a checkpoint is only ever written from finite parameters: "the last checkpoint" is
+        // always a good one to resume from
+        if lead && due {
+            if model.params_finite() {
+                checkpoint::save(&paths.checkpoint, &snapshot(&model, &m, &v, step, skipped))?;
+                last_ckpt = step;
+            } else {
+                log(
+                    serde_json::json!({"step": step, "checkpoint_skipped": "non-finite parameters"}),
+                )?;
+            }
         }
         if interrupted && !is_last {
             stopped_early = true;
@@ -533,7 +622,12 @@ pub fn train<B: Backend>(
         }
     }
     bar.finish_and_clear();
-    if !stopped_early && step == cfg.train.steps && last_ckpt != step && model.params_finite() {
+    if lead
+        && !stopped_early
+        && step == cfg.train.steps
+        && last_ckpt != step
+        && model.params_finite()
+    {
         checkpoint::save(&paths.checkpoint, &snapshot(&model, &m, &v, step, skipped))?;
     }
     let title = format!(
@@ -541,7 +635,9 @@ pub fn train<B: Backend>(
         cfg.model.attention,
         model.num_params()
     );
-    plot_metrics(&paths.metrics, &paths.plot, &title)?;
+    if lead {
+        plot_metrics(&paths.metrics, &paths.plot, &title)?;
+    }
     let elapsed = t0.elapsed().as_secs_f64();
     let _ = &mut model;
     Ok(TrainSummary {
