@@ -53,8 +53,7 @@ pub fn attention_cpu(
             let k: Vec<f32> = randn(&mut r, n, 1.0);
             let v: Vec<f32> = randn(&mut r, n, 1.0);
             let g: Vec<f32> = crate::testing::log_gates(&mut r, t * heads, 0.95, 0.999);
-            let tokens = t;
-            let quadratic_us = time_per_token(reps, tokens, || {
+            let quadratic_us = time_per_token(reps, t, || {
                 std::hint::black_box(attention_forward(
                     &spec,
                     Form::Quadratic,
@@ -65,7 +64,7 @@ pub fn attention_cpu(
                     Some(&g),
                 ));
             });
-            let chunked_us = time_per_token(reps, tokens, || {
+            let chunked_us = time_per_token(reps, t, || {
                 std::hint::black_box(attention_forward(
                     &spec,
                     Form::Chunked(chunk),

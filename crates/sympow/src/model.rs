@@ -23,8 +23,9 @@ pub enum Init {
     Normal(f64),
     /// Every element this value.
     Const(f64),
-    /// Normal(std) for the first `rows` rows, then constants (the fused QKV bias/weights).
-    Rows(&'static str),
+    /// The fused projection's bias: 0 for q, k, v; the gate's initial bias (γ ≈ 0.999); the
+    /// learned rotary's initial bias (a step of exactly ω, i.e. plain RoPE).
+    FusedBias,
 }
 
 /// Name, shape, initialisation and weight-decay flag of one parameter tensor.
@@ -192,7 +193,7 @@ pub fn layout(cfg: &Config) -> Vec<ParamInfo> {
         v.push(p(
             format!("{b}.qkv.bias"),
             vec![d.qkv_out()],
-            Init::Rows("qkv_bias"),
+            Init::FusedBias,
             false,
         ));
         if cfg.gate() == GateKind::Learned {
@@ -352,7 +353,7 @@ fn init_values(info: &ParamInfo, cfg: &Config, rng: &mut ChaCha8Rng) -> Vec<f64>
     match info.init {
         Init::Normal(std) => randn(rng, info.numel(), std),
         Init::Const(c) => vec![c; info.numel()],
-        Init::Rows(_) => {
+        Init::FusedBias => {
             // fused bias: 0 for q, k, v; the gate's γ ≈ 0.999; the rotary step softplus(c) = 1
             let d = Dims::new(cfg);
             let mut v = vec![0.0; 3 * d.heads * d.head_dim];

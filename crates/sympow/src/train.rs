@@ -639,7 +639,6 @@ pub fn train_with<B: Backend>(
         plot_metrics(&paths.metrics, &paths.plot, &title)?;
     }
     let elapsed = t0.elapsed().as_secs_f64();
-    let _ = &mut model;
     Ok(TrainSummary {
         step,
         train_loss: last_loss,

@@ -79,7 +79,6 @@ pub fn prepare(
     let mut group: Vec<Document> = Vec::new();
     let mut group_bytes = 0;
     for f in &files {
-        let before = st.summary.bytes;
         for_each_document(f, |d| {
             group_bytes += d.text.len();
             group.push(d);
@@ -90,7 +89,6 @@ pub fn prepare(
             }
             Ok(())
         })?;
-        let _ = before;
         bar.set_message(
             f.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
