@@ -642,6 +642,9 @@ fn compare<B: Backend>(
 ) -> Result<i32> {
     let base = args.build()?;
     let flag = interrupt_flag();
+    // the variants differ only in their model: one corpus, one baseline for all
+    let data = TokenData::load(&base.data)?;
+    let unigram = data.unigram_baseline(base.model.vocab_size);
     let mut rows = Vec::new();
     let mut curves = Vec::new();
     for (name, ov) in VARIANTS {
@@ -665,7 +668,6 @@ fn compare<B: Backend>(
             println!("already trained: {}", dir.display());
         }
         let model = train::load_model(make(), &dir)?;
-        let data = TokenData::load(&cfg.data)?;
         let b = sympow::eval::loss_by_position(
             &model,
             &data,
@@ -681,14 +683,13 @@ fn compare<B: Backend>(
             model.num_params(),
             mean,
             b.last().map_or(f64::NAN, |x| x.loss),
-            data.unigram_baseline(cfg.model.vocab_size),
         ));
         sympow::eval::write_csv(&dir.join(format!("eval_ctx{}.csv", cfg.data.context)), &b)?;
         curves.push((name.to_string(), b));
     }
     let mut table = String::from("| variant | parameters | validation loss | loss in last 1/16 of context | vs softmax |\n|---|---|---|---|---|\n");
     let soft = rows[0].2;
-    for (name, n, mean, last, _) in &rows {
+    for (name, n, mean, last) in &rows {
         table.push_str(&format!(
             "| {name} | {n} | {mean:.4} | {last:.4} | {:+.4} |\n",
             mean - soft
@@ -696,7 +697,7 @@ fn compare<B: Backend>(
     }
     table.push_str(&format!(
         "\nunigram baseline: {:.4} nats/token; {} steps of {} × {} tokens\n",
-        rows[0].4, base.train.steps, base.train.batch_size, base.data.context
+        unigram, base.train.steps, base.train.batch_size, base.data.context
     ));
     print!("\n{table}");
     std::fs::create_dir_all(out)?;

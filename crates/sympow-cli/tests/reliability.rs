@@ -39,18 +39,6 @@ fn train_args(out: &Path, steps: u64, resume: bool) -> Vec<String> {
     a
 }
 
-fn metrics_without_timing(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("tokens_per_second");
-            v.to_string()
-        })
-        .collect()
-}
-
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -60,16 +48,7 @@ fn stderr(o: &Output) -> String {
 /// uninterrupted run.
 #[test]
 fn sigkill_at_random_moments_never_loses_the_run() {
-    let seed = std::env::var("SYMPOW_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos() as u64
-        });
-    eprintln!("SYMPOW_TEST_SEED={seed}");
+    let seed = sympow::testing::test_seed("sigkill");
     let mut rng = seed;
     let mut next = move || {
         rng ^= rng << 13;
@@ -128,8 +107,8 @@ fn sigkill_at_random_moments_never_loses_the_run() {
         "{trials} SIGKILLs: {during_write} left a partial checkpoint.safetensors.tmp, {no_checkpoint_yet} came before the first checkpoint; every last checkpoint loaded"
     );
     assert_eq!(
-        metrics_without_timing(&killed),
-        metrics_without_timing(&reference),
+        sympow::testing::metrics_without_timing(&killed),
+        sympow::testing::metrics_without_timing(&reference),
         "the killed-and-resumed run differs"
     );
 }

@@ -193,6 +193,41 @@ impl CudaBackend {
             .map_err(|e| crate::Unavailable::Driver(e.to_string()))
     }
 
+    /// Copies columns `col0..col0+w` of a `[rows, total]` matrix into a `[rows, w]` one
+    /// (`into_wide = false`: `dst` is the narrow one), or back (`into_wide = true`: `dst` is
+    /// the wide one, `src` the narrow).
+    #[allow(clippy::too_many_arguments)]
+    fn copy_columns(
+        &self,
+        dst: &mut CudaSlice<f32>,
+        src: &CudaSlice<f32>,
+        rows: usize,
+        total: usize,
+        col0: usize,
+        w: usize,
+        into_wide: bool,
+    ) {
+        let (r, t, c0, wi, dir) = (
+            rows as i64,
+            total as i32,
+            col0 as i32,
+            w as i32,
+            i32::from(into_wide),
+        );
+        launch!(
+            self,
+            "copy_columns",
+            grid(rows * w),
+            dst,
+            src,
+            &r,
+            &t,
+            &c0,
+            &wi,
+            &dir
+        );
+    }
+
     /// The stream every op of this backend runs on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
@@ -356,22 +391,10 @@ impl Backend for CudaBackend {
         widths
             .iter()
             .map(|&w| {
-                let mut out = self.alloc(rows * w);
-                let (r, t, c0, wi, dir) = (rows as i64, total as i32, col0 as i32, w as i32, 0i32);
-                launch!(
-                    self,
-                    "copy_columns",
-                    grid(rows * w),
-                    &mut out,
-                    x,
-                    &r,
-                    &t,
-                    &c0,
-                    &wi,
-                    &dir
-                );
+                let mut part = self.alloc(rows * w);
+                self.copy_columns(&mut part, x, rows, total, col0, w, false);
                 col0 += w;
-                out
+                part
             })
             .collect()
     }
@@ -381,19 +404,7 @@ impl Backend for CudaBackend {
         let mut out = self.alloc(rows * total);
         let mut col0 = 0;
         for (p, &w) in parts.iter().zip(widths) {
-            let (r, t, c0, wi, dir) = (rows as i64, total as i32, col0 as i32, w as i32, 1i32);
-            launch!(
-                self,
-                "copy_columns",
-                grid(rows * w),
-                &mut out,
-                *p,
-                &r,
-                &t,
-                &c0,
-                &wi,
-                &dir
-            );
+            self.copy_columns(&mut out, p, rows, total, col0, w, true);
             col0 += w;
         }
         out

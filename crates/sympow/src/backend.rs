@@ -10,18 +10,10 @@ use crate::attention::{self, AttentionSpec, Form, Shape};
 pub use crate::attention::{AttentionGrads, AttentionOut};
 use crate::float::Float;
 use crate::ops::adamw::AdamWConfig;
+pub use crate::ops::layer_norm::LayerNormSaved;
 use crate::ops::rotary::RotaryParam;
 use crate::ops::*;
 use std::marker::PhantomData;
-
-/// Saved state of a layer-norm forward.
-#[derive(Clone, Debug)]
-pub struct LayerNormSaved<T> {
-    /// Per-row mean.
-    pub mean: T,
-    /// Per-row reciprocal standard deviation.
-    pub rstd: T,
-}
 
 /// The ops of a conformal-sympow transformer, forward and backward.
 ///
@@ -336,14 +328,7 @@ impl<F: Float> Backend for CpuBackend<F> {
         w: Option<&Vec<F>>,
         b: Option<&Vec<F>>,
     ) -> (Vec<F>, LayerNormSaved<Vec<F>>) {
-        let (y, cache) = layer_norm::layer_norm_forward(x, c, w.map(|w| &w[..]), b.map(|b| &b[..]));
-        (
-            y,
-            LayerNormSaved {
-                mean: cache.mean,
-                rstd: cache.rstd,
-            },
-        )
+        layer_norm::layer_norm_forward(x, c, w.map(|w| &w[..]), b.map(|b| &b[..]))
     }
     fn layer_norm_backward(
         &self,
@@ -355,16 +340,12 @@ impl<F: Float> Backend for CpuBackend<F> {
         dw: Option<&mut Vec<F>>,
         db: Option<&mut Vec<F>>,
     ) -> Vec<F> {
-        let cache = layer_norm::LayerNormCache {
-            mean: saved.mean.clone(),
-            rstd: saved.rstd.clone(),
-        };
         layer_norm::layer_norm_backward(
             x,
             dy,
             c,
             w.map(|w| &w[..]),
-            &cache,
+            saved,
             dw.map(|d| &mut d[..]),
             db.map(|d| &mut d[..]),
         )

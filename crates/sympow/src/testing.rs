@@ -80,3 +80,34 @@ pub fn numerical_grad(f: &mut dyn FnMut(&[f64]) -> f64, x: &[f64], h: f64) -> Ve
         })
         .collect()
 }
+
+/// A test's base seed: `SYMPOW_TEST_SEED` if set, otherwise drawn from the clock; printed with
+/// `label`, so that a failure can be replayed exactly.
+pub fn test_seed(label: &str) -> u64 {
+    let s = std::env::var("SYMPOW_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos() as u64)
+        });
+    eprintln!("{label}: SYMPOW_TEST_SEED={s}");
+    s
+}
+
+/// The metric lines of the run in `dir`, each without its wall-clock throughput: what two runs
+/// that computed the same thing must agree on exactly.
+pub fn metrics_without_timing(dir: &std::path::Path) -> Vec<String> {
+    let path = crate::train::RunPaths::new(dir).metrics;
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).expect("metric lines are JSON");
+            if let Some(o) = v.as_object_mut() {
+                o.remove("tokens_per_second");
+            }
+            v.to_string()
+        })
+        .collect()
+}

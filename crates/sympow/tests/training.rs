@@ -43,16 +43,7 @@ fn opts(out: &std::path::Path, resume: bool, stop_after: Option<u64>) -> TrainOp
 }
 
 fn losses(dir: &std::path::Path) -> Vec<String> {
-    // every metric except wall-clock throughput
-    std::fs::read_to_string(RunPaths::new(dir).metrics)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("tokens_per_second");
-            v.to_string()
-        })
-        .collect()
+    sympow::testing::metrics_without_timing(dir)
 }
 
 #[test]

@@ -3,13 +3,14 @@
 use crate::float::Float;
 use rayon::prelude::*;
 
-/// What the backward pass needs from the forward.
+/// What the backward pass needs from the forward (`T` a tensor: `Vec<F>` here, a device
+/// buffer on a GPU backend).
 #[derive(Clone, Debug)]
-pub struct LayerNormCache<F> {
+pub struct LayerNormSaved<T> {
     /// Per-row mean.
-    pub mean: Vec<F>,
+    pub mean: T,
     /// Per-row 1/√(var + eps).
-    pub rstd: Vec<F>,
+    pub rstd: T,
 }
 
 /// Normalisation epsilon.
@@ -21,7 +22,7 @@ pub fn layer_norm_forward<F: Float>(
     c: usize,
     w: Option<&[F]>,
     b: Option<&[F]>,
-) -> (Vec<F>, LayerNormCache<F>) {
+) -> (Vec<F>, LayerNormSaved<Vec<F>>) {
     let mut y = vec![F::zero(); x.len()];
     let stats: Vec<(F, F)> = x
         .par_chunks_exact(c)
@@ -39,7 +40,7 @@ pub fn layer_norm_forward<F: Float>(
         })
         .collect();
     let (mean, rstd) = stats.into_iter().unzip();
-    (y, LayerNormCache { mean, rstd })
+    (y, LayerNormSaved { mean, rstd })
 }
 
 /// Returns ∂L/∂x and adds ∂L/∂w, ∂L/∂b into `dw`, `db` when the affine is present.
@@ -48,7 +49,7 @@ pub fn layer_norm_backward<F: Float>(
     dy: &[F],
     c: usize,
     w: Option<&[F]>,
-    cache: &LayerNormCache<F>,
+    saved: &LayerNormSaved<Vec<F>>,
     mut dw: Option<&mut [F]>,
     mut db: Option<&mut [F]>,
 ) -> Vec<F> {
@@ -60,7 +61,7 @@ pub fn layer_norm_backward<F: Float>(
         .enumerate()
         .with_min_len(64)
         .for_each(|(r, ((xr, dyr), dxr))| {
-            let (mu, rs) = (cache.mean[r], cache.rstd[r]);
+            let (mu, rs) = (saved.mean[r], saved.rstd[r]);
             let mut sum_g = F::zero();
             let mut sum_gn = F::zero();
             for j in 0..c {
@@ -77,7 +78,7 @@ pub fn layer_norm_backward<F: Float>(
     // parameter gradients: a reduction over rows, kept sequential so results are deterministic
     if dw.is_some() || db.is_some() {
         for (r, (xr, dyr)) in x.chunks_exact(c).zip(dy.chunks_exact(c)).enumerate() {
-            let (mu, rs) = (cache.mean[r], cache.rstd[r]);
+            let (mu, rs) = (saved.mean[r], saved.rstd[r]);
             for j in 0..c {
                 if let Some(dw) = dw.as_deref_mut() {
                     dw[j] += dyr[j] * (xr[j] - mu) * rs;

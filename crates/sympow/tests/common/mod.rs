@@ -4,19 +4,9 @@
 
 use sympow::ops::rotary;
 
-/// The run's base seed: SYMPOW_TEST_SEED if set, otherwise drawn from the clock.
+/// The run's base seed: SYMPOW_TEST_SEED if set, otherwise drawn from the clock (printed).
 pub fn seed(test: &str) -> u64 {
-    let s = std::env::var("SYMPOW_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos() as u64
-        });
-    eprintln!("{test}: SYMPOW_TEST_SEED={s}");
-    s
+    sympow::testing::test_seed(test)
 }
 
 /// Rotary variants exercised by the tests.
