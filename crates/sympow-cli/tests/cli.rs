@@ -154,6 +154,14 @@ fn bad_inputs_fail_with_one_line_and_touch_nothing() {
     assert_error(&sympow(&["train", "--set", "model.heads=0"]), "model.heads");
     assert_error(&sympow(&["train", "--set", "model.chunk=0"]), "model.chunk");
     assert_error(&sympow(&["train", "--set", "train.lr=fast"]), "train.lr");
+    assert_error(
+        &sympow(&["bench", "attention", "--chunk", "100"]),
+        "--chunk",
+    );
+    assert_error(
+        &sympow(&["bench", "attention", "--head-dim", "48"]),
+        "--head-dim",
+    );
     // an existing run is not overwritten
     assert_error(&train_small(&run, &[]), "already holds a run");
     assert!(

@@ -4,16 +4,19 @@
 //! `kernels/ops.cu`, the GPU twin of the CPU op of the same name (and tested against it on the
 //! device by `sympow device-check`). Tensors are f32 device buffers.
 //!
-//! Attention runs as the naive quadratic-form kernels of `kernels/attention.cu` (one thread per
-//! query or key, CUDA cores) for sequences of up to [`GPU_ATTENTION_MAX_T`] tokens, and through
-//! the CPU implementation (copies to the host and back) beyond. The fused tensor-core
-//! chunked-sympow kernels replace both (issue 4).
+//! Sympow attention with p = 2 and head dimension 32, 64 or 128 runs as the fused tensor-core
+//! chunked kernels of [`crate::chunked`] (bf16 operands, f32 accumulation; linear in T). Other
+//! attention (p = 4, softmax, other head sizes) runs as the naive quadratic-form kernels of
+//! `kernels/attention.cu` (one thread per query or key, CUDA cores, f32) for sequences of up to
+//! [`GPU_ATTENTION_MAX_T`] tokens, and through the CPU implementation beyond.
 
+use crate::chunked::{ChunkedSympow, DEFAULT_CHUNK};
 use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
 };
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Form, Shape};
 use sympow::backend::{Backend, CpuBackend, LayerNormSaved};
@@ -42,6 +45,10 @@ pub struct CudaBackend {
     cpu: CpuBackend<f32>,
     name: String,
     ordinal: usize,
+    /// The fused chunked-sympow kernels, or why they are unavailable on this GPU.
+    chunked: Result<ChunkedSympow, String>,
+    use_fused: AtomicBool,
+    chunk: AtomicUsize,
 }
 
 // SAFETY: cudarc's context, stream and cuBLAS handle are used from one thread at a time here
@@ -126,6 +133,7 @@ impl CudaBackend {
         let ptx = cudarc::nvrtc::compile_ptx(SOURCE)
             .map_err(|e| crate::Unavailable::Driver(format!("NVRTC: {e}")))?;
         let module = ctx.load_module(ptx).map_err(drv)?;
+        let chunked = ChunkedSympow::new(&ctx, &stream);
         let mut fns = HashMap::new();
         for k in KERNELS {
             fns.insert(k, module.load_function(k).map_err(drv)?);
@@ -139,7 +147,43 @@ impl CudaBackend {
             cpu: CpuBackend::new(),
             name: info.name,
             ordinal,
+            chunked,
+            use_fused: AtomicBool::new(true),
+            chunk: AtomicUsize::new(DEFAULT_CHUNK),
         })
+    }
+
+    /// Whether the fused chunked-sympow kernels compiled on this GPU (else why not).
+    pub fn fused_attention_status(&self) -> Result<(), String> {
+        self.chunked.as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+
+    /// The fused chunked-sympow kernels, when they compiled on this GPU.
+    pub fn fused_kernels(&self) -> Option<&ChunkedSympow> {
+        self.chunked.as_ref().ok()
+    }
+
+    /// Turns the fused chunked-sympow kernels on or off (off: the naive GPU reference kernels,
+    /// for comparisons).
+    pub fn set_fused_attention(&self, on: bool) {
+        self.use_fused.store(on, Ordering::Relaxed);
+    }
+
+    /// Chunk length of the fused kernels: a multiple of 128, at most 1024 (default 1024;
+    /// shorter sequences use one chunk).
+    pub fn set_attention_chunk(&self, chunk: usize) {
+        assert!(
+            chunk.is_multiple_of(128) && (128..=1024).contains(&chunk),
+            "fused chunk length must be a multiple of 128 in 128..=1024, got {chunk}"
+        );
+        self.chunk.store(chunk, Ordering::Relaxed);
+    }
+
+    /// The fused kernels, when they take this problem and are switched on.
+    fn fused(&self, spec: &AttentionSpec, shape: &Shape) -> Option<&ChunkedSympow> {
+        let k = self.chunked.as_ref().ok()?;
+        (self.use_fused.load(Ordering::Relaxed) && ChunkedSympow::supports(spec, shape))
+            .then_some(k)
     }
 
     fn up_u32(&self, v: &[u32]) -> CudaSlice<u32> {
@@ -794,6 +838,10 @@ impl Backend for CudaBackend {
         v: &CudaSlice<f32>,
         log_gates: Option<&CudaSlice<f32>>,
     ) -> AttentionOut<CudaSlice<f32>> {
+        if let Some(f) = self.fused(spec, shape) {
+            let c = self.chunk.load(Ordering::Relaxed);
+            return f.forward(&self.stream, spec, shape, c, q, k, v, log_gates);
+        }
         if !self.gpu_attention(shape) {
             let g = log_gates.map(|g| self.download(g));
             let out = self.cpu.attention_forward(
@@ -844,6 +892,10 @@ impl Backend for CudaBackend {
         out: &AttentionOut<CudaSlice<f32>>,
         dy: &CudaSlice<f32>,
     ) -> AttentionGrads<CudaSlice<f32>> {
+        if let Some(f) = self.fused(spec, shape) {
+            let c = self.chunk.load(Ordering::Relaxed);
+            return f.backward(&self.stream, spec, shape, c, q, k, v, log_gates, out, dy);
+        }
         if !self.gpu_attention(shape) {
             let g = log_gates.map(|g| self.download(g));
             let host_out = AttentionOut {

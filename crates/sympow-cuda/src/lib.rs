@@ -10,13 +10,20 @@ mod backend;
 #[cfg(feature = "cuda")]
 pub use backend::CudaBackend;
 #[cfg(feature = "cuda")]
+pub mod bench;
+#[cfg(feature = "cuda")]
 pub mod check;
+#[cfg(feature = "cuda")]
+pub mod chunked;
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
 pub mod parallel;
 #[cfg(feature = "cuda")]
 pub use device::CudaGpu;
+
+/// Head dimensions (dk = dv) the fused chunked-sympow kernels are built for.
+pub const FUSED_HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
 /// Why the CUDA backend is not available.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

@@ -1,0 +1,881 @@
+// Chunked symmetric-power attention, p = 2, on tensor cores: the GPU twin of
+// crates/sympow/src/attention/chunked.rs (SPEC §4), for head dimension D = dk = dv ∈ {32, 64, 128}.
+//
+// Every matrix product is an mma.sync m16n8k16 (bf16 operands, f32 accumulation) on fragments
+// loaded from shared memory. The degree-2 feature map is never materialised: φ(x) = x ⊗ x, so a
+// product with φ(X) is a loop over the first factor's index a of products with diag(x_a)·X —
+// the scaling folded into an operand fragment (states) or into the accumulator (reads).
+// States are kept for the full D×D index pair (symmetric, stored twice): simpler than the
+// D(D+1)/2 packed form at 2× its state FLOPs and bytes (noted in docs/PERFORMANCE.md).
+//
+// Pipeline (one launch each; [BH] = batch·heads, [T] tokens, chunks of L tokens, NC chunks):
+//   sp_prep     g → local cumulative gates G and chunk totals Γ; bf16 staging copies
+//               qs = σq, kr = k, q̃ = σ e^{G/2} q, k̃ = e^{(Γ−G)/2} k, v' = [v, 1, 0…] (E wide)
+//   sp_chunk_states  per chunk (in parallel), ΔS_i = φ(K̃_i)ᵀV'_i (or φ(Q̃_i)ᵀ∂N_i backward)
+//   sp_discumsum     in place, the discounted cumulative sums S_i = Σ_{j<i} e^{Γ_{j+1}+…} ΔS_j
+//               (forward), or in reverse order R_i = ∂L/∂ΔS_i, plus ∂Γ (backward)
+//   sp_read     Σ_a x_a (X S[a]) (the inter-chunk numerator|denominator, or dv'), and/or
+//               2·rowdot(X S[a], W) (∂x)
+//   sp_intra_fwd  causal (σq·k)² e^{G_t−G_s} inside the chunk, plus the combine
+//               y = (inter + intra)_num / (inter + intra)_den + ε)
+//   sp_bwd_prep, sp_intra_bwd_dkv, sp_intra_bwd_dq, sp_bwd_final: the backward pass.
+// Layout of the model's tensors: q, k, v, y, dy [B, T, H, D]; g, log_norm [B, T, H].
+
+typedef unsigned short bf16;
+typedef unsigned int u32;
+
+#define THREADS 256
+#define WARPS 8
+#define FULL 0xffffffffu
+
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ bf16 f2b(float x) { return (bf16)(pack2(x, 0.f) & 0xffffu); }
+__device__ __forceinline__ float b2f(bf16 x) { return __uint_as_float(((u32)x) << 16); }
+__device__ __forceinline__ u32 scale2(u32 v, float lo, float hi) {
+    return pack2(__uint_as_float(v << 16) * lo, __uint_as_float(v & 0xffff0000u) * hi);
+}
+
+// c += a·b for a 16×16 (row) by 16×8 (col) tile.
+__device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// A fragment (rows r0.., columns k0..k0+16) of a row-major bf16 tile with leading dimension ld.
+__device__ __forceinline__ void lda(u32* a, const bf16* s, int ld, int r0, int k0) {
+    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const bf16* p = s + (r0 + g) * ld + k0 + 2 * t;
+    a[0] = *(const u32*)p;
+    a[1] = *(const u32*)(p + 8 * ld);
+    a[2] = *(const u32*)(p + 8);
+    a[3] = *(const u32*)(p + 8 * ld + 8);
+}
+// B fragment (k0..k0+16 × n0..n0+8) of a tile stored n-major: s[n * ld + k].
+__device__ __forceinline__ void ldb(u32* b, const bf16* s, int ld, int n0, int k0) {
+    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const bf16* p = s + (n0 + g) * ld + k0 + 2 * t;
+    b[0] = *(const u32*)p;
+    b[1] = *(const u32*)(p + 8);
+}
+// Two accumulator tiles (columns n, n+8 of a 16-row block) as the A fragment of the next product.
+__device__ __forceinline__ void acc_to_a(u32* a, const float* c0, const float* c1) {
+    a[0] = pack2(c0[0], c0[1]);
+    a[1] = pack2(c0[2], c0[3]);
+    a[2] = pack2(c1[0], c1[1]);
+    a[3] = pack2(c1[2], c1[3]);
+}
+
+// ldmatrix .trans: fragments of operands whose tile is stored k-major (token rows), so that
+// products contracting over tokens need no transposed copy in shared memory.
+__device__ __forceinline__ void ldsm_x4_t(u32* r, const bf16* p) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+// B fragments of two adjacent tiles n0, n0+8 (b[0..1] and b[2..3]), k0..k0+16, from s[k * ld + n].
+__device__ __forceinline__ void ldb2_kmajor(u32* b, const bf16* s, int ld, int k0, int n0) {
+    int lane = threadIdx.x & 31, m = lane >> 3, r = lane & 7;
+    ldsm_x4_t(b, s + (k0 + (m & 1) * 8 + r) * ld + n0 + (m >> 1) * 8);
+}
+// A fragment (rows m0..m0+16, columns k0..k0+16) of a matrix stored transposed, s[k * ld + m].
+__device__ __forceinline__ void lda_kmajor(u32* a, const bf16* s, int ld, int m0, int k0) {
+    int lane = threadIdx.x & 31, mi = lane >> 3, r = lane & 7;
+    ldsm_x4_t(a, s + (k0 + (mi >> 1) * 8 + r) * ld + m0 + (mi & 1) * 8);
+}
+
+// dst[r][c] = src[r][c] for r < nvalid, 0 beyond; cols and ld multiples of 8 (16-byte vectors).
+__device__ __forceinline__ void load_rows(bf16* dst, int ld, const bf16* src, int nvalid, int rows, int cols) {
+    int vec = cols / 8;
+    for (int i = threadIdx.x; i < rows * vec; i += blockDim.x) {
+        int r = i / vec, c = (i % vec) * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r < nvalid) v = *(const uint4*)(src + (long)r * cols + c);
+        *(uint4*)(dst + r * ld + c) = v;
+    }
+}
+// Asynchronous copy of rows (as load_rows; rows ≥ nvalid zero-filled): issue now, wait later, so
+// the next tile streams in while this one is multiplied (double buffering).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    u32 d = (u32)__cvta_generic_to_shared(dst);
+    int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void load_rows_async(bf16* dst, int ld, const bf16* src, int nvalid, int rows, int cols) {
+    int vec = cols / 8;
+    for (int i = threadIdx.x; i < rows * vec; i += blockDim.x) {
+        int r = i / vec, c = (i % vec) * 8;
+        bool ok = r < nvalid;
+        cp_async16(dst + r * ld + c, ok ? src + (long)r * cols + c : src, ok);
+    }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_wait_prev() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+
+__device__ __forceinline__ float warp_sum(float x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(FULL, x, o);
+    return x;
+}
+// Sum over the 4 lanes that share an accumulator row.
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(FULL, x, 1);
+    x += __shfl_xor_sync(FULL, x, 2);
+    return x;
+}
+
+template <int D> struct Dims {
+    static constexpr int E = ((D + 1 + 15) / 16) * 16;  // [v, 1] padded to 16 columns
+    static constexpr int NT = E / 8;                     // accumulator tiles across E
+    // sp_chunk_states: a block owns A values of the first feature index, 8·U (a, 16-row) units.
+    static constexpr int U = D >= 128 ? 1 : 2;
+    static constexpr int A = WARPS * U / (D / 16);
+    static constexpr int TT = 64;  // tokens per staged tile
+    // intra backward: queries per tile of the key-side kernel
+    static constexpr int QB = D >= 128 ? 32 : 64;
+};
+
+// Shared-memory bytes each kernel needs (one source of truth: the host asks sp_smem_sizes).
+template <int D> struct Smem {
+    typedef Dims<D> Dm;
+    static constexpr int E = Dm::E;
+    static constexpr int prep = 1024 * 4;
+    static constexpr int states = 2 * Dm::TT * ((D + 8) + (E + 8)) * 2;
+    static constexpr int read = (2 * E * (D + 8) + 128 * (D + 8) + 128 * (E + 8)) * 2 + 128 * (D + 1) * 4;
+    static constexpr int intra_fwd = (128 * (D + 8) + 64 * (D + 8) + 64 * (E + 8)) * 2 + 64 * 4;
+    static constexpr int dkv = (128 * (D + 8) + 128 * (E + 8) + Dm::QB * (D + 8) + Dm::QB * (E + 8)) * 2 + Dm::QB * 4;
+    static constexpr int dq = (128 * (D + 8) + 128 * (E + 8) + 64 * (D + 8) + 64 * (E + 8)) * 2 + 64 * 4;
+    static constexpr int final_ = 1024 * 4 + WARPS * 4;
+};
+
+extern __shared__ __align__(16) unsigned char smem[];
+
+// ---------------------------------------------------------------------------------------------
+template <int D>
+__device__ void sp_prep(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float* Gout, float* Gam, const float* q,
+                        const float* k, const float* v, const float* g, int T, int H, int L, float scale) {
+    constexpr int E = Dims<D>::E;
+    int bh = blockIdx.x, ci = blockIdx.y, NC = gridDim.y;
+    int b = bh / H, h = bh % H;
+    int t0 = ci * L, n = min(L, T - t0);
+    float* Gs = (float*)smem;
+    __shared__ float total;
+    if (threadIdx.x < 32) {  // inclusive cumulative sum of the chunk's log-gates, in double
+        int lane = threadIdx.x, per = (n + 31) / 32, s0 = min(lane * per, n), s1 = min(s0 + per, n);
+        double acc = 0.0;
+        if (g)
+            for (int s = s0; s < s1; s++) acc += g[(long)(b * T + t0 + s) * H + h];
+        double pre = acc;
+        for (int o = 1; o < 32; o <<= 1) {
+            double y = __shfl_up_sync(FULL, pre, o);
+            if (lane >= o) pre += y;
+        }
+        double run = pre - acc;
+        for (int s = s0; s < s1; s++) {
+            if (g) run += g[(long)(b * T + t0 + s) * H + h];
+            Gs[s] = (float)run;
+        }
+        if (lane == 31) total = (float)pre;
+    }
+    __syncthreads();
+    float Gm = total;
+    if (threadIdx.x == 0) Gam[bh * NC + ci] = Gm;
+    for (long i = threadIdx.x; i < (long)n * D; i += blockDim.x) {
+        int s = i / D, j = i % D;
+        long src = ((long)(b * T + t0 + s) * H + h) * D + j, dst = ((long)bh * T + t0 + s) * D + j;
+        float G = Gs[s], qv = q[src] * scale, kv = k[src];
+        qs[dst] = f2b(qv);
+        kr[dst] = f2b(kv);
+        qt[dst] = f2b(qv * expf(0.5f * G));
+        kt[dst] = f2b(kv * expf(0.5f * (Gm - G)));
+    }
+    for (long i = threadIdx.x; i < (long)n * E; i += blockDim.x) {
+        int s = i / E, j = i % E;
+        float x = j < D ? v[((long)(b * T + t0 + s) * H + h) * D + j] : (j == D ? 1.f : 0.f);
+        vp[((long)bh * T + t0 + s) * E + j] = f2b(x);
+    }
+    for (int s = threadIdx.x; s < n; s += blockDim.x) Gout[(long)bh * T + t0 + s] = Gs[s];
+}
+
+// ---------------------------------------------------------------------------------------------
+// One chunk's contribution to the state, out[bh][i][a][j][b] = Σ_τ x_τa x_τb y_τj (bf16), for
+// x = k̃, y = v' (forward: ΔS_i) or x = q̃, y = ∂N (backward: the state gradient taken directly by
+// chunk i's queries). Block (bh, group of A first indices a, chunk i); each warp owns U
+// (a, 16 rows of b) units × all E columns; tiles of TT tokens, token-major in shared memory.
+template <int D>
+__device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, int L) {
+    typedef Dims<D> Dm;
+    constexpr int E = Dm::E, NT = Dm::NT, U = Dm::U, MT = D / 16, TT = Dm::TT, LDX = D + 8, LDY = E + 8;
+    bf16* buf = (bf16*)smem;    // two stages of Xs [TT][LDX] then Ys [TT][LDY]
+    constexpr int STAGE = TT * (LDX + LDY);
+    int bh = blockIdx.x, a0 = blockIdx.y * Dm::A, ci = blockIdx.z, NC = gridDim.z;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    float acc[U][NT][4];
+#pragma unroll
+    for (int u = 0; u < U; u++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[u][nt][i] = 0.f;
+    int t0 = ci * L, n = min(L, T - t0);
+    const bf16* xh = x + ((long)bh * T + t0) * D;
+    const bf16* yh = y + ((long)bh * T + t0) * E;
+    auto issue = [&](int s0) {
+        if (s0 < n) {
+            bf16* st = buf + ((s0 / TT) & 1) * STAGE;
+            int nv = min(TT, n - s0);
+            load_rows_async(st, LDX, xh + (long)s0 * D, nv, TT, D);
+            load_rows_async(st + TT * LDX, LDY, yh + (long)s0 * E, nv, TT, E);
+        }
+        cp_async_commit();
+    };
+    issue(0);
+    for (int s0 = 0; s0 < n; s0 += TT) {
+        issue(s0 + TT);
+        cp_async_wait_prev();
+        __syncthreads();
+        const bf16* Xs = buf + ((s0 / TT) & 1) * STAGE;
+        const bf16* Ys = Xs + TT * LDX;
+#pragma unroll
+        for (int kk = 0; kk < TT; kk += 16) {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                int unit = warp * U + u, a = a0 + unit / MT, mt = unit % MT;
+                u32 af[4];
+                lda_kmajor(af, Xs, LDX, mt * 16, kk);  // A(b, τ) = x_τb
+                const bf16* xa = Xs + (kk + 2 * t) * LDX + a;  // times x_τa
+                float s0f = b2f(xa[0]), s1f = b2f(xa[LDX]), s8 = b2f(xa[8 * LDX]), s9 = b2f(xa[9 * LDX]);
+                af[0] = scale2(af[0], s0f, s1f);
+                af[1] = scale2(af[1], s0f, s1f);
+                af[2] = scale2(af[2], s8, s9);
+                af[3] = scale2(af[3], s8, s9);
+#pragma unroll
+                for (int nt = 0; nt < NT; nt += 2) {
+                    u32 bfr[4];
+                    ldb2_kmajor(bfr, Ys, LDY, kk, nt * 8);
+                    mma16816(acc[u][nt], af, bfr);
+                    mma16816(acc[u][nt + 1], af, bfr + 2);
+                }
+            }
+        }
+        __syncthreads();  // this stage is refilled by the next iteration's issue
+    }
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        int unit = warp * U + u, a = a0 + unit / MT, mt = unit % MT;
+        long base = (((long)bh * NC + ci) * D + a) * E * D;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int row = mt * 16 + g + (i >= 2 ? 8 : 0), col = nt * 8 + 2 * t + (i & 1);
+                out[base + (long)col * D + row] = f2b(acc[u][nt][i]);
+            }
+    }
+}
+
+// In place over the chunks of each head: the per-chunk contributions Δ_i become the discounted
+// cumulative sums that enter each chunk. Forward (reverse = 0): S_i = Σ_{j<i} e^{Γ_{j+1}+…+Γ_{i−1}} Δ_j,
+// i.e. run = 0; S_i = run; run = e^{Γ_i} run + Δ_i. Reverse: the same from the last chunk down,
+// giving R_i = ∂L/∂ΔS_i, and ∂Γ_i += e^{Γ_i} ⟨R_i, S_i⟩ when Sfwd is given (f32 running sums).
+// Block (bh, slice of 2·THREADS·PER elements); memory-bound.
+#define DISC_PER 4
+__device__ void sp_discumsum(bf16* st, const float* Gam, long per_chunk, int NC, int reverse, const bf16* Sfwd,
+                             float* dGam) {
+    __shared__ float red[WARPS];
+    int bh = blockIdx.x;
+    long e0 = ((long)blockIdx.y * THREADS + threadIdx.x) * 2 * DISC_PER;
+    float run[2 * DISC_PER];
+#pragma unroll
+    for (int i = 0; i < 2 * DISC_PER; i++) run[i] = 0.f;
+    for (int step = 0; step < NC; step++) {
+        int ci = reverse ? NC - 1 - step : step;
+        float decay = expf(Gam[bh * NC + ci]);
+        long base = ((long)bh * NC + ci) * per_chunk + e0;
+        float dot = 0.f;
+        if (e0 < per_chunk) {
+#pragma unroll
+            for (int v = 0; v < DISC_PER; v++) {
+                u32* p = (u32*)(st + base) + v;
+                u32 d = *p;
+                *p = pack2(run[2 * v], run[2 * v + 1]);
+                if (Sfwd) {
+                    u32 f = *((const u32*)(Sfwd + base) + v);
+                    dot += run[2 * v] * __uint_as_float(f << 16) + run[2 * v + 1] * __uint_as_float(f & 0xffff0000u);
+                }
+                run[2 * v] = run[2 * v] * decay + __uint_as_float(d << 16);
+                run[2 * v + 1] = run[2 * v + 1] * decay + __uint_as_float(d & 0xffff0000u);
+            }
+        }
+        if (dGam) {
+            dot = warp_sum(dot);
+            if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = dot;
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                float tot = 0.f;
+                for (int w = 0; w < WARPS; w++) tot += red[w];
+                atomicAdd(&dGam[bh * NC + ci], decay * tot);
+            }
+            __syncthreads();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// For the 128 tokens of a block (one chunk, one head) and that chunk's state S[a][j][b]:
+// Y_a = X S[a] (tokens × E) for every a; r = Σ_a x_a ⊙ Y_a (if r) and dx[:, a] = 2·rowdot(Y_a, W)
+// (if dx). r is f32 [BH][T][E], dx f32 [BH][T][D].
+template <int D>
+__device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
+    typedef Dims<D> Dm;
+    constexpr int E = Dm::E, NT = Dm::NT, QT = 128, LDX = D + 8, LDW = E + 8, LDD = D + 1;
+    bf16* Sbuf = (bf16*)smem;       // two stages of [E][LDX]
+    bf16* Xs = Sbuf + 2 * E * LDX;  // [QT][LDX]
+    bf16* Ws = Xs + QT * LDX;       // [QT][LDW]
+    float* dXs = (float*)(Ws + QT * LDW);  // [QT][LDD]
+    int bh = blockIdx.x, ci = blockIdx.y, tile = blockIdx.z;
+    int t0 = ci * L + tile * QT;
+    if (tile * QT >= L || t0 >= T) return;
+    int nv = min(QT, T - t0);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, row0 = warp * 16;
+    load_rows(Xs, LDX, x + ((long)bh * T + t0) * D, nv, QT, D);
+    if (w) load_rows(Ws, LDW, w + ((long)bh * T + t0) * E, nv, QT, E);
+    float racc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) racc[nt][i] = 0.f;
+    const bf16* Sc = S + ((long)bh * NC + ci) * D * E * D;
+    load_rows_async(Sbuf, LDX, Sc, E, E, D);
+    cp_async_commit();
+    for (int a = 0; a < D; a++) {
+        if (a + 1 < D) load_rows_async(Sbuf + ((a + 1) & 1) * E * LDX, LDX, Sc + (long)(a + 1) * E * D, E, E, D);
+        cp_async_commit();
+        cp_async_wait_prev();
+        __syncthreads();
+        const bf16* Ss = Sbuf + (a & 1) * E * LDX;
+        float yv[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) yv[nt][i] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D; kk += 16) {
+            u32 af[4];
+            lda(af, Xs, LDX, row0, kk);
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                u32 bfr[2];
+                ldb(bfr, Ss, LDX, nt * 8, kk);
+                mma16816(yv[nt], af, bfr);
+            }
+        }
+        if (r) {
+            float x0 = b2f(Xs[(row0 + g) * LDX + a]), x1 = b2f(Xs[(row0 + g + 8) * LDX + a]);
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                racc[nt][0] += x0 * yv[nt][0];
+                racc[nt][1] += x0 * yv[nt][1];
+                racc[nt][2] += x1 * yv[nt][2];
+                racc[nt][3] += x1 * yv[nt][3];
+            }
+        }
+        if (dx) {
+            float p0 = 0.f, p1 = 0.f;
+            const bf16* w0 = Ws + (row0 + g) * LDW + 2 * t;
+            const bf16* w1 = w0 + 8 * LDW;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                p0 += yv[nt][0] * b2f(w0[nt * 8]) + yv[nt][1] * b2f(w0[nt * 8 + 1]);
+                p1 += yv[nt][2] * b2f(w1[nt * 8]) + yv[nt][3] * b2f(w1[nt * 8 + 1]);
+            }
+            p0 = quad_sum(p0);
+            p1 = quad_sum(p1);
+            if (t == 0) {
+                dXs[(row0 + g) * LDD + a] = 2.f * p0;
+                dXs[(row0 + g + 8) * LDD + a] = 2.f * p1;
+            }
+        }
+        __syncthreads();  // stage (a & 1) is refilled by the next iteration's copy
+    }
+    if (r) {
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int row = row0 + g + (i >= 2 ? 8 : 0), col = nt * 8 + 2 * t + (i & 1);
+                if (row < nv) r[((long)bh * T + t0 + row) * E + col] = racc[nt][i];
+            }
+    }
+    if (dx) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < nv * D; i += blockDim.x)
+            dx[((long)bh * T + t0) * D + i] = dXs[(i / D) * LDD + i % D];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Intra-chunk attention of 128 queries (8 warps × 16) against the chunk's earlier keys, 64 at a
+// time, then the combine with the inter-chunk part `inter` ([BH][T][E] f32, numerator|den).
+template <int D>
+__device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf16* kr, const bf16* vp, const float* G,
+                             const float* inter, int T, int H, int L, float eps) {
+    typedef Dims<D> Dm;
+    constexpr int E = Dm::E, NT = Dm::NT, QT = 128, KT = 64, LDQ = D + 8, LDV = E + 8;
+    bf16* Qs = (bf16*)smem;        // [QT][LDQ]
+    bf16* Ks = Qs + QT * LDQ;      // [KT][LDQ]
+    bf16* Vs = Ks + KT * LDQ;      // [KT][LDV]
+    float* Gk = (float*)(Vs + KT * LDV);
+    int bh = blockIdx.x, ci = blockIdx.y, tile = blockIdx.z, b = bh / H, h = bh % H;
+    int c0 = ci * L, q0 = c0 + tile * QT;
+    if (tile * QT >= L || q0 >= T) return;
+    int nq = min(QT, T - q0);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, row0 = warp * 16;
+    load_rows(Qs, LDQ, qs + ((long)bh * T + q0) * D, nq, QT, D);
+    int qi0 = q0 + row0 + g, qi1 = qi0 + 8;
+    float Gq0 = qi0 < T ? G[(long)bh * T + qi0] : 0.f, Gq1 = qi1 < T ? G[(long)bh * T + qi1] : 0.f;
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[nt][i] = 0.f;
+    int kend = min(q0 + QT, T);
+    for (int k0 = c0; k0 < kend; k0 += KT) {
+        int nk = min(KT, T - k0);
+        __syncthreads();
+        load_rows(Ks, LDQ, kr + ((long)bh * T + k0) * D, nk, KT, D);
+        load_rows(Vs, LDV, vp + ((long)bh * T + k0) * E, nk, KT, E);
+        for (int i = threadIdx.x; i < KT; i += blockDim.x) Gk[i] = i < nk ? G[(long)bh * T + k0 + i] : 0.f;
+        __syncthreads();
+        if (k0 > q0 + row0 + 15) continue;  // every key after every query of this warp
+        float s[KT / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < KT / 8; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) s[nt][i] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D; kk += 16) {
+            u32 af[4];
+            lda(af, Qs, LDQ, row0, kk);
+#pragma unroll
+            for (int nt = 0; nt < KT / 8; nt++) {
+                u32 bfr[2];
+                ldb(bfr, Ks, LDQ, nt * 8, kk);
+                mma16816(s[nt], af, bfr);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < KT / 8; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int qi = i >= 2 ? qi1 : qi0, kj = k0 + nt * 8 + 2 * t + (i & 1);
+                float u = s[nt][i];
+                s[nt][i] = (kj <= qi && kj < T) ? u * u * expf((i >= 2 ? Gq1 : Gq0) - Gk[kj - k0]) : 0.f;
+            }
+#pragma unroll
+        for (int ks = 0; ks < KT / 16; ks++) {
+            u32 pf[4];
+            acc_to_a(pf, s[2 * ks], s[2 * ks + 1]);
+#pragma unroll
+            for (int nt = 0; nt < NT; nt += 2) {
+                u32 bfr[4];
+                ldb2_kmajor(bfr, Vs, LDV, ks * 16, nt * 8);
+                mma16816(acc[nt], pf, bfr);
+                mma16816(acc[nt + 1], pf, bfr + 2);
+            }
+        }
+    }
+    // combine: the denominator is column D (tile D/8, element 0/2 of the row's first lane)
+    int src = lane & ~3;
+    float den0 = __shfl_sync(FULL, acc[D / 8][0], src), den1 = __shfl_sync(FULL, acc[D / 8][2], src);
+    int r0 = row0 + g, r1 = r0 + 8;
+    if (r0 < nq) den0 += inter[((long)bh * T + q0 + r0) * E + D];
+    if (r1 < nq) den1 += inter[((long)bh * T + q0 + r1) * E + D];
+    den0 += eps;
+    den1 += eps;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int row = i >= 2 ? r1 : r0, col = nt * 8 + 2 * t + (i & 1);
+            if (row >= nq) continue;
+            long tok = (long)bh * T + q0 + row;
+            float num = acc[nt][i] + inter[tok * E + col];
+            y[((long)(b * T + q0 + row) * H + h) * D + col] = num / (i >= 2 ? den1 : den0);
+        }
+    if (t == 0) {
+        if (r0 < nq) log_norm[(long)(b * T + q0 + r0) * H + h] = logf(den0);
+        if (r1 < nq) log_norm[(long)(b * T + q0 + r1) * H + h] = logf(den1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ∂L/∂(numerator, denominator) per query: [dy/Z', −(dy·y)/Z', 0…] with Z' = e^{log_norm}; one
+// warp per token, bf16 [BH][T][E].
+template <int D>
+__device__ void sp_bwd_prep(bf16* dN, const float* dy, const float* y, const float* log_norm, int B, int T, int H) {
+    constexpr int E = Dims<D>::E;
+    long tok = (long)blockIdx.x * WARPS + (threadIdx.x >> 5);  // (b, t, h) row
+    int lane = threadIdx.x & 31;
+    if (tok >= (long)B * T * H) return;
+    int h = tok % H, tt = (tok / H) % T, b = tok / H / T;
+    long bht = ((long)(b * H + h) * T + tt) * E;
+    float inv = expf(-log_norm[tok]), dot = 0.f;
+    for (int j = lane; j < D; j += 32) {
+        float d = dy[tok * D + j];
+        dot += d * y[tok * D + j];
+        dN[bht + j] = f2b(d * inv);
+    }
+    dot = warp_sum(dot);
+    for (int j = D + lane; j < E; j += 32) dN[bht + j] = f2b(j == D ? -dot * inv : 0.f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Intra-chunk backward, key side: 128 keys (8 warps × 16) against the chunk's later queries, QB
+// at a time. ∂k (raw, f32 [BH][T][D]), ∂v' (first D columns, f32 [BH][T][D]), ∂G of the keys.
+template <int D>
+__device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* qs, const bf16* kr, const bf16* vp,
+                                 const bf16* dN, const float* G, int T, int L) {
+    typedef Dims<D> Dm;
+    constexpr int E = Dm::E, NT = Dm::NT, QB = Dm::QB, KB = 128, LDK = D + 8, LDV = E + 8;
+    bf16* Ks = (bf16*)smem;        // [KB][LDK]
+    bf16* Vs = Ks + KB * LDK;      // [KB][LDV]
+    bf16* Qs = Vs + KB * LDV;      // [QB][LDK]
+    bf16* Ns = Qs + QB * LDK;      // [QB][LDV]
+    float* Gq = (float*)(Ns + QB * LDV);
+    int bh = blockIdx.x, ci = blockIdx.y, tile = blockIdx.z;
+    int k0 = ci * L + tile * KB;
+    if (tile * KB >= L || k0 >= T) return;
+    int nk = min(KB, T - k0), cend = min(ci * L + L, T);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, row0 = warp * 16;
+    load_rows(Ks, LDK, kr + ((long)bh * T + k0) * D, nk, KB, D);
+    load_rows(Vs, LDV, vp + ((long)bh * T + k0) * E, nk, KB, E);
+    int kj0 = k0 + row0 + g, kj1 = kj0 + 8;
+    float Gk0 = kj0 < T ? G[(long)bh * T + kj0] : 0.f, Gk1 = kj1 < T ? G[(long)bh * T + kj1] : 0.f;
+    float dva[NT][4], dka[D / 8][4], dg0 = 0.f, dg1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) dva[nt][i] = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) dka[nt][i] = 0.f;
+    for (int qa = k0; qa < cend; qa += QB) {
+        int nq = min(QB, T - qa);
+        __syncthreads();
+        load_rows(Qs, LDK, qs + ((long)bh * T + qa) * D, nq, QB, D);
+        load_rows(Ns, LDV, dN + ((long)bh * T + qa) * E, nq, QB, E);
+        for (int i = threadIdx.x; i < QB; i += blockDim.x) Gq[i] = i < nq ? G[(long)bh * T + qa + i] : 0.f;
+        __syncthreads();
+        if (k0 + row0 > qa + QB - 1) continue;  // every query before every key of this warp
+        float st[QB / 8][4], da[QB / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < QB / 8; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) st[nt][i] = da[nt][i] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D; kk += 16) {  // Sᵀ = K Qᵀ
+            u32 af[4];
+            lda(af, Ks, LDK, row0, kk);
+#pragma unroll
+            for (int nt = 0; nt < QB / 8; nt++) {
+                u32 bfr[2];
+                ldb(bfr, Qs, LDK, nt * 8, kk);
+                mma16816(st[nt], af, bfr);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < E; kk += 16) {  // ∂Aᵀ = V' ∂Nᵀ
+            u32 af[4];
+            lda(af, Vs, LDV, row0, kk);
+#pragma unroll
+            for (int nt = 0; nt < QB / 8; nt++) {
+                u32 bfr[2];
+                ldb(bfr, Ns, LDV, nt * 8, kk);
+                mma16816(da[nt], af, bfr);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < QB / 8; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int kj = i >= 2 ? kj1 : kj0, qi = qa + nt * 8 + 2 * t + (i & 1);
+                float a = 0.f, ds = 0.f;
+                if (kj <= qi && qi < T && kj < T) {
+                    float u = st[nt][i], wgt = expf(Gq[qi - qa] - (i >= 2 ? Gk1 : Gk0));
+                    a = u * u * wgt;
+                    ds = da[nt][i] * 2.f * u * wgt;
+                    if (i >= 2) dg1 -= da[nt][i] * a; else dg0 -= da[nt][i] * a;
+                }
+                st[nt][i] = a;
+                da[nt][i] = ds;
+            }
+#pragma unroll
+        for (int ks = 0; ks < QB / 16; ks++) {
+            u32 pf[4], df[4];
+            acc_to_a(pf, st[2 * ks], st[2 * ks + 1]);
+            acc_to_a(df, da[2 * ks], da[2 * ks + 1]);
+#pragma unroll
+            for (int nt = 0; nt < NT; nt += 2) {  // ∂V' += Aᵀ ∂N
+                u32 bfr[4];
+                ldb2_kmajor(bfr, Ns, LDV, ks * 16, nt * 8);
+                mma16816(dva[nt], pf, bfr);
+                mma16816(dva[nt + 1], pf, bfr + 2);
+            }
+#pragma unroll
+            for (int nt = 0; nt < D / 8; nt += 2) {  // ∂K += ∂Sᵀ Q
+                u32 bfr[4];
+                ldb2_kmajor(bfr, Qs, LDK, ks * 16, nt * 8);
+                mma16816(dka[nt], df, bfr);
+                mma16816(dka[nt + 1], df, bfr + 2);
+            }
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < D / 8; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int row = row0 + g + (i >= 2 ? 8 : 0), col = nt * 8 + 2 * t + (i & 1);
+            if (row >= nk) continue;
+            long o = ((long)bh * T + k0 + row) * D + col;
+            dk[o] = dka[nt][i];
+            dv[o] = dva[nt][i];
+        }
+    dg0 = quad_sum(dg0);
+    dg1 = quad_sum(dg1);
+    if (t == 0) {
+        if (row0 + g < nk) dGk[(long)bh * T + kj0] = dg0;
+        if (row0 + g + 8 < nk) dGk[(long)bh * T + kj1] = dg1;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Intra-chunk backward, query side: ∂(σq) (f32 [BH][T][D]) and ∂G of the queries.
+template <int D>
+__device__ void sp_intra_bwd_dq(float* dqs, float* dGq, const bf16* qs, const bf16* kr, const bf16* vp, const bf16* dN,
+                                const float* G, int T, int L) {
+    typedef Dims<D> Dm;
+    constexpr int E = Dm::E, QB = 128, KT = 64, LDK = D + 8, LDV = E + 8;
+    bf16* Qs = (bf16*)smem;        // [QB][LDK]
+    bf16* Ns = Qs + QB * LDK;      // [QB][LDV]
+    bf16* Ks = Ns + QB * LDV;      // [KT][LDK]
+    bf16* Vs = Ks + KT * LDK;      // [KT][LDV]
+    float* Gk = (float*)(Vs + KT * LDV);
+    int bh = blockIdx.x, ci = blockIdx.y, tile = blockIdx.z;
+    int c0 = ci * L, q0 = c0 + tile * QB;
+    if (tile * QB >= L || q0 >= T) return;
+    int nq = min(QB, T - q0);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, row0 = warp * 16;
+    load_rows(Qs, LDK, qs + ((long)bh * T + q0) * D, nq, QB, D);
+    load_rows(Ns, LDV, dN + ((long)bh * T + q0) * E, nq, QB, E);
+    int qi0 = q0 + row0 + g, qi1 = qi0 + 8;
+    float Gq0 = qi0 < T ? G[(long)bh * T + qi0] : 0.f, Gq1 = qi1 < T ? G[(long)bh * T + qi1] : 0.f;
+    float dqa[D / 8][4], dg0 = 0.f, dg1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) dqa[nt][i] = 0.f;
+    int kend = min(q0 + QB, T);
+    for (int k0 = c0; k0 < kend; k0 += KT) {
+        int nk = min(KT, T - k0);
+        __syncthreads();
+        load_rows(Ks, LDK, kr + ((long)bh * T + k0) * D, nk, KT, D);
+        load_rows(Vs, LDV, vp + ((long)bh * T + k0) * E, nk, KT, E);
+        for (int i = threadIdx.x; i < KT; i += blockDim.x) Gk[i] = i < nk ? G[(long)bh * T + k0 + i] : 0.f;
+        __syncthreads();
+        if (k0 > q0 + row0 + 15) continue;
+        float s[KT / 8][4], da[KT / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < KT / 8; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) s[nt][i] = da[nt][i] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D; kk += 16) {  // S = Q Kᵀ
+            u32 af[4];
+            lda(af, Qs, LDK, row0, kk);
+#pragma unroll
+            for (int nt = 0; nt < KT / 8; nt++) {
+                u32 bfr[2];
+                ldb(bfr, Ks, LDK, nt * 8, kk);
+                mma16816(s[nt], af, bfr);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < E; kk += 16) {  // ∂A = ∂N V'ᵀ
+            u32 af[4];
+            lda(af, Ns, LDV, row0, kk);
+#pragma unroll
+            for (int nt = 0; nt < KT / 8; nt++) {
+                u32 bfr[2];
+                ldb(bfr, Vs, LDV, nt * 8, kk);
+                mma16816(da[nt], af, bfr);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < KT / 8; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int qi = i >= 2 ? qi1 : qi0, kj = k0 + nt * 8 + 2 * t + (i & 1);
+                float ds = 0.f;
+                if (kj <= qi && kj < T && qi < T) {
+                    float u = s[nt][i], wgt = expf((i >= 2 ? Gq1 : Gq0) - Gk[kj - k0]);
+                    float a = u * u * wgt;
+                    ds = da[nt][i] * 2.f * u * wgt;
+                    if (i >= 2) dg1 += da[nt][i] * a; else dg0 += da[nt][i] * a;
+                }
+                da[nt][i] = ds;
+            }
+#pragma unroll
+        for (int ks = 0; ks < KT / 16; ks++) {  // ∂Q += ∂S K
+            u32 df[4];
+            acc_to_a(df, da[2 * ks], da[2 * ks + 1]);
+#pragma unroll
+            for (int nt = 0; nt < D / 8; nt += 2) {
+                u32 bfr[4];
+                ldb2_kmajor(bfr, Ks, LDK, ks * 16, nt * 8);
+                mma16816(dqa[nt], df, bfr);
+                mma16816(dqa[nt + 1], df, bfr + 2);
+            }
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < D / 8; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int row = row0 + g + (i >= 2 ? 8 : 0), col = nt * 8 + 2 * t + (i & 1);
+            if (row < nq) dqs[((long)bh * T + q0 + row) * D + col] = dqa[nt][i];
+        }
+    dg0 = quad_sum(dg0);
+    dg1 = quad_sum(dg1);
+    if (t == 0) {
+        if (row0 + g < nq) dGq[(long)bh * T + qi0] = dg0;
+        if (row0 + g + 8 < nq) dGq[(long)bh * T + qi1] = dg1;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chain rule back to the model's q, k, v and log-gates, per (bh, chunk):
+//   ∂q = σ(e^{G/2} ∂q̃ + ∂qs), ∂k = e^{(Γ−G)/2} ∂k̃ + ∂k_intra, ∂v = ∂v'_inter + ∂v_intra,
+//   ∂G_τ = ½ q̃·∂q̃ − ½ k̃·∂k̃ + ∂G_intra, ∂Γ = ∂Γ_discumsum + Σ_τ ½ k̃·∂k̃,
+//   ∂g_r = ∂Γ + Σ_{τ ≥ r} ∂G_τ  (G is the inclusive cumulative sum of g inside the chunk).
+template <int D>
+__device__ void sp_bwd_final(float* dq, float* dk, float* dv, float* dg, const float* q, const float* k, const float* G,
+                             const float* Gam, const float* dGam, const float* dqt, const float* dkt, const float* dvp,
+                             const float* dqi, const float* dki, const float* dvi, const float* dGq, const float* dGk,
+                             int T, int H, int L, float scale) {
+    constexpr int E = Dims<D>::E;
+    int bh = blockIdx.x, ci = blockIdx.y, NC = gridDim.y, b = bh / H, h = bh % H;
+    int t0 = ci * L, n = min(L, T - t0);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float* dGs = (float*)smem;
+    float* red = dGs + 1024;
+    float Gm = Gam[bh * NC + ci], kacc = 0.f;
+    for (int s = warp; s < n; s += WARPS) {
+        long tok = (long)bh * T + t0 + s, row = (long)(b * T + t0 + s) * H + h;
+        float Gt = G[tok], eq = scale * expf(0.5f * Gt), ek = expf(0.5f * (Gm - Gt));
+        float qd = 0.f, kd = 0.f;
+        for (int j = lane; j < D; j += 32) {
+            float a = dqt[tok * D + j], c = dkt[tok * D + j];
+            dq[row * D + j] = eq * a + scale * dqi[tok * D + j];
+            dk[row * D + j] = ek * c + dki[tok * D + j];
+            dv[row * D + j] = dvp[tok * E + j] + dvi[tok * D + j];
+            qd += eq * q[row * D + j] * a;
+            kd += ek * k[row * D + j] * c;
+        }
+        qd = warp_sum(qd);
+        kd = warp_sum(kd);
+        if (lane == 0) {
+            dGs[s] = 0.5f * qd - 0.5f * kd + dGq[tok] + dGk[tok];
+            kacc += 0.5f * kd;
+        }
+    }
+    if (lane == 0) red[warp] = kacc;
+    __syncthreads();
+    if (!dg || warp != 0) return;
+    float dgam = dGam[bh * NC + ci];
+    for (int w = 0; w < WARPS; w++) dgam += red[w];
+    // reverse inclusive cumulative sum: lane l owns a contiguous segment
+    int per = (n + 31) / 32, s0 = min(lane * per, n), s1 = min(s0 + per, n);
+    float seg = 0.f;
+    for (int s = s0; s < s1; s++) seg += dGs[s];
+    float suf = seg;  // inclusive suffix over lanes
+    for (int o = 1; o < 32; o <<= 1) {
+        float y = __shfl_down_sync(FULL, suf, o);
+        if (lane + o < 32) suf += y;
+    }
+    float run = suf - seg + dgam;
+    for (int s = s1 - 1; s >= s0; s--) {
+        run += dGs[s];
+        dg[(long)(b * T + t0 + s) * H + h] = run;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+#define SP_INSTANCES(D)                                                                                               \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
+        sp_prep_##D(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float* Gout, float* Gam, const float* q,         \
+                    const float* k, const float* v, const float* g, int T, int H, int L, float scale) {               \
+        sp_prep<D>(qs, kr, qt, kt, vp, Gout, Gam, q, k, v, g, T, H, L, scale);                                        \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
+        sp_chunk_states_##D(bf16* out, const bf16* x, const bf16* y, int T, int L) {                                   \
+        sp_chunk_states<D>(out, x, y, T, L);                                                                          \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
+        sp_read_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {         \
+        sp_read<D>(r, dx, x, S, w, T, L, NC);                                                                         \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
+        sp_intra_fwd_##D(float* y, float* log_norm, const bf16* qs, const bf16* kr, const bf16* vp, const float* G,   \
+                         const float* inter, int T, int H, int L, float eps) {                                        \
+        sp_intra_fwd<D>(y, log_norm, qs, kr, vp, G, inter, T, H, L, eps);                                             \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
+        sp_bwd_prep_##D(bf16* dN, const float* dy, const float* y, const float* log_norm, int B, int T, int H) {     \
+        sp_bwd_prep<D>(dN, dy, y, log_norm, B, T, H);                                                                 \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
+        sp_intra_bwd_dkv_##D(float* dk, float* dv, float* dGk, const bf16* qs, const bf16* kr, const bf16* vp,        \
+                             const bf16* dN, const float* G, int T, int L) {                                          \
+        sp_intra_bwd_dkv<D>(dk, dv, dGk, qs, kr, vp, dN, G, T, L);                                                    \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
+        sp_intra_bwd_dq_##D(float* dqs, float* dGq, const bf16* qs, const bf16* kr, const bf16* vp, const bf16* dN,   \
+                            const float* G, int T, int L) {                                                           \
+        sp_intra_bwd_dq<D>(dqs, dGq, qs, kr, vp, dN, G, T, L);                                                        \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
+        sp_bwd_final_##D(float* dq, float* dk, float* dv, float* dg, const float* q, const float* k, const float* G,  \
+                         const float* Gam, const float* dGam, const float* dqt, const float* dkt, const float* dvp,   \
+                         const float* dqi, const float* dki, const float* dvi, const float* dGq, const float* dGk,    \
+                         int T, int H, int L, float scale) {                                                          \
+        sp_bwd_final<D>(dq, dk, dv, dg, q, k, G, Gam, dGam, dqt, dkt, dvp, dqi, dki, dvi, dGq, dGk, T, H, L, scale);  \
+    }
+
+SP_INSTANCES(32)
+SP_INSTANCES(64)
+SP_INSTANCES(128)
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    sp_discumsum_all(bf16* st, const float* Gam, long per_chunk, int NC, int reverse, const bf16* Sfwd, float* dGam) {
+    sp_discumsum(st, Gam, per_chunk, NC, reverse, Sfwd, dGam);
+}
+
+// Shared-memory bytes of each kernel, per head dimension, in the order the host reads them:
+// prep, states, read, intra_fwd, dkv, dq, final (7 ints for D = 32, then 64, then 128).
+template <int D> __device__ void smem_sizes(int* o) {
+    typedef Smem<D> S;
+    o[0] = S::prep; o[1] = S::states; o[2] = S::read; o[3] = S::intra_fwd; o[4] = S::dkv; o[5] = S::dq; o[6] = S::final_;
+}
+extern "C" __global__ void sp_smem_sizes(int* out) {
+    smem_sizes<32>(out);
+    smem_sizes<64>(out + 7);
+    smem_sizes<128>(out + 14);
+}

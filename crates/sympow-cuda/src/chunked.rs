@@ -1,0 +1,508 @@
+//! Host side of the fused chunked sympow kernels (`kernels/sympow_chunked.cu`): p = 2 on
+//! tensor cores (bf16 operands, f32 accumulation), head dimension 32, 64 or 128 with dk = dv.
+//!
+//! The forward is four launches — prep (cumulative gates, bf16 staging), states (discounted
+//! cumulative chunk states), read (the inter-chunk part), intra (attention inside each chunk,
+//! plus the combine) — and the backward nine, each the GPU twin of a step of
+//! `sympow::attention::chunked` (SPEC §4). Memory is linear in T: one D×D×E bf16 state per
+//! chunk of `chunk` tokens.
+
+use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Kernel, Shape};
+
+const SOURCE: &str = include_str!("../kernels/sympow_chunked.cu");
+const KERNELS: [&str; 8] = [
+    "sp_prep",
+    "sp_chunk_states",
+    "sp_read",
+    "sp_intra_fwd",
+    "sp_intra_bwd_dkv",
+    "sp_intra_bwd_dq",
+    "sp_bwd_final",
+    "sp_bwd_prep",
+];
+/// Head dimensions the kernels are instantiated for (SP_INSTANCES in the kernel source).
+pub const HEAD_DIMS: [usize; 3] = crate::FUSED_HEAD_DIMS;
+/// Default (and largest) chunk length; a multiple of 128.
+pub const DEFAULT_CHUNK: usize = 1024;
+const THREADS: u32 = 256;
+/// Elements pairs per thread of `sp_discumsum_all` (DISC_PER in the kernel source).
+const DISC_PER: usize = 4;
+const NULL: u64 = 0;
+
+/// The compiled kernels and their shared-memory needs.
+pub struct ChunkedSympow {
+    _module: Arc<CudaModule>,
+    fns: HashMap<String, CudaFunction>,
+    /// Shared-memory bytes per head dimension: prep, states, read, intra_fwd, dkv, dq, final.
+    smem: HashMap<usize, [u32; 7]>,
+    /// When on, each stage synchronises and its wall time is recorded (for `bench attention
+    /// --stages`); off in normal runs.
+    profile: Mutex<Option<Vec<(&'static str, f64)>>>,
+}
+
+/// bf16 staging copies of one call's inputs (see `sp_prep`).
+struct Staged {
+    qs: CudaSlice<u16>,
+    kr: CudaSlice<u16>,
+    qt: CudaSlice<u16>,
+    kt: CudaSlice<u16>,
+    vp: CudaSlice<u16>,
+    g: CudaSlice<f32>,
+    gam: CudaSlice<f32>,
+}
+
+/// Geometry of one call.
+#[derive(Clone, Copy)]
+struct Geo {
+    bh: usize,
+    t: usize,
+    h: usize,
+    d: usize,
+    e: usize,
+    l: usize,
+    nc: usize,
+}
+
+impl Geo {
+    fn new(s: &Shape, chunk: usize) -> Self {
+        let l = chunk.min(s.time.next_multiple_of(128)).max(128);
+        Geo {
+            bh: s.batch * s.heads,
+            t: s.time,
+            h: s.heads,
+            d: s.dk,
+            e: (s.dk + 1).next_multiple_of(16),
+            l,
+            nc: s.time.div_ceil(l),
+        }
+    }
+    fn state_len(&self) -> usize {
+        self.bh * self.nc * self.d * self.e * self.d
+    }
+    /// Blocks per (bh, chunk) of the 128-row tile kernels.
+    fn tiles(&self) -> usize {
+        self.l / 128
+    }
+}
+
+fn cfg(grid: (usize, usize, usize), smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+impl ChunkedSympow {
+    /// Compiles the kernels for compute capability ≥ 8.0 (mma.sync bf16) and sizes their
+    /// shared memory. An error (old GPU, NVRTC failure) means the caller keeps its other path.
+    pub fn new(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>) -> Result<Self, String> {
+        let (major, _) = ctx.compute_capability().map_err(|e| e.to_string())?;
+        if major < 8 {
+            return Err(format!(
+                "compute capability {major}.x: the fused kernels need 8.0 or newer"
+            ));
+        }
+        let opts = cudarc::nvrtc::CompileOptions {
+            arch: Some("compute_80"),
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+            .map_err(|e| format!("NVRTC (sympow_chunked.cu): {e}"))?;
+        let module = ctx.load_module(ptx).map_err(|e| e.to_string())?;
+        let sizes_fn = module
+            .load_function("sp_smem_sizes")
+            .map_err(|e| e.to_string())?;
+        let mut sizes_dev = stream.alloc_zeros::<i32>(21).map_err(|e| e.to_string())?;
+        let mut l = stream.launch_builder(&sizes_fn);
+        l.arg(&mut sizes_dev);
+        // SAFETY: the kernel writes 21 ints (7 per head dimension) into a 21-int buffer.
+        unsafe { l.launch(cfg((1, 1, 1), 0)) }.map_err(|e| e.to_string())?;
+        let sizes = stream.clone_dtoh(&sizes_dev).map_err(|e| e.to_string())?;
+        let mut fns = HashMap::new();
+        let mut smem = HashMap::new();
+        for (i, &d) in HEAD_DIMS.iter().enumerate() {
+            let mut s = [0u32; 7];
+            for (j, x) in s.iter_mut().enumerate() {
+                *x = sizes[i * 7 + j] as u32;
+            }
+            smem.insert(d, s);
+            for (j, k) in KERNELS.iter().enumerate() {
+                let name = format!("{k}_{d}");
+                let f = module.load_function(&name).map_err(|e| e.to_string())?;
+                // sp_bwd_prep uses no dynamic shared memory (index 7 is past the table)
+                let bytes = s.get(j).copied().unwrap_or(0);
+                if bytes > 48 * 1024 {
+                    f.set_attribute(
+                        Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    )
+                    .map_err(|e| format!("{name}: {bytes} bytes of shared memory: {e}"))?;
+                }
+                fns.insert(name, f);
+            }
+        }
+        let disc = module
+            .load_function("sp_discumsum_all")
+            .map_err(|e| e.to_string())?;
+        fns.insert("sp_discumsum_all".to_string(), disc);
+        Ok(ChunkedSympow {
+            _module: module,
+            fns,
+            smem,
+            profile: Mutex::new(None),
+        })
+    }
+
+    /// Starts recording per-stage times (each stage then synchronises the stream).
+    pub fn start_profile(&self) {
+        *self.profile.lock().unwrap() = Some(Vec::new());
+    }
+
+    /// Stops recording and returns (stage, milliseconds) in launch order.
+    pub fn take_profile(&self) -> Vec<(&'static str, f64)> {
+        let mut v = self.profile.lock().unwrap().take().unwrap_or_default();
+        v.retain(|(name, _)| !name.is_empty());
+        v
+    }
+
+    /// Records the stage that ran since `t0` when profiling; returns the new start time.
+    fn mark(&self, stream: &Arc<CudaStream>, stage: &'static str, t0: Instant) -> Instant {
+        let mut p = self.profile.lock().unwrap();
+        if let Some(v) = p.as_mut() {
+            stream.synchronize().expect("synchronize");
+            v.push((stage, t0.elapsed().as_secs_f64() * 1e3));
+            return Instant::now();
+        }
+        t0
+    }
+
+    /// Whether the fused kernels take this problem: p = 2 and dk = dv ∈ {32, 64, 128}.
+    pub fn supports(spec: &AttentionSpec, s: &Shape) -> bool {
+        spec.kernel == Kernel::Power(2) && s.dk == s.dv && HEAD_DIMS.contains(&s.dk)
+    }
+
+    fn f(&self, name: &str, d: usize) -> &CudaFunction {
+        &self.fns[&format!("{name}_{d}")]
+    }
+
+    fn smem(&self, d: usize, which: usize) -> u32 {
+        self.smem[&d][which]
+    }
+
+    fn stage(
+        &self,
+        stream: &Arc<CudaStream>,
+        g: &Geo,
+        spec: &AttentionSpec,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        log_gates: Option<&CudaSlice<f32>>,
+    ) -> Staged {
+        let n = g.bh * g.t;
+        let alloc16 = |len: usize| {
+            stream
+                .alloc_zeros::<u16>(len.max(1))
+                .expect("device allocation")
+        };
+        let alloc32 = |len: usize| {
+            stream
+                .alloc_zeros::<f32>(len.max(1))
+                .expect("device allocation")
+        };
+        let mut st = Staged {
+            qs: alloc16(n * g.d),
+            kr: alloc16(n * g.d),
+            qt: alloc16(n * g.d),
+            kt: alloc16(n * g.d),
+            vp: alloc16(n * g.e),
+            g: alloc32(n),
+            gam: alloc32(g.bh * g.nc),
+        };
+        let (t, h, l, scale) = (g.t as i32, g.h as i32, g.l as i32, spec.scale as f32);
+        let f = self.f("sp_prep", g.d);
+        let mut b = stream.launch_builder(f);
+        b.arg(&mut st.qs)
+            .arg(&mut st.kr)
+            .arg(&mut st.qt)
+            .arg(&mut st.kt)
+            .arg(&mut st.vp)
+            .arg(&mut st.g)
+            .arg(&mut st.gam)
+            .arg(q)
+            .arg(k)
+            .arg(v);
+        match log_gates {
+            Some(x) => b.arg(x),
+            None => b.arg(&NULL),
+        };
+        b.arg(&t).arg(&h).arg(&l).arg(&scale);
+        // SAFETY: arguments match sp_prep's declaration; buffers hold [BH][T][·] elements.
+        unsafe { b.launch(cfg((g.bh, g.nc, 1), self.smem(g.d, 0))) }.expect("sp_prep");
+        st
+    }
+
+    /// Discounted cumulative chunk states of φ(x)ᵀy (forward order) or their gradient
+    /// (reverse order, with ∂Γ accumulated into `dgam` given the forward states).
+    #[allow(clippy::too_many_arguments)]
+    fn states(
+        &self,
+        stream: &Arc<CudaStream>,
+        g: &Geo,
+        x: &CudaSlice<u16>,
+        y: &CudaSlice<u16>,
+        gam: &CudaSlice<f32>,
+        reverse: bool,
+        fwd: Option<(&CudaSlice<u16>, &mut CudaSlice<f32>)>,
+    ) -> CudaSlice<u16> {
+        let mut out = stream
+            .alloc_zeros::<u16>(g.state_len())
+            .expect("device allocation (chunk states)");
+        let (t, l, nc, rev) = (g.t as i32, g.l as i32, g.nc as i32, i32::from(reverse));
+        let a = match g.d {
+            32 => 8,
+            64 => 4,
+            _ => 1,
+        };
+        {
+            let mut b = stream.launch_builder(self.f("sp_chunk_states", g.d));
+            b.arg(&mut out).arg(x).arg(y).arg(&t).arg(&l);
+            // SAFETY: as declared in sp_chunk_states; grid (bh, D/A, chunks), A the kernel's
+            // group of first feature indices.
+            unsafe { b.launch(cfg((g.bh, g.d / a, g.nc), self.smem(g.d, 1))) }
+                .expect("sp_chunk_states");
+        }
+        let per_chunk = (g.d * g.e * g.d) as i64;
+        let slices = (per_chunk as usize).div_ceil(2 * THREADS as usize * DISC_PER);
+        let mut b = stream.launch_builder(&self.fns["sp_discumsum_all"]);
+        b.arg(&mut out).arg(gam).arg(&per_chunk).arg(&nc).arg(&rev);
+        match fwd {
+            Some((s, dgam)) => {
+                b.arg(s).arg(dgam);
+            }
+            None => {
+                b.arg(&NULL).arg(&NULL);
+            }
+        }
+        // SAFETY: as declared in sp_discumsum_all; each thread owns 2·DISC_PER elements of
+        // every chunk's state, bounded by per_chunk.
+        unsafe { b.launch(cfg((g.bh, slices, 1), 0)) }.expect("sp_discumsum_all");
+        out
+    }
+
+    /// `r = Σ_a x_a (X S[a])` and/or `dx = 2·rowdot(X S[a], W)` per chunk.
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        stream: &Arc<CudaStream>,
+        g: &Geo,
+        want_r: bool,
+        x: &CudaSlice<u16>,
+        s: &CudaSlice<u16>,
+        w: Option<&CudaSlice<u16>>,
+    ) -> (Option<CudaSlice<f32>>, Option<CudaSlice<f32>>) {
+        let n = g.bh * g.t;
+        let mut r = want_r.then(|| {
+            stream
+                .alloc_zeros::<f32>(n * g.e)
+                .expect("device allocation")
+        });
+        let mut dx = w.map(|_| {
+            stream
+                .alloc_zeros::<f32>(n * g.d)
+                .expect("device allocation")
+        });
+        let (t, l, nc) = (g.t as i32, g.l as i32, g.nc as i32);
+        let f = self.f("sp_read", g.d);
+        let mut b = stream.launch_builder(f);
+        match r.as_mut() {
+            Some(x) => b.arg(x),
+            None => b.arg(&NULL),
+        };
+        match dx.as_mut() {
+            Some(x) => b.arg(x),
+            None => b.arg(&NULL),
+        };
+        b.arg(x).arg(s);
+        match w {
+            Some(x) => b.arg(x),
+            None => b.arg(&NULL),
+        };
+        b.arg(&t).arg(&l).arg(&nc);
+        // SAFETY: as declared in sp_read; one block per 128 tokens of a chunk.
+        unsafe { b.launch(cfg((g.bh, g.nc, g.tiles()), self.smem(g.d, 2))) }.expect("sp_read");
+        (r, dx)
+    }
+
+    /// Forward: y `[B, T, H, D]` and log-normalisers `[B, T, H]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        stream: &Arc<CudaStream>,
+        spec: &AttentionSpec,
+        shape: &Shape,
+        chunk: usize,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        log_gates: Option<&CudaSlice<f32>>,
+    ) -> AttentionOut<CudaSlice<f32>> {
+        let g = Geo::new(shape, chunk);
+        let t0 = self.mark(stream, "", Instant::now());
+        let st = self.stage(stream, &g, spec, q, k, v, log_gates);
+        let t0 = self.mark(stream, "fwd prep", t0);
+        let states = self.states(stream, &g, &st.kt, &st.vp, &st.gam, false, None);
+        let t0 = self.mark(stream, "fwd states", t0);
+        let (inter, _) = self.read(stream, &g, true, &st.qt, &states, None);
+        let t0 = self.mark(stream, "fwd read (inter)", t0);
+        drop(states);
+        let inter = inter.expect("inter part");
+        let rows = g.bh * g.t;
+        let mut y = stream
+            .alloc_zeros::<f32>(rows * g.d)
+            .expect("device allocation");
+        let mut ln = stream.alloc_zeros::<f32>(rows).expect("device allocation");
+        let (t, h, l, eps) = (g.t as i32, g.h as i32, g.l as i32, spec.eps as f32);
+        let f = self.f("sp_intra_fwd", g.d);
+        let mut b = stream.launch_builder(f);
+        b.arg(&mut y)
+            .arg(&mut ln)
+            .arg(&st.qs)
+            .arg(&st.kr)
+            .arg(&st.vp)
+            .arg(&st.g)
+            .arg(&inter)
+            .arg(&t)
+            .arg(&h)
+            .arg(&l)
+            .arg(&eps);
+        // SAFETY: as declared in sp_intra_fwd; one block per 128 queries of a chunk.
+        unsafe { b.launch(cfg((g.bh, g.nc, g.tiles()), self.smem(g.d, 3))) }.expect("sp_intra_fwd");
+        self.mark(stream, "fwd intra + combine", t0);
+        AttentionOut { y, log_norm: ln }
+    }
+
+    /// Backward: gradients of q, k, v and (when given) the log-gates.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        stream: &Arc<CudaStream>,
+        spec: &AttentionSpec,
+        shape: &Shape,
+        chunk: usize,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        log_gates: Option<&CudaSlice<f32>>,
+        out: &AttentionOut<CudaSlice<f32>>,
+        dy: &CudaSlice<f32>,
+    ) -> AttentionGrads<CudaSlice<f32>> {
+        let g = Geo::new(shape, chunk);
+        let n = g.bh * g.t;
+        let alloc32 = |len: usize| {
+            stream
+                .alloc_zeros::<f32>(len.max(1))
+                .expect("device allocation")
+        };
+        let t0 = self.mark(stream, "", Instant::now());
+        let st = self.stage(stream, &g, spec, q, k, v, log_gates);
+        let t0 = self.mark(stream, "bwd prep", t0);
+        let (bi, t, h, l) = (shape.batch as i32, g.t as i32, g.h as i32, g.l as i32);
+
+        // ∂(numerator, denominator)
+        let mut dn = stream
+            .alloc_zeros::<u16>(n * g.e)
+            .expect("device allocation");
+        {
+            let mut b = stream.launch_builder(self.f("sp_bwd_prep", g.d));
+            b.arg(&mut dn).arg(dy).arg(&out.y).arg(&out.log_norm);
+            b.arg(&bi).arg(&t).arg(&h);
+            // SAFETY: as declared in sp_bwd_prep; one warp per token.
+            unsafe { b.launch(cfg((n.div_ceil(8), 1, 1), 0)) }.expect("sp_bwd_prep");
+        }
+        let t0 = self.mark(stream, "bwd output grads", t0);
+        // inter-chunk part: states forward, their gradients in reverse, then the reads
+        let s_fwd = self.states(stream, &g, &st.kt, &st.vp, &st.gam, false, None);
+        let t0 = self.mark(stream, "bwd states (recomputed)", t0);
+        let mut dgam = alloc32(g.bh * g.nc);
+        let r_bwd = self.states(
+            stream,
+            &g,
+            &st.qt,
+            &dn,
+            &st.gam,
+            true,
+            Some((&s_fwd, &mut dgam)),
+        );
+        let t0 = self.mark(stream, "bwd state grads (reverse)", t0);
+        let (_, dqt) = self.read(stream, &g, false, &st.qt, &s_fwd, Some(&dn));
+        let t0 = self.mark(stream, "bwd read dq", t0);
+        drop(s_fwd);
+        let (dvp, dkt) = self.read(stream, &g, true, &st.kt, &r_bwd, Some(&st.vp));
+        let t0 = self.mark(stream, "bwd read dk dv", t0);
+        drop(r_bwd);
+        let (dqt, dkt, dvp) = (dqt.unwrap(), dkt.unwrap(), dvp.unwrap());
+
+        // intra-chunk part
+        let (mut dki, mut dvi, mut dgk) = (alloc32(n * g.d), alloc32(n * g.d), alloc32(n));
+        {
+            let mut b = stream.launch_builder(self.f("sp_intra_bwd_dkv", g.d));
+            b.arg(&mut dki).arg(&mut dvi).arg(&mut dgk);
+            b.arg(&st.qs).arg(&st.kr).arg(&st.vp).arg(&dn).arg(&st.g);
+            b.arg(&t).arg(&l);
+            // SAFETY: as declared in sp_intra_bwd_dkv; one block per 128 keys of a chunk.
+            unsafe { b.launch(cfg((g.bh, g.nc, g.tiles()), self.smem(g.d, 4))) }
+                .expect("sp_intra_bwd_dkv");
+        }
+        let t0 = self.mark(stream, "bwd intra dk dv", t0);
+        let (mut dqi, mut dgq) = (alloc32(n * g.d), alloc32(n));
+        {
+            let mut b = stream.launch_builder(self.f("sp_intra_bwd_dq", g.d));
+            b.arg(&mut dqi).arg(&mut dgq);
+            b.arg(&st.qs).arg(&st.kr).arg(&st.vp).arg(&dn).arg(&st.g);
+            b.arg(&t).arg(&l);
+            // SAFETY: as declared in sp_intra_bwd_dq; one block per 128 queries of a chunk.
+            unsafe { b.launch(cfg((g.bh, g.nc, g.tiles()), self.smem(g.d, 5))) }
+                .expect("sp_intra_bwd_dq");
+        }
+        let t0 = self.mark(stream, "bwd intra dq", t0);
+
+        // chain rule back to q, k, v, g
+        let (mut dq, mut dk, mut dv) = (alloc32(n * g.d), alloc32(n * g.d), alloc32(n * g.d));
+        let mut dg = log_gates.map(|_| alloc32(n));
+        let scale = spec.scale as f32;
+        {
+            let mut b = stream.launch_builder(self.f("sp_bwd_final", g.d));
+            b.arg(&mut dq).arg(&mut dk).arg(&mut dv);
+            match dg.as_mut() {
+                Some(x) => b.arg(x),
+                None => b.arg(&NULL),
+            };
+            b.arg(q).arg(k).arg(&st.g).arg(&st.gam).arg(&dgam);
+            b.arg(&dqt)
+                .arg(&dkt)
+                .arg(&dvp)
+                .arg(&dqi)
+                .arg(&dki)
+                .arg(&dvi);
+            b.arg(&dgq).arg(&dgk).arg(&t).arg(&h).arg(&l).arg(&scale);
+            // SAFETY: as declared in sp_bwd_final; one block per (bh, chunk).
+            unsafe { b.launch(cfg((g.bh, g.nc, 1), self.smem(g.d, 6))) }.expect("sp_bwd_final");
+        }
+        self.mark(stream, "bwd chain rule", t0);
+        AttentionGrads {
+            dq,
+            dk,
+            dv,
+            dlog_gates: dg,
+        }
+    }
+}
