@@ -91,6 +91,23 @@ __device__ __forceinline__ void lda_kmajor(u32* a, const bf16* s, int ld, int m0
     ldsm_x4_t(a, s + (k0 + (mi >> 1) * 8 + r) * ld + m0 + (mi & 1) * 8);
 }
 
+// acc[0..NT8) += A·B for the 16 rows row0.. of A (row-major, K columns) and B stored n-major,
+// b[n * ldb_ + k] (K × 8·NT8): the building block of every tile product here.
+template <int K, int NT8>
+__device__ __forceinline__ void mma_rows(float (*acc)[4], const bf16* a, int lda_, int row0, const bf16* b, int ldb_) {
+#pragma unroll
+    for (int kk = 0; kk < K; kk += 16) {
+        u32 af[4];
+        lda(af, a, lda_, row0, kk);
+#pragma unroll
+        for (int nt = 0; nt < NT8; nt++) {
+            u32 bfr[2];
+            ldb(bfr, b, ldb_, nt * 8, kk);
+            mma16816(acc[nt], af, bfr);
+        }
+    }
+}
+
 // dst[r][c] = src[r][c] for r < nvalid, 0 beyond; cols and ld multiples of 8 (16-byte vectors).
 __device__ __forceinline__ void load_rows(bf16* dst, int ld, const bf16* src, int nvalid, int rows, int cols) {
     int vec = cols / 8;
@@ -365,17 +382,7 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int i = 0; i < 4; i++) yv[nt][i] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D; kk += 16) {
-            u32 af[4];
-            lda(af, Xs, LDX, row0, kk);
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                u32 bfr[2];
-                ldb(bfr, Ss, LDX, nt * 8, kk);
-                mma16816(yv[nt], af, bfr);
-            }
-        }
+        mma_rows<D, NT>(yv, Xs, LDX, row0, Ss, LDX);
         if (r) {
             float x0 = b2f(Xs[(row0 + g) * LDX + a]), x1 = b2f(Xs[(row0 + g + 8) * LDX + a]);
 #pragma unroll
@@ -459,17 +466,7 @@ __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf
         for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll
             for (int i = 0; i < 4; i++) s[nt][i] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D; kk += 16) {
-            u32 af[4];
-            lda(af, Qs, LDQ, row0, kk);
-#pragma unroll
-            for (int nt = 0; nt < KT / 8; nt++) {
-                u32 bfr[2];
-                ldb(bfr, Ks, LDQ, nt * 8, kk);
-                mma16816(s[nt], af, bfr);
-            }
-        }
+        mma_rows<D, KT / 8>(s, Qs, LDQ, row0, Ks, LDQ);
 #pragma unroll
         for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll
@@ -580,28 +577,8 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
         for (int nt = 0; nt < QB / 8; nt++)
 #pragma unroll
             for (int i = 0; i < 4; i++) st[nt][i] = da[nt][i] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D; kk += 16) {  // Sᵀ = K Qᵀ
-            u32 af[4];
-            lda(af, Ks, LDK, row0, kk);
-#pragma unroll
-            for (int nt = 0; nt < QB / 8; nt++) {
-                u32 bfr[2];
-                ldb(bfr, Qs, LDK, nt * 8, kk);
-                mma16816(st[nt], af, bfr);
-            }
-        }
-#pragma unroll
-        for (int kk = 0; kk < E; kk += 16) {  // ∂Aᵀ = V' ∂Nᵀ
-            u32 af[4];
-            lda(af, Vs, LDV, row0, kk);
-#pragma unroll
-            for (int nt = 0; nt < QB / 8; nt++) {
-                u32 bfr[2];
-                ldb(bfr, Ns, LDV, nt * 8, kk);
-                mma16816(da[nt], af, bfr);
-            }
-        }
+        mma_rows<D, QB / 8>(st, Ks, LDK, row0, Qs, LDK);  // Sᵀ = K Qᵀ
+        mma_rows<E, QB / 8>(da, Vs, LDV, row0, Ns, LDV);  // ∂Aᵀ = V' ∂Nᵀ
 #pragma unroll
         for (int nt = 0; nt < QB / 8; nt++)
 #pragma unroll
@@ -696,28 +673,8 @@ __device__ void sp_intra_bwd_dq(float* dqs, float* dGq, const bf16* qs, const bf
         for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll
             for (int i = 0; i < 4; i++) s[nt][i] = da[nt][i] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D; kk += 16) {  // S = Q Kᵀ
-            u32 af[4];
-            lda(af, Qs, LDK, row0, kk);
-#pragma unroll
-            for (int nt = 0; nt < KT / 8; nt++) {
-                u32 bfr[2];
-                ldb(bfr, Ks, LDK, nt * 8, kk);
-                mma16816(s[nt], af, bfr);
-            }
-        }
-#pragma unroll
-        for (int kk = 0; kk < E; kk += 16) {  // ∂A = ∂N V'ᵀ
-            u32 af[4];
-            lda(af, Ns, LDV, row0, kk);
-#pragma unroll
-            for (int nt = 0; nt < KT / 8; nt++) {
-                u32 bfr[2];
-                ldb(bfr, Vs, LDV, nt * 8, kk);
-                mma16816(da[nt], af, bfr);
-            }
-        }
+        mma_rows<D, KT / 8>(s, Qs, LDK, row0, Ks, LDK);  // S = Q Kᵀ
+        mma_rows<E, KT / 8>(da, Ns, LDV, row0, Vs, LDV);  // ∂A = ∂N V'ᵀ
 #pragma unroll
         for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll

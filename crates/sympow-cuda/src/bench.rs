@@ -4,6 +4,7 @@
 //! its peers' timings.
 
 use crate::CudaBackend;
+use cudarc::driver::CudaSlice;
 use std::time::Instant;
 use sympow::attention::{AttentionSpec, Form, Shape};
 use sympow::backend::Backend;
@@ -29,6 +30,45 @@ impl Timing {
             "{{\"method\":\"{}\",\"T\":{},\"heads\":{heads},\"d\":{d},\"tokens\":{tokens},\"fwd_ms\":{:.4},\"fwd_bwd_ms\":{:.4}}}",
             self.method, self.time, self.fwd_ms, self.fwd_bwd_ms
         )
+    }
+}
+
+/// Random inputs of one benchmark problem: `tokens / t` sequences of `t` tokens, gates in
+/// [0.95, 0.999].
+struct BenchInputs {
+    shape: Shape,
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    dy: CudaSlice<f32>,
+    g: CudaSlice<f32>,
+}
+
+impl BenchInputs {
+    fn new(gpu: &CudaBackend, t: usize, tokens: usize, heads: usize, d: usize) -> Self {
+        let shape = Shape {
+            batch: (tokens / t).max(1),
+            time: t,
+            heads,
+            dk: d,
+            dv: d,
+        };
+        let n = shape.batch * t * heads;
+        let mut r = rng(t as u64);
+        let up = |x: Vec<f32>| gpu.upload(&x);
+        let q = up(randn(&mut r, n * d, 1.0));
+        let k = up(randn(&mut r, n * d, 1.0));
+        let v = up(randn(&mut r, n * d, 1.0));
+        let dy = up(randn(&mut r, n * d, 1.0));
+        let g = up(log_gates(&mut r, n, 0.95, 0.999));
+        BenchInputs {
+            shape,
+            q,
+            k,
+            v,
+            dy,
+            g,
+        }
     }
 }
 
@@ -61,23 +101,14 @@ pub fn attention_gpu(
 ) -> Vec<Timing> {
     let mut out = Vec::new();
     for &t in times {
-        let shape = Shape {
-            batch: (tokens / t).max(1),
-            time: t,
-            heads,
-            dk: d,
-            dv: d,
-        };
-        let n = shape.batch * t * heads;
-        let mut r = rng(t as u64);
-        let up = |x: Vec<f32>| gpu.upload(&x);
-        let (q, k, v, dy) = (
-            up(randn(&mut r, n * d, 1.0)),
-            up(randn(&mut r, n * d, 1.0)),
-            up(randn(&mut r, n * d, 1.0)),
-            up(randn(&mut r, n * d, 1.0)),
-        );
-        let g = up(log_gates(&mut r, n, 0.95, 0.999));
+        let BenchInputs {
+            shape,
+            q,
+            k,
+            v,
+            dy,
+            g,
+        } = BenchInputs::new(gpu, t, tokens, heads, d);
         let sym = AttentionSpec::sympow(2, d).expect("p = 2");
         let soft = AttentionSpec::softmax(d);
         let mut run = |method: &str, spec: &AttentionSpec, gates: bool, fused: bool| {
@@ -147,23 +178,14 @@ pub fn fused_stages(
     };
     let mut s = String::new();
     for &t in times {
-        let shape = Shape {
-            batch: (tokens / t).max(1),
-            time: t,
-            heads,
-            dk: d,
-            dv: d,
-        };
-        let n = shape.batch * t * heads;
-        let mut r = rng(t as u64);
-        let up = |x: Vec<f32>| gpu.upload(&x);
-        let (q, k, v, dy) = (
-            up(randn(&mut r, n * d, 1.0)),
-            up(randn(&mut r, n * d, 1.0)),
-            up(randn(&mut r, n * d, 1.0)),
-            up(randn(&mut r, n * d, 1.0)),
-        );
-        let g = up(log_gates(&mut r, n, 0.95, 0.999));
+        let BenchInputs {
+            shape,
+            q,
+            k,
+            v,
+            dy,
+            g,
+        } = BenchInputs::new(gpu, t, tokens, heads, d);
         let spec = AttentionSpec::sympow(2, d).expect("p = 2");
         let form = Form::Chunked(1024);
         let run = || {
