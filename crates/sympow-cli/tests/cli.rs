@@ -349,3 +349,34 @@ fn ctrl_c_saves_a_checkpoint_and_resume_finishes() {
         ck.step + 2
     );
 }
+
+#[test]
+fn trains_on_rows_in_longcrawl64_layout() {
+    // 12 documents of 512 byte-token ids each, in a .npy file as LongCrawl64 is laid out
+    let tmp = tempfile::tempdir().unwrap();
+    let (rows, len) = (12, 512);
+    let ids: Vec<u16> = (0..rows * len)
+        .map(|i| (b"the state of the union is strong. "[i % 34]) as u16)
+        .collect();
+    let npy = tmp.path().join("lc64.npy");
+    sympow::data::rows::write_npy_u16(&npy, rows, len, &ids).unwrap();
+    let corpus = format!("data.corpus={}", npy.display());
+    let run = tmp.path().join("run");
+    let o = train_small(&run, &["--set", &corpus, "--set", "data.tokenizer=bytes"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(
+        metrics.contains("val_loss"),
+        "no validation on the rows corpus"
+    );
+    // ids beyond the tokenizer's vocabulary are refused up front, naming the file
+    let wide: Vec<u16> = vec![300; rows * len];
+    sympow::data::rows::write_npy_u16(&npy, rows, len, &wide).unwrap();
+    assert_error(
+        &train_small(
+            &tmp.path().join("run2"),
+            &["--set", &corpus, "--set", "data.tokenizer=bytes"],
+        ),
+        "vocabulary size 256",
+    );
+}

@@ -183,7 +183,8 @@ pub struct ModelConfig {
 pub struct DataConfig {
     /// gpt2 | bytes.
     pub tokenizer: TokenizerKind,
-    /// "embedded" (the bundled corpus), or a directory of shards written by `sympow data prepare`.
+    /// "embedded" (the bundled corpus), a directory of shards written by `sympow data prepare`,
+    /// or a `.npy` file of fixed-length rows of token ids (LongCrawl64's layout).
     pub corpus: String,
     /// Training context (tokens per window).
     pub context: usize,
@@ -261,7 +262,7 @@ const FIELD_DOCS: &[(&str, &str, &str)] = &[
     ("model", "layer_norm", "learned | parameter-free"),
     ("model", "dropout", "dropout on attention and MLP outputs (0 disables)"),
     ("data", "tokenizer", "gpt2 (BPE, r50k_base) | bytes"),
-    ("data", "corpus", "\"embedded\" (bundled State of the Union corpus) or a directory of shards from `sympow data prepare`"),
+    ("data", "corpus", "\"embedded\" (bundled State of the Union corpus), a directory of shards from `sympow data prepare`, or a .npy file of fixed-length rows of token ids, one document per row (LongCrawl64's layout)"),
     ("data", "context", "training context in tokens"),
     ("data", "val_fraction", "fraction of documents held out for validation"),
     ("train", "steps", "optimizer steps"),

@@ -1,6 +1,7 @@
 //! Tokenised documents, their train/validation split, and the windows training draws.
 
 use super::corpus::{embedded_corpus, Document};
+use super::rows::TokenRows;
 use super::shard::{shard_files, Shard};
 use super::{DataError, Tokenizer};
 use crate::config::{DataConfig, TokenizerKind};
@@ -25,6 +26,7 @@ enum Source {
         offsets: Vec<usize>,
     },
     Shard(Shard),
+    Rows(TokenRows),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -114,10 +116,33 @@ impl TokenData {
         })
     }
 
+    /// Opens a `.npy` file of fixed-length rows of ids (LongCrawl64's layout, [`super::rows`]),
+    /// one document per row, tokenised with `tokenizer`.
+    pub fn open_rows(path: &Path, tokenizer: TokenizerKind) -> Result<Self, DataError> {
+        let rows = TokenRows::open(path, Tokenizer::new(tokenizer).vocab_size())?;
+        let docs = (0..rows.rows())
+            .map(|i| DocRef {
+                src: 0,
+                idx: i,
+                len: rows.row_len(),
+            })
+            .collect();
+        Ok(TokenData {
+            sources: vec![Source::Rows(rows)],
+            docs,
+            train: Vec::new(),
+            val: Vec::new(),
+            train_cum: Vec::new(),
+            tokenizer,
+        })
+    }
+
     /// The corpus a data config names, split into train and validation.
     pub fn load(cfg: &DataConfig) -> Result<Self, DataError> {
         let mut d = if cfg.corpus == "embedded" {
             Self::from_documents(&embedded_corpus(), Tokenizer::new(cfg.tokenizer))
+        } else if cfg.corpus.ends_with(".npy") {
+            Self::open_rows(Path::new(&cfg.corpus), cfg.tokenizer)?
         } else {
             Self::open_shards(Path::new(&cfg.corpus), cfg.tokenizer)?
         };
@@ -177,6 +202,7 @@ impl TokenData {
                 out.extend_from_slice(&tokens[offsets[d.idx] + start..offsets[d.idx] + start + len])
             }
             Source::Shard(s) => s.read(d.idx, start, len, out),
+            Source::Rows(r) => r.read(d.idx, start, len, out),
         }
     }
 

@@ -1,12 +1,13 @@
 //! Data: tokenizers, the embedded corpus, token shards and the training-window loader.
 //!
 //! Text → [`Tokenizer`] → documents of token ids → [`shard`] files (or, for the embedded
-//! corpus, memory) → [`TokenData`] split by document into train and validation → windows of
+//! corpus, memory; or fixed-length [`rows`] of ids in LongCrawl64's layout) → [`TokenData`] split by document into train and validation → windows of
 //! the training context drawn deterministically from a seed by [`TokenData::batch`].
 
 pub mod corpus;
 pub mod loader;
 pub mod prepare;
+pub mod rows;
 pub mod shard;
 pub mod tokenizer;
 
