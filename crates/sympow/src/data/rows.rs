@@ -1,7 +1,7 @@
 //! Fixed-length rows of token ids, one document per row: the layout of LongCrawl64 (each row
 //! 65,536 GPT-2 ids of one long web document), read from a local NumPy `.npy` file of shape
 //! `[rows, row_len]`, dtype `<u2` or `<u4`, C order — what `np.save` writes for a slice of the
-//! dataset (e.g. `np.save("lc64.npy", zarr.open(…)["train"][:n])`). Memory-mapped: a file of any
+//! dataset (e.g. `np.save("lc64.npy", train[:n])` from a local copy). Memory-mapped: a file of any
 //! size opens in constant memory.
 //!
 //! ```
