@@ -173,6 +173,21 @@ enum DataCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Generation on the CPU: time of one decode step after a prefill of each context length,
+    /// conformal sympow (recurrent state) against softmax (KV cache), random weights.
+    Decode {
+        /// Context lengths (tokens prefilled before the timed steps).
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1024, 4096, 16384, 65536])]
+        context: Vec<usize>,
+        /// Timed decode steps per context (the median is reported).
+        #[arg(long, default_value_t = 32)]
+        reps: usize,
+        /// Longest context at which softmax is timed (its prefill is quadratic).
+        #[arg(long, default_value_t = 16384)]
+        softmax_max: usize,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
     /// Attention on the GPU: forward and forward+backward of the fused chunked sympow kernels
     /// against the naive quadratic GPU kernels (sympow and softmax), same tokens per call.
     Attention {
@@ -581,6 +596,34 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
                 json,
                 stages,
             )
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Decode {
+                    context,
+                    reps,
+                    softmax_max,
+                    cfg,
+                },
+        } => {
+            let c = cfg.build()?;
+            println!(
+                "decode on {}, preset {} ({} layers, {} heads × {}), random weights, median of {reps} steps",
+                CpuBackend::<f32>::new().name(),
+                cfg.name(),
+                c.model.layers,
+                c.model.heads,
+                c.model.head_dim
+            );
+            let rows = sympow::bench::decode_cpu(
+                &c,
+                &["conformal", "softmax"],
+                &context,
+                reps,
+                softmax_max,
+            )?;
+            print!("{}", sympow::bench::format_decode_table(&rows));
+            Ok(0)
         }
         Command::DeviceCheck { seed } => device_check(seed),
         Command::Device => {

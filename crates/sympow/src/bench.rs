@@ -108,3 +108,83 @@ pub fn format_attention_table(rows: &[AttentionBenchRow]) -> String {
     }
     s
 }
+
+/// One row of the decode benchmark.
+#[derive(Clone, Debug)]
+pub struct DecodeBenchRow {
+    /// Attention variant (config value of `model.attention`).
+    pub attention: String,
+    /// Tokens already in the context when decoding starts.
+    pub context: usize,
+    /// Median time of one decode step (one token through the whole model), microseconds.
+    pub step_us: f64,
+}
+
+/// Per-token decode time after a prefill of each context length, for each attention variant
+/// (`model.attention` values) of config `cfg` with random weights: the recurrent state makes a
+/// sympow step independent of the context; softmax's KV cache makes it grow with it. Softmax is
+/// timed only up to `softmax_max` tokens (its prefill is quadratic).
+pub fn decode_cpu(
+    cfg: &crate::config::Config,
+    attentions: &[&str],
+    contexts: &[usize],
+    steps: usize,
+    softmax_max: usize,
+) -> Result<Vec<DecodeBenchRow>, crate::config::ConfigError> {
+    use crate::backend::CpuBackend;
+    use crate::inference::Decoder;
+    use crate::model::Model;
+    let mut rows = Vec::new();
+    for &att in attentions {
+        let mut c = cfg.clone();
+        c.set_all(&[("model.attention", att)])?;
+        let model = Model::init(CpuBackend::<f32>::new(), &c, 1);
+        let vocab = model.dims.vocab as u64;
+        for &ctx in contexts {
+            if att == "softmax" && ctx > softmax_max {
+                continue;
+            }
+            let prompt: Vec<u32> = (0..ctx as u64)
+                .map(|i| (i.wrapping_mul(2_654_435_761) % vocab) as u32)
+                .collect();
+            let (mut dec, _) = Decoder::prefill(&model, &prompt);
+            for i in 0..4 {
+                dec.step(i); // warm-up: caches, allocator
+            }
+            let mut times: Vec<f64> = (0..steps.max(1))
+                .map(|i| {
+                    let t0 = Instant::now();
+                    std::hint::black_box(dec.step((i as u64 % vocab) as u32));
+                    t0.elapsed().as_secs_f64() * 1e6
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            rows.push(DecodeBenchRow {
+                attention: att.to_string(),
+                context: ctx,
+                step_us: times[times.len() / 2],
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Formats [`decode_cpu`] rows; ratios are against each variant's shortest context.
+pub fn format_decode_table(rows: &[DecodeBenchRow]) -> String {
+    let mut s = String::from(" attention  | context | µs per token | × shortest context\n");
+    s.push_str("------------+---------+--------------+-------------------\n");
+    for r in rows {
+        let base = rows
+            .iter()
+            .find(|b| b.attention == r.attention)
+            .map_or(f64::NAN, |b| b.step_us);
+        s.push_str(&format!(
+            " {:<10} | {:>7} | {:>12.1} | {:>8.2}×\n",
+            r.attention,
+            r.context,
+            r.step_us,
+            r.step_us / base
+        ));
+    }
+    s
+}
