@@ -203,7 +203,7 @@ enum BenchCommand {
         /// Head dimension (32, 64 or 128 for the fused kernels).
         #[arg(long, default_value_t = 64)]
         head_dim: usize,
-        /// Chunk length of the fused kernels (multiple of 128, ≤ 1024).
+        /// Chunk length of the fused kernels (multiple of 128, ≤ 4096).
         #[arg(long, default_value_t = 1024)]
         chunk: usize,
         /// Timed repetitions (the median is reported).
@@ -579,8 +579,8 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
                     stages,
                 },
         } => {
-            if !chunk.is_multiple_of(128) || !(128..=1024).contains(&chunk) {
-                bail!("--chunk must be a multiple of 128 between 128 and 1024, got {chunk}");
+            if !chunk.is_multiple_of(128) || !(128..=4096).contains(&chunk) {
+                bail!("--chunk must be a multiple of 128 between 128 and 4096, got {chunk}");
             }
             if !sympow_cuda::FUSED_HEAD_DIMS.contains(&head_dim) {
                 bail!("--head-dim must be 32, 64 or 128 for the fused kernels, got {head_dim}");

@@ -10,7 +10,7 @@
 //! `kernels/attention.cu` (one thread per query or key, CUDA cores, f32) for sequences of up to
 //! [`GPU_ATTENTION_MAX_T`] tokens, and through the CPU implementation beyond.
 
-use crate::chunked::{ChunkedSympow, DEFAULT_CHUNK};
+use crate::chunked::{ChunkedSympow, DEFAULT_CHUNK, MAX_CHUNK};
 use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
@@ -169,12 +169,12 @@ impl CudaBackend {
         self.use_fused.store(on, Ordering::Relaxed);
     }
 
-    /// Chunk length of the fused kernels: a multiple of 128, at most 1024 (default 1024;
+    /// Chunk length of the fused kernels: a multiple of 128, at most 4096 (default 1024;
     /// shorter sequences use one chunk).
     pub fn set_attention_chunk(&self, chunk: usize) {
         assert!(
-            chunk.is_multiple_of(128) && (128..=1024).contains(&chunk),
-            "fused chunk length must be a multiple of 128 in 128..=1024, got {chunk}"
+            chunk.is_multiple_of(128) && (128..=MAX_CHUNK).contains(&chunk),
+            "fused chunk length must be a multiple of 128 in 128..={MAX_CHUNK}, got {chunk}"
         );
         self.chunk.store(chunk, Ordering::Relaxed);
     }

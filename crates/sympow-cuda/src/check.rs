@@ -535,7 +535,7 @@ fn fused_attention_checks(
     let up = |x: &[f32]| gpu.upload(x);
     let dn = |x: &cudarc::driver::CudaSlice<f32>| gpu.download(x);
     for d in crate::chunked::HEAD_DIMS {
-        for (time, chunk) in [(200, 1024), (700, 256)] {
+        for (time, chunk) in [(200, 1024), (700, 256), (2500, 2048)] {
             for gated in [true, false] {
                 let shape = Shape {
                     batch: 2,
