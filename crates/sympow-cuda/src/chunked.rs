@@ -1,10 +1,10 @@
 //! Host side of the fused chunked sympow kernels (`kernels/sympow_chunked.cu`): p = 2 on
 //! tensor cores (bf16 operands, f32 accumulation), head dimension 32, 64 or 128 with dk = dv.
 //!
-//! The forward is four launches — prep (cumulative gates, bf16 staging), states (discounted
-//! cumulative chunk states), read (the inter-chunk part), intra (attention inside each chunk,
-//! plus the combine) — and the backward nine, each the GPU twin of a step of
-//! `sympow::attention::chunked` (SPEC §4). Memory is linear in T: one D×D×E bf16 state per
+//! The forward is five launches — prep (cumulative gates, bf16 staging), chunk states (each
+//! chunk's φ(K̃)ᵀV′, in parallel), discounted cumsum (in place), read (the inter-chunk part),
+//! intra (attention inside each chunk, plus the combine) — and the backward eleven, each the GPU
+//! twin of a step of `sympow::attention::chunked` (SPEC §4). Memory is linear in T: one D×D×E bf16 state per
 //! chunk of `chunk` tokens.
 
 use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
