@@ -428,6 +428,42 @@ impl Backend for CudaBackend {
             .iter()
             .sum()
     }
+    fn sum_squares_each(&self, xs: &[&CudaSlice<f32>]) -> Vec<f64> {
+        // every tensor's block partials into one buffer, then one copy back
+        let blocks: Vec<usize> = xs
+            .iter()
+            .map(|x| x.len().div_ceil(BLOCK as usize).clamp(1, 64))
+            .collect();
+        let total: usize = blocks.iter().sum();
+        let mut partial = self
+            .stream
+            .alloc_zeros::<f64>(total.max(1))
+            .expect("device allocation");
+        let mut off = 0;
+        for (x, &nb) in xs.iter().zip(&blocks) {
+            let n = x.len() as i64;
+            let cfg = LaunchConfig {
+                grid_dim: (nb as u32, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut view = partial.slice_mut(off..off + nb);
+            launch!(self, "sum_squares", cfg, &mut view, *x, &n);
+            off += nb;
+        }
+        let host = self
+            .stream
+            .clone_dtoh(&partial)
+            .expect("device to host copy");
+        let mut off = 0;
+        blocks
+            .iter()
+            .map(|&nb| {
+                off += nb;
+                host[off - nb..off].iter().sum()
+            })
+            .collect()
+    }
     fn split_columns(&self, x: &CudaSlice<f32>, widths: &[usize]) -> Vec<CudaSlice<f32>> {
         let total: usize = widths.iter().sum();
         let rows = x.len() / total;

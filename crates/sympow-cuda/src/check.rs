@@ -188,6 +188,23 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         err,
         tol: 1e-6,
     });
+    let many: Vec<Vec<f32>> = [1, 300, 70_000, 5]
+        .iter()
+        .map(|&n| randn(&mut r, n, 1.0))
+        .collect();
+    let dev: Vec<_> = many.iter().map(|x| up(x)).collect();
+    let g = gpu.sum_squares_each(&dev.iter().collect::<Vec<_>>());
+    let c = cpu.sum_squares_each(&many.iter().collect::<Vec<_>>());
+    let err = g
+        .iter()
+        .zip(&c)
+        .map(|(a, b)| (a - b).abs() / b)
+        .fold(0.0, f64::max);
+    rows.push(Row {
+        what: "sum_squares_each (one transfer)".into(),
+        err,
+        tol: 1e-6,
+    });
     let row: Vec<f32> = randn(&mut r, 7, 1.0);
     push(
         &mut rows,

@@ -53,6 +53,11 @@ pub trait Backend: Send + Sync {
     fn sum_rows(&self, x: &Self::Tensor, c: usize) -> Self::Tensor;
     /// Σ x², accumulated in f64 (gradient-norm clipping).
     fn sum_squares(&self, x: &Self::Tensor) -> f64;
+    /// [`sum_squares`](Self::sum_squares) of each tensor; a GPU backend reads them all back in
+    /// one transfer (one synchronisation per step for gradient clipping, not one per tensor).
+    fn sum_squares_each(&self, xs: &[&Self::Tensor]) -> Vec<f64> {
+        xs.iter().map(|x| self.sum_squares(x)).collect()
+    }
     /// Splits each row of `x` (`[rows, Σ widths]`) into column blocks of the given widths.
     fn split_columns(&self, x: &Self::Tensor, widths: &[usize]) -> Vec<Self::Tensor>;
     /// Inverse of [`split_columns`](Self::split_columns).

@@ -822,10 +822,10 @@ impl<B: Backend> Model<B> {
 
     /// Whether every parameter is finite.
     pub fn params_finite(&self) -> bool {
-        self.params
-            .refs()
+        self.backend
+            .sum_squares_each(&self.params.refs())
             .iter()
-            .all(|t| self.backend.sum_squares(t).is_finite())
+            .all(|s| s.is_finite())
     }
 
     fn layer_norm_backward(

@@ -495,11 +495,7 @@ pub fn train_with<B: Backend>(
             }
             loss = reduce_scalar(&model.backend, sync, loss);
         }
-        let norms: Vec<f64> = grads
-            .refs()
-            .iter()
-            .map(|g| model.backend.sum_squares(g))
-            .collect();
+        let norms: Vec<f64> = model.backend.sum_squares_each(&grads.refs());
         let gnorm = norms.iter().sum::<f64>().sqrt();
         if !loss.is_finite() || !gnorm.is_finite() {
             let names = layout(cfg);
