@@ -171,6 +171,38 @@ enum DataCommand {
     },
 }
 
+/// Arguments of `sympow bench attention`.
+#[derive(clap::Args)]
+struct AttentionBench {
+    /// Sequence lengths.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1024, 4096, 16384, 65536])]
+    time: Vec<usize>,
+    /// Tokens per call (batch = tokens / T).
+    #[arg(long, default_value_t = 65536)]
+    tokens: usize,
+    /// Heads.
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    /// Head dimension (32, 64 or 128 for the fused kernels).
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    /// Chunk length of the fused kernels (multiple of 128, ≤ 4096).
+    #[arg(long, default_value_t = 1024)]
+    chunk: usize,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
+    /// Longest T at which the naive O(T²) kernels are timed.
+    #[arg(long, default_value_t = 4096)]
+    naive_max_t: usize,
+    /// Also write the timings as JSON lines here (read by bench/peers.py).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Also print the fused kernels' per-stage times.
+    #[arg(long)]
+    stages: bool,
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Generation on the CPU: time of one decode step after a prefill of each context length,
@@ -190,35 +222,7 @@ enum BenchCommand {
     },
     /// Attention on the GPU: forward and forward+backward of the fused chunked sympow kernels
     /// against the naive quadratic GPU kernels (sympow and softmax), same tokens per call.
-    Attention {
-        /// Sequence lengths.
-        #[arg(long, value_delimiter = ',', default_values_t = vec![1024, 4096, 16384, 65536])]
-        time: Vec<usize>,
-        /// Tokens per call (batch = tokens / T).
-        #[arg(long, default_value_t = 65536)]
-        tokens: usize,
-        /// Heads.
-        #[arg(long, default_value_t = 8)]
-        heads: usize,
-        /// Head dimension (32, 64 or 128 for the fused kernels).
-        #[arg(long, default_value_t = 64)]
-        head_dim: usize,
-        /// Chunk length of the fused kernels (multiple of 128, ≤ 4096).
-        #[arg(long, default_value_t = 1024)]
-        chunk: usize,
-        /// Timed repetitions (the median is reported).
-        #[arg(long, default_value_t = 10)]
-        reps: usize,
-        /// Longest T at which the naive O(T²) kernels are timed.
-        #[arg(long, default_value_t = 4096)]
-        naive_max_t: usize,
-        /// Also write the timings as JSON lines here (read by bench/peers.py).
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Also print the fused kernels' per-stage times.
-        #[arg(long)]
-        stages: bool,
-    },
+    Attention(AttentionBench),
     /// Attention forward on the CPU: time per token of the quadratic vs the chunked form.
     AttentionCpu {
         /// Sequence lengths.
@@ -566,36 +570,21 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
             Ok(0)
         }
         Command::Bench {
-            what:
-                BenchCommand::Attention {
-                    time,
-                    tokens,
-                    heads,
-                    head_dim,
-                    chunk,
-                    reps,
-                    naive_max_t,
-                    json,
-                    stages,
-                },
+            what: BenchCommand::Attention(args),
         } => {
-            if !chunk.is_multiple_of(128) || !(128..=4096).contains(&chunk) {
-                bail!("--chunk must be a multiple of 128 between 128 and 4096, got {chunk}");
+            if !args.chunk.is_multiple_of(128) || !(128..=4096).contains(&args.chunk) {
+                bail!(
+                    "--chunk must be a multiple of 128 between 128 and 4096, got {}",
+                    args.chunk
+                );
             }
-            if !sympow_cuda::FUSED_HEAD_DIMS.contains(&head_dim) {
-                bail!("--head-dim must be 32, 64 or 128 for the fused kernels, got {head_dim}");
+            if !sympow_cuda::FUSED_HEAD_DIMS.contains(&args.head_dim) {
+                bail!(
+                    "--head-dim must be 32, 64 or 128 for the fused kernels, got {}",
+                    args.head_dim
+                );
             }
-            bench_attention_gpu(
-                &time,
-                tokens,
-                heads,
-                head_dim,
-                chunk,
-                reps,
-                naive_max_t,
-                json,
-                stages,
-            )
+            bench_attention_gpu(args)
         }
         Command::Bench {
             what:
@@ -717,18 +706,18 @@ fn device_check(seed: Option<u64>) -> Result<i32> {
 }
 
 #[cfg(feature = "cuda")]
-#[allow(clippy::too_many_arguments)]
-fn bench_attention_gpu(
-    time: &[usize],
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
-    chunk: usize,
-    reps: usize,
-    naive_max_t: usize,
-    json: Option<PathBuf>,
-    stages: bool,
-) -> Result<i32> {
+fn bench_attention_gpu(a: AttentionBench) -> Result<i32> {
+    let AttentionBench {
+        time,
+        tokens,
+        heads,
+        head_dim,
+        chunk,
+        reps,
+        naive_max_t,
+        json,
+        stages,
+    } = a;
     let gpu = sympow_cuda::CudaBackend::new(0)?;
     if let Err(e) = gpu.fused_attention_status() {
         bail!("the fused kernels are unavailable on this GPU: {e}");
@@ -739,12 +728,12 @@ fn bench_attention_gpu(
         gpu.name()
     );
     let rows =
-        sympow_cuda::bench::attention_gpu(&gpu, time, tokens, heads, head_dim, reps, naive_max_t);
+        sympow_cuda::bench::attention_gpu(&gpu, &time, tokens, heads, head_dim, reps, naive_max_t);
     print!("{}", sympow_cuda::bench::format_table(&rows));
     if stages {
         print!(
             "{}",
-            sympow_cuda::bench::fused_stages(&gpu, time, tokens, heads, head_dim)
+            sympow_cuda::bench::fused_stages(&gpu, &time, tokens, heads, head_dim)
         );
     }
     if let Some(path) = json {
@@ -759,18 +748,7 @@ fn bench_attention_gpu(
 }
 
 #[cfg(not(feature = "cuda"))]
-#[allow(clippy::too_many_arguments)]
-fn bench_attention_gpu(
-    _time: &[usize],
-    _tokens: usize,
-    _heads: usize,
-    _head_dim: usize,
-    _chunk: usize,
-    _reps: usize,
-    _naive_max_t: usize,
-    _json: Option<PathBuf>,
-    _stages: bool,
-) -> Result<i32> {
+fn bench_attention_gpu(_: AttentionBench) -> Result<i32> {
     bail!("`bench attention` runs on the GPU: build with --features sympow-cli/cuda (on the CPU: `sympow bench attention-cpu`)")
 }
 

@@ -162,13 +162,13 @@ template <int D> struct Dims {
 template <int D> struct Smem {
     typedef Dims<D> Dm;
     static constexpr int E = Dm::E;
-    static constexpr int prep = 1024 * 4;  // L·4 bytes: the host passes the chunk's size
+    static constexpr int prep = 0;  // sized by the host from the chunk length L: L·4 bytes
     static constexpr int states = 2 * Dm::TT * ((D + 8) + (E + 8)) * 2;
     static constexpr int read = (2 * E * (D + 8) + 128 * (D + 8) + 128 * (E + 8)) * 2 + 128 * (D + 1) * 4;
     static constexpr int intra_fwd = (128 * (D + 8) + 64 * (D + 8) + 64 * (E + 8)) * 2 + 64 * 4;
     static constexpr int dkv = (128 * (D + 8) + 128 * (E + 8) + Dm::QB * (D + 8) + Dm::QB * (E + 8)) * 2 + Dm::QB * 4;
     static constexpr int dq = (128 * (D + 8) + 128 * (E + 8) + 64 * (D + 8) + 64 * (E + 8)) * 2 + 64 * 4;
-    static constexpr int final_ = 1024 * 4 + WARPS * 4;  // (L + WARPS)·4, as prep
+    static constexpr int final_ = 0;  // sized by the host: (L + WARPS)·4 bytes
 };
 
 extern __shared__ __align__(16) unsigned char smem[];

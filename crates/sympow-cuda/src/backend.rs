@@ -179,11 +179,11 @@ impl CudaBackend {
         self.chunk.store(chunk, Ordering::Relaxed);
     }
 
-    /// The fused kernels, when they take this problem and are switched on.
-    fn fused(&self, spec: &AttentionSpec, shape: &Shape) -> Option<&ChunkedSympow> {
+    /// The fused kernels and their chunk length, when they take this problem and are on.
+    fn fused(&self, spec: &AttentionSpec, shape: &Shape) -> Option<(&ChunkedSympow, usize)> {
         let k = self.chunked.as_ref().ok()?;
         (self.use_fused.load(Ordering::Relaxed) && ChunkedSympow::supports(spec, shape))
-            .then_some(k)
+            .then(|| (k, self.chunk.load(Ordering::Relaxed)))
     }
 
     fn up_u32(&self, v: &[u32]) -> CudaSlice<u32> {
@@ -874,8 +874,7 @@ impl Backend for CudaBackend {
         v: &CudaSlice<f32>,
         log_gates: Option<&CudaSlice<f32>>,
     ) -> AttentionOut<CudaSlice<f32>> {
-        if let Some(f) = self.fused(spec, shape) {
-            let c = self.chunk.load(Ordering::Relaxed);
+        if let Some((f, c)) = self.fused(spec, shape) {
             return f.forward(&self.stream, spec, shape, c, q, k, v, log_gates);
         }
         if !self.gpu_attention(shape) {
@@ -928,8 +927,7 @@ impl Backend for CudaBackend {
         out: &AttentionOut<CudaSlice<f32>>,
         dy: &CudaSlice<f32>,
     ) -> AttentionGrads<CudaSlice<f32>> {
-        if let Some(f) = self.fused(spec, shape) {
-            let c = self.chunk.load(Ordering::Relaxed);
+        if let Some((f, c)) = self.fused(spec, shape) {
             return f.backward(&self.stream, spec, shape, c, q, k, v, log_gates, out, dy);
         }
         if !self.gpu_attention(shape) {

@@ -415,66 +415,21 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         } else {
             Form::Quadratic
         };
-        let gc = gated.then_some(&lgt);
-        let gg = gated.then(|| up(&lgt));
-        let oc = cpu.attention_forward(&spec, form, &shape, &q, &k, &v, gc);
-        let og = gpu.attention_forward(&spec, form, &shape, &up(&q), &up(&k), &up(&v), gg.as_ref());
-        push(
+        compare_attention(
+            gpu,
+            &cpu,
             &mut rows,
-            &format!("attention {label} forward y"),
-            &dn(&og.y),
-            &oc.y,
-            TOL,
+            &AttentionCase {
+                label: format!("attention {label}"),
+                spec,
+                form,
+                shape,
+                qkv: [&q, &k, &v],
+                gates: gated.then_some(&lgt),
+                dy: &dya,
+                tol: TOL,
+            },
         );
-        push(
-            &mut rows,
-            &format!("attention {label} forward log-normaliser"),
-            &dn(&og.log_norm),
-            &oc.log_norm,
-            TOL,
-        );
-        let bc = cpu.attention_backward(&spec, form, &shape, &q, &k, &v, gc, &oc, &dya);
-        let bg = gpu.attention_backward(
-            &spec,
-            form,
-            &shape,
-            &up(&q),
-            &up(&k),
-            &up(&v),
-            gg.as_ref(),
-            &og,
-            &up(&dya),
-        );
-        push(
-            &mut rows,
-            &format!("attention {label} backward dq"),
-            &dn(&bg.dq),
-            &bc.dq,
-            TOL,
-        );
-        push(
-            &mut rows,
-            &format!("attention {label} backward dk"),
-            &dn(&bg.dk),
-            &bc.dk,
-            TOL,
-        );
-        push(
-            &mut rows,
-            &format!("attention {label} backward dv"),
-            &dn(&bg.dv),
-            &bc.dv,
-            TOL,
-        );
-        if let (Some(a), Some(b)) = (&bg.dlog_gates, &bc.dlog_gates) {
-            push(
-                &mut rows,
-                &format!("attention {label} backward dlog_gates"),
-                &dn(a),
-                b,
-                TOL,
-            );
-        }
     }
 
     // the fused chunked-sympow kernels (p = 2, bf16 tensor cores) against the CPU chunked form
@@ -549,8 +504,6 @@ fn fused_attention_checks(
     rows: &mut Vec<Row>,
 ) {
     let r = &mut rng(seed ^ 0xf05e_d000);
-    let up = |x: &[f32]| gpu.upload(x);
-    let dn = |x: &cudarc::driver::CudaSlice<f32>| gpu.download(x);
     for d in crate::chunked::HEAD_DIMS {
         for (time, chunk) in [(200, 1024), (700, 256), (2500, 2048)] {
             for gated in [true, false] {
@@ -578,50 +531,86 @@ fn fused_attention_checks(
                 );
                 let dy = randn(r, n * d, 1.0);
                 let lg = sympow::testing::log_gates(r, n, 0.5, 0.999);
-                let gc = gated.then_some(&lg);
-                let gg = gated.then(|| up(&lg));
-                let form = Form::Chunked(64);
                 gpu.set_attention_chunk(chunk);
-                let oc = cpu.attention_forward(&spec, form, &shape, &q, &k, &v, gc);
-                let og = gpu.attention_forward(
-                    &spec,
-                    form,
-                    &shape,
-                    &up(&q),
-                    &up(&k),
-                    &up(&v),
-                    gg.as_ref(),
-                );
-                let bc = cpu.attention_backward(&spec, form, &shape, &q, &k, &v, gc, &oc, &dy);
-                let bg = gpu.attention_backward(
-                    &spec,
-                    form,
-                    &shape,
-                    &up(&q),
-                    &up(&k),
-                    &up(&v),
-                    gg.as_ref(),
-                    &og,
-                    &up(&dy),
+                compare_attention(
+                    gpu,
+                    cpu,
+                    rows,
+                    &AttentionCase {
+                        label: format!(
+                            "fused sympow d={d} T={time} chunk={chunk}{}",
+                            if gated { " gated" } else { "" }
+                        ),
+                        spec,
+                        form: Form::Chunked(64),
+                        shape,
+                        qkv: [&q, &k, &v],
+                        gates: gated.then_some(&lg),
+                        dy: &dy,
+                        tol: BF16_TOL,
+                    },
                 );
                 gpu.set_attention_chunk(crate::chunked::DEFAULT_CHUNK);
-                let label = format!(
-                    "fused sympow d={d} T={time} chunk={chunk}{}",
-                    if gated { " gated" } else { "" }
-                );
-                let mut cmp = |what: &str, g: &[f32], c: &[f32]| {
-                    push(rows, &format!("{label} {what}"), g, c, BF16_TOL)
-                };
-                cmp("y", &dn(&og.y), &oc.y);
-                cmp("log-normaliser", &dn(&og.log_norm), &oc.log_norm);
-                cmp("dq", &dn(&bg.dq), &bc.dq);
-                cmp("dk", &dn(&bg.dk), &bc.dk);
-                cmp("dv", &dn(&bg.dv), &bc.dv);
-                if let (Some(a), Some(b)) = (&bg.dlog_gates, &bc.dlog_gates) {
-                    cmp("dlog_gates", &dn(a), b);
-                }
             }
         }
+    }
+}
+
+/// One attention comparison: inputs and the bound.
+struct AttentionCase<'a> {
+    label: String,
+    spec: AttentionSpec,
+    form: Form,
+    shape: Shape,
+    qkv: [&'a Vec<f32>; 3],
+    gates: Option<&'a Vec<f32>>,
+    dy: &'a Vec<f32>,
+    tol: f64,
+}
+
+/// Attention forward and backward on both backends; a row for y, the log-normaliser and every
+/// gradient.
+fn compare_attention(
+    gpu: &CudaBackend,
+    cpu: &CpuBackend<f32>,
+    rows: &mut Vec<Row>,
+    c: &AttentionCase,
+) {
+    let [q, k, v] = c.qkv;
+    let (spec, form, shape) = (&c.spec, c.form, &c.shape);
+    let (qg, kg, vg) = (gpu.upload(q), gpu.upload(k), gpu.upload(v));
+    let gg = c.gates.map(|g| gpu.upload(g));
+    let oc = cpu.attention_forward(spec, form, shape, q, k, v, c.gates);
+    let og = gpu.attention_forward(spec, form, shape, &qg, &kg, &vg, gg.as_ref());
+    let dy = c.dy;
+    let bc = cpu.attention_backward(spec, form, shape, q, k, v, c.gates, &oc, dy);
+    let bg = gpu.attention_backward(
+        spec,
+        form,
+        shape,
+        &qg,
+        &kg,
+        &vg,
+        gg.as_ref(),
+        &og,
+        &gpu.upload(dy),
+    );
+    let mut cmp = |what: &str, g: &cudarc::driver::CudaSlice<f32>, cpu: &[f32]| {
+        push(
+            rows,
+            &format!("{} {what}", c.label),
+            &gpu.download(g),
+            cpu,
+            c.tol,
+        )
+    };
+    cmp("forward y", &og.y, &oc.y);
+    cmp("forward log-normaliser", &og.log_norm, &oc.log_norm);
+    cmp("backward dq", &bg.dq, &bc.dq);
+    cmp("backward dk", &bg.dk, &bc.dk);
+    cmp("backward dv", &bg.dv, &bc.dv);
+    if let (Some(a), Some(b)) = (&bg.dlog_gates, &bc.dlog_gates) {
+        cmp("backward dlog_gates", a, b);
     }
 }
 

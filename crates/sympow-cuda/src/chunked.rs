@@ -44,7 +44,8 @@ const NULL: u64 = 0;
 pub struct ChunkedSympow {
     _module: Arc<CudaModule>,
     fns: HashMap<String, CudaFunction>,
-    /// Shared-memory bytes per head dimension: prep, states, read, intra_fwd, dkv, dq, final.
+    /// Shared-memory bytes per head dimension: prep, states, read, intra_fwd, dkv, dq, final
+    /// (prep and final are 0 there: they scale with the chunk and are sized at launch).
     smem: HashMap<usize, [u32; 7]>,
     /// When on, each stage synchronises and its wall time is recorded (for `bench attention
     /// --stages`); off in normal runs.
@@ -499,6 +500,7 @@ impl ChunkedSympow {
                 .arg(&dvi);
             b.arg(&dgq).arg(&dgk).arg(&t).arg(&h).arg(&l).arg(&scale);
             // SAFETY: as declared in sp_bwd_final; one block per (bh, chunk).
+            // (L + WARPS) floats: the chunk's ∂G and one partial per warp
             unsafe { b.launch(cfg((g.bh, g.nc, 1), ((g.l + 8) * 4) as u32)) }
                 .expect("sp_bwd_final");
         }
