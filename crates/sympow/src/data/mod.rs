@@ -5,6 +5,7 @@
 //! the training context drawn deterministically from a seed by [`TokenData::batch`].
 
 pub mod corpus;
+pub mod gpt2;
 pub mod loader;
 pub mod prepare;
 pub mod rows;

@@ -291,6 +291,17 @@ pub fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(v)
 }
 
+/// The length in tokens of every document in a directory of shards, in shard order: what
+/// `sympow data stats` summarises. Each shard is checked as [`Shard::open`] checks it.
+pub fn document_lengths(dir: &Path) -> Result<Vec<usize>, DataError> {
+    let mut out = Vec::new();
+    for f in shard_files(dir)? {
+        let s = Shard::open(&f)?;
+        out.extend((0..s.num_docs()).map(|i| s.doc_len(i)));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

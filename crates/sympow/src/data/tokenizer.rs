@@ -38,7 +38,7 @@ impl Tokenizer {
     /// ```
     pub fn encode(&self, text: &str) -> Vec<u32> {
         match self.kind {
-            TokenizerKind::Gpt2 => tiktoken_rs::r50k_base_singleton().encode_ordinary(text),
+            TokenizerKind::Gpt2 => super::gpt2::encode(text),
             TokenizerKind::Bytes => text.bytes().map(u32::from).collect(),
         }
     }
