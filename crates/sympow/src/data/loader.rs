@@ -245,26 +245,33 @@ impl TokenData {
         b
     }
 
-    /// Evaluation windows: consecutive, non-overlapping windows of `context` tokens from the
-    /// start of each validation document (position 0 is a document start), at most
-    /// `max_windows`, in a fixed order.
+    /// Evaluation windows of `context` tokens, at most `max_windows`, in a fixed order: first
+    /// the window at the start of every validation document (position 0 is a document
+    /// start), then every document's second window (its next `context` tokens), and so on —
+    /// so a handful of windows already spans many documents, not the first document's length.
     pub fn eval_windows(&self, context: usize, max_windows: usize) -> Vec<Batch> {
         let mut out = Vec::new();
-        'docs: for &doc in &self.val {
-            let len = self.docs[doc].len;
-            let mut start = 0;
-            while start + 1 < len {
+        let mut start = 0;
+        while out.len() < max_windows {
+            let mut any = false;
+            for &doc in &self.val {
                 if out.len() == max_windows {
-                    break 'docs;
+                    break;
                 }
-                let mut b = Batch {
-                    ids: Vec::new(),
-                    targets: Vec::new(),
-                };
-                self.window(doc, start, context, &mut b);
-                out.push(b);
-                start += context;
+                if start + 1 < self.docs[doc].len {
+                    let mut b = Batch {
+                        ids: Vec::new(),
+                        targets: Vec::new(),
+                    };
+                    self.window(doc, start, context, &mut b);
+                    out.push(b);
+                    any = true;
+                }
             }
+            if !any {
+                break;
+            }
+            start += context;
         }
         out
     }
@@ -334,6 +341,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn eval_windows_visit_every_document_before_any_second_window() {
+        let docs: Vec<Document> = (0..4u8)
+            .map(|i| Document {
+                id: i.to_string(),
+                text: ((b'a' + i) as char).to_string().repeat(30),
+            })
+            .collect();
+        let mut d = TokenData::from_documents(&docs, Tokenizer::new(TokenizerKind::Bytes));
+        d.val = vec![0, 1, 2, 3];
+        let first: Vec<u32> = d.eval_windows(10, 6).iter().map(|b| b.ids[0]).collect();
+        assert_eq!(first, [97, 98, 99, 100, 97, 98]);
+        assert_eq!(
+            d.eval_windows(10, 100).len(),
+            12,
+            "three windows of each document"
+        );
     }
 
     #[test]
