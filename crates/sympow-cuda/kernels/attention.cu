@@ -135,3 +135,39 @@ extern "C" __global__ void reverse_cumsum_time(float* out, const float* dG, int 
         out[r] = (float)acc;
     }
 }
+
+// ---- softmax attention through cuBLAS (backend/softmax.rs) ----------------------------------------
+// One block of R queries (r0 ≤ t < r0 + R) at a time: cuBLAS writes the scores σ q_t·k_s of every
+// head into S [H, R, Tk] (row (h, i) at S + (h*R + i)*Tk, Tk = r0 + R keys); these kernels, one
+// thread block per row, turn a row into probabilities (causal: s ≤ t) and back.
+
+// P = softmax(S) in place, zero for s > t; log_norm[b, t, h] = log-sum-exp of the row.
+extern "C" __global__ void softmax_rows_forward(float* S, float* log_norm, int R, int Tk, int r0, int T, int H, int b) {
+    __shared__ float shm[32];
+    int h = blockIdx.x / R, i = blockIdx.x % R, t = r0 + i;
+    float* row = S + (long)blockIdx.x * Tk;
+    float m = __int_as_float(0xff800000);
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) m = fmaxf(m, row[s]);
+    m = block_max(m, shm);
+    float z = 0.f;
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) z += __expf(row[s] - m);
+    float lse = m + logf(block_sum(z, shm));
+    for (int s = threadIdx.x; s < Tk; s += blockDim.x) row[s] = s <= t ? __expf(row[s] - lse) : 0.f;
+    if (threadIdx.x == 0) log_norm[((long)b * T + t) * H + h] = lse;
+}
+
+// P = exp(S - log_norm) (the forward's probabilities, recomputed from the saved log-sum-exp).
+extern "C" __global__ void softmax_rows_recompute(float* S, const float* log_norm, int R, int Tk, int r0, int T, int H, int b) {
+    int h = blockIdx.x / R, i = blockIdx.x % R, t = r0 + i;
+    float* row = S + (long)blockIdx.x * Tk;
+    float lse = log_norm[((long)b * T + t) * H + h];
+    for (int s = threadIdx.x; s < Tk; s += blockDim.x) row[s] = s <= t ? __expf(row[s] - lse) : 0.f;
+}
+
+// dS = P ∘ (dP − D_t), in place over dP, with D_t = dy_t·y_t.
+extern "C" __global__ void softmax_rows_grad(float* dP, const float* P, const float* D, int R, int Tk, int r0, int T, int H, int b) {
+    int h = blockIdx.x / R, i = blockIdx.x % R, t = r0 + i;
+    long o = (long)blockIdx.x * Tk;
+    float d = D[((long)b * T + t) * H + h];
+    for (int s = threadIdx.x; s < Tk; s += blockDim.x) dP[o + s] = P[o + s] * (dP[o + s] - d);
+}

@@ -5,8 +5,10 @@
 //! device by `sympow device-check`). Tensors are f32 device buffers.
 //!
 //! Sympow attention with p = 2 and head dimension 32, 64 or 128 runs as the fused tensor-core
-//! chunked kernels of [`crate::chunked`] (bf16 operands, f32 accumulation; linear in T). Other
-//! attention (p = 4, softmax, other head sizes) runs as the naive quadratic-form kernels of
+//! chunked kernels of [`crate::chunked`] (bf16 operands, f32 accumulation; linear in T).
+//! Ungated softmax attention runs on cuBLAS, a block of queries at a time (`backend/softmax.rs`,
+//! any T). Other attention (p = 4, gated softmax, other head sizes) runs as the naive
+//! quadratic-form kernels of
 //! `kernels/attention.cu` (one thread per query or key, CUDA cores, f32) for sequences of up to
 //! [`GPU_ATTENTION_MAX_T`] tokens, and through the CPU implementation beyond.
 
@@ -49,6 +51,8 @@ pub struct CudaBackend {
     chunked: Result<ChunkedSympow, String>,
     use_fused: AtomicBool,
     chunk: AtomicUsize,
+    /// Queries per block of the cuBLAS softmax path (0: as many as the scratch limit allows).
+    softmax_rows: AtomicUsize,
 }
 
 // SAFETY: cudarc's context, stream and cuBLAS handle are used from one thread at a time here
@@ -57,7 +61,7 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 30] = [
+const KERNELS: [&str; 33] = [
     "add_assign",
     "scale",
     "mul",
@@ -88,6 +92,9 @@ const KERNELS: [&str; 30] = [
     "attention_backward_dq",
     "attention_backward_dkv",
     "reverse_cumsum_time",
+    "softmax_rows_forward",
+    "softmax_rows_recompute",
+    "softmax_rows_grad",
 ];
 
 fn grid(n: usize) -> LaunchConfig {
@@ -121,6 +128,8 @@ macro_rules! launch {
     }};
 }
 
+mod softmax;
+
 impl CudaBackend {
     /// Opens GPU `ordinal` and compiles the kernels.
     pub fn new(ordinal: usize) -> Result<Self, crate::Unavailable> {
@@ -150,7 +159,25 @@ impl CudaBackend {
             chunked,
             use_fused: AtomicBool::new(true),
             chunk: AtomicUsize::new(DEFAULT_CHUNK),
+            softmax_rows: AtomicUsize::new(0),
         })
+    }
+
+    /// Queries per block of the cuBLAS softmax attention (0, the default: as many as a 1 GiB
+    /// scratch buffer allows); `device-check` sets a small value to exercise several blocks.
+    pub fn set_softmax_block_rows(&self, rows: usize) {
+        self.softmax_rows.store(rows, Ordering::Relaxed);
+    }
+
+    fn softmax_rows(&self) -> usize {
+        self.softmax_rows.load(Ordering::Relaxed)
+    }
+
+    /// Whether ungated softmax attention runs on cuBLAS (`backend/softmax.rs`).
+    fn cublas_softmax(&self, spec: &AttentionSpec, log_gates: Option<&CudaSlice<f32>>) -> bool {
+        self.use_fused.load(Ordering::Relaxed)
+            && matches!(spec.kernel, sympow::attention::Kernel::Softmax)
+            && log_gates.is_none()
     }
 
     /// Whether the fused chunked-sympow kernels compiled on this GPU (else why not).
@@ -163,8 +190,8 @@ impl CudaBackend {
         self.chunked.as_ref().ok()
     }
 
-    /// Turns the fused chunked-sympow kernels on or off (off: the naive GPU reference kernels,
-    /// for comparisons).
+    /// Turns the fast attention paths — the fused chunked-sympow kernels and the cuBLAS
+    /// softmax — on or off (off: the naive GPU reference kernels, for comparisons).
     pub fn set_fused_attention(&self, on: bool) {
         self.use_fused.store(on, Ordering::Relaxed);
     }
@@ -877,6 +904,9 @@ impl Backend for CudaBackend {
         if let Some((f, c)) = self.fused(spec, shape) {
             return f.forward(&self.stream, spec, shape, c, q, k, v, log_gates);
         }
+        if self.cublas_softmax(spec, log_gates) {
+            return self.softmax_attention_forward(spec, shape, q, k, v);
+        }
         if !self.gpu_attention(shape) {
             let g = log_gates.map(|g| self.download(g));
             let out = self.cpu.attention_forward(
@@ -929,6 +959,9 @@ impl Backend for CudaBackend {
     ) -> AttentionGrads<CudaSlice<f32>> {
         if let Some((f, c)) = self.fused(spec, shape) {
             return f.backward(&self.stream, spec, shape, c, q, k, v, log_gates, out, dy);
+        }
+        if self.cublas_softmax(spec, log_gates) {
+            return self.softmax_attention_backward(spec, shape, q, k, v, out, dy);
         }
         if !self.gpu_attention(shape) {
             let g = log_gates.map(|g| self.download(g));

@@ -1,5 +1,5 @@
 //! `sympow bench attention` on the GPU: forward and forward+backward times of the fused chunked
-//! sympow kernels against the naive GPU quadratic kernels (sympow and softmax), at a fixed
+//! sympow kernels against the cuBLAS softmax and the naive GPU quadratic kernels, at a fixed
 //! number of tokens per call, as a table and as JSON lines that `bench/peers.py` merges with
 //! its peers' timings.
 
@@ -132,6 +132,7 @@ pub fn attention_gpu(
             });
         };
         run("sympow fused chunked p=2 gated", &sym, true, true);
+        run("softmax cuBLAS (scores in memory)", &soft, false, true);
         if t <= naive_max_t {
             run("sympow naive quadratic p=2 gated", &sym, true, false);
             run("softmax naive quadratic", &soft, false, false);

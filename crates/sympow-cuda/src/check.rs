@@ -432,6 +432,41 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         );
     }
 
+    // the cuBLAS softmax: one block of queries, and several blocks with a partial last one
+    for (time, block) in [(300, 0), (700, 128)] {
+        let shape = Shape {
+            batch: 2,
+            time,
+            heads: 3,
+            dk: 64,
+            dv: 32,
+        };
+        let n = 2 * time * 3;
+        let (q, k, v, dy) = (
+            randn(&mut r, n * 64, 1.0),
+            randn(&mut r, n * 64, 1.0),
+            randn(&mut r, n * 32, 1.0),
+            randn(&mut r, n * 32, 1.0),
+        );
+        gpu.set_softmax_block_rows(block);
+        compare_attention(
+            gpu,
+            &cpu,
+            &mut rows,
+            &AttentionCase {
+                label: format!("cuBLAS softmax T={time} block rows={block}"),
+                spec: AttentionSpec::softmax(64),
+                form: Form::Quadratic,
+                shape,
+                qkv: [&q, &k, &v],
+                gates: None,
+                dy: &dy,
+                tol: TOL,
+            },
+        );
+        gpu.set_softmax_block_rows(0);
+    }
+
     // the fused chunked-sympow kernels (p = 2, bf16 tensor cores) against the CPU chunked form
     match gpu.fused_attention_status() {
         Ok(()) => fused_attention_checks(gpu, &cpu, seed, &mut rows),
