@@ -1,5 +1,7 @@
 //! `sympow`: train, evaluate, sample from and benchmark conformal-sympow transformers.
 
+mod experiment;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
@@ -8,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use sympow::backend::{Backend, CpuBackend};
 use sympow::config::{Config, TokenizerKind};
+use sympow::data::prepare::PrepareOptions;
 use sympow::data::{TokenData, Tokenizer};
 use sympow::train::{self, RunPaths, TrainOptions};
 
@@ -125,6 +128,11 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// The paper's experiments.
+    Experiment {
+        #[command(subcommand)]
+        what: ExperimentCommand,
+    },
     /// Data preparation.
     Data {
         #[command(subcommand)]
@@ -152,9 +160,19 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum ExperimentCommand {
+    /// Train softmax, sympow, sympow + gate and conformal-sympow at several training contexts,
+    /// evaluate each at up to 4× its context, and write the loss-by-position figure (a panel
+    /// per training context) and a table.
+    ContextScaling(experiment::ContextScaling),
+}
+
+#[derive(Subcommand)]
 enum DataCommand {
     /// Tokenise .txt/.md (one document per file) and .jsonl (field "text") files or
     /// directories, optionally gzipped, into token shards.
+    /// Archives (.tar, .tar.gz, .tar.xz) are read member by member, e.g. the Linux source tree
+    /// of Debian's linux-source-6.12 (see docs/DATA.md).
     Prepare {
         /// Input files or directories.
         #[arg(required = true)]
@@ -168,6 +186,25 @@ enum DataCommand {
         /// Tokens per shard.
         #[arg(long, default_value_t = 100_000_000)]
         shard_tokens: u64,
+        /// Archive members kept: file-name endings (default: .c .h .S .rs .py .sh .pl .rst
+        /// .txt .md).
+        #[arg(long, value_delimiter = ',')]
+        suffixes: Option<Vec<String>>,
+        /// Archive members whose path contains this are left out (repeatable).
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Documents with fewer bytes of text are left out.
+        #[arg(long, default_value_t = 1)]
+        min_bytes: u64,
+        /// Documents that DEFLATE compresses more than this many times are left out
+        /// (generated tables; code and prose compress ≈ 3×).
+        #[arg(long)]
+        max_deflate_ratio: Option<f64>,
+    },
+    /// Documents, tokens and the document-length distribution of a directory of shards.
+    Stats {
+        /// Directory of shard_*.tok.
+        dir: PathBuf,
     },
 }
 
@@ -514,6 +551,9 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
             out,
             no_progress,
         } => compare(make, &args, &out, !no_progress),
+        Command::Experiment {
+            what: ExperimentCommand::ContextScaling(a),
+        } => experiment::context_scaling(make, &a),
         Command::Data {
             what:
                 DataCommand::Prepare {
@@ -521,6 +561,10 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
                     out,
                     tokenizer,
                     shard_tokens,
+                    suffixes,
+                    exclude,
+                    min_bytes,
+                    max_deflate_ratio,
                 },
         } => {
             let kind = match tokenizer.as_str() {
@@ -528,24 +572,72 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
                 "bytes" => TokenizerKind::Bytes,
                 other => bail!("--tokenizer {other}: expected gpt2 or bytes"),
             };
-            let s = sympow::data::prepare::prepare(
-                &inputs,
-                &out,
-                Tokenizer::new(kind),
-                shard_tokens,
-                true,
-            )?;
+            let mut opts = PrepareOptions::new(Tokenizer::new(kind));
+            opts.shard_tokens = shard_tokens;
+            if let Some(s) = suffixes {
+                opts.filter.suffixes = s;
+            }
+            opts.filter.exclude = exclude;
+            opts.min_bytes = min_bytes;
+            opts.max_deflate_ratio = max_deflate_ratio;
+            opts.progress = true;
+            let s = sympow::data::prepare::prepare(&inputs, &out, &opts)?;
             println!(
-                "{} documents, {} tokens from {:.1} MB of text in {:.1} s ({:.1} MB/s) → {} shard(s) in {}",
+                "{} documents, {} tokens from {:.1} MB of text in {:.1} s ({:.1} MB/s on {} threads) → {} shard(s) in {}",
                 s.documents,
                 s.tokens,
                 s.bytes as f64 / 1e6,
                 s.seconds,
                 s.bytes as f64 / 1e6 / s.seconds.max(1e-9),
+                rayon::current_num_threads(),
                 s.shards.len(),
                 out.display()
             );
+            if s.short + s.repetitive + s.skipped.filtered + s.skipped.not_utf8 > 0 {
+                println!(
+                    "left out: {} documents under --min-bytes, {} over --max-deflate-ratio, {} archive members by name, {} not UTF-8",
+                    s.short, s.repetitive, s.skipped.filtered, s.skipped.not_utf8
+                );
+            }
             println!("train on it with: sympow train --set data.corpus={:?} --set data.tokenizer={tokenizer}", out.display().to_string());
+            Ok(0)
+        }
+        Command::Data {
+            what: DataCommand::Stats { dir },
+        } => {
+            let mut len = sympow::data::shard::document_lengths(&dir)?;
+            if len.is_empty() {
+                bail!("{}: the shards hold no documents", dir.display());
+            }
+            len.sort_unstable();
+            let tokens: u64 = len.iter().map(|&l| l as u64).sum();
+            println!(
+                "{}: {} documents, {} tokens",
+                dir.display(),
+                len.len(),
+                tokens
+            );
+            let pct = |p: f64| len[((len.len() - 1) as f64 * p).round() as usize];
+            println!(
+                "document length (tokens): min {}  p10 {}  median {}  p90 {}  max {}",
+                pct(0.0),
+                pct(0.1),
+                pct(0.5),
+                pct(0.9),
+                pct(1.0)
+            );
+            for at_least in [1024usize, 4096, 16384, 65536] {
+                let n = len.iter().filter(|&&l| l >= at_least).count();
+                let t: u64 = len
+                    .iter()
+                    .filter(|&&l| l >= at_least)
+                    .map(|&l| l as u64)
+                    .sum();
+                println!(
+                    "  ≥ {at_least:>6} tokens: {n:>7} documents, {:>5.1} % of tokens",
+                    100.0 * t as f64 / tokens.max(1) as f64
+                );
+            }
             Ok(0)
         }
         Command::Config { cfg } => {

@@ -380,3 +380,143 @@ fn trains_on_rows_in_longcrawl64_layout() {
         "vocabulary size 256",
     );
 }
+
+#[test]
+fn context_scaling_experiment_writes_table_and_figure_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("cs");
+    let args = [
+        "--threads",
+        "2",
+        "experiment",
+        "context-scaling",
+        "--out",
+        out.to_str().unwrap(),
+        "--contexts",
+        "16,32",
+        "--variants",
+        "softmax,conformal",
+        "--tokens-per-step",
+        "64",
+        "--eval-windows",
+        "4",
+        "--set",
+        "model.width=16",
+        "--set",
+        "model.layers=1",
+        "--set",
+        "model.heads=2",
+        "--set",
+        "model.head_dim=8",
+        "--set",
+        "model.chunk=8",
+        "--set",
+        "train.eval_every=0",
+        "--steps",
+        "3",
+        "--no-progress",
+    ];
+    let o = sympow(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = std::fs::read_to_string(out.join("context_scaling.md")).unwrap();
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with("| 16 ") || l.starts_with("| 32 "))
+        .collect();
+    assert_eq!(rows.len(), 4, "{table}");
+    for r in &rows {
+        // four losses (inside, last eighth, 1-2C, 2-4C), all finite and near or below ln(256)
+        let losses: Vec<f64> = r
+            .split('|')
+            .skip(4)
+            .filter_map(|c| c.trim().parse().ok())
+            .collect();
+        assert_eq!(losses.len(), 4, "{r}");
+        assert!(losses.iter().all(|l| l.is_finite() && *l < 6.0), "{r}");
+    }
+    assert!(
+        std::fs::metadata(out.join("context_scaling.png"))
+            .unwrap()
+            .len()
+            > 10_000
+    );
+    // each run was evaluated at 4× its training context
+    let csv = std::fs::read_to_string(out.join("ctx32/conformal/eval_ctx128.csv")).unwrap();
+    assert!(csv.lines().last().unwrap().starts_with("124,128,"), "{csv}");
+    // a second call trains nothing and reuses the evaluations: the same table
+    let ck = out.join("ctx16/softmax/checkpoint.safetensors");
+    let before = std::fs::metadata(&ck).unwrap().modified().unwrap();
+    let o = sympow(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(stdout.matches("already trained").count(), 4, "{stdout}");
+    assert_eq!(std::fs::metadata(&ck).unwrap().modified().unwrap(), before);
+    assert_eq!(
+        std::fs::read_to_string(out.join("context_scaling.md")).unwrap(),
+        table
+    );
+    // an unknown variant is a named error
+    let mut bad = args.to_vec();
+    bad[9] = "softmax,nope";
+    assert_error(&sympow(&bad), "unknown variant \"nope\"");
+}
+
+#[test]
+fn data_prepare_reads_a_source_archive_and_stats_summarises_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    // f0, f3: varied code; f1: too short; f2: one line repeated (a generated table)
+    let varied = |n: usize| -> String {
+        (0..n)
+            .map(|j| format!("int v{j} = {};\n", (j * 7919 + 13) % 10007 * (j % 7 + 1)))
+            .collect()
+    };
+    let docs = [
+        varied(20),
+        "int x;\n".to_string(),
+        "{ 0x00, 0x00 },\n".repeat(200),
+        varied(60),
+    ];
+    for (i, text) in docs.iter().enumerate() {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(text.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, format!("src/f{i}.c"), text.as_bytes())
+            .unwrap();
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_size(4);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, "src/blob.bin", &b"\0\x01\x02\x03"[..])
+        .unwrap();
+    let tarball = tmp.path().join("src.tar");
+    std::fs::write(&tarball, b.into_inner().unwrap()).unwrap();
+    let shards = tmp.path().join("shards");
+    let o = sympow(&[
+        "data",
+        "prepare",
+        tarball.to_str().unwrap(),
+        "--out",
+        shards.to_str().unwrap(),
+        "--min-bytes",
+        "200",
+        "--max-deflate-ratio",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("2 documents"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "left out: 1 documents under --min-bytes, 1 over --max-deflate-ratio, 1 archive members by name, 0 not UTF-8"
+        ),
+        "{stdout}"
+    );
+    let o = sympow(&["data", "stats", shards.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains(": 2 documents"), "{stdout}");
+    assert!(stdout.contains("≥   1024 tokens:"), "{stdout}");
+}

@@ -1,0 +1,284 @@
+//! `sympow experiment context-scaling`: the paper's experiment (SPEC §8) at a chosen scale.
+//!
+//! Every variant is trained at every training context C on the same number of tokens per
+//! step (the batch shrinks as C grows), then evaluated on validation windows of
+//! `eval_factor`·C tokens: the loss by position shows both how well a model uses its training
+//! context and what happens beyond it. Runs live in `out/ctx<C>/<variant>`; a finished run is
+//! not retrained, an interrupted one resumes, an evaluation newer than its checkpoint is
+//! reused — so the experiment can be spread over several time-limited calls.
+
+use crate::{interrupt_flag, run_train, ConfigArgs, VARIANTS};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use sympow::backend::{Backend, CpuBackend};
+use sympow::data::TokenData;
+use sympow::eval::Bucket;
+use sympow::plot::{Panel, Series};
+use sympow::train::{self, RunPaths};
+
+/// Arguments of `sympow experiment context-scaling`.
+#[derive(clap::Args)]
+pub(crate) struct ContextScaling {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Training contexts.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![256, 1024])]
+    contexts: Vec<usize>,
+    /// Variants (names of `sympow compare`).
+    #[arg(long, value_delimiter = ',', default_values_t = ["softmax", "sympow-p2", "sympow-gated", "conformal"].map(String::from).to_vec())]
+    variants: Vec<String>,
+    /// Tokens per optimizer step at every context (default: the config's batch × context).
+    #[arg(long)]
+    tokens_per_step: Option<usize>,
+    /// Evaluation context as a multiple of the training context.
+    #[arg(long, default_value_t = 4)]
+    eval_factor: usize,
+    /// Validation windows averaged per evaluation.
+    #[arg(long, default_value_t = 32)]
+    eval_windows: usize,
+    /// Position buckets per training context.
+    #[arg(long, default_value_t = 8)]
+    buckets: usize,
+    /// Parent directory of the runs, the table and the figure.
+    #[arg(long, default_value = "runs/context-scaling")]
+    out: PathBuf,
+    /// No progress bars.
+    #[arg(long)]
+    no_progress: bool,
+    /// Train and evaluate nothing: build the table and figure from the evaluations already in
+    /// --out (e.g. runs made on other machines, checkpoints left behind).
+    #[arg(long)]
+    report_only: bool,
+}
+
+/// One trained and evaluated run.
+struct Row {
+    context: usize,
+    variant: String,
+    params: usize,
+    curve: Vec<Bucket>,
+}
+
+impl Row {
+    /// Token-weighted mean loss over positions [from, to).
+    fn mean(&self, from: usize, to: usize) -> f64 {
+        let (s, n) = self
+            .curve
+            .iter()
+            .filter(|b| b.start >= from && b.end <= to && b.tokens > 0)
+            .fold((0.0, 0u64), |(s, n), b| {
+                (s + b.loss * b.tokens as f64, n + b.tokens)
+            });
+        if n == 0 {
+            f64::NAN
+        } else {
+            s / n as f64
+        }
+    }
+}
+
+pub(crate) fn context_scaling<B: Backend>(make: &dyn Fn() -> B, a: &ContextScaling) -> Result<i32> {
+    let base = a.cfg.build()?;
+    if a.contexts.is_empty() || a.contexts.contains(&0) {
+        bail!("--contexts: give one or more positive training contexts");
+    }
+    if a.eval_factor == 0 {
+        bail!("--eval-factor must be at least 1");
+    }
+    let variants: Vec<(&str, &[(&str, &str)])> = a
+        .variants
+        .iter()
+        .map(|v| {
+            VARIANTS
+                .iter()
+                .find(|(n, _)| n == v)
+                .copied()
+                .with_context(|| {
+                    let known: Vec<&str> = VARIANTS.iter().map(|(n, _)| *n).collect();
+                    format!(
+                        "--variants: unknown variant {v:?} (known: {})",
+                        known.join(", ")
+                    )
+                })
+        })
+        .collect::<Result<_>>()?;
+    let tokens_per_step = a
+        .tokens_per_step
+        .unwrap_or(base.train.batch_size * base.data.context);
+    let flag = interrupt_flag();
+    let data = if a.report_only {
+        None
+    } else {
+        Some(TokenData::load(&base.data)?)
+    };
+    let unigram = data
+        .as_ref()
+        .map(|d| format!("{:.4}", d.unigram_baseline(base.model.vocab_size)));
+    let mut rows = Vec::new();
+    for &context in &a.contexts {
+        for (name, overrides) in &variants {
+            let mut cfg = base.clone();
+            for (k, v) in *overrides {
+                cfg.set(k, v).with_context(|| format!("variant {name}"))?;
+            }
+            cfg.data.context = context;
+            cfg.train.batch_size = (tokens_per_step / context).max(1);
+            cfg.validate()
+                .with_context(|| format!("variant {name} at context {context}"))?;
+            let dir = a.out.join(format!("ctx{context}")).join(name);
+            let eval_ctx = a.eval_factor * context;
+            let csv = dir.join(format!("eval_ctx{eval_ctx}.csv"));
+            println!("== {name}, training context {context}");
+            if a.report_only {
+                let curve = sympow::eval::read_csv(&csv).map_err(anyhow::Error::msg)?;
+                let params =
+                    sympow::model::Model::init(CpuBackend::<f32>::new(), &cfg, 0).num_params();
+                rows.push(Row {
+                    context,
+                    variant: name.to_string(),
+                    params,
+                    curve,
+                });
+                continue;
+            }
+            if !trained(&dir, &cfg) {
+                let resume = RunPaths::new(&dir).checkpoint.exists();
+                let s = run_train(
+                    make(),
+                    &cfg,
+                    &dir,
+                    resume,
+                    None,
+                    !a.no_progress,
+                    flag.clone(),
+                )?;
+                if s.stopped_early {
+                    return Ok(130);
+                }
+            } else {
+                println!("already trained: {}", dir.display());
+            }
+            let model = train::load_model(make(), &dir)?;
+            let curve = match fresh_eval(&csv, &dir) {
+                Some(c) => c,
+                None => {
+                    let c = sympow::eval::loss_by_position(
+                        &model,
+                        data.as_ref().expect("loaded unless --report-only"),
+                        eval_ctx,
+                        a.eval_windows,
+                        (tokens_per_step / eval_ctx).max(1),
+                        a.buckets * a.eval_factor,
+                    );
+                    sympow::eval::write_csv(&csv, &c)?;
+                    c
+                }
+            };
+            rows.push(Row {
+                context,
+                variant: name.to_string(),
+                params: model.num_params(),
+                curve,
+            });
+        }
+    }
+    std::fs::create_dir_all(&a.out)?;
+    let table = table(&rows, a.eval_factor);
+    let text = format!(
+        "{table}\n{} optimizer steps of {tokens_per_step} tokens per run; loss in nats/token on {} validation windows of {}× the training context{}.\n",
+        base.train.steps,
+        a.eval_windows,
+        a.eval_factor,
+        unigram.map_or(String::new(), |u| format!("; unigram baseline {u}"))
+    );
+    print!("\n{text}");
+    sympow::checkpoint::write_atomic(&a.out.join("context_scaling.md"), text.as_bytes())?;
+    let png = a.out.join("context_scaling.png");
+    figure(&png, &rows, &a.contexts)?;
+    println!(
+        "wrote {} and {}",
+        a.out.join("context_scaling.md").display(),
+        png.display()
+    );
+    Ok(0)
+}
+
+/// Whether `dir` holds a finished run of exactly `cfg`.
+fn trained(dir: &Path, cfg: &sympow::config::Config) -> bool {
+    sympow::checkpoint::load(&RunPaths::new(dir).checkpoint)
+        .is_ok_and(|c| c.step >= cfg.train.steps && c.config == *cfg)
+}
+
+/// The evaluation in `csv`, if it was written after the run's checkpoint.
+fn fresh_eval(csv: &Path, dir: &Path) -> Option<Vec<Bucket>> {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let (e, c) = (modified(csv)?, modified(&RunPaths::new(dir).checkpoint)?);
+    (e >= c).then(|| sympow::eval::read_csv(csv).ok()).flatten()
+}
+
+/// The markdown table: mean loss inside the training context C, in its last eighth, and in
+/// each doubling beyond it.
+fn table(rows: &[Row], eval_factor: usize) -> String {
+    let mut beyond = Vec::new();
+    let mut f = 1;
+    while f < eval_factor {
+        let g = (2 * f).min(eval_factor);
+        beyond.push((f, g));
+        f = g;
+    }
+    let mut head = String::from(
+        "| training context C | variant | parameters | loss in [0, C) | in the last C/8 |",
+    );
+    let mut rule = String::from("|---|---|---|---|---|");
+    for (f, g) in &beyond {
+        head.push_str(&format!(" in [{f}C, {g}C) |"));
+        rule.push_str("---|");
+    }
+    let mut s = format!("{head}\n{rule}\n");
+    for r in rows {
+        let c = r.context;
+        s.push_str(&format!(
+            "| {c} | {} | {} | {:.4} | {:.4} |",
+            r.variant,
+            r.params,
+            r.mean(0, c),
+            r.mean(c - c / 8, c)
+        ));
+        for (f, g) in &beyond {
+            s.push_str(&format!(" {:.4} |", r.mean(f * c, g * c)));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// One panel per training context: loss against position, one line per variant, a dashed
+/// line at the training context.
+fn figure(path: &Path, rows: &[Row], contexts: &[usize]) -> Result<()> {
+    let panels: Vec<Panel> = contexts
+        .iter()
+        .map(|&c| Panel {
+            title: format!("trained at context {c}"),
+            marker: Some(c as f64),
+            series: rows
+                .iter()
+                .filter(|r| r.context == c)
+                .map(|r| Series {
+                    label: r.variant.clone(),
+                    points: r
+                        .curve
+                        .iter()
+                        .map(|b| ((b.start + b.end) as f64 / 2.0, b.loss))
+                        .collect(),
+                })
+                .collect(),
+        })
+        .collect();
+    sympow::plot::panels_plot(
+        path,
+        "position in context (tokens)",
+        "loss (nats/token)",
+        &panels,
+    )
+    .map_err(anyhow::Error::msg)
+}

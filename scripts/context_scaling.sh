@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The context-scaling experiment (docs/RESULTS.md) on a GPU machine, one training context per
+# invocation so that each fits one time-limited device call; every run's files except its
+# checkpoint (config, metrics, loss plot, evaluation CSV) go into one archive,
+# $OUT/context-scaling-ctx<C>.tar.gz (the device tool returns few files). Unpack the archives
+# into runs/context-scaling/ and assemble the table and figure, anywhere, with
+# `sympow experiment context-scaling --report-only` (same flags).
+#
+#   CTX=1024 STEPS=150 OUT=/tmp/out bash scripts/context_scaling.sh
+set -euo pipefail
+B=${SYMPOW:-.carry/sympow}
+DATA=${DATA:-/tmp/linux}
+RUNS=${RUNS:-runs/context-scaling}
+if [ ! -d "$DATA" ]; then
+  "$B" data prepare "${TARBALL:-.carry/linux-6.12-long.tar.xz}" --out "$DATA" --max-deflate-ratio 4 | head -2
+fi
+"$B" experiment context-scaling --preset small --set data.corpus="$DATA" \
+  --contexts "${CTX:?set CTX}" --steps "${STEPS:-150}" --tokens-per-step 32768 \
+  --variants "${VARIANTS:-softmax,sympow-p2,sympow-gated,conformal}" \
+  --set train.warmup_steps=30 --set train.eval_every=40 --set train.eval_batches=2 \
+  --eval-windows "${EVAL_WINDOWS:-32}" --out "$RUNS" --no-progress
+if [ -n "${OUT:-}" ]; then
+  tar -C "$RUNS" --exclude='checkpoint*' -czf "$OUT/context-scaling-ctx$CTX-${VARIANTS:-all}.tar.gz" .
+fi
