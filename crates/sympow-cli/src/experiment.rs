@@ -1,4 +1,6 @@
-//! `sympow experiment context-scaling`: the paper's experiment (SPEC §8) at a chosen scale.
+//! `sympow experiment`: the paper's experiments — context scaling (SPEC §8) and a recall probe.
+//!
+//! **context-scaling.**
 //!
 //! Every variant is trained at every training context C on the same number of tokens per
 //! step (the batch shrinks as C grows), then evaluated on validation windows of
@@ -7,7 +9,7 @@
 //! not retrained, an interrupted one resumes, an evaluation newer than its checkpoint is
 //! reused — so the experiment can be spread over several time-limited calls.
 
-use crate::{interrupt_flag, run_train, ConfigArgs, VARIANTS};
+use crate::{interrupt_flag, run_train, ConfigArgs, Variant, VARIANTS};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use sympow::backend::{Backend, CpuBackend};
@@ -85,23 +87,7 @@ pub(crate) fn context_scaling<B: Backend>(make: &dyn Fn() -> B, a: &ContextScali
     if a.eval_factor == 0 {
         bail!("--eval-factor must be at least 1");
     }
-    let variants: Vec<(&str, &[(&str, &str)])> = a
-        .variants
-        .iter()
-        .map(|v| {
-            VARIANTS
-                .iter()
-                .find(|(n, _)| n == v)
-                .copied()
-                .with_context(|| {
-                    let known: Vec<&str> = VARIANTS.iter().map(|(n, _)| *n).collect();
-                    format!(
-                        "--variants: unknown variant {v:?} (known: {})",
-                        known.join(", ")
-                    )
-                })
-        })
-        .collect::<Result<_>>()?;
+    let variants = find_variants(&a.variants)?;
     let tokens_per_step = a
         .tokens_per_step
         .unwrap_or(base.train.batch_size * base.data.context);
@@ -281,4 +267,172 @@ fn figure(path: &Path, rows: &[Row], contexts: &[usize]) -> Result<()> {
         &panels,
     )
     .map_err(anyhow::Error::msg)
+}
+
+/// Arguments of `sympow experiment recall`.
+#[derive(clap::Args)]
+pub(crate) struct Recall {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// Sequence length (training context).
+    #[arg(long, default_value_t = 256)]
+    context: usize,
+    /// Training sequences (written once to `<out>/recall_rows_*.npy`).
+    #[arg(long, default_value_t = 20_000)]
+    train_rows: usize,
+    /// Numbers of key–value pairs (trained on all of them, scored on each).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![4, 8, 16, 32])]
+    pairs: Vec<usize>,
+    /// Gaps (filler tokens between the pairs and the queries) scored.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![0, 64, 128])]
+    gaps: Vec<usize>,
+    /// Variants (names of `sympow compare`).
+    #[arg(long, value_delimiter = ',', default_values_t = ["softmax", "sympow-p2", "sympow-gated", "conformal"].map(String::from).to_vec())]
+    variants: Vec<String>,
+    /// Fresh sequences scored per (pairs, gap).
+    #[arg(long, default_value_t = 64)]
+    sequences: usize,
+    /// Parent directory of the runs, the data and the table.
+    #[arg(long, default_value = "runs/recall")]
+    out: PathBuf,
+    /// No progress bars.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+pub(crate) fn recall<B: Backend>(make: &dyn Fn() -> B, a: &Recall) -> Result<i32> {
+    use sympow::recall;
+    let mut base = a.cfg.build()?;
+    let max_pairs = a.pairs.iter().copied().max().unwrap_or(0);
+    if a.pairs.is_empty() || a.pairs.contains(&0) || max_pairs > recall::KEYS.len() {
+        bail!("--pairs: give pair counts from 1 to {}", recall::KEYS.len());
+    }
+    if 4 * max_pairs > a.context {
+        bail!(
+            "--context {} is too short for {max_pairs} pairs (needs at least {})",
+            a.context,
+            4 * max_pairs
+        );
+    }
+    let variants = find_variants(&a.variants)?;
+    std::fs::create_dir_all(&a.out)?;
+    let len = a.context + 1;
+    // named by what it holds, so other flags write (and train on) other data
+    let pairs: Vec<String> = a.pairs.iter().map(usize::to_string).collect();
+    let rows_path = a.out.join(format!(
+        "recall_rows_{}x{len}_pairs{}_seed{}.npy",
+        a.train_rows,
+        pairs.join("-"),
+        base.train.seed
+    ));
+    if !rows_path.exists() {
+        let rows = recall::training_rows(base.train.seed, a.train_rows, len, &a.pairs);
+        sympow::data::rows::write_npy_u16(&rows_path, a.train_rows, len, &rows)?;
+    }
+    base.set_all(&[
+        ("data.tokenizer", "bytes"),
+        ("model.vocab_size", "256"),
+        ("data.corpus", &rows_path.display().to_string()),
+        ("data.context", &a.context.to_string()),
+    ])?;
+    let flag = interrupt_flag();
+    let mut table = String::from("| variant | pairs |");
+    let mut rule = String::from("|---|---|");
+    for g in &a.gaps {
+        table.push_str(&format!(" gap {g} |"));
+        rule.push_str("---|");
+    }
+    table = format!("{table}\n{rule}\n");
+    let mut csv = String::from("variant,pairs,gap,recalled,loss\n");
+    let mut panels: Vec<Panel> = a
+        .gaps
+        .iter()
+        .map(|g| Panel {
+            title: format!("gap {g}"),
+            series: vec![],
+            marker: None,
+        })
+        .collect();
+    for (name, overrides) in &variants {
+        let mut cfg = base.clone();
+        for (k, v) in *overrides {
+            cfg.set(k, v).with_context(|| format!("variant {name}"))?;
+        }
+        cfg.validate().with_context(|| format!("variant {name}"))?;
+        let dir = a.out.join(name);
+        println!("== {name}");
+        if !trained(&dir, &cfg) {
+            let resume = RunPaths::new(&dir).checkpoint.exists();
+            let s = run_train(
+                make(),
+                &cfg,
+                &dir,
+                resume,
+                None,
+                !a.no_progress,
+                flag.clone(),
+            )?;
+            if s.stopped_early {
+                return Ok(130);
+            }
+        }
+        let model = train::load_model(make(), &dir)?;
+        let mut by_gap: Vec<Vec<(f64, f64)>> = vec![vec![]; a.gaps.len()];
+        for &p in &a.pairs {
+            table.push_str(&format!("| {name} | {p} |"));
+            for (gi, &g) in a.gaps.iter().enumerate() {
+                if 4 * p + g > len {
+                    table.push_str(" – |");
+                    continue;
+                }
+                let (rate, loss) = recall::recall_rate(&model, p, g, a.context, a.sequences, 7);
+                table.push_str(&format!(" {:.1} % |", 100.0 * rate));
+                csv.push_str(&format!("{name},{p},{g},{rate:.4},{loss:.4}\n"));
+                by_gap[gi].push((p as f64, 100.0 * rate));
+            }
+            table.push('\n');
+        }
+        for (panel, points) in panels.iter_mut().zip(by_gap) {
+            panel.series.push(Series {
+                label: name.to_string(),
+                points,
+            });
+        }
+    }
+    let text = format!(
+        "{table}\nPairs recalled (the model gives the right value more than half its probability), {} fresh sequences of {} tokens per cell; trained on {} sequences with {:?} pairs and any gap that fits, {} steps.\n",
+        a.sequences, a.context, a.train_rows, a.pairs, base.train.steps
+    );
+    print!("\n{text}");
+    sympow::checkpoint::write_atomic(&a.out.join("recall.md"), text.as_bytes())?;
+    sympow::checkpoint::write_atomic(&a.out.join("recall.csv"), csv.as_bytes())?;
+    let png = a.out.join("recall.png");
+    sympow::plot::panels_plot(&png, "key-value pairs", "recalled (%)", &panels)
+        .map_err(anyhow::Error::msg)?;
+    println!(
+        "wrote {}, recall.csv and {}",
+        a.out.join("recall.md").display(),
+        png.display()
+    );
+    Ok(0)
+}
+
+/// The named variants of `sympow compare`, or an error naming the unknown one.
+fn find_variants(names: &[String]) -> Result<Vec<Variant>> {
+    names
+        .iter()
+        .map(|v| {
+            VARIANTS
+                .iter()
+                .find(|(n, _)| n == v)
+                .copied()
+                .with_context(|| {
+                    let known: Vec<&str> = VARIANTS.iter().map(|(n, _)| *n).collect();
+                    format!(
+                        "--variants: unknown variant {v:?} (known: {})",
+                        known.join(", ")
+                    )
+                })
+        })
+        .collect()
 }

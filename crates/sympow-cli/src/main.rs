@@ -165,6 +165,9 @@ enum ExperimentCommand {
     /// evaluate each at up to 4× its context, and write the loss-by-position figure (a panel
     /// per training context) and a table.
     ContextScaling(experiment::ContextScaling),
+    /// Multi-query associative recall: train each variant on synthetic key–value sequences and
+    /// measure how many pairs it retrieves as the number of pairs and the distance grow.
+    Recall(experiment::Recall),
 }
 
 #[derive(Subcommand)]
@@ -554,6 +557,9 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
         Command::Experiment {
             what: ExperimentCommand::ContextScaling(a),
         } => experiment::context_scaling(make, &a),
+        Command::Experiment {
+            what: ExperimentCommand::Recall(a),
+        } => experiment::recall(make, &a),
         Command::Data {
             what:
                 DataCommand::Prepare {
@@ -850,7 +856,10 @@ fn device_check(_seed: Option<u64>) -> Result<i32> {
 }
 
 /// The paper's variants (SPEC §6), as config overrides.
-const VARIANTS: [(&str, &[(&str, &str)]); 6] = [
+/// A variant of the paper: its name and the config fields it sets.
+type Variant = (&'static str, &'static [(&'static str, &'static str)]);
+
+const VARIANTS: [Variant; 6] = [
     ("softmax", &[("model.attention", "softmax")]),
     (
         "sympow-p2",

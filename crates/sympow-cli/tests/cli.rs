@@ -520,3 +520,78 @@ fn data_prepare_reads_a_source_archive_and_stats_summarises_it() {
     assert!(stdout.contains(": 2 documents"), "{stdout}");
     assert!(stdout.contains("≥   1024 tokens:"), "{stdout}");
 }
+
+#[test]
+fn recall_probe_trains_each_variant_and_scores_every_cell() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("recall");
+    let args = [
+        "--threads",
+        "2",
+        "experiment",
+        "recall",
+        "--out",
+        out.to_str().unwrap(),
+        "--context",
+        "40",
+        "--pairs",
+        "2,8",
+        "--gaps",
+        "0,4",
+        "--train-rows",
+        "64",
+        "--sequences",
+        "3",
+        "--variants",
+        "softmax,conformal",
+        "--set",
+        "model.width=16",
+        "--set",
+        "model.layers=1",
+        "--set",
+        "model.heads=2",
+        "--set",
+        "model.head_dim=8",
+        "--set",
+        "model.chunk=8",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.eval_every=0",
+        "--steps",
+        "2",
+        "--no-progress",
+    ];
+    let o = sympow(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // 2 variants × 2 pair counts × 2 gaps; 8 pairs and a gap of 4 fit (4·8 + 4 ≤ 41)
+    let csv = std::fs::read_to_string(out.join("recall.csv")).unwrap();
+    let cells: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(cells.len(), 8, "{csv}");
+    for c in &cells {
+        let rate: f64 = c[3].parse().unwrap();
+        let loss: f64 = c[4].parse().unwrap();
+        assert!(
+            (0.0..=1.0).contains(&rate) && loss.is_finite() && loss > 0.0,
+            "{c:?}"
+        );
+    }
+    assert!(std::fs::read_to_string(out.join("recall.md"))
+        .unwrap()
+        .contains("| conformal | 8 |"));
+    // the training data is real MQAR rows in LongCrawl64's layout
+    let npy = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "npy"))
+        .expect("rows file");
+    assert!(std::fs::metadata(&npy).unwrap().len() > 64 * 41 * 2);
+    // too many pairs for the context is a named error
+    let mut bad = args.to_vec();
+    bad[9] = "2,11";
+    assert_error(&sympow(&bad), "too short for 11 pairs");
+}

@@ -24,6 +24,7 @@ pub mod inference;
 pub mod model;
 pub mod ops;
 pub mod plot;
+pub mod recall;
 pub mod testing;
 pub mod train;
 
