@@ -12,6 +12,8 @@
 use crate::{interrupt_flag, run_train, ConfigArgs, Variant, VARIANTS};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use sympow::backend::{Backend, CpuBackend};
 use sympow::data::TokenData;
 use sympow::eval::Bucket;
@@ -127,22 +129,8 @@ pub(crate) fn context_scaling<B: Backend>(make: &dyn Fn() -> B, a: &ContextScali
                 });
                 continue;
             }
-            if !trained(&dir, &cfg) {
-                let resume = RunPaths::new(&dir).checkpoint.exists();
-                let s = run_train(
-                    make(),
-                    &cfg,
-                    &dir,
-                    resume,
-                    None,
-                    !a.no_progress,
-                    flag.clone(),
-                )?;
-                if s.stopped_early {
-                    return Ok(130);
-                }
-            } else {
-                println!("already trained: {}", dir.display());
+            if !train_unless_done(make, &cfg, &dir, !a.no_progress, &flag)? {
+                return Ok(130);
             }
             let model = train::load_model(make(), &dir)?;
             let curve = match fresh_eval(&csv, &dir) {
@@ -189,10 +177,25 @@ pub(crate) fn context_scaling<B: Backend>(make: &dyn Fn() -> B, a: &ContextScali
     Ok(0)
 }
 
-/// Whether `dir` holds a finished run of exactly `cfg`.
-fn trained(dir: &Path, cfg: &sympow::config::Config) -> bool {
-    sympow::checkpoint::load(&RunPaths::new(dir).checkpoint)
-        .is_ok_and(|c| c.step >= cfg.train.steps && c.config == *cfg)
+/// Trains `cfg` into `dir` unless `dir` already holds a finished run of exactly `cfg`; an
+/// unfinished one resumes. `Ok(false)`: interrupted (Ctrl-C), with a checkpoint to resume from.
+pub(crate) fn train_unless_done<B: Backend>(
+    make: &dyn Fn() -> B,
+    cfg: &sympow::config::Config,
+    dir: &Path,
+    progress: bool,
+    flag: &Arc<AtomicBool>,
+) -> Result<bool> {
+    let paths = RunPaths::new(dir);
+    let done = sympow::checkpoint::load(&paths.checkpoint)
+        .is_ok_and(|c| c.step >= cfg.train.steps && c.config == *cfg);
+    if done {
+        println!("already trained: {}", dir.display());
+        return Ok(true);
+    }
+    let resume = paths.checkpoint.exists();
+    let s = run_train(make(), cfg, dir, resume, None, progress, flag.clone())?;
+    Ok(!s.stopped_early)
 }
 
 /// The evaluation in `csv`, if it was written after the run's checkpoint.
@@ -361,20 +364,8 @@ pub(crate) fn recall<B: Backend>(make: &dyn Fn() -> B, a: &Recall) -> Result<i32
         cfg.validate().with_context(|| format!("variant {name}"))?;
         let dir = a.out.join(name);
         println!("== {name}");
-        if !trained(&dir, &cfg) {
-            let resume = RunPaths::new(&dir).checkpoint.exists();
-            let s = run_train(
-                make(),
-                &cfg,
-                &dir,
-                resume,
-                None,
-                !a.no_progress,
-                flag.clone(),
-            )?;
-            if s.stopped_early {
-                return Ok(130);
-            }
+        if !train_unless_done(make, &cfg, &dir, !a.no_progress, &flag)? {
+            return Ok(130);
         }
         let model = train::load_model(make(), &dir)?;
         let mut by_gap: Vec<Vec<(f64, f64)>> = vec![vec![]; a.gaps.len()];

@@ -896,19 +896,9 @@ fn compare<B: Backend>(
             cfg.set(k, v).with_context(|| format!("variant {name}"))?;
         }
         let dir = out.join(name);
-        let paths = RunPaths::new(&dir);
         println!("== {name}");
-        let done = sympow::checkpoint::load(&paths.checkpoint)
-            .ok()
-            .filter(|c| c.step >= cfg.train.steps && c.config == cfg);
-        if done.is_none() {
-            let resume = paths.checkpoint.exists();
-            let s = run_train(make(), &cfg, &dir, resume, None, progress, flag.clone())?;
-            if s.stopped_early {
-                return Ok(130);
-            }
-        } else {
-            println!("already trained: {}", dir.display());
+        if !experiment::train_unless_done(make, &cfg, &dir, progress, &flag)? {
+            return Ok(130);
         }
         let model = train::load_model(make(), &dir)?;
         let b = sympow::eval::loss_by_position(
