@@ -237,8 +237,11 @@ extern "C" __global__ void learned_rotary_angles_backward(float* dlogits, const 
     if (i >= (long)batch * heads * r) return;
     int kk = i % r; int h = (i / r) % heads; int b = i / r / heads;
     int k0 = r == 1 ? 0 : kk, k1 = r == 1 ? half : kk + 1;
-    double acc[64];  // half ≤ 64 (head_dim ≤ 128)
-    for (int k = k0; k < k1; k++) acc[k - k0] = 0.0;
+    double acc[64], w[64];  // half ≤ 64 (head_dim ≤ 128)
+    for (int k = k0; k < k1; k++) {
+        acc[k - k0] = 0.0;
+        w[k - k0] = pow(base, -2.0 * k / (2.0 * half));  // out of the time loop: pow is slow
+    }
     for (int t = time - 1; t >= 0; t--) {
         long row = ((long)b * time + t) * heads + h;
         double a = logits[row * r + kk];
@@ -246,9 +249,9 @@ extern "C" __global__ void learned_rotary_angles_backward(float* dlogits, const 
         double g = 0.0;
         for (int k = k0; k < k1; k++) {
             acc[k - k0] += dang[row * half + k];
-            g += acc[k - k0] * pow(base, -2.0 * k / (2.0 * half)) * sig;
+            g += acc[k - k0] * w[k - k0];
         }
-        dlogits[row * r + kk] = (float)g;
+        dlogits[row * r + kk] = (float)(g * sig);
     }
 }
 
