@@ -389,6 +389,8 @@ pub(crate) fn recall<B: Backend>(make: &dyn Fn() -> B, a: &Recall) -> Result<i32
                 points,
             });
         }
+        // the scores so far, in case a later variant is interrupted
+        sympow::checkpoint::write_atomic(&a.out.join("recall.csv"), csv.as_bytes())?;
     }
     let text = format!(
         "{table}\nPairs recalled (the model gives the right value more than half its probability), {} fresh sequences of {} tokens per cell; trained on {} sequences with {:?} pairs and any gap that fits, {} steps.\n",
