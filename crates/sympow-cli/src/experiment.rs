@@ -292,6 +292,10 @@ pub(crate) struct Recall {
     /// Variants (names of `sympow compare`).
     #[arg(long, value_delimiter = ',', default_values_t = ["softmax", "sympow-p2", "sympow-gated", "conformal"].map(String::from).to_vec())]
     variants: Vec<String>,
+    /// Train on every token (`all`) or on the queried values only (`answers`, the usual MQAR
+    /// set-up: a `.mask.npy` loss mask beside the rows).
+    #[arg(long, default_value = "answers", value_parser = ["answers", "all"])]
+    loss_on: String,
     /// Fresh sequences scored per (pairs, gap).
     #[arg(long, default_value_t = 64)]
     sequences: usize,
@@ -323,13 +327,18 @@ pub(crate) fn recall<B: Backend>(make: &dyn Fn() -> B, a: &Recall) -> Result<i32
     // named by what it holds, so other flags write (and train on) other data
     let pairs: Vec<String> = a.pairs.iter().map(usize::to_string).collect();
     let rows_path = a.out.join(format!(
-        "recall_rows_{}x{len}_pairs{}_seed{}.npy",
+        "recall_rows_{}x{len}_pairs{}_seed{}_loss-on-{}.npy",
         a.train_rows,
         pairs.join("-"),
-        base.train.seed
+        base.train.seed,
+        a.loss_on
     ));
     if !rows_path.exists() {
-        let rows = recall::training_rows(base.train.seed, a.train_rows, len, &a.pairs);
+        let (rows, mask) = recall::training_rows(base.train.seed, a.train_rows, len, &a.pairs);
+        if a.loss_on == "answers" {
+            let mask_path = rows_path.with_extension("mask.npy");
+            sympow::data::rows::write_npy_u16(&mask_path, a.train_rows, len, &mask)?;
+        }
         sympow::data::rows::write_npy_u16(&rows_path, a.train_rows, len, &rows)?;
     }
     base.set_all(&[

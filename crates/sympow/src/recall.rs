@@ -62,21 +62,27 @@ pub fn sequence(
 }
 
 /// `rows` training sequences of `len` tokens, each with a number of pairs drawn from
-/// `pair_choices` and a gap uniform over what fits, as one flat row-major buffer.
-pub fn training_rows(seed: u64, rows: usize, len: usize, pair_choices: &[usize]) -> Vec<u16> {
+/// `pair_choices` and a gap uniform over what fits, as one flat row-major buffer, and the
+/// answers' mask of the same shape (1 at each queried value: the loss mask that trains on the
+/// answers only, as MQAR is usually trained).
+pub fn training_rows(
+    seed: u64,
+    rows: usize,
+    len: usize,
+    pair_choices: &[usize],
+) -> (Vec<u16>, Vec<u16>) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut out = Vec::with_capacity(rows * len);
-    for _ in 0..rows {
+    let (mut ids, mut mask) = (Vec::with_capacity(rows * len), vec![0u16; rows * len]);
+    for r in 0..rows {
         let pairs = *pair_choices.choose(&mut rng).expect("some pair counts");
         let gap = rng.gen_range(0..=len - 4 * pairs);
-        out.extend(
-            sequence(&mut rng, pairs, gap, len)
-                .0
-                .iter()
-                .map(|&t| t as u16),
-        );
+        let (seq, queries) = sequence(&mut rng, pairs, gap, len);
+        ids.extend(seq.iter().map(|&t| t as u16));
+        for q in queries {
+            mask[r * len + q + 1] = 1;
+        }
     }
-    out
+    (ids, mask)
 }
 
 /// Fraction of the pairs of `sequences` fresh sequences (`pairs` pairs, a gap of `gap`, `len`
@@ -145,14 +151,24 @@ mod tests {
     }
 
     #[test]
-    fn training_rows_fit_and_use_the_byte_vocabulary() {
-        let rows = training_rows(1, 20, 64, &[2, 8, 16]);
-        assert_eq!(rows.len(), 20 * 64);
+    fn training_rows_fit_use_the_byte_vocabulary_and_mask_the_answers() {
+        let (rows, mask) = training_rows(1, 20, 64, &[2, 8, 16]);
+        assert_eq!((rows.len(), mask.len()), (20 * 64, 20 * 64));
         assert!(rows.iter().all(|&t| t < 256));
         assert_eq!(
-            rows,
-            training_rows(1, 20, 64, &[2, 8, 16]),
-            "deterministic in the seed"
+            (rows.clone(), mask.clone()),
+            training_rows(1, 20, 64, &[2, 8, 16])
         );
+        for r in 0..20 {
+            let (row, m) = (&rows[r * 64..(r + 1) * 64], &mask[r * 64..(r + 1) * 64]);
+            let answers: Vec<usize> = (0..64).filter(|&j| m[j] == 1).collect();
+            assert!([2, 8, 16].contains(&answers.len()), "one answer per pair");
+            for &j in &answers {
+                // a value, right after a key that was listed earlier with that value
+                assert!(VALUES.contains(&(row[j] as u32)) && KEYS.contains(&(row[j - 1] as u32)));
+                let first = row.iter().position(|&t| t == row[j - 1]).unwrap();
+                assert!(first < j - 1 && row[first + 1] == row[j]);
+            }
+        }
     }
 }

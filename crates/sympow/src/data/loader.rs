@@ -26,7 +26,8 @@ enum Source {
         offsets: Vec<usize>,
     },
     Shard(Shard),
-    Rows(TokenRows),
+    /// Rows of ids, and optionally a loss mask of the same shape (1: train on this token).
+    Rows(TokenRows, Option<TokenRows>),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -117,9 +118,28 @@ impl TokenData {
     }
 
     /// Opens a `.npy` file of fixed-length rows of ids (LongCrawl64's layout, [`super::rows`]),
-    /// one document per row, tokenised with `tokenizer`.
+    /// one document per row, tokenised with `tokenizer`. A file `<name>.mask.npy` beside
+    /// `<name>.npy`, of the same shape and holding 0s and 1s, is a loss mask: a token with a 0
+    /// is never a training or validation target (e.g. the prompts of a synthetic task).
     pub fn open_rows(path: &Path, tokenizer: TokenizerKind) -> Result<Self, DataError> {
         let rows = TokenRows::open(path, Tokenizer::new(tokenizer).vocab_size())?;
+        let mask_path = path.with_extension("mask.npy");
+        let mask = if mask_path.exists() {
+            let m = TokenRows::open(&mask_path, 2)?;
+            if (m.rows(), m.row_len()) != (rows.rows(), rows.row_len()) {
+                return Err(DataError::Invalid(format!(
+                    "{}: loss mask of shape ({}, {}) for rows of shape ({}, {})",
+                    mask_path.display(),
+                    m.rows(),
+                    m.row_len(),
+                    rows.rows(),
+                    rows.row_len()
+                )));
+            }
+            Some(m)
+        } else {
+            None
+        };
         let docs = (0..rows.rows())
             .map(|i| DocRef {
                 src: 0,
@@ -128,7 +148,7 @@ impl TokenData {
             })
             .collect();
         Ok(TokenData {
-            sources: vec![Source::Rows(rows)],
+            sources: vec![Source::Rows(rows, mask)],
             docs,
             train: Vec::new(),
             val: Vec::new(),
@@ -202,7 +222,20 @@ impl TokenData {
                 out.extend_from_slice(&tokens[offsets[d.idx] + start..offsets[d.idx] + start + len])
             }
             Source::Shard(s) => s.read(d.idx, start, len, out),
-            Source::Rows(r) => r.read(d.idx, start, len, out),
+            Source::Rows(r, _) => r.read(d.idx, start, len, out),
+        }
+    }
+
+    /// The loss mask of `doc`'s tokens `start..start + len`, if its source has one.
+    fn mask(&self, doc: usize, start: usize, len: usize) -> Option<Vec<u32>> {
+        let d = self.docs[doc];
+        match &self.sources[d.src] {
+            Source::Rows(_, Some(m)) => {
+                let mut out = Vec::with_capacity(len);
+                m.read(d.idx, start, len, &mut out);
+                Some(out)
+            }
+            _ => None,
         }
     }
 
@@ -211,9 +244,13 @@ impl TokenData {
         let avail = (self.docs[doc].len - start).min(context + 1);
         let mut toks = Vec::with_capacity(context + 1);
         self.read(doc, start, avail, &mut toks);
+        let mask = self.mask(doc, start, avail);
         for i in 0..context {
             b.ids.push(if i < toks.len() { toks[i] } else { 0 });
-            b.targets.push(if i + 1 < toks.len() {
+            let masked = mask
+                .as_ref()
+                .is_some_and(|m| i + 1 < m.len() && m[i + 1] == 0);
+            b.targets.push(if i + 1 < toks.len() && !masked {
                 toks[i + 1]
             } else {
                 IGNORE

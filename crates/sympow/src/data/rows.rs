@@ -235,6 +235,52 @@ mod tests {
     }
 
     #[test]
+    fn a_mask_beside_the_rows_leaves_only_marked_targets() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rows, len) = (4, 40);
+        let path = synthetic(dir.path(), rows, len);
+        // mark every third token of every row
+        let mask: Vec<u16> = (0..rows * len)
+            .map(|i| u16::from((i % len).is_multiple_of(3)))
+            .collect();
+        write_npy_u16(&path.with_extension("mask.npy"), rows, len, &mask).unwrap();
+        let mut data = TokenData::open_rows(&path, TokenizerKind::Gpt2).unwrap();
+        data.split(0.25).unwrap();
+        let ctx = 16;
+        for step in 0..10 {
+            let b = data.batch(1, step, 0, 2, ctx);
+            for (i, (&id, &tg)) in b.ids.iter().zip(&b.targets).enumerate() {
+                let next = id as usize % 1000 + 1; // position of the target in its row
+                if next.is_multiple_of(3) {
+                    assert_eq!(tg, id + 1, "marked target kept (window position {i})");
+                } else {
+                    assert_eq!(
+                        tg,
+                        crate::ops::cross_entropy::IGNORE,
+                        "unmarked target dropped"
+                    );
+                }
+            }
+        }
+        // a mask of another shape is a named error
+        write_npy_u16(
+            &path.with_extension("mask.npy"),
+            rows,
+            len - 1,
+            &mask[..rows * (len - 1)],
+        )
+        .unwrap();
+        let e = TokenData::open_rows(&path, TokenizerKind::Gpt2)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("lc64.mask.npy") && e.contains("loss mask of shape"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn bad_files_are_named_errors() {
         let dir = tempfile::tempdir().unwrap();
         let good = std::fs::read(synthetic(dir.path(), 3, 8)).unwrap();
