@@ -101,6 +101,25 @@ fn model_backward_matches_finite_differences() {
             tr.losses.unwrap().iter().sum::<f64>() / (b * t) as f64
         };
         let numerical = numerical_grad(&mut |x| loss(&mut model, x), &x0, 1e-5);
+        // central differences at h = 1e-5 on a loss of ~5.5 carry ~1e-10 of noise per
+        // coordinate: tiny gradients (a gate at γ ≈ 0.999) are judged on that floor. Their
+        // O(h²) truncation error is ~1e-4 where the loss is sharply curved (an attention row
+        // whose Σ a is near 0; seen with SYMPOW_TEST_SEED=900375440): there the parameter is
+        // judged again at h = 1e-6, where truncation is 100× smaller and noise 10× larger.
+        let agrees = |a: &[f64], nm: &[f64], noise: f64| {
+            let abs: f64 = a
+                .iter()
+                .zip(nm)
+                .map(|(x, y)| (x - y).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            (
+                rel_err(a, nm),
+                abs,
+                rel_err(a, nm) < 1e-5 || abs < noise * (a.len() as f64).sqrt(),
+            )
+        };
+        let mut finer: Option<Vec<f64>> = None;
         let names: Vec<String> = sympow::model::layout(&cfg)
             .into_iter()
             .map(|p| p.name)
@@ -108,18 +127,15 @@ fn model_backward_matches_finite_differences() {
         let mut o = 0;
         for (pname, &n) in names.iter().zip(&sizes) {
             let (a, nm) = (&analytic[o..o + n], &numerical[o..o + n]);
-            let e = rel_err(a, nm);
-            // central differences at h = 1e-5 on a loss of ~5.5 carry ~1e-10 of noise per
-            // coordinate: tiny gradients (a gate at γ ≈ 0.999) are judged on that floor
-            let abs: f64 = a
-                .iter()
-                .zip(nm)
-                .map(|(x, y)| (x - y).powi(2))
-                .sum::<f64>()
-                .sqrt();
+            let (mut e, mut abs, mut ok) = agrees(a, nm, 1e-9);
+            if !ok {
+                let fine = finer
+                    .get_or_insert_with(|| numerical_grad(&mut |x| loss(&mut model, x), &x0, 1e-6));
+                (e, abs, ok) = agrees(a, &fine[o..o + n], 1e-8);
+            }
             assert!(
-                e < 1e-5 || abs < 1e-9 * (n as f64).sqrt(),
-                "{name}: ∂{pname} rel err {e:.3e}, abs {abs:.3e}"
+                ok,
+                "{name}: ∂{pname} rel err {e:.3e}, abs {abs:.3e} (also at h = 1e-6)"
             );
             assert!(
                 nm.iter().any(|x| x.abs() > 1e-9),
