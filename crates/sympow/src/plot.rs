@@ -36,6 +36,35 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
+/// Each series as a coloured line, and the legend, on a chart with f64 coordinates (linear or
+/// logarithmic): what [`line_plot`] and [`panels_plot`] share.
+fn draw_lines<'a, DB: DrawingBackend + 'a, CT: CoordTranslate<From = (f64, f64)>>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    series: &[Series],
+    font_size: u32,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    for (i, s) in series.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|p| p.0.is_finite() && p.1.is_finite())
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts, c.stroke_width(2)))?
+            .label(s.label.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", font_size))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+}
+
 /// One panel of [`panels_plot`].
 pub struct Panel {
     /// Panel title.
@@ -110,30 +139,7 @@ pub fn panels_plot(
             });
             chart.draw_series(dashes).map_err(|e| err(&e))?;
         }
-        for (i, s) in panel.series.iter().enumerate() {
-            let c = COLORS[i % COLORS.len()];
-            let pts: Vec<(f64, f64)> = s
-                .points
-                .iter()
-                .copied()
-                .filter(|p| p.0.is_finite() && p.1.is_finite())
-                .collect();
-            chart
-                .draw_series(LineSeries::new(pts, c.stroke_width(2)))
-                .map_err(|e| err(&e))?
-                .label(s.label.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 13))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(|e| err(&e))?;
+        draw_lines(&mut chart, &panel.series, 13).map_err(|e| err(&e))?;
     }
     root.present().map_err(|e| err(&e))?;
     Ok(())
@@ -189,30 +195,7 @@ pub fn line_plot(
                 .label_style(("sans-serif", 15))
                 .draw()
                 .map_err(|e| err(&e))?;
-            for (i, s) in series.iter().enumerate() {
-                let c = COLORS[i % COLORS.len()];
-                let pts: Vec<(f64, f64)> = s
-                    .points
-                    .iter()
-                    .copied()
-                    .filter(|p| p.0.is_finite() && p.1.is_finite())
-                    .collect();
-                chart
-                    .draw_series(LineSeries::new(pts, c.stroke_width(2)))
-                    .map_err(|e| err(&e))?
-                    .label(s.label.clone())
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
-                    });
-            }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font(("sans-serif", 15))
-                .position(SeriesLabelPosition::UpperRight)
-                .draw()
-                .map_err(|e| err(&e))?;
+            draw_lines(&mut chart, series, 15).map_err(|e| err(&e))?;
         }};
     }
     if log_x {
