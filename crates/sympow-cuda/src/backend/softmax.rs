@@ -113,13 +113,6 @@ impl CudaBackend {
         );
     }
 
-    fn row_kernel(&self, name: &str, rows: usize, args: &mut cudarc::driver::LaunchArgs<'_>) {
-        // SAFETY: each row kernel's arguments match its declaration in attention.cu; one
-        // thread block per score row.
-        unsafe { args.launch(rows_cfg(rows)) }
-            .unwrap_or_else(|e| panic!("CUDA kernel {name}: {e}"));
-    }
-
     pub(super) fn softmax_attention_forward(
         &self,
         spec: &AttentionSpec,
@@ -142,17 +135,19 @@ impl CudaBackend {
                 let tk = r0 + r;
                 self.block_scores(spec, sh, q, k, b, r0, r, &mut s);
                 let (ri, tki, r0i, bi) = (r as i32, tk as i32, r0 as i32, b as i32);
-                let f = &self.fns["softmax_rows_forward"];
-                let mut l = self.stream.launch_builder(f);
-                l.arg(&mut s)
-                    .arg(&mut log_norm)
-                    .arg(&ri)
-                    .arg(&tki)
-                    .arg(&r0i)
-                    .arg(&ti)
-                    .arg(&hi)
-                    .arg(&bi);
-                self.row_kernel("softmax_rows_forward", h * r, &mut l);
+                launch!(
+                    self,
+                    "softmax_rows_forward",
+                    rows_cfg(h * r),
+                    &mut s,
+                    &mut log_norm,
+                    &ri,
+                    &tki,
+                    &r0i,
+                    &ti,
+                    &hi,
+                    &bi,
+                );
                 // y_blk = P V: (e×Tk)·(Tk×R)
                 let seq = b * t * h * e;
                 self.batched(
@@ -216,19 +211,19 @@ impl CudaBackend {
                 let (qb, yb) = (sk + r0 * h * d, sv + r0 * h * e);
                 self.block_scores(spec, sh, q, k, b, r0, r, &mut p);
                 let (ri, tki, r0i, bi) = (r as i32, tk as i32, r0 as i32, b as i32);
-                {
-                    let f = &self.fns["softmax_rows_recompute"];
-                    let mut l = self.stream.launch_builder(f);
-                    l.arg(&mut p)
-                        .arg(&out.log_norm)
-                        .arg(&ri)
-                        .arg(&tki)
-                        .arg(&r0i)
-                        .arg(&ti)
-                        .arg(&hi)
-                        .arg(&bi);
-                    self.row_kernel("softmax_rows_recompute", h * r, &mut l);
-                }
+                launch!(
+                    self,
+                    "softmax_rows_recompute",
+                    rows_cfg(h * r),
+                    &mut p,
+                    &out.log_norm,
+                    &ri,
+                    &tki,
+                    &r0i,
+                    &ti,
+                    &hi,
+                    &bi,
+                );
                 // dV[0..Tk] += dY_blk Pᵀ: (e×R)·(R×Tk)
                 self.batched(
                     Batched {
@@ -267,20 +262,20 @@ impl CudaBackend {
                     &dy.slice(yb..),
                     &mut ds,
                 );
-                {
-                    let f = &self.fns["softmax_rows_grad"];
-                    let mut l = self.stream.launch_builder(f);
-                    l.arg(&mut ds)
-                        .arg(&p)
-                        .arg(&dd)
-                        .arg(&ri)
-                        .arg(&tki)
-                        .arg(&r0i)
-                        .arg(&ti)
-                        .arg(&hi)
-                        .arg(&bi);
-                    self.row_kernel("softmax_rows_grad", h * r, &mut l);
-                }
+                launch!(
+                    self,
+                    "softmax_rows_grad",
+                    rows_cfg(h * r),
+                    &mut ds,
+                    &p,
+                    &dd,
+                    &ri,
+                    &tki,
+                    &r0i,
+                    &ti,
+                    &hi,
+                    &bi,
+                );
                 // dQ_blk = σ K dS: (d×Tk)·(Tk×R)
                 self.batched(
                     Batched {
