@@ -420,7 +420,7 @@ pub(crate) fn recall<B: Backend>(make: &dyn Fn() -> B, a: &Recall) -> Result<i32
 }
 
 /// The named variants of `sympow compare`, or an error naming the unknown one.
-fn find_variants(names: &[String]) -> Result<Vec<Variant>> {
+pub(crate) fn find_variants(names: &[String]) -> Result<Vec<Variant>> {
     names
         .iter()
         .map(|v| {

@@ -12,6 +12,7 @@ use sympow::backend::{Backend, CpuBackend};
 use sympow::config::{Config, TokenizerKind};
 use sympow::data::prepare::PrepareOptions;
 use sympow::data::{TokenData, Tokenizer};
+use sympow::model::Model;
 use sympow::train::{self, RunPaths, TrainOptions};
 
 #[derive(Parser)]
@@ -28,6 +29,10 @@ struct Cli {
     /// Run on the CPU even when this build has CUDA and a GPU is present.
     #[arg(long, global = true)]
     cpu: bool,
+    /// On the GPU, run the f32 matrix products (linear layers, LM head) in full f32 instead of
+    /// on TF32 tensor cores (10-bit mantissa, f32 accumulation; about 8× faster).
+    #[arg(long, global = true)]
+    f32_matmul: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -260,6 +265,28 @@ enum BenchCommand {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
+    /// Training throughput: tokens/s of a training step (forward, backward, AdamW) per
+    /// attention variant and context, on random tokens, on this machine's device.
+    Train {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Variants (as in `sympow compare`).
+        #[arg(long, value_delimiter = ',', default_values_t = ["softmax".to_string(), "sympow-gated".into(), "conformal".into()])]
+        variants: Vec<String>,
+        /// Training contexts (default: the config's data.context).
+        #[arg(long, value_delimiter = ',')]
+        context: Vec<usize>,
+        /// Tokens per step; each context takes tokens / context sequences (default: the
+        /// config's train.batch_size × data.context).
+        #[arg(long)]
+        tokens: Option<usize>,
+        /// Timed steps per row after one warm-up (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Also print where each row's time goes, op by op (GPU builds).
+        #[arg(long)]
+        profile: bool,
+    },
     /// Attention on the GPU: forward and forward+backward of the fused chunked sympow kernels
     /// against the naive quadratic GPU kernels (sympow and softmax), same tokens per call.
     Attention(AttentionBench),
@@ -377,6 +404,8 @@ fn print_summary(s: &train::TrainSummary, out: &Path) {
 
 fn main() {
     let cli = Cli::parse();
+    #[cfg(feature = "cuda")]
+    sympow_cuda::set_default_tf32(!cli.f32_matmul);
     if let Some(n) = cli.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -712,6 +741,17 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
             print!("{}", sympow::bench::format_decode_table(&rows));
             Ok(0)
         }
+        Command::Bench {
+            what:
+                BenchCommand::Train {
+                    cfg,
+                    variants,
+                    context,
+                    tokens,
+                    reps,
+                    profile,
+                },
+        } => bench_train(make, &cfg, &variants, &context, tokens, reps, profile),
         Command::DeviceCheck { seed } => device_check(seed),
         Command::Device => {
             match sympow_cuda::detect(0) {
@@ -857,6 +897,74 @@ fn device_check(_seed: Option<u64>) -> Result<i32> {
 
 /// The paper's variants (SPEC §6), as config overrides.
 /// A variant of the paper: its name and the config fields it sets.
+/// `sympow bench train`: a table of training-step throughput, and per-op profiles.
+fn bench_train<B: Backend>(
+    make: &dyn Fn() -> B,
+    args: &ConfigArgs,
+    variants: &[String],
+    contexts: &[usize],
+    tokens: Option<usize>,
+    reps: usize,
+    profile: bool,
+) -> Result<i32> {
+    let base = args.build()?;
+    let contexts = if contexts.is_empty() {
+        vec![base.data.context]
+    } else {
+        contexts.to_vec()
+    };
+    let tokens = tokens.unwrap_or(base.train.batch_size * base.data.context);
+    let variants = experiment::find_variants(variants)?;
+    let be = make();
+    println!(
+        "training step on {}, preset {}, {tokens} tokens per step, median of {reps}",
+        be.name(),
+        args.name()
+    );
+    if profile && !be.set_profiling(false) {
+        bail!(
+            "--profile: {} cannot time its ops (a GPU build on a GPU can)",
+            be.name()
+        );
+    }
+    drop(be);
+    let mut rows = Vec::new();
+    let mut profiles = String::new();
+    for &context in &contexts {
+        for (name, ov) in &variants {
+            let mut cfg = base.clone();
+            for (k, v) in *ov {
+                cfg.set(k, v).with_context(|| format!("variant {name}"))?;
+            }
+            cfg.set("data.context", &context.to_string())?;
+            let batch = (tokens / context).max(1);
+            let mut model = Model::init(make(), &cfg, 1);
+            let step_ms = sympow::bench::train_step_ms(&mut model, batch, context, reps);
+            if profile {
+                model.backend.set_profiling(true);
+                let t0 = std::time::Instant::now();
+                sympow::bench::train_step_ms(&mut model, batch, context, 1);
+                let total = t0.elapsed().as_secs_f64();
+                profiles.push_str(&format!(
+                    "\n{name}, context {context}, batch {batch}: 2 steps, {:.1} ms synchronised\n{}",
+                    total * 1e3,
+                    sympow::bench::format_profile(&model.backend.profile(), total)
+                ));
+                model.backend.set_profiling(false);
+            }
+            rows.push(sympow::bench::TrainBenchRow {
+                attention: name.to_string(),
+                context,
+                batch,
+                step_ms,
+            });
+        }
+    }
+    print!("{}", sympow::bench::format_train_table(&rows));
+    print!("{profiles}");
+    Ok(0)
+}
+
 type Variant = (&'static str, &'static [(&'static str, &'static str)]);
 
 const VARIANTS: [Variant; 6] = [

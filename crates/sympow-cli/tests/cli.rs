@@ -654,3 +654,57 @@ fn recall_probe_measures_a_softmax_model_that_learnt_one_pair() {
         assert!(rate >= 0.9, "one pair recalled {rate} at gap {gap}: {csv}");
     }
 }
+
+#[test]
+fn bench_train_prints_a_row_per_variant_and_context() {
+    let o = sympow(&[
+        "--cpu",
+        "bench",
+        "train",
+        "--set",
+        "model.width=16",
+        "--set",
+        "model.layers=1",
+        "--set",
+        "model.heads=2",
+        "--set",
+        "model.head_dim=8",
+        "--variants",
+        "softmax,conformal",
+        "--context",
+        "16,32",
+        "--tokens",
+        "64",
+        "--reps",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for (variant, context, batch) in [
+        ("softmax", 16, 4),
+        ("conformal", 16, 4),
+        ("softmax", 32, 2),
+        ("conformal", 32, 2),
+    ] {
+        let row = out
+            .lines()
+            .find(|l| {
+                let f: Vec<&str> = l.split('|').map(str::trim).collect();
+                f.len() == 6
+                    && f[0] == variant
+                    && f[1] == context.to_string()
+                    && f[2] == batch.to_string()
+            })
+            .unwrap_or_else(|| panic!("no row for {variant} at {context}:\n{out}"));
+        let tokens_per_s: f64 = row.split('|').nth(4).unwrap().trim().parse().unwrap();
+        assert!(tokens_per_s > 0.0, "{row}");
+    }
+    assert_error(
+        &sympow(&["--cpu", "bench", "train", "--variants", "softmax", "--profile"]),
+        "--profile",
+    );
+    assert_error(
+        &sympow(&["--cpu", "bench", "train", "--variants", "flash"]),
+        "unknown variant",
+    );
+}

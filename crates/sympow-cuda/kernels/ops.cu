@@ -51,12 +51,32 @@ extern "C" __global__ void broadcast_rows(float* out, const float* row, long row
 }
 
 // one thread per column, rows in order (deterministic)
-extern "C" __global__ void sum_rows(float* out, const float* x, long rows, int c) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= c) return;
+// Column sums over many rows in two deterministic passes (one thread per column serialises
+// over every row and leaves most of the GPU idle): blocks of 32 columns × 8 row lanes sum a
+// split of `split` rows each into partial[split index][column]; fold_partials adds the splits.
+extern "C" __global__ void column_partials(float* partial, const float* x, long rows, int c, long split) {
+    __shared__ float shm[8][33];
+    int j = blockIdx.x * 32 + threadIdx.x;
+    long r0 = (long)blockIdx.y * split, r1 = min(rows, r0 + split);
     float s = 0.f;
-    for (long r = 0; r < rows; r++) s += x[r * c + j];
-    out[j] = s;
+    if (j < c)
+        for (long r = r0 + threadIdx.y; r < r1; r += 8) s += x[r * c + j];
+    shm[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && j < c) {
+        float t = 0.f;
+        for (int y = 0; y < 8; y++) t += shm[y][threadIdx.x];
+        partial[blockIdx.y * (long)c + j] = t;
+    }
+}
+
+// out[j] = Σ_s partial[s][j] (accumulate: out[j] += …); a null out is skipped
+extern "C" __global__ void fold_partials(float* out, const float* partial, int splits, int c, int accumulate) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (!out || j >= c) return;
+    float s = 0.f;
+    for (int i = 0; i < splits; i++) s += partial[(long)i * c + j];
+    out[j] = accumulate ? out[j] + s : s;
 }
 
 // per-block partial sums of squares, in double
@@ -150,18 +170,29 @@ extern "C" __global__ void layer_norm_backward(float* dx, const float* x, const 
 }
 
 // parameter gradients: one thread per column, rows in order (deterministic)
-extern "C" __global__ void layer_norm_param_grads(float* dw, float* db, const float* x, const float* dy,
-                                                  const float* mean, const float* rstd, long rows, int c) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= c) return;
+// per-split partial sums of ∂w = Σ_r dy·x̂ and ∂b = Σ_r dy (as column_partials), folded by
+// fold_partials
+extern "C" __global__ void layer_norm_param_partials(float* pw, float* pb, const float* x, const float* dy,
+                                                     const float* mean, const float* rstd, long rows, int c, long split) {
+    __shared__ float shw[8][33], shb[8][33];
+    int j = blockIdx.x * 32 + threadIdx.x;
+    long r0 = (long)blockIdx.y * split, r1 = min(rows, r0 + split);
     float sw = 0.f, sb = 0.f;
-    for (long r = 0; r < rows; r++) {
-        float g = dy[r * c + j];
-        sw += g * (x[r * c + j] - mean[r]) * rstd[r];
-        sb += g;
+    if (j < c)
+        for (long r = r0 + threadIdx.y; r < r1; r += 8) {
+            float g = dy[r * c + j];
+            sw += g * (x[r * c + j] - mean[r]) * rstd[r];
+            sb += g;
+        }
+    shw[threadIdx.y][threadIdx.x] = sw;
+    shb[threadIdx.y][threadIdx.x] = sb;
+    __syncthreads();
+    if (threadIdx.y == 0 && j < c) {
+        float tw = 0.f, tb = 0.f;
+        for (int y = 0; y < 8; y++) { tw += shw[y][threadIdx.x]; tb += shb[y][threadIdx.x]; }
+        pw[blockIdx.y * (long)c + j] = tw;
+        pb[blockIdx.y * (long)c + j] = tb;
     }
-    if (dw) dw[j] += sw;
-    if (db) db[j] += sb;
 }
 
 // ---- embedding ---------------------------------------------------------------------------------
@@ -215,43 +246,79 @@ extern "C" __global__ void fixed_rotary_angles(float* out, int batch, int time, 
 
 __device__ double softplus_d(double x) { return x > 20.0 ? x : log1p(exp(x)); }
 
-// one thread per (batch, head, frequency): a sequential scan over time, in double
+// The learned rotary's angles are a running sum over time, so both directions are scans. One
+// block per scan: each thread takes a contiguous segment of time, sums it, the block scans the
+// segment sums (in double, thread 0: 256 additions), and each thread walks its segment again
+// writing the results. O(T) work over 256 threads instead of one.
+#define SCAN_THREADS 256
+
+// exclusive prefix sums of the threads' segment totals, in place in shm (forward or reverse)
+__device__ double scan_offset(double total, double* shm, bool reverse) {
+    shm[threadIdx.x] = total;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double run = 0.0;
+        for (int i = 0; i < SCAN_THREADS; i++) {
+            int j = reverse ? SCAN_THREADS - 1 - i : i;
+            double v = shm[j];
+            shm[j] = run;
+            run += v;
+        }
+    }
+    __syncthreads();
+    return shm[threadIdx.x];
+}
+
+// angle_t = (start + Σ_{s≤t} ω_k·softplus(a_s)) mod 2π, one block per (batch, head, frequency)
 extern "C" __global__ void learned_rotary_angles(float* out, const float* logits, const float* start,
                                                  int batch, int time, int heads, int half, int r, double base) {
-    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-    if (i >= (long)batch * heads * half) return;
+    __shared__ double shm[SCAN_THREADS];
+    long i = blockIdx.x;
     int k = i % half; int h = (i / half) % heads; int b = i / half / heads;
     double w = pow(base, -2.0 * k / (2.0 * half));
-    double acc = start ? (double)start[((long)b * heads + h) * half + k] : 0.0;
-    for (int t = 0; t < time; t++) {
+    int seg = (time + SCAN_THREADS - 1) / SCAN_THREADS;
+    int t0 = threadIdx.x * seg, t1 = min(time, t0 + seg);
+    double sum = 0.0;
+    for (int t = t0; t < t1; t++) {
         long row = ((long)b * time + t) * heads + h;
-        acc = fmod(acc + w * softplus_d((double)logits[row * r + (r == 1 ? 0 : k)]), TAU);
-        out[row * half + k] = (float)acc;
+        sum += w * softplus_d((double)logits[row * r + (r == 1 ? 0 : k)]);
+    }
+    double acc = scan_offset(sum, shm, false);
+    if (start) acc += (double)start[((long)b * heads + h) * half + k];
+    for (int t = t0; t < t1; t++) {
+        long row = ((long)b * time + t) * heads + h;
+        acc += w * softplus_d((double)logits[row * r + (r == 1 ? 0 : k)]);
+        out[row * half + k] = (float)fmod(acc, TAU);
     }
 }
 
-// reverse scan; per-frequency logits get their own gradient, per-head logits sum over frequencies
+// ∂a_t = sigmoid(a_t)·Σ_{k∈K} ω_k·Σ_{s≥t} ∂angle_{s,k}, K the frequencies logit a drives (one,
+// or all for a per-head logit): a reverse scan of u_s = Σ_{k∈K} ω_k ∂angle_{s,k}, one block per
+// (batch, head, logit)
 extern "C" __global__ void learned_rotary_angles_backward(float* dlogits, const float* logits, const float* dang,
                                                           int batch, int time, int heads, int half, int r, double base) {
-    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-    if (i >= (long)batch * heads * r) return;
+    __shared__ double shm[SCAN_THREADS];
+    __shared__ double w[64];  // half ≤ 64 (head_dim ≤ 128); pow is slow, so once per block
+    long i = blockIdx.x;
     int kk = i % r; int h = (i / r) % heads; int b = i / r / heads;
     int k0 = r == 1 ? 0 : kk, k1 = r == 1 ? half : kk + 1;
-    double acc[64], w[64];  // half ≤ 64 (head_dim ≤ 128)
-    for (int k = k0; k < k1; k++) {
-        acc[k - k0] = 0.0;
-        w[k - k0] = pow(base, -2.0 * k / (2.0 * half));  // out of the time loop: pow is slow
-    }
-    for (int t = time - 1; t >= 0; t--) {
+    if (threadIdx.x < half) w[threadIdx.x] = pow(base, -2.0 * threadIdx.x / (2.0 * half));
+    __syncthreads();
+    int seg = (time + SCAN_THREADS - 1) / SCAN_THREADS;
+    int t0 = threadIdx.x * seg, t1 = min(time, t0 + seg);
+    double sum = 0.0;
+    for (int t = t0; t < t1; t++) {
         long row = ((long)b * time + t) * heads + h;
+        for (int k = k0; k < k1; k++) sum += w[k] * dang[row * half + k];
+    }
+    double acc = scan_offset(sum, shm, true);
+    for (int t = t1 - 1; t >= t0; t--) {
+        long row = ((long)b * time + t) * heads + h;
+        double u = 0.0;
+        for (int k = k0; k < k1; k++) u += w[k] * dang[row * half + k];
+        acc += u;
         double a = logits[row * r + kk];
-        double sig = 1.0 / (1.0 + exp(-a));
-        double g = 0.0;
-        for (int k = k0; k < k1; k++) {
-            acc[k - k0] += dang[row * half + k];
-            g += acc[k - k0] * w[k - k0];
-        }
-        dlogits[row * r + kk] = (float)(g * sig);
+        dlogits[row * r + kk] = (float)(acc / (1.0 + exp(-a)));
     }
 }
 
@@ -270,20 +337,26 @@ extern "C" __global__ void log_gate_backward(float* da, const float* a, const fl
 }
 
 // ---- cross-entropy: one block per row ----------------------------------------------------------
+// ln Σ_j exp(row_j) in one pass over the row (a running max per thread, rescaled sums)
+__device__ float row_logsumexp(const float* row, int vocab, float* shm) {
+    float m = __int_as_float(0xff800000), s = 0.f;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        float v = row[j];
+        if (v > m) { s = s * __expf(m - v) + 1.f; m = v; } else s += __expf(v - m);
+    }
+    float mb = block_max(m, shm);
+    s = m == __int_as_float(0xff800000) ? 0.f : s * __expf(m - mb);
+    return mb + logf(block_sum(s, shm));
+}
+
 extern "C" __global__ void cross_entropy_forward(float* loss, const float* logits, const unsigned* targets, int vocab) {
     __shared__ float shm[32];
     long r = blockIdx.x;
     unsigned t = targets[r];
     const float* row = logits + r * vocab;
-    float m = __int_as_float(0xff800000);
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, row[j]);
-    m = block_max(m, shm);
-    float s = 0.f;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += __expf(row[j] - m);
-    s = block_sum(s, shm);
-    if (threadIdx.x == 0) loss[r] = t == 0xffffffffu ? 0.f : m + logf(s) - row[t];
+    float lse = row_logsumexp(row, vocab, shm);
+    if (threadIdx.x == 0) loss[r] = t == 0xffffffffu ? 0.f : lse - row[t];
 }
-
 extern "C" __global__ void cross_entropy_backward(float* d, const float* logits, const unsigned* targets, const float* dloss, int vocab) {
     __shared__ float shm[32];
     long r = blockIdx.x;
@@ -294,12 +367,7 @@ extern "C" __global__ void cross_entropy_backward(float* d, const float* logits,
         for (int j = threadIdx.x; j < vocab; j += blockDim.x) dr[j] = 0.f;
         return;
     }
-    float m = __int_as_float(0xff800000);
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, row[j]);
-    m = block_max(m, shm);
-    float s = 0.f;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += __expf(row[j] - m);
-    float lse = m + logf(block_sum(s, shm));
+    float lse = row_logsumexp(row, vocab, shm);
     float g = dloss[r];
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) dr[j] = g * __expf(row[j] - lse) - (j == (int)t ? g : 0.f);
 }

@@ -13,6 +13,7 @@
 //! [`GPU_ATTENTION_MAX_T`] tokens, and through the CPU implementation beyond.
 
 use crate::chunked::{ChunkedSympow, DEFAULT_CHUNK, MAX_CHUNK};
+use crate::profile::{OpTimer, Profiler};
 use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
@@ -21,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Form, Shape};
-use sympow::backend::{Backend, CpuBackend, LayerNormSaved};
+use sympow::backend::{Backend, CpuBackend, LayerNormSaved, ProfileRow};
 use sympow::ops::adamw::AdamWConfig;
 use sympow::ops::rotary::RotaryParam;
 
@@ -36,6 +37,16 @@ pub const GPU_ATTENTION_MAX_T: usize = 4096;
 /// Largest head dimension those kernels hold in registers (`MAXE` in attention.cu).
 const GPU_ATTENTION_MAX_DIM: usize = 256;
 const BLOCK: u32 = 256;
+
+/// Whether backends opened from now on run f32 matrix products in TF32 (see
+/// [`CudaBackend::set_tf32`]).
+static TF32_DEFAULT: AtomicBool = AtomicBool::new(true);
+
+/// Sets whether GPUs opened from now on run cuBLAS's f32 products on TF32 tensor cores (the
+/// default) or in full f32 (`sympow --f32-matmul`).
+pub fn set_default_tf32(on: bool) {
+    TF32_DEFAULT.store(on, Ordering::Relaxed);
+}
 
 /// The CUDA backend of one GPU.
 pub struct CudaBackend {
@@ -53,6 +64,7 @@ pub struct CudaBackend {
     chunk: AtomicUsize,
     /// Queries per block of the cuBLAS softmax path (0: as many as the scratch limit allows).
     softmax_rows: AtomicUsize,
+    profiler: Profiler,
 }
 
 // SAFETY: cudarc's context, stream and cuBLAS handle are used from one thread at a time here
@@ -61,12 +73,13 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 33] = [
+const KERNELS: [&str; 34] = [
     "add_assign",
     "scale",
     "mul",
     "broadcast_rows",
-    "sum_rows",
+    "column_partials",
+    "fold_partials",
     "sum_squares",
     "copy_columns",
     "fill_rows",
@@ -74,7 +87,7 @@ const KERNELS: [&str; 33] = [
     "gelu_backward",
     "layer_norm_forward",
     "layer_norm_backward",
-    "layer_norm_param_grads",
+    "layer_norm_param_partials",
     "embedding_forward",
     "embedding_backward",
     "rotary_forward",
@@ -113,6 +126,28 @@ fn rows_cfg(rows: usize) -> LaunchConfig {
     }
 }
 
+/// The launch of a column-partials kernel over `[rows, c]` (blocks of 32 columns × 8 row
+/// lanes, one grid row per split of rows) and the rows per split: ≥ 64, and few enough splits
+/// for the grid's y limit.
+fn column_split(rows: usize, c: usize) -> (LaunchConfig, i64) {
+    let split = rows.div_ceil(65_535).max(64);
+    let cfg = LaunchConfig {
+        grid_dim: (c.div_ceil(32) as u32, rows.div_ceil(split).max(1) as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    (cfg, split as i64)
+}
+
+/// One block of `SCAN_THREADS` (ops.cu) per scan over time.
+fn scan_cfg(scans: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (scans.max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// A null device pointer for an absent optional argument.
 const NULL: u64 = 0;
 
@@ -147,7 +182,7 @@ impl CudaBackend {
         for k in KERNELS {
             fns.insert(k, module.load_function(k).map_err(drv)?);
         }
-        Ok(CudaBackend {
+        let be = CudaBackend {
             ctx,
             stream,
             blas,
@@ -160,7 +195,32 @@ impl CudaBackend {
             use_fused: AtomicBool::new(true),
             chunk: AtomicUsize::new(DEFAULT_CHUNK),
             softmax_rows: AtomicUsize::new(0),
-        })
+            profiler: Profiler::default(),
+        };
+        be.set_tf32(TF32_DEFAULT.load(Ordering::Relaxed));
+        Ok(be)
+    }
+
+    fn prof(&self, op: &'static str) -> Option<OpTimer<'_>> {
+        self.profiler.time(&self.stream, op)
+    }
+
+    /// Lets cuBLAS run f32 matrix products on tensor cores in TF32 (10-bit mantissa, f32
+    /// accumulation; ~8× the f32 rate on Hopper) or keeps them in full f32.
+    pub fn set_tf32(&self, on: bool) {
+        use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode, cublasStatus_t};
+        let mode = if on {
+            cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
+        // SAFETY: the handle is this backend's live cuBLAS handle.
+        let status = unsafe { cublasSetMathMode(*self.blas.handle(), mode) };
+        assert_eq!(
+            status,
+            cublasStatus_t::CUBLAS_STATUS_SUCCESS,
+            "cublasSetMathMode"
+        );
     }
 
     /// Queries per block of the cuBLAS softmax attention (0, the default: as many as a 1 GiB
@@ -254,6 +314,28 @@ impl CudaBackend {
         };
         // SAFETY: the dimensions and leading dimensions describe buffers of the sizes given.
         unsafe { self.blas.gemm(cfg, a, b, c) }.expect("cuBLAS sgemm");
+    }
+
+    /// `out` (+)= the column sums of `partial` (`[splits, c]`, from a column-partials kernel).
+    fn fold_partials(
+        &self,
+        out: Option<&mut CudaSlice<f32>>,
+        partial: &CudaSlice<f32>,
+        c: usize,
+        accumulate: bool,
+    ) {
+        let Some(out) = out else { return };
+        let (splits, ci, acc) = ((partial.len() / c) as i32, c as i32, i32::from(accumulate));
+        launch!(
+            self,
+            "fold_partials",
+            grid(c),
+            out,
+            partial,
+            &splits,
+            &ci,
+            &acc
+        );
     }
 
     /// Makes this GPU's context current on the calling thread (a rank's thread calls this
@@ -391,32 +473,39 @@ impl Backend for CudaBackend {
         format!("cuda ({})", self.name)
     }
     fn upload(&self, data: &[f32]) -> CudaSlice<f32> {
+        let _p = self.prof("upload");
         if data.is_empty() {
             return self.alloc(0);
         }
         self.stream.clone_htod(data).expect("host to device copy")
     }
     fn download(&self, t: &CudaSlice<f32>) -> Vec<f32> {
+        let _p = self.prof("download");
         self.stream.clone_dtoh(t).expect("device to host copy")
     }
     fn zeros(&self, len: usize) -> CudaSlice<f32> {
+        let _p = self.prof("zeros");
         self.alloc(len)
     }
     fn add_assign(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) {
+        let _p = self.prof("add_assign");
         let n = dst.len() as i64;
         launch!(self, "add_assign", grid(n as usize), dst, src, &n);
     }
     fn scale(&self, dst: &mut CudaSlice<f32>, s: f64) {
+        let _p = self.prof("scale");
         let (n, s) = (dst.len() as i64, s as f32);
         launch!(self, "scale", grid(n as usize), dst, &s, &n);
     }
     fn mul(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> CudaSlice<f32> {
+        let _p = self.prof("mul");
         let n = a.len() as i64;
         let mut out = self.alloc(a.len());
         launch!(self, "mul", grid(n as usize), &mut out, a, b, &n);
         out
     }
     fn broadcast_rows(&self, row: &CudaSlice<f32>, rows: usize) -> CudaSlice<f32> {
+        let _p = self.prof("broadcast_rows");
         let (r, c) = (rows as i64, row.len() as i32);
         let mut out = self.alloc(rows * row.len());
         launch!(
@@ -431,12 +520,27 @@ impl Backend for CudaBackend {
         out
     }
     fn sum_rows(&self, x: &CudaSlice<f32>, c: usize) -> CudaSlice<f32> {
-        let (rows, ci) = ((x.len() / c) as i64, c as i32);
+        let _p = self.prof("sum_rows");
+        let rows = x.len() / c;
+        let (cols, split) = column_split(rows, c);
+        let mut partial = self.alloc(cols.grid_dim.1 as usize * c);
+        let (r, ci) = (rows as i64, c as i32);
+        launch!(
+            self,
+            "column_partials",
+            cols,
+            &mut partial,
+            x,
+            &r,
+            &ci,
+            &split
+        );
         let mut out = self.alloc(c);
-        launch!(self, "sum_rows", grid(c), &mut out, x, &rows, &ci);
+        self.fold_partials(Some(&mut out), &partial, c, false);
         out
     }
     fn sum_squares(&self, x: &CudaSlice<f32>) -> f64 {
+        let _p = self.prof("sum_squares");
         let n = x.len() as i64;
         let blocks = (x.len().div_ceil(BLOCK as usize)).clamp(1, 1024);
         let mut partial = self
@@ -456,6 +560,7 @@ impl Backend for CudaBackend {
             .sum()
     }
     fn sum_squares_each(&self, xs: &[&CudaSlice<f32>]) -> Vec<f64> {
+        let _p = self.prof("sum_squares_each");
         // every tensor's block partials into one buffer, then one copy back
         let blocks: Vec<usize> = xs
             .iter()
@@ -492,6 +597,7 @@ impl Backend for CudaBackend {
             .collect()
     }
     fn split_columns(&self, x: &CudaSlice<f32>, widths: &[usize]) -> Vec<CudaSlice<f32>> {
+        let _p = self.prof("split_columns");
         let total: usize = widths.iter().sum();
         let rows = x.len() / total;
         let mut col0 = 0;
@@ -506,6 +612,7 @@ impl Backend for CudaBackend {
             .collect()
     }
     fn concat_columns(&self, parts: &[&CudaSlice<f32>], widths: &[usize]) -> CudaSlice<f32> {
+        let _p = self.prof("concat_columns");
         let total: usize = widths.iter().sum();
         let rows = parts[0].len() / widths[0].max(1);
         let mut out = self.alloc(rows * total);
@@ -524,6 +631,7 @@ impl Backend for CudaBackend {
         cin: usize,
         cout: usize,
     ) -> CudaSlice<f32> {
+        let _p = self.prof("linear_forward");
         let rows = x.len() / cin;
         let mut y = self.alloc(rows * cout);
         if let Some(b) = b {
@@ -557,6 +665,7 @@ impl Backend for CudaBackend {
         dw: &mut CudaSlice<f32>,
         db: Option<&mut CudaSlice<f32>>,
     ) -> CudaSlice<f32> {
+        let _p = self.prof("linear_backward");
         let rows = x.len() / cin;
         let mut dx = self.alloc(rows * cin);
         // dx[rows, cin] = dy·W  ⇔  dxᵀ (cin×rows) = W_cm (cin×cout) · dyᵀ (cout×rows)
@@ -602,6 +711,7 @@ impl Backend for CudaBackend {
         w: Option<&CudaSlice<f32>>,
         b: Option<&CudaSlice<f32>>,
     ) -> (CudaSlice<f32>, LayerNormSaved<CudaSlice<f32>>) {
+        let _p = self.prof("layer_norm_forward");
         let rows = x.len() / c;
         let (mut y, mut mean, mut rstd) = (self.alloc(x.len()), self.alloc(rows), self.alloc(rows));
         let (ci, eps) = (c as i32, sympow::ops::layer_norm::LN_EPS as f32);
@@ -631,6 +741,7 @@ impl Backend for CudaBackend {
         dw: Option<&mut CudaSlice<f32>>,
         db: Option<&mut CudaSlice<f32>>,
     ) -> CudaSlice<f32> {
+        let _p = self.prof("layer_norm_backward");
         let rows = x.len() / c;
         let mut dx = self.alloc(x.len());
         let ci = c as i32;
@@ -647,41 +758,45 @@ impl Backend for CudaBackend {
             unsafe { l.launch(rows_cfg(rows)) }.expect("layer_norm_backward");
         }
         if dw.is_some() || db.is_some() {
+            let (cols, split) = column_split(rows, c);
+            let splits = cols.grid_dim.1 as usize;
+            let (mut pw, mut pb) = (self.alloc(splits * c), self.alloc(splits * c));
             let r = rows as i64;
-            let f = &self.fns["layer_norm_param_grads"];
-            let mut l = self.stream.launch_builder(f);
-            match dw {
-                Some(d) => l.arg(d),
-                None => l.arg(&NULL),
-            };
-            match db {
-                Some(d) => l.arg(d),
-                None => l.arg(&NULL),
-            };
-            l.arg(x)
-                .arg(dy)
-                .arg(&saved.mean)
-                .arg(&saved.rstd)
-                .arg(&r)
-                .arg(&ci);
-            // SAFETY: as above; one thread per column.
-            unsafe { l.launch(grid(c)) }.expect("layer_norm_param_grads");
+            launch!(
+                self,
+                "layer_norm_param_partials",
+                cols,
+                &mut pw,
+                &mut pb,
+                x,
+                dy,
+                &saved.mean,
+                &saved.rstd,
+                &r,
+                &ci,
+                &split
+            );
+            self.fold_partials(dw, &pw, c, true);
+            self.fold_partials(db, &pb, c, true);
         }
         dx
     }
     fn gelu_forward(&self, x: &CudaSlice<f32>) -> CudaSlice<f32> {
+        let _p = self.prof("gelu_forward");
         let n = x.len() as i64;
         let mut y = self.alloc(x.len());
         launch!(self, "gelu_forward", grid(x.len()), &mut y, x, &n);
         y
     }
     fn gelu_backward(&self, x: &CudaSlice<f32>, dy: &CudaSlice<f32>) -> CudaSlice<f32> {
+        let _p = self.prof("gelu_backward");
         let n = x.len() as i64;
         let mut dx = self.alloc(x.len());
         launch!(self, "gelu_backward", grid(x.len()), &mut dx, x, dy, &n);
         dx
     }
     fn embedding_forward(&self, table: &CudaSlice<f32>, ids: &[u32], c: usize) -> CudaSlice<f32> {
+        let _p = self.prof("embedding_forward");
         let vocab = table.len() / c;
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
             panic!("token id {bad} out of range for vocabulary of {vocab}");
@@ -708,6 +823,7 @@ impl Backend for CudaBackend {
         dout: &CudaSlice<f32>,
         c: usize,
     ) {
+        let _p = self.prof("embedding_backward");
         let d_ids = self.up_u32(ids);
         let (n, ci) = (ids.len() as i64, c as i32);
         launch!(
@@ -730,6 +846,7 @@ impl Backend for CudaBackend {
         base: f64,
         start: usize,
     ) -> CudaSlice<f32> {
+        let _p = self.prof("fixed_rotary_angles");
         let n = batch * time * heads * head_dim / 2;
         let mut out = self.alloc(n);
         let (b, t, h, half, st) = (
@@ -761,6 +878,7 @@ impl Backend for CudaBackend {
         base: f64,
         start: Option<&CudaSlice<f32>>,
     ) -> CudaSlice<f32> {
+        let _p = self.prof("learned_rotary_angles");
         let half = shape.dk / 2;
         let mut out = self.alloc(shape.batch * shape.time * shape.heads * half);
         let (b, t, h, hf, r) = (
@@ -778,8 +896,9 @@ impl Backend for CudaBackend {
             None => l.arg(&NULL),
         };
         l.arg(&b).arg(&t).arg(&h).arg(&hf).arg(&r).arg(&base);
-        // SAFETY: arguments match the declaration; one thread per (batch, head, frequency).
-        unsafe { l.launch(grid(shape.batch * shape.heads * half)) }.expect("learned_rotary_angles");
+        // SAFETY: arguments match the declaration; one block per (batch, head, frequency).
+        unsafe { l.launch(scan_cfg(shape.batch * shape.heads * half)) }
+            .expect("learned_rotary_angles");
         out
     }
     fn learned_rotary_angles_backward(
@@ -790,6 +909,7 @@ impl Backend for CudaBackend {
         param: RotaryParam,
         base: f64,
     ) -> CudaSlice<f32> {
+        let _p = self.prof("learned_rotary_angles_backward");
         assert!(
             shape.dk <= 128,
             "the CUDA learned-rotary backward supports head_dim ≤ 128"
@@ -806,7 +926,7 @@ impl Backend for CudaBackend {
         launch!(
             self,
             "learned_rotary_angles_backward",
-            grid(shape.batch * shape.heads * r),
+            scan_cfg(shape.batch * shape.heads * r),
             &mut out,
             logits,
             dangles,
@@ -825,6 +945,7 @@ impl Backend for CudaBackend {
         angles: &CudaSlice<f32>,
         head_dim: usize,
     ) -> CudaSlice<f32> {
+        let _p = self.prof("rotary_forward");
         let rows = x.len() / head_dim;
         let mut y = self.alloc(x.len());
         let (r, d) = (rows as i64, head_dim as i32);
@@ -847,6 +968,7 @@ impl Backend for CudaBackend {
         angles: &CudaSlice<f32>,
         head_dim: usize,
     ) -> (CudaSlice<f32>, CudaSlice<f32>) {
+        let _p = self.prof("rotary_backward");
         let rows = dy.len() / head_dim;
         let (mut dx, mut da) = (self.alloc(dy.len()), self.alloc(angles.len()));
         let (r, d) = (rows as i64, head_dim as i32);
@@ -865,6 +987,7 @@ impl Backend for CudaBackend {
         (dx, da)
     }
     fn log_gate_forward(&self, logits: &CudaSlice<f32>) -> CudaSlice<f32> {
+        let _p = self.prof("log_gate_forward");
         let n = logits.len() as i64;
         let mut g = self.alloc(logits.len());
         launch!(
@@ -878,6 +1001,7 @@ impl Backend for CudaBackend {
         g
     }
     fn log_gate_backward(&self, logits: &CudaSlice<f32>, dg: &CudaSlice<f32>) -> CudaSlice<f32> {
+        let _p = self.prof("log_gate_backward");
         let n = logits.len() as i64;
         let mut da = self.alloc(logits.len());
         launch!(
@@ -901,6 +1025,7 @@ impl Backend for CudaBackend {
         v: &CudaSlice<f32>,
         log_gates: Option<&CudaSlice<f32>>,
     ) -> AttentionOut<CudaSlice<f32>> {
+        let _p = self.prof("attention_forward");
         if let Some((f, c)) = self.fused(spec, shape) {
             return f.forward(&self.stream, spec, shape, c, q, k, v, log_gates);
         }
@@ -957,6 +1082,7 @@ impl Backend for CudaBackend {
         out: &AttentionOut<CudaSlice<f32>>,
         dy: &CudaSlice<f32>,
     ) -> AttentionGrads<CudaSlice<f32>> {
+        let _p = self.prof("attention_backward");
         if let Some((f, c)) = self.fused(spec, shape) {
             return f.backward(&self.stream, spec, shape, c, q, k, v, log_gates, out, dy);
         }
@@ -1051,6 +1177,7 @@ impl Backend for CudaBackend {
         targets: &[u32],
         vocab: usize,
     ) -> CudaSlice<f32> {
+        let _p = self.prof("cross_entropy_forward");
         let rows = logits.len() / vocab;
         let t = self.up_u32(targets);
         let mut loss = self.alloc(rows);
@@ -1073,6 +1200,7 @@ impl Backend for CudaBackend {
         dloss: &CudaSlice<f32>,
         vocab: usize,
     ) -> CudaSlice<f32> {
+        let _p = self.prof("cross_entropy_backward");
         let rows = logits.len() / vocab;
         let t = self.up_u32(targets);
         let mut d = self.alloc(logits.len());
@@ -1098,6 +1226,7 @@ impl Backend for CudaBackend {
         m: &mut CudaSlice<f32>,
         v: &mut CudaSlice<f32>,
     ) {
+        let _p = self.prof("adamw_step");
         let n = param.len() as i64;
         let (lr, b1, b2, eps, wd) = (
             cfg.lr as f32,
@@ -1125,5 +1254,12 @@ impl Backend for CudaBackend {
             &bc1,
             &bc2
         );
+    }
+    fn set_profiling(&self, on: bool) -> bool {
+        self.profiler.set(on);
+        true
+    }
+    fn profile(&self) -> Vec<ProfileRow> {
+        self.profiler.report()
     }
 }

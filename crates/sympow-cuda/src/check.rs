@@ -48,6 +48,8 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
     let up = |x: &[f32]| gpu.upload(x);
     let dn = |x: &cudarc::driver::CudaSlice<f32>| gpu.download(x);
     const TOL: f64 = 1e-4;
+    // f32 ops against f32 ops; TF32 products get their own rows below
+    gpu.set_tf32(false);
 
     // linear
     let (n, cin, cout) = (37, 48, 33);
@@ -89,6 +91,42 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         &db_c,
         TOL,
     );
+    // the same products on TF32 tensor cores (10-bit mantissa: the bf16 bound)
+    gpu.set_tf32(true);
+    let (mut dw_g, mut db_g) = (up(&vec![0.0; cout * cin]), up(&vec![0.0; cout]));
+    let (mut dw_c, mut db_c) = (vec![0.0; cout * cin], vec![0.0; cout]);
+    let dx_c = cpu.linear_backward(&x, &w, &dy, cin, cout, &mut dw_c, Some(&mut db_c));
+    let dx_g = gpu.linear_backward(
+        &up(&x),
+        &up(&w),
+        &up(&dy),
+        cin,
+        cout,
+        &mut dw_g,
+        Some(&mut db_g),
+    );
+    push(
+        &mut rows,
+        "linear forward (TF32)",
+        &dn(&gpu.linear_forward(&up(&x), &up(&w), Some(&up(&b)), cin, cout)),
+        &cpu.linear_forward(&x, &w, Some(&b), cin, cout),
+        1e-2,
+    );
+    push(
+        &mut rows,
+        "linear backward dx (TF32)",
+        &dn(&dx_g),
+        &dx_c,
+        1e-2,
+    );
+    push(
+        &mut rows,
+        "linear backward dW (TF32)",
+        &dn(&dw_g),
+        &dw_c,
+        1e-2,
+    );
+    gpu.set_tf32(false);
 
     // layer norm, with and without affine
     let c = 96;
@@ -150,6 +188,48 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
             TOL,
         );
     }
+
+    // parameter gradients over many rows: several splits of rows, two blocks of columns
+    let (n, c) = (3001, 40);
+    let x: Vec<f32> = randn(&mut r, n * c, 2.0);
+    let dy: Vec<f32> = randn(&mut r, n * c, 1.0);
+    let (lw, lb): (Vec<f32>, Vec<f32>) = (randn(&mut r, c, 1.0), randn(&mut r, c, 1.0));
+    let (_, sc) = cpu.layer_norm_forward(&x, c, Some(&lw), Some(&lb));
+    let (wg, bg) = (up(&lw), up(&lb));
+    let (_, sg) = gpu.layer_norm_forward(&up(&x), c, Some(&wg), Some(&bg));
+    let (mut dwc, mut dbc) = (lw.clone(), lb.clone());
+    let (mut dwg, mut dbg) = (up(&lw), up(&lb));
+    cpu.layer_norm_backward(&x, &dy, c, Some(&lw), &sc, Some(&mut dwc), Some(&mut dbc));
+    gpu.layer_norm_backward(
+        &up(&x),
+        &up(&dy),
+        c,
+        Some(&wg),
+        &sg,
+        Some(&mut dwg),
+        Some(&mut dbg),
+    );
+    push(
+        &mut rows,
+        "layer norm backward dw (3001 rows)",
+        &dn(&dwg),
+        &dwc,
+        TOL,
+    );
+    push(
+        &mut rows,
+        "layer norm backward db (3001 rows)",
+        &dn(&dbg),
+        &dbc,
+        TOL,
+    );
+    push(
+        &mut rows,
+        "sum_rows (3001 × 40)",
+        &dn(&gpu.sum_rows(&up(&x), c)),
+        &cpu.sum_rows(&x, c),
+        TOL,
+    );
 
     // element-wise
     let x: Vec<f32> = randn(&mut r, 5000, 2.0);
@@ -279,7 +359,16 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         &dn(&gpu.fixed_rotary_angles(2, 300, 3, 16, 10000.0, 5)),
         &cpu.fixed_rotary_angles(2, 300, 3, 16, 10000.0, 5),
     );
-    for param in [RotaryParam::PerHead, RotaryParam::PerFrequency] {
+    // the scans split time into 256 segments: short (most threads idle) and long (a partial
+    // last segment)
+    for (time, param) in [
+        (300, RotaryParam::PerHead),
+        (300, RotaryParam::PerFrequency),
+        (4999, RotaryParam::PerHead),
+        (4999, RotaryParam::PerFrequency),
+    ] {
+        let shape = Shape { time, ..shape };
+        let nrow = shape.batch * shape.time * shape.heads;
         let rp = param.logits_per_head(16);
         let lg: Vec<f32> = uniform(&mut r, nrow * rp, -2.0, 3.0);
         let start: Vec<f32> = uniform(&mut r, shape.batch * shape.heads * 8, 0.0, 6.0);
@@ -287,7 +376,7 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         let ag = gpu.learned_rotary_angles(&up(&lg), &shape, param, 100.0, Some(&up(&start)));
         cmp_angles(
             &mut rows,
-            &format!("learned rotary angles ({param:?})"),
+            &format!("learned rotary angles ({param:?}, T = {time})"),
             &dn(&ag),
             &ac,
         );
@@ -295,7 +384,7 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         let gc = cpu.learned_rotary_angles_backward(&lg, &da, &shape, param, 100.0);
         let gg = gpu.learned_rotary_angles_backward(&up(&lg), &up(&da), &shape, param, 100.0);
         rows.push(Row {
-            what: format!("learned rotary angles backward ({param:?})"),
+            what: format!("learned rotary angles backward ({param:?}, T = {time})"),
             err: rel_err(&dn(&gg), &gc),
             tol: TOL,
         });
@@ -667,5 +756,7 @@ fn cmp_angles(rows: &mut Vec<Row>, what: &str, a: &[f32], b: &[f32]) {
 
 /// A second handle on the same GPU for the model (the check keeps its own for op calls).
 fn gpu_clone(gpu: &CudaBackend) -> CudaBackend {
-    CudaBackend::new(gpu.ordinal()).expect("the GPU opened once opens again")
+    let g = CudaBackend::new(gpu.ordinal()).expect("the GPU opened once opens again");
+    g.set_tf32(false);
+    g
 }

@@ -8,7 +8,7 @@
 #[cfg(feature = "cuda")]
 mod backend;
 #[cfg(feature = "cuda")]
-pub use backend::CudaBackend;
+pub use backend::{set_default_tf32, CudaBackend};
 #[cfg(feature = "cuda")]
 pub mod bench;
 #[cfg(feature = "cuda")]
@@ -19,6 +19,8 @@ pub mod chunked;
 mod device;
 #[cfg(feature = "cuda")]
 pub mod parallel;
+#[cfg(feature = "cuda")]
+pub mod profile;
 #[cfg(feature = "cuda")]
 pub use device::CudaGpu;
 

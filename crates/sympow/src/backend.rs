@@ -15,6 +15,17 @@ use crate::ops::rotary::RotaryParam;
 use crate::ops::*;
 use std::marker::PhantomData;
 
+/// Time spent in one op while profiling ([`Backend::set_profiling`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProfileRow {
+    /// The `Backend` method.
+    pub op: &'static str,
+    /// Calls.
+    pub calls: u64,
+    /// Wall seconds, the device synchronised before and after each call.
+    pub seconds: f64,
+}
+
 /// The ops of a conformal-sympow transformer, forward and backward.
 ///
 /// ```
@@ -217,6 +228,17 @@ pub trait Backend: Send + Sync {
         m: &mut Self::Tensor,
         v: &mut Self::Tensor,
     );
+
+    // ---- diagnostics --------------------------------------------------------------------
+    /// Starts per-op timing (clearing earlier rows) or stops it; returns false if this
+    /// backend cannot time its ops (`sympow bench train --profile`).
+    fn set_profiling(&self, _on: bool) -> bool {
+        false
+    }
+    /// Time per op since profiling started, most first.
+    fn profile(&self) -> Vec<ProfileRow> {
+        Vec::new()
+    }
 }
 
 /// The CPU backend: pure Rust, `gemm` for matrix products, `rayon` for parallel loops.

@@ -188,3 +188,138 @@ pub fn format_decode_table(rows: &[DecodeBenchRow]) -> String {
     }
     s
 }
+
+/// One row of the training-step benchmark.
+#[derive(Clone, Debug)]
+pub struct TrainBenchRow {
+    /// Attention variant (config value of `model.attention`).
+    pub attention: String,
+    /// Training context.
+    pub context: usize,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Median wall time of one step, milliseconds.
+    pub step_ms: f64,
+}
+
+impl TrainBenchRow {
+    /// Training tokens per second.
+    pub fn tokens_per_second(&self) -> f64 {
+        (self.batch * self.context) as f64 / (self.step_ms * 1e-3)
+    }
+}
+
+/// Times training steps of `model` on random tokens, `batch` sequences of `context`: forward
+/// with the loss, the loss read back, backward, the gradient norm read back, AdamW on every
+/// parameter — what `train` does per micro-batch and step, without the data loader. One
+/// warm-up step, then the median of `steps`; returns milliseconds per step.
+pub fn train_step_ms<B: crate::backend::Backend>(
+    model: &mut crate::model::Model<B>,
+    batch: usize,
+    context: usize,
+    steps: usize,
+) -> f64 {
+    use crate::float::Float;
+    use crate::ops::adamw::AdamWConfig;
+    use rand::Rng;
+    let mut r = rng(context as u64);
+    let n = batch * context;
+    let vocab = model.dims.vocab as u32;
+    let ids: Vec<u32> = (0..n).map(|_| r.gen_range(0..vocab)).collect();
+    let targets: Vec<u32> = (0..n).map(|_| r.gen_range(0..vocab)).collect();
+    let dloss = model
+        .backend
+        .upload(&vec![B::Scalar::of(1.0 / n as f64); n]);
+    let mut m = model.zeros_like();
+    let mut v = model.zeros_like();
+    let ac = AdamWConfig {
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let mut times = Vec::with_capacity(steps);
+    for step in 0..=steps.max(1) {
+        let t0 = Instant::now();
+        let mut grads = model.zeros_like();
+        let tr = model.forward(&ids, Some(&targets), batch, context, None);
+        std::hint::black_box(
+            model
+                .backend
+                .download(tr.losses.as_ref().expect("targets given")),
+        );
+        model.backward(&tr, &dloss, &mut grads);
+        drop(tr);
+        std::hint::black_box(model.backend.sum_squares_each(&grads.refs()));
+        for ((p, g), (mm, vv)) in model
+            .params
+            .refs_mut()
+            .into_iter()
+            .zip(grads.refs())
+            .zip(m.refs_mut().into_iter().zip(v.refs_mut()))
+        {
+            model.backend.adamw_step(&ac, step as u64 + 1, p, g, mm, vv);
+        }
+        // the next step's first read-back waits for this step's updates; time them here
+        std::hint::black_box(model.backend.sum_squares(&model.params.wte));
+        if step > 0 {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Formats [`train_step_ms`] rows; the ratio is each row's tokens/s over the first row's at
+/// the same context.
+pub fn format_train_table(rows: &[TrainBenchRow]) -> String {
+    let mut s = String::from(
+        " attention    | context | batch | ms per step | tokens/s | × first at this context\n",
+    );
+    s.push_str(
+        "--------------+---------+-------+-------------+----------+------------------------\n",
+    );
+    for r in rows {
+        let base = rows
+            .iter()
+            .find(|b| b.context == r.context)
+            .map_or(f64::NAN, TrainBenchRow::tokens_per_second);
+        s.push_str(&format!(
+            " {:<12} | {:>7} | {:>5} | {:>11.1} | {:>8.0} | {:>6.2}×\n",
+            r.attention,
+            r.context,
+            r.batch,
+            r.step_ms,
+            r.tokens_per_second(),
+            r.tokens_per_second() / base
+        ));
+    }
+    s
+}
+
+/// Formats a profile as a table with each op's share of `total` seconds (the wall time of the
+/// profiled steps; the remainder is host work between ops).
+pub fn format_profile(rows: &[crate::backend::ProfileRow], total: f64) -> String {
+    let mut s = String::from(" op                               |  calls |    ms total | share\n");
+    s.push_str("----------------------------------+--------+-------------+------\n");
+    let mut sum = 0.0;
+    for r in rows {
+        sum += r.seconds;
+        s.push_str(&format!(
+            " {:<32} | {:>6} | {:>11.2} | {:>4.1} %\n",
+            r.op,
+            r.calls,
+            r.seconds * 1e3,
+            100.0 * r.seconds / total
+        ));
+    }
+    s.push_str(&format!(
+        " {:<32} | {:>6} | {:>11.2} | {:>4.1} %\n",
+        "(host, between ops)",
+        "",
+        (total - sum) * 1e3,
+        100.0 * (total - sum) / total
+    ));
+    s
+}
