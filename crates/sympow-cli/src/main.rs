@@ -286,6 +286,9 @@ enum BenchCommand {
         /// Also print where each row's time goes, op by op (GPU builds).
         #[arg(long)]
         profile: bool,
+        /// Also write the rows as JSON lines here (read by bench/train_peers.py).
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Attention on the GPU: forward and forward+backward of the fused chunked sympow kernels
     /// against the naive quadratic GPU kernels (sympow and softmax), same tokens per call.
@@ -750,8 +753,25 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
                     tokens,
                     reps,
                     profile,
+                    json,
                 },
-        } => bench_train(make, &cfg, &variants, &context, tokens, reps, profile),
+        } => {
+            let rows = bench_train(make, &cfg, &variants, &context, tokens, reps, profile)?;
+            if let Some(path) = json {
+                let lines: Vec<String> = rows
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({"variant": r.attention, "context": r.context,
+                            "batch": r.batch, "step_ms": r.step_ms,
+                            "tokens_per_s": r.tokens_per_second()})
+                        .to_string()
+                    })
+                    .collect();
+                std::fs::write(&path, lines.join("\n") + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(0)
+        }
         Command::DeviceCheck { seed } => device_check(seed),
         Command::Device => {
             match sympow_cuda::detect(0) {
@@ -906,7 +926,7 @@ fn bench_train<B: Backend>(
     tokens: Option<usize>,
     reps: usize,
     profile: bool,
-) -> Result<i32> {
+) -> Result<Vec<sympow::bench::TrainBenchRow>> {
     let base = args.build()?;
     let contexts = if contexts.is_empty() {
         vec![base.data.context]
@@ -962,7 +982,7 @@ fn bench_train<B: Backend>(
     }
     print!("{}", sympow::bench::format_train_table(&rows));
     print!("{profiles}");
-    Ok(0)
+    Ok(rows)
 }
 
 type Variant = (&'static str, &'static [(&'static str, &'static str)]);
