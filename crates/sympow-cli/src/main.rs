@@ -250,7 +250,7 @@ struct AttentionBench {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Generation on the CPU: time of one decode step after a prefill of each context length,
+    /// Generation: time of one decode step after a prefill of each context length,
     /// conformal sympow (recurrent state) against softmax (KV cache), random weights.
     Decode {
         /// Context lengths (tokens prefilled before the timed steps).
@@ -728,13 +728,14 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
             let c = cfg.build()?;
             println!(
                 "decode on {}, preset {} ({} layers, {} heads × {}), random weights, median of {reps} steps",
-                CpuBackend::<f32>::new().name(),
+                make().name(),
                 cfg.name(),
                 c.model.layers,
                 c.model.heads,
                 c.model.head_dim
             );
-            let rows = sympow::bench::decode_cpu(
+            let rows = sympow::bench::decode(
+                make,
                 &c,
                 &["conformal", "softmax"],
                 &context,

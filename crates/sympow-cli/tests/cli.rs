@@ -700,7 +700,14 @@ fn bench_train_prints_a_row_per_variant_and_context() {
         assert!(tokens_per_s > 0.0, "{row}");
     }
     assert_error(
-        &sympow(&["--cpu", "bench", "train", "--variants", "softmax", "--profile"]),
+        &sympow(&[
+            "--cpu",
+            "bench",
+            "train",
+            "--variants",
+            "softmax",
+            "--profile",
+        ]),
         "--profile",
     );
     assert_error(

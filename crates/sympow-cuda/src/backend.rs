@@ -29,7 +29,9 @@ use sympow::ops::rotary::RotaryParam;
 const SOURCE: &str = concat!(
     include_str!("../kernels/ops.cu"),
     "\n",
-    include_str!("../kernels/attention.cu")
+    include_str!("../kernels/attention.cu"),
+    "\n",
+    include_str!("../kernels/decode.cu")
 );
 
 /// Longest sequence the naive GPU attention kernels take; longer ones go through the host.
@@ -47,6 +49,26 @@ static TF32_DEFAULT: AtomicBool = AtomicBool::new(true);
 pub fn set_default_tf32(on: bool) {
     TF32_DEFAULT.store(on, Ordering::Relaxed);
 }
+
+/// Recurrent sympow states of the sequences being generated, on the GPU (see
+/// [`Backend::sympow_decode_step`]).
+pub struct CudaDecodeState {
+    /// `[batch·heads, D, e+1]`, f64.
+    state: CudaSlice<f64>,
+    /// Per-tile partial reads `[batch·heads, tiles, e+1]`.
+    partial: CudaSlice<f64>,
+    /// φ_p's table: input indices (`D × p`) and scales (`D`).
+    idx: CudaSlice<i32>,
+    coef: CudaSlice<f64>,
+    dim: usize,
+    p: usize,
+    heads: usize,
+    d: usize,
+    e: usize,
+}
+
+/// State rows per block of `sympow_decode_update` (`DECODE_ROWS` in decode.cu).
+const DECODE_ROWS: usize = 32;
 
 /// The CUDA backend of one GPU.
 pub struct CudaBackend {
@@ -73,7 +95,9 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 34] = [
+const KERNELS: [&str; 36] = [
+    "sympow_decode_update",
+    "sympow_decode_read",
     "add_assign",
     "scale",
     "mul",
@@ -468,6 +492,7 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     type Scalar = f32;
     type Tensor = CudaSlice<f32>;
+    type DecodeState = CudaDecodeState;
 
     fn name(&self) -> String {
         format!("cuda ({})", self.name)
@@ -1170,6 +1195,95 @@ impl Backend for CudaBackend {
             dv,
             dlog_gates,
         }
+    }
+    fn decode_state(&self, spec: &AttentionSpec, shape: &Shape, states: &[f64]) -> CudaDecodeState {
+        let _p = self.prof("decode_state");
+        let p = match spec.kernel {
+            sympow::attention::Kernel::Power(p) => p,
+            sympow::attention::Kernel::Softmax => {
+                panic!("softmax attention has no recurrent state")
+            }
+        };
+        let table = sympow::attention::phi::SymPow::new(shape.dk, p);
+        let (heads, e) = (shape.batch * shape.heads, shape.dv);
+        assert_eq!(
+            states.len(),
+            heads * table.dim * (e + 1),
+            "decode states must be [batch·heads, D, e+1]"
+        );
+        let idx: Vec<i32> = table.indices().iter().map(|&i| i32::from(i)).collect();
+        let tiles = table.dim.div_ceil(DECODE_ROWS);
+        let st = &self.stream;
+        CudaDecodeState {
+            state: st.clone_htod(states).expect("host to device copy"),
+            partial: st
+                .alloc_zeros(heads * tiles * (e + 1))
+                .expect("device allocation"),
+            idx: st.clone_htod(&idx).expect("host to device copy"),
+            coef: st.clone_htod(table.scales()).expect("host to device copy"),
+            dim: table.dim,
+            p: p as usize,
+            heads,
+            d: shape.dk,
+            e,
+        }
+    }
+    fn sympow_decode_step(
+        &self,
+        spec: &AttentionSpec,
+        state: &mut CudaDecodeState,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        log_gates: Option<&CudaSlice<f32>>,
+    ) -> CudaSlice<f32> {
+        let _p = self.prof("sympow_decode_step");
+        let s = state;
+        assert!(
+            q.len() == s.heads * s.d && k.len() == q.len() && v.len() == s.heads * s.e,
+            "decode step: q, k must be [batch·heads, d] and v [batch·heads, e] of the state's shape"
+        );
+        let tiles = s.dim.div_ceil(DECODE_ROWS);
+        let (dim, p, d, e) = (s.dim as i32, s.p as i32, s.d as i32, s.e as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, s.heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = &self.fns["sympow_decode_update"];
+        let mut l = self.stream.launch_builder(f);
+        l.arg(&mut s.state).arg(&mut s.partial).arg(q).arg(k).arg(v);
+        match log_gates {
+            Some(g) => l.arg(g),
+            None => l.arg(&NULL),
+        };
+        l.arg(&s.idx)
+            .arg(&s.coef)
+            .arg(&dim)
+            .arg(&p)
+            .arg(&d)
+            .arg(&e)
+            .arg(&spec.scale);
+        // SAFETY: arguments match the declaration in decode.cu; the grid covers D rows (last
+        // tile partial, bounded in the kernel) and every head of the state.
+        unsafe { l.launch(cfg) }.expect("sympow_decode_update");
+        let mut y = self.alloc(s.heads * s.e);
+        let (ti, eps) = (tiles as i32, spec.eps);
+        launch!(
+            self,
+            "sympow_decode_read",
+            LaunchConfig {
+                grid_dim: (s.heads as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &mut y,
+            &s.partial,
+            &ti,
+            &e,
+            &eps
+        );
+        y
     }
     fn cross_entropy_forward(
         &self,

@@ -566,6 +566,57 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         }),
     }
 
+    // generation: the recurrent decode step from a prefilled state, several tokens
+    for (label, p, d, gated) in [
+        ("p=2 d=16", 2, 16, true),
+        ("p=2 d=64 ungated", 2, 64, false),
+        ("p=4 d=8", 4, 8, true),
+    ] {
+        let spec = AttentionSpec::sympow(p, d).unwrap();
+        let shape = Shape {
+            batch: 2,
+            time: 40,
+            heads: 3,
+            dk: d,
+            dv: d,
+        };
+        let n = 2 * 40 * 3;
+        let k: Vec<f64> = randn(&mut r, n * d, 1.0);
+        let v: Vec<f64> = randn(&mut r, n * d, 1.0);
+        let g: Vec<f64> = sympow::testing::log_gates(&mut r, n, 0.9, 0.999);
+        let states = sympow::attention::chunked_final_states(
+            &spec,
+            16,
+            &shape,
+            &k,
+            &v,
+            gated.then_some(&g[..]),
+        )
+        .concat();
+        let one = Shape { time: 1, ..shape };
+        let mut sc = cpu.decode_state(&spec, &one, &states);
+        let mut sg = gpu.decode_state(&spec, &one, &states);
+        let mut err: f64 = 0.0;
+        for _ in 0..3 {
+            let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+                randn(&mut r, 6 * d, 1.0),
+                randn(&mut r, 6 * d, 1.0),
+                randn(&mut r, 6 * d, 1.0),
+            );
+            let g: Vec<f32> = sympow::testing::log_gates(&mut r, 6, 0.9, 0.999);
+            let gc = gated.then_some(&g);
+            let gg = gated.then(|| up(&g));
+            let yc = cpu.sympow_decode_step(&spec, &mut sc, &q, &k, &v, gc);
+            let yg = gpu.sympow_decode_step(&spec, &mut sg, &up(&q), &up(&k), &up(&v), gg.as_ref());
+            err = err.max(rel_err(&dn(&yg), &yc));
+        }
+        rows.push(Row {
+            what: format!("decode step {label} (3 tokens)"),
+            err,
+            tol: TOL,
+        });
+    }
+
     // the whole model: loss and every gradient
     let mut cfg = Config::preset("tiny").unwrap();
     cfg.set_all(&[
@@ -610,6 +661,30 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         rows.push(Row {
             what: format!("model gradient {}", info.name),
             err: rel_err(&mg.backend.download(a), b),
+            tol: 1e-3,
+        });
+    }
+    // generation through the whole model: prefill, then decode steps, on both backends
+    for attention in ["conformal", "softmax"] {
+        let mut c = cfg.clone();
+        c.set("model.attention", attention).unwrap();
+        let mc = Model::init(CpuBackend::<f32>::new(), &c, seed);
+        let params: Vec<Vec<f32>> = mc.params.refs().into_iter().cloned().collect();
+        let mg = Model::from_params(
+            gpu_clone(gpu),
+            &c,
+            sympow::model::Params::from_vec(&c, params.iter().map(|p| gpu.upload(p)).collect()),
+        );
+        let prompt: Vec<u32> = (0..37).map(|i| (i * 13 % 256) as u32).collect();
+        let (mut dc, lc) = sympow::inference::Decoder::prefill(&mc, &prompt);
+        let (mut dg, lg) = sympow::inference::Decoder::prefill(&mg, &prompt);
+        let mut err = rel_err(&lg, &lc);
+        for tok in [5u32, 77, 200, 3] {
+            err = err.max(rel_err(&dg.step(tok), &dc.step(tok)));
+        }
+        rows.push(Row {
+            what: format!("model generation logits ({attention}, 4 tokens)"),
+            err,
             tol: 1e-3,
         });
     }

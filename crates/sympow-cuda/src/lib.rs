@@ -8,7 +8,7 @@
 #[cfg(feature = "cuda")]
 mod backend;
 #[cfg(feature = "cuda")]
-pub use backend::{set_default_tf32, CudaBackend};
+pub use backend::{set_default_tf32, CudaBackend, CudaDecodeState};
 #[cfg(feature = "cuda")]
 pub mod bench;
 #[cfg(feature = "cuda")]

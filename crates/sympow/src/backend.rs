@@ -41,6 +41,10 @@ pub trait Backend: Send + Sync {
     type Scalar: Float;
     /// A flat buffer owned by the backend.
     type Tensor: Clone + Send + Sync;
+    /// Recurrent sympow states of a batch of sequences being generated: one `D × (e+1)`
+    /// matrix `[S | z]` per sequence and head, kept in f64 (see
+    /// [`RecurrentState`](crate::attention::RecurrentState) for why).
+    type DecodeState: Send + Sync;
 
     /// Human-readable device name.
     fn name(&self) -> String;
@@ -202,6 +206,29 @@ pub trait Backend: Send + Sync {
         dy: &Self::Tensor,
     ) -> AttentionGrads<Self::Tensor>;
 
+    // ---- generation ---------------------------------------------------------------------------
+    /// Decode states for `shape.batch` sequences of `shape.heads` heads from `states`
+    /// (`[batch·heads, D, e+1]`, e.g. the prefill's final chunked states).
+    fn decode_state(
+        &self,
+        spec: &AttentionSpec,
+        shape: &Shape,
+        states: &[f64],
+    ) -> Self::DecodeState;
+    /// One token of sympow attention per sequence and head, in the recurrent form (SPEC §9):
+    /// S ← γS + φ(k)[v, 1]ᵀ, then y = φ(σq)ᵀS[:, :e] / (φ(σq)ᵀS[:, e] + ε). q, k are
+    /// `[batch, heads, d]`, v `[batch, heads, e]`, log gates `[batch, heads]`; returns y
+    /// `[batch, heads, e]`. Its cost is independent of the context length.
+    fn sympow_decode_step(
+        &self,
+        spec: &AttentionSpec,
+        state: &mut Self::DecodeState,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        log_gates: Option<&Self::Tensor>,
+    ) -> Self::Tensor;
+
     // ---- loss and optimiser -------------------------------------------------------------
     /// Per-row cross-entropy of `logits` (`[rows, vocab]`).
     fn cross_entropy_forward(
@@ -258,6 +285,7 @@ impl<F: Float> CpuBackend<F> {
 impl<F: Float> Backend for CpuBackend<F> {
     type Scalar = F;
     type Tensor = Vec<F>;
+    type DecodeState = Vec<attention::RecurrentState<F>>;
 
     fn name(&self) -> String {
         format!(
@@ -491,6 +519,46 @@ impl<F: Float> Backend for CpuBackend<F> {
             out,
             dy,
         )
+    }
+    fn decode_state(
+        &self,
+        spec: &AttentionSpec,
+        shape: &Shape,
+        states: &[f64],
+    ) -> Vec<attention::RecurrentState<F>> {
+        let table = std::sync::Arc::new(attention::phi::SymPow::new(shape.dk, spec.power()));
+        let n = table.dim * (shape.dv + 1);
+        assert_eq!(
+            states.len(),
+            shape.batch * shape.heads * n,
+            "decode states must be [batch·heads, D, e+1]"
+        );
+        states
+            .chunks_exact(n)
+            .map(|s| {
+                let mut st = attention::RecurrentState::with_table(table.clone(), spec, shape.dv);
+                st.state_mut().copy_from_slice(s);
+                st
+            })
+            .collect()
+    }
+    fn sympow_decode_step(
+        &self,
+        _spec: &AttentionSpec,
+        state: &mut Vec<attention::RecurrentState<F>>,
+        q: &Vec<F>,
+        k: &Vec<F>,
+        v: &Vec<F>,
+        log_gates: Option<&Vec<F>>,
+    ) -> Vec<F> {
+        let (d, e) = (q.len() / state.len(), v.len() / state.len());
+        let mut y = Vec::with_capacity(v.len());
+        for (i, st) in state.iter_mut().enumerate() {
+            let (r, rv) = (i * d..(i + 1) * d, i * e..(i + 1) * e);
+            let (yi, _) = st.step(&q[r.clone()], &k[r], &v[rv], log_gates.map(|g| g[i]));
+            y.extend(yi);
+        }
+        y
     }
     fn cross_entropy_forward(&self, logits: &Vec<F>, targets: &[u32], vocab: usize) -> Vec<F> {
         cross_entropy::cross_entropy_forward(logits, targets, vocab)

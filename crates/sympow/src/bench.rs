@@ -124,21 +124,21 @@ pub struct DecodeBenchRow {
 /// (`model.attention` values) of config `cfg` with random weights: the recurrent state makes a
 /// sympow step independent of the context; softmax's KV cache makes it grow with it. Softmax is
 /// timed only up to `softmax_max` tokens (its prefill is quadratic).
-pub fn decode_cpu(
+pub fn decode<B: crate::backend::Backend>(
+    make: &dyn Fn() -> B,
     cfg: &crate::config::Config,
     attentions: &[&str],
     contexts: &[usize],
     steps: usize,
     softmax_max: usize,
 ) -> Result<Vec<DecodeBenchRow>, crate::config::ConfigError> {
-    use crate::backend::CpuBackend;
     use crate::inference::Decoder;
     use crate::model::Model;
     let mut rows = Vec::new();
     for &att in attentions {
         let mut c = cfg.clone();
         c.set_all(&[("model.attention", att)])?;
-        let model = Model::init(CpuBackend::<f32>::new(), &c, 1);
+        let model = Model::init(make(), &c, 1);
         let vocab = model.dims.vocab as u64;
         for &ctx in contexts {
             if att == "softmax" && ctx > softmax_max {
@@ -169,7 +169,7 @@ pub fn decode_cpu(
     Ok(rows)
 }
 
-/// Formats [`decode_cpu`] rows; ratios are against each variant's shortest context.
+/// Formats [`decode`] rows; ratios are against each variant's shortest context.
 pub fn format_decode_table(rows: &[DecodeBenchRow]) -> String {
     let mut s = String::from(" attention  | context | µs per token | × shortest context\n");
     s.push_str("------------+---------+--------------+-------------------\n");

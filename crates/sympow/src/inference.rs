@@ -2,19 +2,20 @@
 //! new token costs the same whatever the context — sympow updates a recurrent state per head
 //! (SPEC §9), softmax appends to a KV cache.
 //!
-//! The per-token attention runs on the host in f64 (it is O(D·e) per head for sympow), the
-//! rest of the network through the backend.
+//! A sympow step runs entirely through the backend — on a GPU, the recurrent state stays on the
+//! device and [`Backend::sympow_decode_step`] updates and reads it in one pass (f64 state, as
+//! on the CPU). Softmax reads its KV cache on the host in f64 (the baseline; linear in the
+//! context either way).
 
-use crate::attention::{chunked_final_states, AttentionSpec, Form, RecurrentState, Shape};
+use crate::attention::{chunked_final_states, AttentionSpec, Form, Shape};
 use crate::backend::Backend;
 use crate::config::{GateKind, RotaryKind};
 use crate::model::{Model, Trace};
-use crate::ops::rotary;
 use crate::Float;
 
-enum LayerState {
-    /// Sympow: one recurrent state per head.
-    Recurrent(Vec<RecurrentState<f64>>),
+enum LayerState<S> {
+    /// Sympow: one recurrent state per head, owned by the backend.
+    Recurrent(S),
     /// Softmax: rotated keys and values so far, per head (`[t, d]` each).
     Cache {
         keys: Vec<Vec<f64>>,
@@ -25,9 +26,9 @@ enum LayerState {
 /// Incremental decoder over a model (batch of one sequence).
 pub struct Decoder<'m, B: Backend> {
     model: &'m Model<B>,
-    layers: Vec<LayerState>,
+    layers: Vec<LayerState<B::DecodeState>>,
     /// Cumulative rotary angles per layer `[heads·d/2]` (learned rotary).
-    angles: Vec<Vec<f64>>,
+    angles: Vec<Option<B::Tensor>>,
     pos: usize,
 }
 
@@ -82,24 +83,16 @@ impl<'m, B: Backend> Decoder<'m, B> {
                         _ => model.cfg.model.chunk,
                     };
                     let states = chunked_final_states(&spec, chunk, &shape, &k, &v, g.as_deref());
-                    LayerState::Recurrent(
-                        states
-                            .iter()
-                            .map(|s| {
-                                let mut st = RecurrentState::<f64>::new(&spec, d, d);
-                                st.load(s);
-                                st
-                            })
-                            .collect(),
-                    )
+                    let one = Shape { time: 1, ..shape };
+                    LayerState::Recurrent(be.decode_state(&spec, &one, &states.concat()))
                 },
             );
             angles.push(match &bt.angles {
                 Some(a) if model.cfg.rotary() == RotaryKind::Learned => {
-                    let a = to_f64(&be.download(a));
-                    a[(t - 1) * h * d / 2..].to_vec()
+                    let a = be.download(a);
+                    Some(be.upload(&a[(t - 1) * h * d / 2..]))
                 }
-                _ => Vec::new(),
+                _ => None,
             });
         }
         let logits = to_f64(&be.download(&trace.logits));
@@ -125,102 +118,67 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let be = &m.backend;
         let dm = &m.dims;
         let (c, h, d) = (dm.width, dm.heads, dm.head_dim);
-        let half = d / 2;
         let spec: AttentionSpec = m.attention_spec();
         let base = m.cfg.model.rotary_base;
+        let one = Shape {
+            batch: 1,
+            time: 1,
+            heads: h,
+            dk: d,
+            dv: d,
+        };
         let mut x = be.embedding_forward(&m.params.wte, &[token], c);
         for (l, p) in m.params.blocks.iter().enumerate() {
             let (w, b) = p.ln1.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
             let (hn, _) = be.layer_norm_forward(&x, c, w, b);
-            let qkv = to_f64(&be.download(&be.linear_forward(
-                &hn,
-                &p.qkv_w,
-                Some(&p.qkv_b),
-                c,
-                dm.qkv_widths.iter().sum(),
-            )));
-            // columns: q, k, v, [gate logits], [rotary logits]
-            let mut off = 0;
-            let mut take = |n: usize| {
-                let s = qkv[off..off + n].to_vec();
-                off += n;
-                s
-            };
-            let (mut q, mut k, v) = (take(h * d), take(h * d), take(h * d));
-            let log_gates: Option<Vec<f64>> = match m.cfg.gate() {
-                GateKind::Data => Some(crate::ops::gate::log_gate_forward(&take(h))),
-                GateKind::Learned => Some(crate::ops::gate::log_gate_forward(&to_f64(
-                    &be.download(p.gate_bias.as_ref().unwrap()),
-                ))),
+            let qkv =
+                be.linear_forward(&hn, &p.qkv_w, Some(&p.qkv_b), c, dm.qkv_widths.iter().sum());
+            // columns: q, k, v, [gate logits], [rotary logits] — as in `Model::forward`
+            let mut parts = be.split_columns(&qkv, &dm.qkv_widths).into_iter();
+            let (q, k, v) = (
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+                parts.next().unwrap(),
+            );
+            let log_gates = match m.cfg.gate() {
+                GateKind::Data => Some(be.log_gate_forward(&parts.next().unwrap())),
+                GateKind::Learned => Some(be.log_gate_forward(p.gate_bias.as_ref().unwrap())),
                 GateKind::None => None,
             };
-            let angles: Option<Vec<f64>> = match m.cfg.rotary() {
+            let angles = match m.cfg.rotary() {
                 RotaryKind::None => None,
-                RotaryKind::Fixed => Some(rotary::fixed_rotary_angles(1, 1, h, d, base, self.pos)),
+                RotaryKind::Fixed => Some(be.fixed_rotary_angles(1, 1, h, d, base, self.pos)),
                 RotaryKind::Learned => {
-                    let logits = take(h * dm.rot_per_head);
-                    let start = &self.angles[l];
-                    let a = rotary::learned_rotary_angles(
-                        &logits,
-                        1,
-                        1,
-                        h,
-                        d,
+                    let a = be.learned_rotary_angles(
+                        &parts.next().unwrap(),
+                        &one,
                         m.cfg.model.rotary_param.into(),
                         base,
-                        Some(start),
+                        self.angles[l].as_ref(),
                     );
-                    self.angles[l] = a.clone();
+                    self.angles[l] = Some(a.clone());
                     Some(a)
                 }
             };
-            if let Some(a) = &angles {
-                q = rotary::rotary_forward(&q, a, d);
-                k = rotary::rotary_forward(&k, a, d);
-            }
-            debug_assert!(angles.as_ref().is_none_or(|a| a.len() == h * half));
-            let mut y = vec![0.0f64; h * d];
-            match &mut self.layers[l] {
-                LayerState::Recurrent(states) => {
-                    for (hh, st) in states.iter_mut().enumerate() {
-                        let r = hh * d..(hh + 1) * d;
-                        let (yh, _) = st.step(
-                            &q[r.clone()],
-                            &k[r.clone()],
-                            &v[r.clone()],
-                            log_gates.as_ref().map(|g| g[hh]),
-                        );
-                        y[r].copy_from_slice(&yh);
-                    }
+            let (q, k) = match &angles {
+                Some(a) => (be.rotary_forward(&q, a, d), be.rotary_forward(&k, a, d)),
+                None => (q, k),
+            };
+            let y = match &mut self.layers[l] {
+                LayerState::Recurrent(state) => {
+                    be.sympow_decode_step(&spec, state, &q, &k, &v, log_gates.as_ref())
                 }
                 LayerState::Cache { keys, values } => {
-                    for hh in 0..h {
-                        let r = hh * d..(hh + 1) * d;
-                        keys[hh].extend_from_slice(&k[r.clone()]);
-                        values[hh].extend_from_slice(&v[r.clone()]);
-                        let scores: Vec<f64> = keys[hh]
-                            .chunks_exact(d)
-                            .map(|kk| {
-                                spec.scale
-                                    * kk.iter()
-                                        .zip(&q[r.clone()])
-                                        .map(|(a, b)| a * b)
-                                        .sum::<f64>()
-                            })
-                            .collect();
-                        let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                        let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
-                        let z: f64 = w.iter().sum();
-                        for (wi, vv) in w.iter().zip(values[hh].chunks_exact(d)) {
-                            for (yo, &vc) in y[r.clone()].iter_mut().zip(vv) {
-                                *yo += wi * vc / z;
-                            }
-                        }
-                    }
+                    let (q, k, v) = (
+                        to_f64(&be.download(&q)),
+                        to_f64(&be.download(&k)),
+                        to_f64(&be.download(&v)),
+                    );
+                    let y = softmax_cache_step(&spec, keys, values, &q, &k, &v, d);
+                    be.upload(&y.iter().map(|&a| B::Scalar::of(a)).collect::<Vec<_>>())
                 }
-            }
-            let yt = be.upload(&y.iter().map(|&a| B::Scalar::of(a)).collect::<Vec<_>>());
-            let o = be.linear_forward(&yt, &p.proj_w, Some(&p.proj_b), h * d, c);
+            };
+            let o = be.linear_forward(&y, &p.proj_w, Some(&p.proj_b), h * d, c);
             be.add_assign(&mut x, &o);
             let (w, b) = p.ln2.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
             let (hn, _) = be.layer_norm_forward(&x, c, w, b);
@@ -234,6 +192,44 @@ impl<'m, B: Backend> Decoder<'m, B> {
         self.pos += 1;
         to_f64(&be.download(&be.linear_forward(&hn, head, None, c, dm.vocab)))
     }
+}
+
+/// Appends one token's rotated key and value to each head's cache and attends over the cache
+/// with the query (`[heads·d]` each); returns y (`[heads·d]`).
+fn softmax_cache_step(
+    spec: &AttentionSpec,
+    keys: &mut [Vec<f64>],
+    values: &mut [Vec<f64>],
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    d: usize,
+) -> Vec<f64> {
+    let mut y = vec![0.0f64; q.len()];
+    for (hh, (keys, values)) in keys.iter_mut().zip(values.iter_mut()).enumerate() {
+        let r = hh * d..(hh + 1) * d;
+        keys.extend_from_slice(&k[r.clone()]);
+        values.extend_from_slice(&v[r.clone()]);
+        let scores: Vec<f64> = keys
+            .chunks_exact(d)
+            .map(|kk| {
+                spec.scale
+                    * kk.iter()
+                        .zip(&q[r.clone()])
+                        .map(|(a, b)| a * b)
+                        .sum::<f64>()
+            })
+            .collect();
+        let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+        let z: f64 = w.iter().sum();
+        for (wi, vv) in w.iter().zip(values.chunks_exact(d)) {
+            for (yo, &vc) in y[r.clone()].iter_mut().zip(vv) {
+                *yo += wi * vc / z;
+            }
+        }
+    }
+    y
 }
 
 /// How to pick the next token.

@@ -249,3 +249,59 @@ fn odd_powers_are_rejected() {
         assert!(err.to_string().contains(&format!("p = {p}")), "{err}");
     }
 }
+
+/// The backend's batched decode step, fed a batch of sequences token by token from a zero
+/// state, gives every position's output of the float64 reference (p = 2 and 4, gated or not).
+#[test]
+fn backend_decode_steps_reproduce_the_reference() {
+    use sympow::backend::{Backend, CpuBackend};
+    let seed = common::seed("backend_decode");
+    let mut r = rng(seed);
+    let be = CpuBackend::<f64>::new();
+    for (p, d, gated) in [(2, 8, true), (2, 8, false), (4, 4, true)] {
+        let spec = AttentionSpec::sympow(p, d).unwrap();
+        let shape = Shape {
+            batch: 2,
+            time: 17,
+            heads: 3,
+            dk: d,
+            dv: 5,
+        };
+        let n = shape.batch * shape.time * shape.heads;
+        let (q, k): (Vec<f64>, Vec<f64>) = (randn(&mut r, n * d, 1.0), randn(&mut r, n * d, 1.0));
+        let v: Vec<f64> = randn(&mut r, n * 5, 1.0);
+        let g: Vec<f64> = log_gates(&mut r, n, 0.8, 0.99);
+        let want = reference_attention(&spec, &shape, &q, &k, &v, gated.then_some(&g[..]));
+        let one = Shape { time: 1, ..shape };
+        let zero =
+            vec![0.0; shape.batch * shape.heads * sympow::attention::phi::sympow_dim(d, p) * 6];
+        let mut state = be.decode_state(&spec, &one, &zero);
+        let bh = shape.batch * shape.heads;
+        for t in 0..shape.time {
+            // rows of token t of every sequence: [batch, heads, ·]
+            let rows = |x: &[f64], w: usize| -> Vec<f64> {
+                (0..shape.batch)
+                    .flat_map(|b| {
+                        let o = ((b * shape.time + t) * shape.heads) * w;
+                        x[o..o + shape.heads * w].to_vec()
+                    })
+                    .collect()
+            };
+            let gt = rows(&g, 1);
+            let y = be.sympow_decode_step(
+                &spec,
+                &mut state,
+                &rows(&q, d),
+                &rows(&k, d),
+                &rows(&v, 5),
+                gated.then_some(&gt),
+            );
+            assert_eq!(y.len(), bh * 5);
+            let e = rel_err(&y, &rows(&want, 5));
+            assert!(
+                e < 1e-10,
+                "p={p} gated={gated} t={t}: rel err {e:.2e} (seed {seed})"
+            );
+        }
+    }
+}

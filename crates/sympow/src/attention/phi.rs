@@ -80,6 +80,16 @@ impl SymPow {
         }
     }
 
+    /// The input indices of every output coordinate, `p` per coordinate (`D × p`, row-major).
+    pub fn indices(&self) -> &[u16] {
+        &self.idx
+    }
+
+    /// The multinomial scale √(p!/∏ m_j!) of every output coordinate (`D`).
+    pub fn scales(&self) -> &[f64] {
+        &self.scale
+    }
+
     /// φ_p of each row of `x` (`rows × d`) into `out` (`rows × D`).
     pub fn forward<F: Float>(&self, x: &[F], out: &mut [F]) {
         let (d, dim, pu) = (self.d, self.dim, self.p as usize);
