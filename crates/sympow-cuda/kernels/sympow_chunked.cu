@@ -21,92 +21,9 @@
 //   sp_bwd_prep, sp_intra_bwd_dkv, sp_intra_bwd_dq, sp_bwd_final: the backward pass.
 // Layout of the model's tensors: q, k, v, y, dy [B, T, H, D]; g, log_norm [B, T, H].
 
-typedef unsigned short bf16;
-typedef unsigned int u32;
-
 #define THREADS 256
 #define WARPS 8
 #define FULL 0xffffffffu
-
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-__device__ __forceinline__ bf16 f2b(float x) { return (bf16)(pack2(x, 0.f) & 0xffffu); }
-__device__ __forceinline__ float b2f(bf16 x) { return __uint_as_float(((u32)x) << 16); }
-__device__ __forceinline__ u32 scale2(u32 v, float lo, float hi) {
-    return pack2(__uint_as_float(v << 16) * lo, __uint_as_float(v & 0xffff0000u) * hi);
-}
-
-// c += a·b for a 16×16 (row) by 16×8 (col) tile.
-__device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// A fragment (rows r0.., columns k0..k0+16) of a row-major bf16 tile with leading dimension ld.
-__device__ __forceinline__ void lda(u32* a, const bf16* s, int ld, int r0, int k0) {
-    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const bf16* p = s + (r0 + g) * ld + k0 + 2 * t;
-    a[0] = *(const u32*)p;
-    a[1] = *(const u32*)(p + 8 * ld);
-    a[2] = *(const u32*)(p + 8);
-    a[3] = *(const u32*)(p + 8 * ld + 8);
-}
-// B fragment (k0..k0+16 × n0..n0+8) of a tile stored n-major: s[n * ld + k].
-__device__ __forceinline__ void ldb(u32* b, const bf16* s, int ld, int n0, int k0) {
-    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const bf16* p = s + (n0 + g) * ld + k0 + 2 * t;
-    b[0] = *(const u32*)p;
-    b[1] = *(const u32*)(p + 8);
-}
-// Two accumulator tiles (columns n, n+8 of a 16-row block) as the A fragment of the next product.
-__device__ __forceinline__ void acc_to_a(u32* a, const float* c0, const float* c1) {
-    a[0] = pack2(c0[0], c0[1]);
-    a[1] = pack2(c0[2], c0[3]);
-    a[2] = pack2(c1[0], c1[1]);
-    a[3] = pack2(c1[2], c1[3]);
-}
-
-// ldmatrix .trans: fragments of operands whose tile is stored k-major (token rows), so that
-// products contracting over tokens need no transposed copy in shared memory.
-__device__ __forceinline__ void ldsm_x4_t(u32* r, const bf16* p) {
-    u32 a = (u32)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-// B fragments of two adjacent tiles n0, n0+8 (b[0..1] and b[2..3]), k0..k0+16, from s[k * ld + n].
-__device__ __forceinline__ void ldb2_kmajor(u32* b, const bf16* s, int ld, int k0, int n0) {
-    int lane = threadIdx.x & 31, m = lane >> 3, r = lane & 7;
-    ldsm_x4_t(b, s + (k0 + (m & 1) * 8 + r) * ld + n0 + (m >> 1) * 8);
-}
-// A fragment (rows m0..m0+16, columns k0..k0+16) of a matrix stored transposed, s[k * ld + m].
-__device__ __forceinline__ void lda_kmajor(u32* a, const bf16* s, int ld, int m0, int k0) {
-    int lane = threadIdx.x & 31, mi = lane >> 3, r = lane & 7;
-    ldsm_x4_t(a, s + (k0 + (mi >> 1) * 8 + r) * ld + m0 + (mi & 1) * 8);
-}
-
-// acc[0..NT8) += A·B for the 16 rows row0.. of A (row-major, K columns) and B stored n-major,
-// b[n * ldb_ + k] (K × 8·NT8): the building block of every tile product here.
-template <int K, int NT8>
-__device__ __forceinline__ void mma_rows(float (*acc)[4], const bf16* a, int lda_, int row0, const bf16* b, int ldb_) {
-#pragma unroll
-    for (int kk = 0; kk < K; kk += 16) {
-        u32 af[4];
-        lda(af, a, lda_, row0, kk);
-#pragma unroll
-        for (int nt = 0; nt < NT8; nt++) {
-            u32 bfr[2];
-            ldb(bfr, b, ldb_, nt * 8, kk);
-            mma16816(acc[nt], af, bfr);
-        }
-    }
-}
 
 // dst[r][c] = src[r][c] for r < nvalid, 0 beyond; cols and ld multiples of 8 (16-byte vectors).
 __device__ __forceinline__ void load_rows(bf16* dst, int ld, const bf16* src, int nvalid, int rows, int cols) {

@@ -6,13 +6,15 @@
 //!
 //! Sympow attention with p = 2 and head dimension 32, 64 or 128 runs as the fused tensor-core
 //! chunked kernels of [`crate::chunked`] (bf16 operands, f32 accumulation; linear in T).
-//! Ungated softmax attention runs on cuBLAS, a block of queries at a time (`backend/softmax.rs`,
-//! any T). Other attention (p = 4, gated softmax, other head sizes) runs as the naive
-//! quadratic-form kernels of
+//! Ungated softmax attention with head dimension 32, 64 or 128 runs as the flash kernels of
+//! [`crate::flash`] (bf16 tensor cores, scores on chip); with other head dimensions on cuBLAS,
+//! a block of queries at a time (`backend/softmax.rs`, any T). Other attention (p = 4, gated
+//! softmax, other head sizes) runs as the naive quadratic-form kernels of
 //! `kernels/attention.cu` (one thread per query or key, CUDA cores, f32) for sequences of up to
 //! [`GPU_ATTENTION_MAX_T`] tokens, and through the CPU implementation beyond.
 
 use crate::chunked::{ChunkedSympow, DEFAULT_CHUNK, MAX_CHUNK};
+use crate::flash::FlashSoftmax;
 use crate::profile::{OpTimer, Profiler};
 use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
@@ -86,6 +88,9 @@ pub struct CudaBackend {
     chunk: AtomicUsize,
     /// Queries per block of the cuBLAS softmax path (0: as many as the scratch limit allows).
     softmax_rows: AtomicUsize,
+    /// The flash softmax kernels, or why they are unavailable on this GPU.
+    flash: Result<FlashSoftmax, String>,
+    use_flash: AtomicBool,
     profiler: Profiler,
 }
 
@@ -202,6 +207,7 @@ impl CudaBackend {
             .map_err(|e| crate::Unavailable::Driver(format!("NVRTC: {e}")))?;
         let module = ctx.load_module(ptx).map_err(drv)?;
         let chunked = ChunkedSympow::new(&ctx, &stream);
+        let flash = FlashSoftmax::new(&ctx, &stream);
         let mut fns = HashMap::new();
         for k in KERNELS {
             fns.insert(k, module.load_function(k).map_err(drv)?);
@@ -219,6 +225,8 @@ impl CudaBackend {
             use_fused: AtomicBool::new(true),
             chunk: AtomicUsize::new(DEFAULT_CHUNK),
             softmax_rows: AtomicUsize::new(0),
+            flash,
+            use_flash: AtomicBool::new(true),
             profiler: Profiler::default(),
         };
         be.set_tf32(TF32_DEFAULT.load(Ordering::Relaxed));
@@ -278,6 +286,30 @@ impl CudaBackend {
     /// softmax — on or off (off: the naive GPU reference kernels, for comparisons).
     pub fn set_fused_attention(&self, on: bool) {
         self.use_fused.store(on, Ordering::Relaxed);
+    }
+
+    /// Turns the flash softmax kernels on or off (off: softmax on cuBLAS, for comparisons).
+    pub fn set_flash_softmax(&self, on: bool) {
+        self.use_flash.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the flash softmax kernels compiled on this GPU (else why not).
+    pub fn flash_softmax_status(&self) -> Result<(), String> {
+        self.flash.as_ref().map(|_| ()).map_err(Clone::clone)
+    }
+
+    /// The flash softmax kernels, when they take this problem and are on.
+    fn flash(
+        &self,
+        spec: &AttentionSpec,
+        shape: &Shape,
+        log_gates: Option<&CudaSlice<f32>>,
+    ) -> Option<&FlashSoftmax> {
+        let f = self.flash.as_ref().ok()?;
+        (self.use_fused.load(Ordering::Relaxed)
+            && self.use_flash.load(Ordering::Relaxed)
+            && FlashSoftmax::supports(spec, shape, log_gates.is_some()))
+        .then_some(f)
     }
 
     /// Chunk length of the fused kernels: a multiple of 128, at most 4096 (default 1024;
@@ -1054,6 +1086,9 @@ impl Backend for CudaBackend {
         if let Some((f, c)) = self.fused(spec, shape) {
             return f.forward(&self.stream, spec, shape, c, q, k, v, log_gates);
         }
+        if let Some(fl) = self.flash(spec, shape, log_gates) {
+            return fl.forward(&self.stream, spec, shape, q, k, v);
+        }
         if self.cublas_softmax(spec, log_gates) {
             return self.softmax_attention_forward(spec, shape, q, k, v);
         }
@@ -1110,6 +1145,9 @@ impl Backend for CudaBackend {
         let _p = self.prof("attention_backward");
         if let Some((f, c)) = self.fused(spec, shape) {
             return f.backward(&self.stream, spec, shape, c, q, k, v, log_gates, out, dy);
+        }
+        if let Some(fl) = self.flash(spec, shape, log_gates) {
+            return fl.backward(&self.stream, spec, shape, q, k, v, out, dy);
         }
         if self.cublas_softmax(spec, log_gates) {
             return self.softmax_attention_backward(spec, shape, q, k, v, out, dy);

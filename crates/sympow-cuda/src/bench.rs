@@ -132,7 +132,10 @@ pub fn attention_gpu(
             });
         };
         run("sympow fused chunked p=2 gated", &sym, true, true);
+        run("softmax flash (bf16 tensor cores)", &soft, false, true);
+        gpu.set_flash_softmax(false);
         run("softmax cuBLAS (scores in memory)", &soft, false, true);
+        gpu.set_flash_softmax(true);
         if t <= naive_max_t {
             run("sympow naive quadratic p=2 gated", &sym, true, false);
             run("softmax naive quadratic", &soft, false, false);

@@ -556,6 +556,48 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         gpu.set_softmax_block_rows(0);
     }
 
+    // the flash softmax kernels (bf16 tensor cores): every head dimension, partial last tiles
+    match gpu.flash_softmax_status() {
+        Ok(()) => {
+            for (d, time) in [(32, 200), (64, 700), (128, 130)] {
+                let shape = Shape {
+                    batch: 2,
+                    time,
+                    heads: 3,
+                    dk: d,
+                    dv: d,
+                };
+                let n = 2 * time * 3 * d;
+                let (q, k, v, dy) = (
+                    randn(&mut r, n, 1.0),
+                    randn(&mut r, n, 1.0),
+                    randn(&mut r, n, 1.0),
+                    randn(&mut r, n, 1.0),
+                );
+                compare_attention(
+                    gpu,
+                    &cpu,
+                    &mut rows,
+                    &AttentionCase {
+                        label: format!("flash softmax d={d} T={time}"),
+                        spec: AttentionSpec::softmax(d),
+                        form: Form::Quadratic,
+                        shape,
+                        qkv: [&q, &k, &v],
+                        gates: None,
+                        dy: &dy,
+                        tol: 1e-2,
+                    },
+                );
+            }
+        }
+        Err(e) => rows.push(Row {
+            what: format!("flash softmax kernels unavailable: {e}"),
+            err: f64::INFINITY,
+            tol: 0.0,
+        }),
+    }
+
     // the fused chunked-sympow kernels (p = 2, bf16 tensor cores) against the CPU chunked form
     match gpu.fused_attention_status() {
         Ok(()) => fused_attention_checks(gpu, &cpu, seed, &mut rows),

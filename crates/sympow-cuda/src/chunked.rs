@@ -16,7 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Kernel, Shape};
 
-const SOURCE: &str = include_str!("../kernels/sympow_chunked.cu");
+const SOURCE: &str = concat!(
+    include_str!("../kernels/mma.cuh"),
+    include_str!("../kernels/sympow_chunked.cu")
+);
 const KERNELS: [&str; 8] = [
     "sp_prep",
     "sp_chunk_states",

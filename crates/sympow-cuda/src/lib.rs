@@ -18,6 +18,8 @@ pub mod chunked;
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
+pub mod flash;
+#[cfg(feature = "cuda")]
 pub mod parallel;
 #[cfg(feature = "cuda")]
 pub mod profile;

@@ -1,0 +1,191 @@
+//! Causal softmax attention, flash-style on tensor cores (`kernels/flash_softmax.cu`): the
+//! baseline's attention with the scores kept on chip, bf16 operands and f32 accumulation, for
+//! ungated softmax with ε = 0 and head dimension 32, 64 or 128 (dk = dv).
+//!
+//! Forward: one launch (y and the log-sum-exp per row). Backward: Δ = rowsum(∂y ∘ y), then a
+//! pass over query tiles for ∂q and one over key tiles for ∂k, ∂v — deterministic, no atomics.
+
+use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Kernel, Shape};
+
+const SOURCE: &str = concat!(
+    include_str!("../kernels/mma.cuh"),
+    include_str!("../kernels/flash_softmax.cu")
+);
+/// Rows per block tile (`FT`) and threads per block (`FTHREADS`) in the kernel source.
+const TILE: usize = 64;
+const THREADS: u32 = 128;
+const KERNELS: [&str; 3] = ["flash_fwd", "flash_bwd_dq", "flash_bwd_dkv"];
+
+/// The compiled flash softmax kernels.
+pub struct FlashSoftmax {
+    _module: Arc<CudaModule>,
+    fns: HashMap<String, CudaFunction>,
+    /// Shared-memory bytes of fwd, dq, dkv per head dimension.
+    smem: HashMap<usize, [u32; 3]>,
+}
+
+impl FlashSoftmax {
+    /// Compiles the kernels (compute capability ≥ 8.0) and sizes their shared memory.
+    pub fn new(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>) -> Result<Self, String> {
+        let (major, _) = ctx.compute_capability().map_err(|e| e.to_string())?;
+        if major < 8 {
+            return Err(format!(
+                "compute capability {major}.x: the flash kernels need 8.0 or newer"
+            ));
+        }
+        let opts = cudarc::nvrtc::CompileOptions {
+            arch: Some("compute_80"),
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+            .map_err(|e| format!("NVRTC (flash_softmax.cu): {e}"))?;
+        let module = ctx.load_module(ptx).map_err(|e| e.to_string())?;
+        let sizes_fn = module
+            .load_function("flash_smem_sizes")
+            .map_err(|e| e.to_string())?;
+        let mut sizes_dev = stream.alloc_zeros::<i32>(9).map_err(|e| e.to_string())?;
+        let mut l = stream.launch_builder(&sizes_fn);
+        l.arg(&mut sizes_dev);
+        // SAFETY: the kernel writes 9 ints into a 9-int buffer.
+        unsafe { l.launch(LaunchConfig::for_num_elems(1)) }.map_err(|e| e.to_string())?;
+        let sizes = stream.clone_dtoh(&sizes_dev).map_err(|e| e.to_string())?;
+        let mut fns = HashMap::new();
+        let mut smem = HashMap::new();
+        for (i, d) in crate::FUSED_HEAD_DIMS.into_iter().enumerate() {
+            let s = [0, 1, 2].map(|j| sizes[i * 3 + j] as u32);
+            for (j, k) in KERNELS.iter().enumerate() {
+                let name = format!("{k}_{d}");
+                let f = module.load_function(&name).map_err(|e| e.to_string())?;
+                if s[j] > 48 * 1024 {
+                    f.set_attribute(
+                        Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        s[j] as i32,
+                    )
+                    .map_err(|e| format!("{name}: {} bytes of shared memory: {e}", s[j]))?;
+                }
+                fns.insert(name, f);
+            }
+            smem.insert(d, s);
+        }
+        let delta = module
+            .load_function("flash_bwd_delta")
+            .map_err(|e| e.to_string())?;
+        fns.insert("flash_bwd_delta".into(), delta);
+        Ok(FlashSoftmax {
+            _module: module,
+            fns,
+            smem,
+        })
+    }
+
+    /// Whether these kernels take the problem: ungated softmax with ε = 0, dk = dv ∈ {32, 64, 128}.
+    pub fn supports(spec: &AttentionSpec, shape: &Shape, gated: bool) -> bool {
+        spec.kernel == Kernel::Softmax
+            && spec.eps == 0.0
+            && !gated
+            && shape.dk == shape.dv
+            && crate::FUSED_HEAD_DIMS.contains(&shape.dk)
+    }
+
+    fn launch(&self, shape: &Shape, which: usize) -> (&CudaFunction, LaunchConfig) {
+        let d = shape.dk;
+        let f = &self.fns[&format!("{}_{d}", KERNELS[which])];
+        let cfg = LaunchConfig {
+            grid_dim: (
+                shape.time.div_ceil(TILE) as u32,
+                (shape.batch * shape.heads) as u32,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: self.smem[&d][which],
+        };
+        (f, cfg)
+    }
+
+    /// y and the log-sum-exp of each row.
+    pub fn forward(
+        &self,
+        stream: &Arc<CudaStream>,
+        spec: &AttentionSpec,
+        shape: &Shape,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+    ) -> AttentionOut<CudaSlice<f32>> {
+        let rows = shape.batch * shape.time * shape.heads;
+        let mut y = stream
+            .alloc_zeros(rows * shape.dv)
+            .expect("device allocation");
+        let mut lse = stream.alloc_zeros(rows).expect("device allocation");
+        let (t, h, scale) = (shape.time as i32, shape.heads as i32, spec.scale as f32);
+        let (f, cfg) = self.launch(shape, 0);
+        let mut l = stream.launch_builder(f);
+        l.arg(&mut y)
+            .arg(&mut lse)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(&t)
+            .arg(&h)
+            .arg(&scale);
+        // SAFETY: arguments match flash_fwd's declaration; the grid covers every 64-query tile
+        // of every (sequence, head), and the kernel bounds rows past T.
+        unsafe { l.launch(cfg) }.expect("flash_fwd");
+        AttentionOut { y, log_norm: lse }
+    }
+
+    /// ∂q, ∂k, ∂v from ∂y, given the forward's output.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        stream: &Arc<CudaStream>,
+        spec: &AttentionSpec,
+        shape: &Shape,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        out: &AttentionOut<CudaSlice<f32>>,
+        dy: &CudaSlice<f32>,
+    ) -> AttentionGrads<CudaSlice<f32>> {
+        let rows = shape.batch * shape.time * shape.heads;
+        let n = rows * shape.dk;
+        let alloc = |len| stream.alloc_zeros::<f32>(len).expect("device allocation");
+        let (mut delta, mut dq, mut dk, mut dv) = (alloc(rows), alloc(n), alloc(n), alloc(n));
+        let (r, di) = (rows as i64, shape.dv as i32);
+        let mut l = stream.launch_builder(&self.fns["flash_bwd_delta"]);
+        l.arg(&mut delta).arg(dy).arg(&out.y).arg(&r).arg(&di);
+        // SAFETY: one thread per row of [rows, D] buffers of that size.
+        unsafe { l.launch(LaunchConfig::for_num_elems(rows as u32)) }.expect("flash_bwd_delta");
+        let (t, h, scale) = (shape.time as i32, shape.heads as i32, spec.scale as f32);
+        let (f, cfg) = self.launch(shape, 1);
+        let mut l = stream.launch_builder(f);
+        l.arg(&mut dq)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(dy)
+            .arg(&out.log_norm)
+            .arg(&delta);
+        l.arg(&t).arg(&h).arg(&scale);
+        // SAFETY: arguments match flash_bwd_dq's declaration; grid as in the forward.
+        unsafe { l.launch(cfg) }.expect("flash_bwd_dq");
+        let (f, cfg) = self.launch(shape, 2);
+        let mut l = stream.launch_builder(f);
+        l.arg(&mut dk).arg(&mut dv).arg(q).arg(k).arg(v).arg(dy);
+        l.arg(&out.log_norm).arg(&delta).arg(&t).arg(&h).arg(&scale);
+        // SAFETY: arguments match flash_bwd_dkv's declaration; one block per 64-key tile.
+        unsafe { l.launch(cfg) }.expect("flash_bwd_dkv");
+        AttentionGrads {
+            dq,
+            dk,
+            dv,
+            dlog_gates: None,
+        }
+    }
+}
