@@ -3,9 +3,11 @@
 // ungated softmax with ε = 0, head dimension D = dk = dv ∈ {32, 64, 128}.
 //
 // A block is 4 warps and a tile of 64 rows (queries in the forward and the ∂q pass, keys in the
-// ∂k∂v pass); each warp owns 16 of them and walks the other side 64 at a time. q, k, v, ∂y are
-// read as f32 from the model's [B, T, H, D] tensors and staged in shared memory as bf16 (σq
-// pre-scaled); every product is mma.sync m16n8k16 with f32 accumulation.
+// ∂k∂v pass); each warp owns 16 of them and walks the other side 64 at a time, the next tile
+// streaming into shared memory (cp.async, double-buffered) while this one is multiplied.
+// flash_stage first copies q (×σ), k, v (and ∂y) from the model's f32 [B, T, H, D] into bf16
+// [B, H, T, D], so each tile is one contiguous block; every product is mma.sync m16n8k16 with
+// f32 accumulation.
 //   flash_fwd       online softmax over key tiles: y, and the log-sum-exp of each row
 //   flash_bwd_delta Δ_t = ∂y_t·y_t
 //   flash_bwd_dq    per query tile, recomputing P from the log-sum-exp: ∂q = σ Σ_s ∂S_ts k_s
@@ -20,22 +22,30 @@
 template <int D> struct Flash {
     static constexpr int LD = D + 8;  // bf16 row stride in shared memory (16-byte rows, fewer conflicts)
     static constexpr int TILE = FT * LD;
-    static constexpr int fwd = 3 * TILE * 2;
-    static constexpr int dq = 4 * TILE * 2;
-    static constexpr int dkv = 4 * TILE * 2 + 2 * FT * 4;
+    static constexpr int fwd = 5 * TILE * 2;                 // Q, 2 × (K, V)
+    static constexpr int dq = 6 * TILE * 2;                  // Q, ∂Y, 2 × (K, V)
+    static constexpr int dkv = 6 * TILE * 2 + 4 * FT * 4;    // K, V, 2 × (Q, ∂Y, lse, Δ)
 };
 
-// rows t0..t0+64 of head (b, h) of x [B, T, H, D] → s (bf16, ×mul), zero rows beyond T
-template <int D> __device__ __forceinline__ void stage(bf16* s, const float* x, int b, int h, int t0, int T, int H, float mul) {
-    constexpr int LD = Flash<D>::LD, V = D / 4;
-    for (int i = threadIdx.x; i < FT * V; i += FTHREADS) {
-        int r = i / V, c = (i % V) * 4, t = t0 + r;
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (t < T) v = *(const float4*)(x + ((long)(b * T + t) * H + h) * D + c);
-        u32* d = (u32*)(s + r * LD + c);
-        d[0] = pack2(v.x * mul, v.y * mul);
-        d[1] = pack2(v.z * mul, v.w * mul);
-    }
+// out [B, H, T, D] bf16 = mul · x [B, T, H, D] f32, 8 elements a thread
+extern "C" __global__ void flash_stage(bf16* out, const float* x, int T, int H, int D, long n8, float mul) {
+    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (i >= n8) return;
+    int v8 = D / 8, c = (i % v8) * 8;
+    long row = i / v8;  // (b·T + t)·H + h
+    int h = row % H;
+    long bt = row / H;
+    int t = bt % T, b = bt / T;
+    const float4* src = (const float4*)(x + row * D + c);
+    float4 u = src[0], w = src[1];
+    uint4 o = make_uint4(pack2(u.x * mul, u.y * mul), pack2(u.z * mul, u.w * mul), pack2(w.x * mul, w.y * mul),
+                         pack2(w.z * mul, w.w * mul));
+    *(uint4*)(out + (((long)b * H + h) * T + t) * D + c) = o;
+}
+
+// start the copy of rows t0..t0+64 of one head's staged [T, D] into the shared tile s
+template <int D> __device__ __forceinline__ void fetch(bf16* s, const bf16* head, int t0, int T) {
+    load_rows_async(s, Flash<D>::LD, head + (long)t0 * D, min(FT, T - t0), FT, D);
 }
 
 // In an m16n8 accumulator tile nt, element i sits at row g + 8·(i/2), column nt·8 + 2t + i%2.
@@ -60,27 +70,58 @@ template <int D> __device__ __forceinline__ void mma_acc_kmajor(float (*acc)[4],
     }
 }
 
+// The A fragments of a warp's 16 rows of a [64, D] tile, kept in registers across the loop.
+template <int D> __device__ __forceinline__ void load_rows_frags(u32 (*af)[4], const bf16* s, int row0) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) lda(af[kk], s, Flash<D>::LD, row0, kk * 16);
+}
+
+// acc[0..8) = A·Bᵀ for A in fragments (16 × D) and B a [64, D] tile (64 columns)
+template <int D> __device__ __forceinline__ void mma_frags(float (*acc)[4], const u32 (*af)[4], const bf16* b) {
+#pragma unroll
+    for (int i = 0; i < 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+#pragma unroll
+        for (int nt = 0; nt < 8; nt += 2) {
+            u32 bf[4];
+            ldb2_nmajor(bf, b, Flash<D>::LD, nt * 8, kk * 16);
+            mma16816(acc[nt], af[kk], bf);
+            mma16816(acc[nt + 1], af[kk], bf + 2);
+        }
+    }
+}
+
 template <int D>
-__device__ void flash_fwd(float* y, float* lse, const float* q, const float* k, const float* v, int T, int H, float scale) {
-    constexpr int LD = Flash<D>::LD, TILE = Flash<D>::TILE;
+__device__ void flash_fwd(float* y, float* lse, const bf16* qs, const bf16* ks, const bf16* vs, int T, int H) {
+    constexpr int TILE = Flash<D>::TILE;
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16 *Qs = (bf16*)smem, *Ks = Qs + TILE, *Vs = Ks + TILE;
+    bf16 *Qs = (bf16*)smem, *Kb = Qs + TILE, *Vb = Kb + 2 * TILE;
     int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = blockIdx.x * FT;
     int warp = threadIdx.x >> 5, row0 = warp * 16;
-    stage<D>(Qs, q, b, h, q0, T, H, scale);
+    long head = (long)bh * T * D;
+    int ntiles = (min(T, q0 + FT) + FT - 1) / FT;  // causal: keys up to the last query
+    fetch<D>(Qs, qs + head, q0, T);
+    fetch<D>(Kb, ks + head, 0, T);
+    fetch<D>(Vb, vs + head, 0, T);
+    cp_async_commit();
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f}, o[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    int kend = min(T, q0 + FT);
-    for (int k0 = 0; k0 < kend; k0 += FT) {
+    u32 qf[D / 16][4];
+    for (int it = 0; it < ntiles; it++) {
+        int k0 = it * FT;
+        if (it + 1 < ntiles) {
+            fetch<D>(Kb + ((it + 1) & 1) * TILE, ks + head, k0 + FT, T);
+            fetch<D>(Vb + ((it + 1) & 1) * TILE, vs + head, k0 + FT, T);
+        }
+        cp_async_commit();
+        cp_async_wait_prev();
         __syncthreads();
-        stage<D>(Ks, k, b, h, k0, T, H, 1.f);
-        stage<D>(Vs, v, b, h, k0, T, H, 1.f);
-        __syncthreads();
+        const bf16 *Ks = Kb + (it & 1) * TILE, *Vs = Vb + (it & 1) * TILE;
+        if (it == 0) load_rows_frags<D>(qf, Qs, row0);
         float s[8][4];
-#pragma unroll
-        for (int i = 0; i < 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-        mma_rows<D, 8>(s, Qs, LD, row0, Ks, LD);
+        mma_frags<D>(s, qf, Ks);
         float mx[2] = {m[0], m[1]};
 #pragma unroll
         for (int nt = 0; nt < 8; nt++) {
@@ -111,6 +152,7 @@ __device__ void flash_fwd(float* y, float* lse, const float* q, const float* k, 
             }
         }
         mma_acc_kmajor<D>(o, s, Vs);
+        __syncthreads();  // the next iteration's prefetch overwrites this buffer
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -139,15 +181,20 @@ extern "C" __global__ void flash_bwd_delta(float* delta, const float* dy, const 
 }
 
 template <int D>
-__device__ void flash_bwd_dq(float* dq, const float* q, const float* k, const float* v, const float* dy,
+__device__ void flash_bwd_dq(float* dq, const bf16* qs, const bf16* ks, const bf16* vs, const bf16* dys,
                              const float* lse, const float* delta, int T, int H, float scale) {
-    constexpr int LD = Flash<D>::LD, TILE = Flash<D>::TILE;
+    constexpr int TILE = Flash<D>::TILE;
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16 *Qs = (bf16*)smem, *dYs = Qs + TILE, *Ks = dYs + TILE, *Vs = Ks + TILE;
+    bf16 *Qs = (bf16*)smem, *dYs = Qs + TILE, *Kb = dYs + TILE, *Vb = Kb + 2 * TILE;
     int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = blockIdx.x * FT;
     int warp = threadIdx.x >> 5, row0 = warp * 16;
-    stage<D>(Qs, q, b, h, q0, T, H, scale);
-    stage<D>(dYs, dy, b, h, q0, T, H, 1.f);
+    long head = (long)bh * T * D;
+    int ntiles = (min(T, q0 + FT) + FT - 1) / FT;
+    fetch<D>(Qs, qs + head, q0, T);
+    fetch<D>(dYs, dys + head, q0, T);
+    fetch<D>(Kb, ks + head, 0, T);
+    fetch<D>(Vb, vs + head, 0, T);
+    cp_async_commit();
     float L[2], Dl[2], acc[D / 8][4];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -157,20 +204,24 @@ __device__ void flash_bwd_dq(float* dq, const float* q, const float* k, const fl
     }
 #pragma unroll
     for (int i = 0; i < D / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    int kend = min(T, q0 + FT);
-    for (int k0 = 0; k0 < kend; k0 += FT) {
-        __syncthreads();
-        stage<D>(Ks, k, b, h, k0, T, H, 1.f);
-        stage<D>(Vs, v, b, h, k0, T, H, 1.f);
-        __syncthreads();
-        float s[8][4], dp[8][4];
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-#pragma unroll
-            for (int j = 0; j < 4; j++) s[i][j] = dp[i][j] = 0.f;
+    u32 qf[D / 16][4], yf[D / 16][4];
+    for (int it = 0; it < ntiles; it++) {
+        int k0 = it * FT;
+        if (it + 1 < ntiles) {
+            fetch<D>(Kb + ((it + 1) & 1) * TILE, ks + head, k0 + FT, T);
+            fetch<D>(Vb + ((it + 1) & 1) * TILE, vs + head, k0 + FT, T);
         }
-        mma_rows<D, 8>(s, Qs, LD, row0, Ks, LD);
-        mma_rows<D, 8>(dp, dYs, LD, row0, Vs, LD);
+        cp_async_commit();
+        cp_async_wait_prev();
+        __syncthreads();
+        const bf16 *Ks = Kb + (it & 1) * TILE, *Vs = Vb + (it & 1) * TILE;
+        if (it == 0) {
+            load_rows_frags<D>(qf, Qs, row0);
+            load_rows_frags<D>(yf, dYs, row0);
+        }
+        float s[8][4], dp[8][4];
+        mma_frags<D>(s, qf, Ks);
+        mma_frags<D>(dp, yf, Vs);
 #pragma unroll
         for (int nt = 0; nt < 8; nt++) {
 #pragma unroll
@@ -181,6 +232,7 @@ __device__ void flash_bwd_dq(float* dq, const float* q, const float* k, const fl
             }
         }
         mma_acc_kmajor<D>(acc, s, Ks);
+        __syncthreads();
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -194,40 +246,49 @@ __device__ void flash_bwd_dq(float* dq, const float* q, const float* k, const fl
 }
 
 template <int D>
-__device__ void flash_bwd_dkv(float* dk, float* dv, const float* q, const float* k, const float* v, const float* dy,
-                              const float* lse, const float* delta, int T, int H, float scale) {
-    constexpr int LD = Flash<D>::LD, TILE = Flash<D>::TILE;
+__device__ void flash_bwd_dkv(float* dk, float* dv, const bf16* qs, const bf16* ks, const bf16* vs, const bf16* dys,
+                              const float* lse, const float* delta, int T, int H) {
+    constexpr int TILE = Flash<D>::TILE;
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16 *Ks = (bf16*)smem, *Vs = Ks + TILE, *Qs = Vs + TILE, *dYs = Qs + TILE;
-    float *Ls = (float*)(dYs + TILE), *Dls = Ls + FT;
+    bf16 *Ks = (bf16*)smem, *Vs = Ks + TILE, *Qb = Vs + TILE, *dYb = Qb + 2 * TILE;
+    float* Lb = (float*)(dYb + 2 * TILE);  // 2 × (lse, Δ) of FT rows
     int bh = blockIdx.y, b = bh / H, h = bh % H, k0 = blockIdx.x * FT;
     int warp = threadIdx.x >> 5, row0 = warp * 16;
-    stage<D>(Ks, k, b, h, k0, T, H, 1.f);
-    stage<D>(Vs, v, b, h, k0, T, H, 1.f);
+    long head = (long)bh * T * D;
+    fetch<D>(Ks, ks + head, k0, T);
+    fetch<D>(Vs, vs + head, k0, T);
+    auto fetch_queries = [&](int q0, int buf) {
+        fetch<D>(Qb + buf * TILE, qs + head, q0, T);
+        fetch<D>(dYb + buf * TILE, dys + head, q0, T);
+        for (int i = threadIdx.x; i < FT; i += FTHREADS) {
+            int qi = q0 + i;
+            Lb[buf * 2 * FT + i] = qi < T ? lse[(long)(b * T + qi) * H + h] : 0.f;
+            Lb[buf * 2 * FT + FT + i] = qi < T ? delta[(long)(b * T + qi) * H + h] : 0.f;
+        }
+    };
+    fetch_queries(k0, 0);
+    cp_async_commit();
     float ak[D / 8][4], av[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; i++) {
 #pragma unroll
         for (int j = 0; j < 4; j++) ak[i][j] = av[i][j] = 0.f;
     }
-    for (int q0 = k0; q0 < T; q0 += FT) {
+    u32 kf[D / 16][4], vf[D / 16][4];
+    for (int q0 = k0, it = 0; q0 < T; q0 += FT, it++) {
+        if (q0 + FT < T) fetch_queries(q0 + FT, (it + 1) & 1);
+        cp_async_commit();
+        cp_async_wait_prev();
         __syncthreads();
-        stage<D>(Qs, q, b, h, q0, T, H, scale);
-        stage<D>(dYs, dy, b, h, q0, T, H, 1.f);
-        for (int i = threadIdx.x; i < FT; i += FTHREADS) {
-            int qi = q0 + i;
-            Ls[i] = qi < T ? lse[(long)(b * T + qi) * H + h] : 0.f;
-            Dls[i] = qi < T ? delta[(long)(b * T + qi) * H + h] : 0.f;
+        const bf16 *Qs = Qb + (it & 1) * TILE, *dYs = dYb + (it & 1) * TILE;
+        const float *Ls = Lb + (it & 1) * 2 * FT, *Dls = Ls + FT;
+        if (it == 0) {
+            load_rows_frags<D>(kf, Ks, row0);
+            load_rows_frags<D>(vf, Vs, row0);
         }
-        __syncthreads();
         float st[8][4], dpt[8][4];  // Sᵀ and ∂Pᵀ: rows are this warp's keys, columns queries
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-#pragma unroll
-            for (int j = 0; j < 4; j++) st[i][j] = dpt[i][j] = 0.f;
-        }
-        mma_rows<D, 8>(st, Ks, LD, row0, Qs, LD);
-        mma_rows<D, 8>(dpt, Vs, LD, row0, dYs, LD);
+        mma_frags<D>(st, kf, Qs);
+        mma_frags<D>(dpt, vf, dYs);
 #pragma unroll
         for (int nt = 0; nt < 8; nt++) {
 #pragma unroll
@@ -240,6 +301,7 @@ __device__ void flash_bwd_dkv(float* dk, float* dv, const float* q, const float*
         }
         mma_acc_kmajor<D>(av, st, dYs);
         mma_acc_kmajor<D>(ak, dpt, Qs);
+        __syncthreads();
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -257,19 +319,18 @@ __device__ void flash_bwd_dkv(float* dk, float* dv, const float* q, const float*
 
 #define FLASH_INSTANCES(D)                                                                                     \
     extern "C" __global__ void __launch_bounds__(FTHREADS)                                                     \
-        flash_fwd_##D(float* y, float* lse, const float* q, const float* k, const float* v, int T, int H,       \
-                      float scale) {                                                                           \
-        flash_fwd<D>(y, lse, q, k, v, T, H, scale);                                                            \
+        flash_fwd_##D(float* y, float* lse, const bf16* qs, const bf16* ks, const bf16* vs, int T, int H) {    \
+        flash_fwd<D>(y, lse, qs, ks, vs, T, H);                                                                \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(FTHREADS)                                                     \
-        flash_bwd_dq_##D(float* dq, const float* q, const float* k, const float* v, const float* dy,            \
+        flash_bwd_dq_##D(float* dq, const bf16* qs, const bf16* ks, const bf16* vs, const bf16* dys,            \
                          const float* lse, const float* delta, int T, int H, float scale) {                    \
-        flash_bwd_dq<D>(dq, q, k, v, dy, lse, delta, T, H, scale);                                             \
+        flash_bwd_dq<D>(dq, qs, ks, vs, dys, lse, delta, T, H, scale);                                         \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(FTHREADS)                                                     \
-        flash_bwd_dkv_##D(float* dk, float* dv, const float* q, const float* k, const float* v,                 \
-                          const float* dy, const float* lse, const float* delta, int T, int H, float scale) {  \
-        flash_bwd_dkv<D>(dk, dv, q, k, v, dy, lse, delta, T, H, scale);                                        \
+        flash_bwd_dkv_##D(float* dk, float* dv, const bf16* qs, const bf16* ks, const bf16* vs,                 \
+                          const bf16* dys, const float* lse, const float* delta, int T, int H) {               \
+        flash_bwd_dkv<D>(dk, dv, qs, ks, vs, dys, lse, delta, T, H);                                           \
     }
 
 FLASH_INSTANCES(32)

@@ -57,6 +57,18 @@ __device__ __forceinline__ void ldsm_x4_t(u32* r, const bf16* p) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
 }
+__device__ __forceinline__ void ldsm_x4(u32* r, const bf16* p) {
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+// B fragments of two adjacent tiles n0, n0+8 (b[0..1] and b[2..3]), k0..k0+16, from a tile
+// stored n-major, s[n * ld + k]: one ldmatrix instead of four 32-bit loads.
+__device__ __forceinline__ void ldb2_nmajor(u32* b, const bf16* s, int ld, int n0, int k0) {
+    int lane = threadIdx.x & 31, m = lane >> 3, r = lane & 7;
+    ldsm_x4(b, s + (n0 + (m >> 1) * 8 + r) * ld + k0 + (m & 1) * 8);
+}
 // B fragments of two adjacent tiles n0, n0+8 (b[0..1] and b[2..3]), k0..k0+16, from s[k * ld + n].
 __device__ __forceinline__ void ldb2_kmajor(u32* b, const bf16* s, int ld, int k0, int n0) {
     int lane = threadIdx.x & 31, m = lane >> 3, r = lane & 7;
@@ -85,3 +97,30 @@ __device__ __forceinline__ void mma_rows(float (*acc)[4], const bf16* a, int lda
     }
 }
 
+// dst[r][c] = src[r][c] for r < nvalid, 0 beyond; cols and ld multiples of 8 (16-byte vectors).
+__device__ __forceinline__ void load_rows(bf16* dst, int ld, const bf16* src, int nvalid, int rows, int cols) {
+    int vec = cols / 8;
+    for (int i = threadIdx.x; i < rows * vec; i += blockDim.x) {
+        int r = i / vec, c = (i % vec) * 8;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r < nvalid) v = *(const uint4*)(src + (long)r * cols + c);
+        *(uint4*)(dst + r * ld + c) = v;
+    }
+}
+// Asynchronous copy of rows (as load_rows; rows ≥ nvalid zero-filled): issue now, wait later, so
+// the next tile streams in while this one is multiplied (double buffering).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    u32 d = (u32)__cvta_generic_to_shared(dst);
+    int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void load_rows_async(bf16* dst, int ld, const bf16* src, int nvalid, int rows, int cols) {
+    int vec = cols / 8;
+    for (int i = threadIdx.x; i < rows * vec; i += blockDim.x) {
+        int r = i / vec, c = (i % vec) * 8;
+        bool ok = r < nvalid;
+        cp_async16(dst + r * ld + c, ok ? src + (long)r * cols + c : src, ok);
+    }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_wait_prev() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }

@@ -25,34 +25,6 @@
 #define WARPS 8
 #define FULL 0xffffffffu
 
-// dst[r][c] = src[r][c] for r < nvalid, 0 beyond; cols and ld multiples of 8 (16-byte vectors).
-__device__ __forceinline__ void load_rows(bf16* dst, int ld, const bf16* src, int nvalid, int rows, int cols) {
-    int vec = cols / 8;
-    for (int i = threadIdx.x; i < rows * vec; i += blockDim.x) {
-        int r = i / vec, c = (i % vec) * 8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r < nvalid) v = *(const uint4*)(src + (long)r * cols + c);
-        *(uint4*)(dst + r * ld + c) = v;
-    }
-}
-// Asynchronous copy of rows (as load_rows; rows ≥ nvalid zero-filled): issue now, wait later, so
-// the next tile streams in while this one is multiplied (double buffering).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    u32 d = (u32)__cvta_generic_to_shared(dst);
-    int bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void load_rows_async(bf16* dst, int ld, const bf16* src, int nvalid, int rows, int cols) {
-    int vec = cols / 8;
-    for (int i = threadIdx.x; i < rows * vec; i += blockDim.x) {
-        int r = i / vec, c = (i % vec) * 8;
-        bool ok = r < nvalid;
-        cp_async16(dst + r * ld + c, ok ? src + (long)r * cols + c : src, ok);
-    }
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-__device__ __forceinline__ void cp_async_wait_prev() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
-
 __device__ __forceinline__ float warp_sum(float x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(FULL, x, o);
     return x;

@@ -2,8 +2,9 @@
 //! baseline's attention with the scores kept on chip, bf16 operands and f32 accumulation, for
 //! ungated softmax with ε = 0 and head dimension 32, 64 or 128 (dk = dv).
 //!
-//! Forward: one launch (y and the log-sum-exp per row). Backward: Δ = rowsum(∂y ∘ y), then a
-//! pass over query tiles for ∂q and one over key tiles for ∂k, ∂v — deterministic, no atomics.
+//! Forward: q (×σ), k, v staged to bf16 `[B, H, T, D]`, then one launch (y and the log-sum-exp
+//! per row). Backward: the same staging plus ∂y, Δ = rowsum(∂y ∘ y), then a pass over query tiles
+//! for ∂q and one over key tiles for ∂k, ∂v — deterministic, no atomics.
 
 use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
 use cudarc::driver::{
@@ -77,6 +78,10 @@ impl FlashSoftmax {
             .load_function("flash_bwd_delta")
             .map_err(|e| e.to_string())?;
         fns.insert("flash_bwd_delta".into(), delta);
+        let stage = module
+            .load_function("flash_stage")
+            .map_err(|e| e.to_string())?;
+        fns.insert("flash_stage".into(), stage);
         Ok(FlashSoftmax {
             _module: module,
             fns,
@@ -108,6 +113,37 @@ impl FlashSoftmax {
         (f, cfg)
     }
 
+    /// `mul · x` (`[B, T, H, D]` f32) as bf16 `[B, H, T, D]`: each head's rows contiguous.
+    fn stage(
+        &self,
+        stream: &Arc<CudaStream>,
+        shape: &Shape,
+        x: &CudaSlice<f32>,
+        mul: f32,
+    ) -> CudaSlice<u16> {
+        let mut out = stream
+            .alloc_zeros::<u16>(x.len())
+            .expect("device allocation");
+        let n8 = x.len() / 8;
+        let (t, h, d, n) = (
+            shape.time as i32,
+            shape.heads as i32,
+            shape.dk as i32,
+            n8 as i64,
+        );
+        let mut l = stream.launch_builder(&self.fns["flash_stage"]);
+        l.arg(&mut out)
+            .arg(x)
+            .arg(&t)
+            .arg(&h)
+            .arg(&d)
+            .arg(&n)
+            .arg(&mul);
+        // SAFETY: one thread per 8 elements of two buffers of x.len() elements (D % 8 == 0).
+        unsafe { l.launch(LaunchConfig::for_num_elems(n8 as u32)) }.expect("flash_stage");
+        out
+    }
+
     /// y and the log-sum-exp of each row.
     pub fn forward(
         &self,
@@ -123,17 +159,16 @@ impl FlashSoftmax {
             .alloc_zeros(rows * shape.dv)
             .expect("device allocation");
         let mut lse = stream.alloc_zeros(rows).expect("device allocation");
-        let (t, h, scale) = (shape.time as i32, shape.heads as i32, spec.scale as f32);
+        let qs = self.stage(stream, shape, q, spec.scale as f32);
+        let (ks, vs) = (
+            self.stage(stream, shape, k, 1.0),
+            self.stage(stream, shape, v, 1.0),
+        );
+        let (t, h) = (shape.time as i32, shape.heads as i32);
         let (f, cfg) = self.launch(shape, 0);
         let mut l = stream.launch_builder(f);
-        l.arg(&mut y)
-            .arg(&mut lse)
-            .arg(q)
-            .arg(k)
-            .arg(v)
-            .arg(&t)
-            .arg(&h)
-            .arg(&scale);
+        l.arg(&mut y).arg(&mut lse).arg(&qs).arg(&ks).arg(&vs);
+        l.arg(&t).arg(&h);
         // SAFETY: arguments match flash_fwd's declaration; the grid covers every 64-query tile
         // of every (sequence, head), and the kernel bounds rows past T.
         unsafe { l.launch(cfg) }.expect("flash_fwd");
@@ -162,23 +197,28 @@ impl FlashSoftmax {
         l.arg(&mut delta).arg(dy).arg(&out.y).arg(&r).arg(&di);
         // SAFETY: one thread per row of [rows, D] buffers of that size.
         unsafe { l.launch(LaunchConfig::for_num_elems(rows as u32)) }.expect("flash_bwd_delta");
+        let qs = self.stage(stream, shape, q, spec.scale as f32);
+        let (ks, vs) = (
+            self.stage(stream, shape, k, 1.0),
+            self.stage(stream, shape, v, 1.0),
+        );
+        let dys = self.stage(stream, shape, dy, 1.0);
         let (t, h, scale) = (shape.time as i32, shape.heads as i32, spec.scale as f32);
         let (f, cfg) = self.launch(shape, 1);
         let mut l = stream.launch_builder(f);
-        l.arg(&mut dq)
-            .arg(q)
-            .arg(k)
-            .arg(v)
-            .arg(dy)
-            .arg(&out.log_norm)
-            .arg(&delta);
-        l.arg(&t).arg(&h).arg(&scale);
+        l.arg(&mut dq).arg(&qs).arg(&ks).arg(&vs).arg(&dys);
+        l.arg(&out.log_norm).arg(&delta).arg(&t).arg(&h).arg(&scale);
         // SAFETY: arguments match flash_bwd_dq's declaration; grid as in the forward.
         unsafe { l.launch(cfg) }.expect("flash_bwd_dq");
         let (f, cfg) = self.launch(shape, 2);
         let mut l = stream.launch_builder(f);
-        l.arg(&mut dk).arg(&mut dv).arg(q).arg(k).arg(v).arg(dy);
-        l.arg(&out.log_norm).arg(&delta).arg(&t).arg(&h).arg(&scale);
+        l.arg(&mut dk)
+            .arg(&mut dv)
+            .arg(&qs)
+            .arg(&ks)
+            .arg(&vs)
+            .arg(&dys);
+        l.arg(&out.log_norm).arg(&delta).arg(&t).arg(&h);
         // SAFETY: arguments match flash_bwd_dkv's declaration; one block per 64-key tile.
         unsafe { l.launch(cfg) }.expect("flash_bwd_dkv");
         AttentionGrads {
