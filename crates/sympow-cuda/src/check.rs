@@ -48,8 +48,6 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
     let up = |x: &[f32]| gpu.upload(x);
     let dn = |x: &cudarc::driver::CudaSlice<f32>| gpu.download(x);
     const TOL: f64 = 1e-4;
-    // f32 ops against f32 ops; TF32 products get their own rows below
-    gpu.set_tf32(false);
 
     // linear
     let (n, cin, cout) = (37, 48, 33);
@@ -57,75 +55,50 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
     let w: Vec<f32> = randn(&mut r, cout * cin, 0.2);
     let b: Vec<f32> = randn(&mut r, cout, 1.0);
     let dy: Vec<f32> = randn(&mut r, n * cout, 1.0);
-    push(
-        &mut rows,
-        "linear forward",
-        &dn(&gpu.linear_forward(&up(&x), &up(&w), Some(&up(&b)), cin, cout)),
-        &cpu.linear_forward(&x, &w, Some(&b), cin, cout),
-        TOL,
-    );
-    let (mut dw_c, mut db_c) = (b.repeat(cin)[..cout * cin].to_vec(), b.clone());
-    let (mut dw_g, mut db_g) = (up(&dw_c), up(&db_c));
-    let dx_c = cpu.linear_backward(&x, &w, &dy, cin, cout, &mut dw_c, Some(&mut db_c));
-    let dx_g = gpu.linear_backward(
-        &up(&x),
-        &up(&w),
-        &up(&dy),
-        cin,
-        cout,
-        &mut dw_g,
-        Some(&mut db_g),
-    );
-    push(&mut rows, "linear backward dx", &dn(&dx_g), &dx_c, TOL);
-    push(
-        &mut rows,
-        "linear backward dW (accumulated)",
-        &dn(&dw_g),
-        &dw_c,
-        TOL,
-    );
-    push(
-        &mut rows,
-        "linear backward db (accumulated)",
-        &dn(&db_g),
-        &db_c,
-        TOL,
-    );
-    // the same products on TF32 tensor cores (10-bit mantissa: the bf16 bound)
-    gpu.set_tf32(true);
-    let (mut dw_g, mut db_g) = (up(&vec![0.0; cout * cin]), up(&vec![0.0; cout]));
-    let (mut dw_c, mut db_c) = (vec![0.0; cout * cin], vec![0.0; cout]);
-    let dx_c = cpu.linear_backward(&x, &w, &dy, cin, cout, &mut dw_c, Some(&mut db_c));
-    let dx_g = gpu.linear_backward(
-        &up(&x),
-        &up(&w),
-        &up(&dy),
-        cin,
-        cout,
-        &mut dw_g,
-        Some(&mut db_g),
-    );
-    push(
-        &mut rows,
-        "linear forward (TF32)",
-        &dn(&gpu.linear_forward(&up(&x), &up(&w), Some(&up(&b)), cin, cout)),
-        &cpu.linear_forward(&x, &w, Some(&b), cin, cout),
-        1e-2,
-    );
-    push(
-        &mut rows,
-        "linear backward dx (TF32)",
-        &dn(&dx_g),
-        &dx_c,
-        1e-2,
-    );
-    push(
-        &mut rows,
-        "linear backward dW (TF32)",
-        &dn(&dw_g),
-        &dw_c,
-        1e-2,
-    );
+    // in f32, then on TF32 tensor cores (10-bit mantissa: the bf16 bound)
+    for (tf32, label, tol) in [(false, "", TOL), (true, " (TF32)", 1e-2)] {
+        gpu.set_tf32(tf32);
+        push(
+            &mut rows,
+            &format!("linear forward{label}"),
+            &dn(&gpu.linear_forward(&up(&x), &up(&w), Some(&up(&b)), cin, cout)),
+            &cpu.linear_forward(&x, &w, Some(&b), cin, cout),
+            tol,
+        );
+        let (mut dw_c, mut db_c) = (b.repeat(cin)[..cout * cin].to_vec(), b.clone());
+        let (mut dw_g, mut db_g) = (up(&dw_c), up(&db_c));
+        let dx_c = cpu.linear_backward(&x, &w, &dy, cin, cout, &mut dw_c, Some(&mut db_c));
+        let dx_g = gpu.linear_backward(
+            &up(&x),
+            &up(&w),
+            &up(&dy),
+            cin,
+            cout,
+            &mut dw_g,
+            Some(&mut db_g),
+        );
+        push(
+            &mut rows,
+            &format!("linear backward dx{label}"),
+            &dn(&dx_g),
+            &dx_c,
+            tol,
+        );
+        push(
+            &mut rows,
+            &format!("linear backward dW (accumulated){label}"),
+            &dn(&dw_g),
+            &dw_c,
+            tol,
+        );
+        push(
+            &mut rows,
+            &format!("linear backward db (accumulated){label}"),
+            &dn(&db_g),
+            &db_c,
+            tol,
+        );
+    }
     gpu.set_tf32(false);
 
     // layer norm, with and without affine

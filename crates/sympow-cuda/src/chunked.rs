@@ -112,28 +112,14 @@ impl ChunkedSympow {
     /// Compiles the kernels for compute capability ≥ 8.0 (mma.sync bf16) and sizes their
     /// shared memory. An error (old GPU, NVRTC failure) means the caller keeps its other path.
     pub fn new(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>) -> Result<Self, String> {
-        let (major, _) = ctx.compute_capability().map_err(|e| e.to_string())?;
-        if major < 8 {
-            return Err(format!(
-                "compute capability {major}.x: the fused kernels need 8.0 or newer"
-            ));
-        }
-        let opts = cudarc::nvrtc::CompileOptions {
-            arch: Some("compute_80"),
-            ..Default::default()
-        };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
-            .map_err(|e| format!("NVRTC (sympow_chunked.cu): {e}"))?;
-        let module = ctx.load_module(ptx).map_err(|e| e.to_string())?;
-        let sizes_fn = module
-            .load_function("sp_smem_sizes")
-            .map_err(|e| e.to_string())?;
-        let mut sizes_dev = stream.alloc_zeros::<i32>(21).map_err(|e| e.to_string())?;
-        let mut l = stream.launch_builder(&sizes_fn);
-        l.arg(&mut sizes_dev);
-        // SAFETY: the kernel writes 21 ints (7 per head dimension) into a 21-int buffer.
-        unsafe { l.launch(cfg((1, 1, 1), 0)) }.map_err(|e| e.to_string())?;
-        let sizes = stream.clone_dtoh(&sizes_dev).map_err(|e| e.to_string())?;
+        let (module, sizes) = crate::device::load_tensor_core_module(
+            ctx,
+            stream,
+            SOURCE,
+            "fused chunked sympow",
+            "sp_smem_sizes",
+            21,
+        )?;
         let mut fns = HashMap::new();
         let mut smem = HashMap::new();
         for (i, &d) in HEAD_DIMS.iter().enumerate() {

@@ -1,7 +1,7 @@
 //! Device discovery and context creation through cudarc.
 
 use crate::{GpuInfo, Unavailable};
-use cudarc::driver::{result, sys, CudaContext};
+use cudarc::driver::{result, sys, CudaContext, CudaModule, CudaStream};
 use std::sync::Arc;
 
 /// A GPU ready for work: its context and description.
@@ -46,4 +46,43 @@ pub(crate) fn detect(ordinal: usize) -> Result<GpuInfo, Unavailable> {
         compute_capability: (major, minor),
         memory_bytes,
     })
+}
+
+/// Compiles a fused-kernel source for tensor cores (compute capability ≥ 8.0: `mma.sync` on
+/// bf16), loads it, and runs its shared-memory table kernel `sizes_kernel`, which writes
+/// `n_sizes` ints (bytes per kernel and head dimension). `what` names the source in errors.
+pub(crate) fn load_tensor_core_module(
+    ctx: &Arc<CudaContext>,
+    stream: &Arc<CudaStream>,
+    source: &str,
+    what: &str,
+    sizes_kernel: &str,
+    n_sizes: usize,
+) -> Result<(Arc<CudaModule>, Vec<i32>), String> {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let (major, _) = ctx.compute_capability().map_err(|e| e.to_string())?;
+    if major < 8 {
+        return Err(format!(
+            "compute capability {major}.x: the {what} kernels need 8.0 or newer"
+        ));
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some("compute_80"),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts)
+        .map_err(|e| format!("NVRTC ({what}): {e}"))?;
+    let module = ctx.load_module(ptx).map_err(|e| e.to_string())?;
+    let f = module
+        .load_function(sizes_kernel)
+        .map_err(|e| e.to_string())?;
+    let mut sizes = stream
+        .alloc_zeros::<i32>(n_sizes)
+        .map_err(|e| e.to_string())?;
+    let mut l = stream.launch_builder(&f);
+    l.arg(&mut sizes);
+    // SAFETY: the kernel writes n_sizes ints, the length of the buffer.
+    unsafe { l.launch(LaunchConfig::for_num_elems(1)) }.map_err(|e| e.to_string())?;
+    let sizes = stream.clone_dtoh(&sizes).map_err(|e| e.to_string())?;
+    Ok((module, sizes))
 }

@@ -34,28 +34,14 @@ pub struct FlashSoftmax {
 impl FlashSoftmax {
     /// Compiles the kernels (compute capability ≥ 8.0) and sizes their shared memory.
     pub fn new(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>) -> Result<Self, String> {
-        let (major, _) = ctx.compute_capability().map_err(|e| e.to_string())?;
-        if major < 8 {
-            return Err(format!(
-                "compute capability {major}.x: the flash kernels need 8.0 or newer"
-            ));
-        }
-        let opts = cudarc::nvrtc::CompileOptions {
-            arch: Some("compute_80"),
-            ..Default::default()
-        };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
-            .map_err(|e| format!("NVRTC (flash_softmax.cu): {e}"))?;
-        let module = ctx.load_module(ptx).map_err(|e| e.to_string())?;
-        let sizes_fn = module
-            .load_function("flash_smem_sizes")
-            .map_err(|e| e.to_string())?;
-        let mut sizes_dev = stream.alloc_zeros::<i32>(9).map_err(|e| e.to_string())?;
-        let mut l = stream.launch_builder(&sizes_fn);
-        l.arg(&mut sizes_dev);
-        // SAFETY: the kernel writes 9 ints into a 9-int buffer.
-        unsafe { l.launch(LaunchConfig::for_num_elems(1)) }.map_err(|e| e.to_string())?;
-        let sizes = stream.clone_dtoh(&sizes_dev).map_err(|e| e.to_string())?;
+        let (module, sizes) = crate::device::load_tensor_core_module(
+            ctx,
+            stream,
+            SOURCE,
+            "flash softmax",
+            "flash_smem_sizes",
+            9,
+        )?;
         let mut fns = HashMap::new();
         let mut smem = HashMap::new();
         for (i, d) in crate::FUSED_HEAD_DIMS.into_iter().enumerate() {
