@@ -208,7 +208,7 @@ def main():
     if a.sympow_json:
         for line in open(a.sympow_json):
             r = json.loads(line)
-            results[(f"sympow {r['method'].removeprefix('sympow ')}", r["T"])] = (r["fwd_ms"], r["fwd_bwd_ms"])
+            results[(f"ours: {r['method']}", r["T"])] = (r["fwd_ms"], r["fwd_bwd_ms"])
     print("\ncorrectness against float64 references (T = 1024, 2 heads, bf16 inputs):")
     for name, (fn, kind) in list(peers.items()):
         if any(s and s in name for s in a.skip.split(",")):
@@ -231,7 +231,7 @@ def main():
                 print(f"  {name} at T = {t}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
             torch.cuda.empty_cache()
     methods = list(dict.fromkeys(m for m, _ in results))
-    fused = next((m for m in methods if m.startswith("sympow fused")), None)
+    fused = next((m for m in methods if m.startswith("ours: sympow fused")), None)
     print(f"\n{'T':>6} | {'method':<40} | {'fwd ms':>8} | {'fwd+bwd ms':>10} | {'÷ sympow fused (f / f+b)':>24}")
     print("-" * 100)
     for t in times:
