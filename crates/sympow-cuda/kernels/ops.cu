@@ -201,11 +201,17 @@ extern "C" __global__ void embedding_forward(float* out, const float* table, con
     if (i < n * c) out[i] = table[(long)ids[i / c] * c + i % c];
 }
 
-// one thread per column of each distinct row would need sorting; atomics keep it simple
-// (float atomics make the GPU embedding gradient's summation order, and so its last bits, vary)
-extern "C" __global__ void embedding_backward(float* dtable, const unsigned* ids, const float* dout, long n, int c) {
-    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-    if (i < n * c) atomicAdd(&dtable[(long)ids[i / c] * c + i % c], dout[i]);
+// ∂table[ids[r]] += ∂out[r], deterministically: the host groups the rows by id (uniq: the
+// distinct ids, rows[offsets[u]..offsets[u+1]]: the rows of uniq[u], ascending), and each
+// block adds one id's rows in that order — no float atomics, so every run sums alike.
+// grid (distinct ids, ceil(c / BLOCK)).
+extern "C" __global__ void embedding_backward(float* dtable, const unsigned* uniq, const unsigned* offsets,
+                                              const unsigned* rows, const float* dout, int c) {
+    int u = blockIdx.x, j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= c) return;
+    float s = 0.f;
+    for (unsigned i = offsets[u]; i < offsets[u + 1]; i++) s += dout[(long)rows[i] * c + j];
+    dtable[(long)uniq[u] * c + j] += s;
 }
 
 // ---- rotary --------------------------------------------------------------------------------------

@@ -189,7 +189,9 @@ __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, 
 // In place over the chunks of each head: the per-chunk contributions Δ_i become the discounted
 // cumulative sums that enter each chunk. Forward (reverse = 0): S_i = Σ_{j<i} e^{Γ_{j+1}+…+Γ_{i−1}} Δ_j,
 // i.e. run = 0; S_i = run; run = e^{Γ_i} run + Δ_i. Reverse: the same from the last chunk down,
-// giving R_i = ∂L/∂ΔS_i, and ∂Γ_i += e^{Γ_i} ⟨R_i, S_i⟩ when Sfwd is given (f32 running sums).
+// giving R_i = ∂L/∂ΔS_i, and ∂Γ_i = e^{Γ_i} ⟨R_i, S_i⟩ when Sfwd is given (f32 running sums):
+// each block writes its slice's part, dGam[(bh·NC + i)·slices + slice], and sp_fold_slices adds
+// them in order (no atomics, so the gate gradient is the same on every run).
 // Block (bh, slice of 2·THREADS·PER elements); memory-bound.
 #define DISC_PER 4
 __device__ void sp_discumsum(bf16* st, const float* Gam, long per_chunk, int NC, int reverse, const bf16* Sfwd,
@@ -226,7 +228,7 @@ __device__ void sp_discumsum(bf16* st, const float* Gam, long per_chunk, int NC,
             if (threadIdx.x == 0) {
                 float tot = 0.f;
                 for (int w = 0; w < WARPS; w++) tot += red[w];
-                atomicAdd(&dGam[bh * NC + ci], decay * tot);
+                dGam[((long)bh * NC + ci) * gridDim.y + blockIdx.y] = decay * tot;  // this slice's part
             }
             __syncthreads();
         }
@@ -708,6 +710,15 @@ __device__ void sp_bwd_final(float* dq, float* dk, float* dv, float* dg, const f
 SP_INSTANCES(32)
 SP_INSTANCES(64)
 SP_INSTANCES(128)
+
+// out[i] += Σ_s part[i·slices + s], in order
+extern "C" __global__ void sp_fold_slices(float* out, const float* part, long n, int slices) {
+    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float t = 0.f;
+    for (int s = 0; s < slices; s++) t += part[i * slices + s];
+    out[i] += t;
+}
 
 extern "C" __global__ void __launch_bounds__(THREADS)
     sp_discumsum_all(bf16* st, const float* Gam, long per_chunk, int NC, int reverse, const bf16* Sfwd, float* dGam) {

@@ -881,16 +881,40 @@ impl Backend for CudaBackend {
         c: usize,
     ) {
         let _p = self.prof("embedding_backward");
-        let d_ids = self.up_u32(ids);
-        let (n, ci) = (ids.len() as i64, c as i32);
+        // rows grouped by id, ascending within a group (see the kernel)
+        let mut order: Vec<u32> = (0..ids.len() as u32).collect();
+        order.sort_unstable_by_key(|&r| (ids[r as usize], r));
+        let (mut uniq, mut offsets) = (Vec::new(), Vec::new());
+        for (i, &r) in order.iter().enumerate() {
+            if uniq.last() != Some(&ids[r as usize]) {
+                uniq.push(ids[r as usize]);
+                offsets.push(i as u32);
+            }
+        }
+        offsets.push(order.len() as u32);
+        if uniq.is_empty() {
+            return;
+        }
+        let (u, o, r) = (
+            self.up_u32(&uniq),
+            self.up_u32(&offsets),
+            self.up_u32(&order),
+        );
+        let ci = c as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (uniq.len() as u32, c.div_ceil(BLOCK as usize) as u32, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
         launch!(
             self,
             "embedding_backward",
-            grid(ids.len() * c),
+            cfg,
             dtable,
-            &d_ids,
+            &u,
+            &o,
+            &r,
             dout,
-            &n,
             &ci
         );
     }

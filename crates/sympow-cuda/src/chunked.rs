@@ -147,6 +147,10 @@ impl ChunkedSympow {
             .load_function("sp_discumsum_all")
             .map_err(|e| e.to_string())?;
         fns.insert("sp_discumsum_all".to_string(), disc);
+        let fold = module
+            .load_function("sp_fold_slices")
+            .map_err(|e| e.to_string())?;
+        fns.insert("sp_fold_slices".to_string(), fold);
         Ok(ChunkedSympow {
             _module: module,
             fns,
@@ -276,19 +280,33 @@ impl ChunkedSympow {
         }
         let per_chunk = (g.d * g.e * g.d) as i64;
         let slices = (per_chunk as usize).div_ceil(2 * THREADS as usize * DISC_PER);
+        // per-slice parts of ∂Γ, folded below in a fixed order (deterministic)
+        let mut parts = fwd.as_ref().map(|_| {
+            stream
+                .alloc_zeros::<f32>(g.bh * g.nc * slices)
+                .expect("device allocation")
+        });
         let mut b = stream.launch_builder(&self.fns["sp_discumsum_all"]);
         b.arg(&mut out).arg(gam).arg(&per_chunk).arg(&nc).arg(&rev);
-        match fwd {
-            Some((s, dgam)) => {
-                b.arg(s).arg(dgam);
+        match (&fwd, &mut parts) {
+            (Some((s, _)), Some(p)) => {
+                b.arg(*s).arg(p);
             }
-            None => {
+            _ => {
                 b.arg(&NULL).arg(&NULL);
             }
         }
         // SAFETY: as declared in sp_discumsum_all; each thread owns 2·DISC_PER elements of
-        // every chunk's state, bounded by per_chunk.
+        // every chunk's state, bounded by per_chunk; the parts buffer has a slot per
+        // (bh, chunk, slice).
         unsafe { b.launch(cfg((g.bh, slices, 1), 0)) }.expect("sp_discumsum_all");
+        if let (Some((_, dgam)), Some(p)) = (fwd, parts) {
+            let (n, sl) = ((g.bh * g.nc) as i64, slices as i32);
+            let mut b = stream.launch_builder(&self.fns["sp_fold_slices"]);
+            b.arg(dgam).arg(&p).arg(&n).arg(&sl);
+            // SAFETY: dgam has bh·nc elements, p bh·nc·slices.
+            unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.expect("sp_fold_slices");
+        }
         out
     }
 
