@@ -316,6 +316,21 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         &tc,
         TOL,
     );
+    // ids repeating out of order (the backward groups rows by id), more columns than a block
+    let c = 300;
+    let table: Vec<f32> = randn(&mut r, vocab * c, 1.0);
+    let ids: Vec<u32> = (0..500).map(|i| (i * 7 % 13) as u32).collect();
+    let dout: Vec<f32> = randn(&mut r, 500 * c, 1.0);
+    let (mut tc, mut tg) = (table.clone(), up(&table));
+    cpu.embedding_backward(&mut tc, &ids, &dout, c);
+    gpu.embedding_backward(&mut tg, &ids, &up(&dout), c);
+    push(
+        &mut rows,
+        "embedding backward (repeated ids)",
+        &dn(&tg),
+        &tc,
+        TOL,
+    );
 
     // rotary and gate
     let shape = Shape {
