@@ -7,7 +7,6 @@
 //! twin of a step of `sympow::attention::chunked` (SPEC §4). Memory is linear in T: one D×D×E bf16 state per
 //! chunk of `chunk` tokens.
 
-use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
 };
@@ -130,16 +129,9 @@ impl ChunkedSympow {
             smem.insert(d, s);
             for (j, k) in KERNELS.iter().enumerate() {
                 let name = format!("{k}_{d}");
-                let f = module.load_function(&name).map_err(|e| e.to_string())?;
                 // sp_bwd_prep uses no dynamic shared memory (index 7 is past the table)
                 let bytes = s.get(j).copied().unwrap_or(0);
-                if bytes > 48 * 1024 {
-                    f.set_attribute(
-                        Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        bytes as i32,
-                    )
-                    .map_err(|e| format!("{name}: {bytes} bytes of shared memory: {e}"))?;
-                }
+                let f = crate::device::load_with_shared_memory(&module, &name, bytes)?;
                 fns.insert(name, f);
             }
         }

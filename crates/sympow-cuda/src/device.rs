@@ -1,7 +1,7 @@
 //! Device discovery and context creation through cudarc.
 
 use crate::{GpuInfo, Unavailable};
-use cudarc::driver::{result, sys, CudaContext, CudaModule, CudaStream};
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
 use std::sync::Arc;
 
 /// A GPU ready for work: its context and description.
@@ -85,4 +85,22 @@ pub(crate) fn load_tensor_core_module(
     unsafe { l.launch(LaunchConfig::for_num_elems(1)) }.map_err(|e| e.to_string())?;
     let sizes = stream.clone_dtoh(&sizes).map_err(|e| e.to_string())?;
     Ok((module, sizes))
+}
+
+/// Loads kernel `name`, letting it use `bytes` of dynamic shared memory (beyond the default
+/// 48 KiB a kernel must opt in).
+pub(crate) fn load_with_shared_memory(
+    module: &Arc<CudaModule>,
+    name: &str,
+    bytes: u32,
+) -> Result<CudaFunction, String> {
+    let f = module.load_function(name).map_err(|e| e.to_string())?;
+    if bytes > 48 * 1024 {
+        f.set_attribute(
+            sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(|e| format!("{name}: {bytes} bytes of shared memory: {e}"))?;
+    }
+    Ok(f)
 }

@@ -6,7 +6,6 @@
 //! per row). Backward: the same staging plus ∂y, Δ = rowsum(∂y ∘ y), then a pass over query tiles
 //! for ∂q and one over key tiles for ∂k, ∂v — deterministic, no atomics.
 
-use cudarc::driver::sys::CUfunction_attribute_enum as Attr;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
 };
@@ -48,14 +47,7 @@ impl FlashSoftmax {
             let s = [0, 1, 2].map(|j| sizes[i * 3 + j] as u32);
             for (j, k) in KERNELS.iter().enumerate() {
                 let name = format!("{k}_{d}");
-                let f = module.load_function(&name).map_err(|e| e.to_string())?;
-                if s[j] > 48 * 1024 {
-                    f.set_attribute(
-                        Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        s[j] as i32,
-                    )
-                    .map_err(|e| format!("{name}: {} bytes of shared memory: {e}", s[j]))?;
-                }
+                let f = crate::device::load_with_shared_memory(&module, &name, s[j])?;
                 fns.insert(name, f);
             }
             smem.insert(d, s);

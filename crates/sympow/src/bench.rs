@@ -125,7 +125,7 @@ pub struct DecodeBenchRow {
 /// sympow step independent of the context; softmax's KV cache makes it grow with it. Softmax is
 /// timed only up to `softmax_max` tokens (its prefill is quadratic).
 pub fn decode<B: crate::backend::Backend>(
-    make: &dyn Fn() -> B,
+    make: &mut dyn FnMut() -> B,
     cfg: &crate::config::Config,
     attentions: &[&str],
     contexts: &[usize],
