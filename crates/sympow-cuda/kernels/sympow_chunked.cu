@@ -45,6 +45,8 @@ template <int D> struct Dims {
     static constexpr int TT = 64;  // tokens per staged tile
     // intra backward: queries per tile of the key-side kernel
     static constexpr int QB = D >= 128 ? 32 : 64;
+    // sp_read: 16-row blocks per warp (each B fragment of the state feeds RM of them)
+    static constexpr int RM = D >= 128 ? 1 : 2;
 };
 
 // Shared-memory bytes each kernel needs (one source of truth: the host asks sp_smem_sizes).
@@ -53,7 +55,9 @@ template <int D> struct Smem {
     static constexpr int E = Dm::E;
     static constexpr int prep = 0;  // sized by the host from the chunk length L: L·4 bytes
     static constexpr int states = 2 * Dm::TT * ((D + 8) + (E + 8)) * 2;
-    static constexpr int read = (2 * E * (D + 8) + 128 * (D + 8) + 128 * (E + 8)) * 2 + 128 * (D + 1) * 4;
+    static constexpr int read_qt = 16 * Dm::RM * WARPS;
+    static constexpr int read_r = (2 * E * (D + 8) + read_qt * (D + 8)) * 2;
+    static constexpr int read_dx = read_r + read_qt * (E + 8) * 2 + read_qt * 9 * 4;
     static constexpr int intra_fwd = (128 * (D + 8) + 64 * (D + 8) + 64 * (E + 8)) * 2 + 64 * 4;
     static constexpr int dkv = (128 * (D + 8) + 128 * (E + 8) + Dm::QB * (D + 8) + Dm::QB * (E + 8)) * 2 + Dm::QB * 4;
     static constexpr int dq = (128 * (D + 8) + 128 * (E + 8) + 64 * (D + 8) + 64 * (E + 8)) * 2 + 64 * 4;
@@ -112,7 +116,8 @@ __device__ void sp_prep(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float*
 // ---------------------------------------------------------------------------------------------
 // One chunk's contribution to the state, out[bh][i][a][j][b] = Σ_τ x_τa x_τb y_τj (bf16), for
 // x = k̃, y = v' (forward: ΔS_i) or x = q̃, y = ∂N (backward: the state gradient taken directly by
-// chunk i's queries). Block (bh, group of A first indices a, chunk i); each warp owns U
+// chunk i's queries). Block (group of A first indices a, bh, chunk i) — a chunk's groups run side
+// by side, so its tokens come from DRAM once; each warp owns U
 // (a, 16 rows of b) units × all E columns; tiles of TT tokens, token-major in shared memory.
 template <int D>
 __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, int L) {
@@ -120,7 +125,7 @@ __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, 
     constexpr int E = Dm::E, NT = Dm::NT, U = Dm::U, MT = D / 16, TT = Dm::TT, LDX = D + 8, LDY = E + 8;
     bf16* buf = (bf16*)smem;    // two stages of Xs [TT][LDX] then Ys [TT][LDY]
     constexpr int STAGE = TT * (LDX + LDY);
-    int bh = blockIdx.x, a0 = blockIdx.y * Dm::A, ci = blockIdx.z, NC = gridDim.z;
+    int a0 = blockIdx.x * Dm::A, bh = blockIdx.y, ci = blockIdx.z, NC = gridDim.z;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     float acc[U][NT][4];
 #pragma unroll
@@ -150,23 +155,26 @@ __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, 
         const bf16* Ys = Xs + TT * LDX;
 #pragma unroll
         for (int kk = 0; kk < TT; kk += 16) {
+            u32 af[U][4];
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 int unit = warp * U + u, a = a0 + unit / MT, mt = unit % MT;
-                u32 af[4];
-                lda_kmajor(af, Xs, LDX, mt * 16, kk);  // A(b, τ) = x_τb
+                lda_kmajor(af[u], Xs, LDX, mt * 16, kk);  // A(b, τ) = x_τb
                 const bf16* xa = Xs + (kk + 2 * t) * LDX + a;  // times x_τa
                 float s0f = b2f(xa[0]), s1f = b2f(xa[LDX]), s8 = b2f(xa[8 * LDX]), s9 = b2f(xa[9 * LDX]);
-                af[0] = scale2(af[0], s0f, s1f);
-                af[1] = scale2(af[1], s0f, s1f);
-                af[2] = scale2(af[2], s8, s9);
-                af[3] = scale2(af[3], s8, s9);
+                af[u][0] = scale2(af[u][0], s0f, s1f);
+                af[u][1] = scale2(af[u][1], s0f, s1f);
+                af[u][2] = scale2(af[u][2], s8, s9);
+                af[u][3] = scale2(af[u][3], s8, s9);
+            }
 #pragma unroll
-                for (int nt = 0; nt < NT; nt += 2) {
-                    u32 bfr[4];
-                    ldb2_kmajor(bfr, Ys, LDY, kk, nt * 8);
-                    mma16816(acc[u][nt], af, bfr);
-                    mma16816(acc[u][nt + 1], af, bfr + 2);
+            for (int nt = 0; nt < NT; nt += 2) {  // each B fragment feeds all U units
+                u32 bfr[4];
+                ldb2_kmajor(bfr, Ys, LDY, kk, nt * 8);
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    mma16816(acc[u][nt], af[u], bfr);
+                    mma16816(acc[u][nt + 1], af[u], bfr + 2);
                 }
             }
         }
@@ -192,35 +200,49 @@ __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, 
 // giving R_i = ∂L/∂ΔS_i, and ∂Γ_i = e^{Γ_i} ⟨R_i, S_i⟩ when Sfwd is given (f32 running sums):
 // each block writes its slice's part, dGam[(bh·NC + i)·slices + slice], and sp_fold_slices adds
 // them in order (no atomics, so the gate gradient is the same on every run).
-// Block (bh, slice of 2·THREADS·PER elements); memory-bound.
-#define DISC_PER 4
+// Block (bh, slice of THREADS·8 elements); memory-bound: each thread owns one 16-byte vector
+// (8 bf16) of every chunk's state, so a warp moves 512 contiguous bytes per access, and the next
+// chunk's vector is loaded before this one is written (the loop over chunks is sequential, so
+// the load must not wait on the store).
+#define DISC_VEC 8
+__device__ __forceinline__ void unpack8(float* f, uint4 v) {
+    u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
 __device__ void sp_discumsum(bf16* st, const float* Gam, long per_chunk, int NC, int reverse, const bf16* Sfwd,
                              float* dGam) {
     __shared__ float red[WARPS];
     int bh = blockIdx.x;
-    long e0 = ((long)blockIdx.y * THREADS + threadIdx.x) * 2 * DISC_PER;
-    float run[2 * DISC_PER];
+    long e0 = ((long)blockIdx.y * THREADS + threadIdx.x) * DISC_VEC;
+    bool live = e0 < per_chunk;  // per_chunk is a multiple of DISC_VEC
+    bf16* head = st + (long)bh * NC * per_chunk + e0;
+    const bf16* fhead = Sfwd ? Sfwd + (long)bh * NC * per_chunk + e0 : nullptr;
+    float run[DISC_VEC];
 #pragma unroll
-    for (int i = 0; i < 2 * DISC_PER; i++) run[i] = 0.f;
+    for (int i = 0; i < DISC_VEC; i++) run[i] = 0.f;
+    uint4 cur = make_uint4(0, 0, 0, 0);
+    if (live) cur = *(const uint4*)(head + (long)(reverse ? NC - 1 : 0) * per_chunk);
     for (int step = 0; step < NC; step++) {
         int ci = reverse ? NC - 1 - step : step;
-        float decay = expf(Gam[bh * NC + ci]);
-        long base = ((long)bh * NC + ci) * per_chunk + e0;
-        float dot = 0.f;
-        if (e0 < per_chunk) {
+        uint4 next = make_uint4(0, 0, 0, 0), fv = make_uint4(0, 0, 0, 0);
+        if (live && step + 1 < NC) next = *(const uint4*)(head + (long)(reverse ? ci - 1 : ci + 1) * per_chunk);
+        if (live && fhead) fv = *(const uint4*)(fhead + (long)ci * per_chunk);
+        float decay = expf(Gam[bh * NC + ci]), d[DISC_VEC], f[DISC_VEC], dot = 0.f;
+        unpack8(d, cur);
+        unpack8(f, fv);
+        if (live)
+            *(uint4*)(head + (long)ci * per_chunk) = make_uint4(pack2(run[0], run[1]), pack2(run[2], run[3]),
+                                                                pack2(run[4], run[5]), pack2(run[6], run[7]));
 #pragma unroll
-            for (int v = 0; v < DISC_PER; v++) {
-                u32* p = (u32*)(st + base) + v;
-                u32 d = *p;
-                *p = pack2(run[2 * v], run[2 * v + 1]);
-                if (Sfwd) {
-                    u32 f = *((const u32*)(Sfwd + base) + v);
-                    dot += run[2 * v] * __uint_as_float(f << 16) + run[2 * v + 1] * __uint_as_float(f & 0xffff0000u);
-                }
-                run[2 * v] = run[2 * v] * decay + __uint_as_float(d << 16);
-                run[2 * v + 1] = run[2 * v + 1] * decay + __uint_as_float(d & 0xffff0000u);
-            }
+        for (int i = 0; i < DISC_VEC; i++) {
+            dot += run[i] * f[i];
+            run[i] = run[i] * decay + d[i];
         }
+        cur = next;
         if (dGam) {
             dot = warp_sum(dot);
             if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = dot;
@@ -236,86 +258,126 @@ __device__ void sp_discumsum(bf16* st, const float* Gam, long per_chunk, int NC,
 }
 
 // ---------------------------------------------------------------------------------------------
-// For the 128 tokens of a block (one chunk, one head) and that chunk's state S[a][j][b]:
-// Y_a = X S[a] (tokens × E) for every a; r = Σ_a x_a ⊙ Y_a (if r) and dx[:, a] = 2·rowdot(Y_a, W)
-// (if dx). r is f32 [BH][T][E], dx f32 [BH][T][D].
-template <int D>
+// For the QT = 16·RM·WARPS tokens of a block (one chunk, one head) and that chunk's state
+// S[a][j][b]: Y_a = X S[a] (tokens × E) for every a; r = Σ_a x_a ⊙ Y_a (R) and/or
+// dx[:, a] = 2·rowdot(Y_a, W) (DX). r is f32 [BH][T][E], dx f32 [BH][T][D].
+// Each warp owns 16·RM rows: their X fragments stay in registers for the whole loop over a (X is
+// the same for every a), and each B fragment of S[a] (ldmatrix) feeds RM row blocks. Y_a is never
+// held whole: one pair of 8-column tiles at a time is formed and folded into r and the rowdot.
+// dx columns go through an 8-column window in shared memory, flushed as 32-byte row pieces.
+template <int D, bool R, bool DX>
 __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
     typedef Dims<D> Dm;
-    constexpr int E = Dm::E, NT = Dm::NT, QT = 128, LDX = D + 8, LDW = E + 8, LDD = D + 1;
+    constexpr int E = Dm::E, NT = Dm::NT, RM = Dm::RM, QT = 16 * RM * WARPS, KS = D / 16;
+    constexpr int LDX = D + 8, LDW = E + 8, LDD = 9;
     bf16* Sbuf = (bf16*)smem;       // two stages of [E][LDX]
     bf16* Xs = Sbuf + 2 * E * LDX;  // [QT][LDX]
-    bf16* Ws = Xs + QT * LDX;       // [QT][LDW]
-    float* dXs = (float*)(Ws + QT * LDW);  // [QT][LDD]
-    int bh = blockIdx.x, ci = blockIdx.y, tile = blockIdx.z;
+    bf16* Ws = Xs + QT * LDX;       // [QT][LDW] (DX)
+    float* dXs = (float*)(Ws + QT * LDW);  // [QT][LDD]: columns a − a mod 8 … (DX)
+    int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z;
     int t0 = ci * L + tile * QT;
     if (tile * QT >= L || t0 >= T) return;
-    int nv = min(QT, T - t0);
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, row0 = warp * 16;
-    load_rows(Xs, LDX, x + ((long)bh * T + t0) * D, nv, QT, D);
-    if (w) load_rows(Ws, LDW, w + ((long)bh * T + t0) * E, nv, QT, E);
-    float racc[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) racc[nt][i] = 0.f;
+    int nv = min(min(QT, L - tile * QT), T - t0);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, row0 = warp * 16 * RM;
     const bf16* Sc = S + ((long)bh * NC + ci) * D * E * D;
     load_rows_async(Sbuf, LDX, Sc, E, E, D);
     cp_async_commit();
+    load_rows(Xs, LDX, x + ((long)bh * T + t0) * D, nv, QT, D);
+    if (DX) load_rows(Ws, LDW, w + ((long)bh * T + t0) * E, nv, QT, E);
+    __syncthreads();
+    u32 xf[RM][KS][4];
+#pragma unroll
+    for (int m = 0; m < RM; m++)
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) lda(xf[m][ks], Xs, LDX, row0 + 16 * m, ks * 16);
+    u32 wp[RM][2][DX ? NT : 1];  // W at rows g, g+8 of each row block, columns 8·nt + 2t, +1
+    if (DX)
+#pragma unroll
+        for (int m = 0; m < RM; m++)
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+                    wp[m][h][nt] = *(const u32*)(Ws + (row0 + 16 * m + 8 * h + g) * LDW + nt * 8 + 2 * t);
+    float racc[RM][R ? NT : 1][4];
+#pragma unroll
+    for (int m = 0; m < RM; m++)
+#pragma unroll
+        for (int nt = 0; nt < (R ? NT : 1); nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) racc[m][nt][i] = 0.f;
     for (int a = 0; a < D; a++) {
         if (a + 1 < D) load_rows_async(Sbuf + ((a + 1) & 1) * E * LDX, LDX, Sc + (long)(a + 1) * E * D, E, E, D);
         cp_async_commit();
         cp_async_wait_prev();
         __syncthreads();
         const bf16* Ss = Sbuf + (a & 1) * E * LDX;
-        float yv[NT][4];
+        float xa[RM][2], p[RM][2];
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++)
+        for (int m = 0; m < RM; m++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) yv[nt][i] = 0.f;
-        mma_rows<D, NT>(yv, Xs, LDX, row0, Ss, LDX);
-        if (r) {
-            float x0 = b2f(Xs[(row0 + g) * LDX + a]), x1 = b2f(Xs[(row0 + g + 8) * LDX + a]);
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                racc[nt][0] += x0 * yv[nt][0];
-                racc[nt][1] += x0 * yv[nt][1];
-                racc[nt][2] += x1 * yv[nt][2];
-                racc[nt][3] += x1 * yv[nt][3];
+            for (int h = 0; h < 2; h++) {
+                xa[m][h] = R ? b2f(Xs[(row0 + 16 * m + 8 * h + g) * LDX + a]) : 0.f;
+                p[m][h] = 0.f;
             }
+#pragma unroll
+        for (int nt = 0; nt < NT; nt += 2) {
+            float y[RM][2][4];
+#pragma unroll
+            for (int m = 0; m < RM; m++)
+#pragma unroll
+                for (int j = 0; j < 2; j++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) y[m][j][i] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < KS; ks++) {
+                u32 bfr[4];
+                ldb2_nmajor(bfr, Ss, LDX, nt * 8, ks * 16);
+#pragma unroll
+                for (int m = 0; m < RM; m++) {
+                    mma16816(y[m][0], xf[m][ks], bfr);
+                    mma16816(y[m][1], xf[m][ks], bfr + 2);
+                }
+            }
+#pragma unroll
+            for (int m = 0; m < RM; m++)
+#pragma unroll
+                for (int j = 0; j < 2; j++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        if (R) racc[m][R ? nt + j : 0][i] += xa[m][i >> 1] * y[m][j][i];
+                        if (DX) {
+                            u32 wv = wp[m][i >> 1][DX ? nt + j : 0];
+                            p[m][i >> 1] += y[m][j][i] * __uint_as_float((i & 1) ? wv & 0xffff0000u : wv << 16);
+                        }
+                    }
         }
-        if (dx) {
-            float p0 = 0.f, p1 = 0.f;
-            const bf16* w0 = Ws + (row0 + g) * LDW + 2 * t;
-            const bf16* w1 = w0 + 8 * LDW;
+        if (DX) {
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                p0 += yv[nt][0] * b2f(w0[nt * 8]) + yv[nt][1] * b2f(w0[nt * 8 + 1]);
-                p1 += yv[nt][2] * b2f(w1[nt * 8]) + yv[nt][3] * b2f(w1[nt * 8 + 1]);
-            }
-            p0 = quad_sum(p0);
-            p1 = quad_sum(p1);
-            if (t == 0) {
-                dXs[(row0 + g) * LDD + a] = 2.f * p0;
-                dXs[(row0 + g + 8) * LDD + a] = 2.f * p1;
-            }
+            for (int m = 0; m < RM; m++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    float s = quad_sum(p[m][h]);
+                    if (t == 0) dXs[(row0 + 16 * m + 8 * h + g) * LDD + (a & 7)] = 2.f * s;
+                }
         }
         __syncthreads();  // stage (a & 1) is refilled by the next iteration's copy
+        if (DX && (a & 7) == 7)  // flush the window; the next writes come after the next barrier
+            for (int i = threadIdx.x; i < nv * 8; i += blockDim.x)
+                dx[((long)bh * T + t0 + i / 8) * D + a - 7 + i % 8] = dXs[(i / 8) * LDD + i % 8];
     }
-    if (r) {
+    if (R)
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++)
+        for (int m = 0; m < RM; m++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                int row = row0 + g + (i >= 2 ? 8 : 0), col = nt * 8 + 2 * t + (i & 1);
-                if (row < nv) r[((long)bh * T + t0 + row) * E + col] = racc[nt][i];
-            }
-    }
-    if (dx) {
-        __syncthreads();
-        for (int i = threadIdx.x; i < nv * D; i += blockDim.x)
-            dx[((long)bh * T + t0) * D + i] = dXs[(i / D) * LDD + i % D];
-    }
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    int row = row0 + 16 * m + 8 * h + g, col = nt * 8 + 2 * t;
+                    if (row < nv)
+                        *(float2*)(r + ((long)bh * T + t0 + row) * E + col) =
+                            make_float2(racc[m][R ? nt : 0][2 * h], racc[m][R ? nt : 0][2 * h + 1]);
+                }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -330,7 +392,7 @@ __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf
     bf16* Ks = Qs + QT * LDQ;      // [KT][LDQ]
     bf16* Vs = Ks + KT * LDQ;      // [KT][LDV]
     float* Gk = (float*)(Vs + KT * LDV);
-    int bh = blockIdx.x, ci = blockIdx.y, tile = blockIdx.z, b = bh / H, h = bh % H;
+    int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z, b = bh / H, h = bh % H;
     int c0 = ci * L, q0 = c0 + tile * QT;
     if (tile * QT >= L || q0 >= T) return;
     int nq = min(QT, T - q0);
@@ -437,7 +499,7 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
     bf16* Qs = Vs + KB * LDV;      // [QB][LDK]
     bf16* Ns = Qs + QB * LDK;      // [QB][LDV]
     float* Gq = (float*)(Ns + QB * LDV);
-    int bh = blockIdx.x, ci = blockIdx.y, tile = blockIdx.z;
+    int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z;
     int k0 = ci * L + tile * KB;
     if (tile * KB >= L || k0 >= T) return;
     int nk = min(KB, T - k0), cend = min(ci * L + L, T);
@@ -536,7 +598,7 @@ __device__ void sp_intra_bwd_dq(float* dqs, float* dGq, const bf16* qs, const bf
     bf16* Ks = Ns + QB * LDV;      // [KT][LDK]
     bf16* Vs = Ks + KT * LDK;      // [KT][LDV]
     float* Gk = (float*)(Vs + KT * LDV);
-    int bh = blockIdx.x, ci = blockIdx.y, tile = blockIdx.z;
+    int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z;
     int c0 = ci * L, q0 = c0 + tile * QB;
     if (tile * QB >= L || q0 >= T) return;
     int nq = min(QB, T - q0);
@@ -677,8 +739,16 @@ __device__ void sp_bwd_final(float* dq, float* dk, float* dv, float* dg, const f
         sp_chunk_states<D>(out, x, y, T, L);                                                                          \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
-        sp_read_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {         \
-        sp_read<D>(r, dx, x, S, w, T, L, NC);                                                                         \
+        sp_read_r_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {       \
+        sp_read<D, true, false>(r, dx, x, S, w, T, L, NC);                                                            \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
+        sp_read_dx_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {      \
+        sp_read<D, false, true>(r, dx, x, S, w, T, L, NC);                                                            \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
+        sp_read_rdx_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {     \
+        sp_read<D, true, true>(r, dx, x, S, w, T, L, NC);                                                             \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_intra_fwd_##D(float* y, float* log_norm, const bf16* qs, const bf16* kr, const bf16* vp, const float* G,   \
@@ -725,14 +795,17 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     sp_discumsum(st, Gam, per_chunk, NC, reverse, Sfwd, dGam);
 }
 
-// Shared-memory bytes of each kernel, per head dimension, in the order the host reads them:
-// prep, states, read, intra_fwd, dkv, dq, final (7 ints for D = 32, then 64, then 128).
+// Shared-memory bytes of each kernel, per head dimension, in the order the host reads them
+// (SMEM_ENTRIES ints for D = 32, then 64, then 128): prep, states, read_r, read_dx, read_rdx,
+// intra_fwd, dkv, dq, final.
+#define SMEM_ENTRIES 9
 template <int D> __device__ void smem_sizes(int* o) {
     typedef Smem<D> S;
-    o[0] = S::prep; o[1] = S::states; o[2] = S::read; o[3] = S::intra_fwd; o[4] = S::dkv; o[5] = S::dq; o[6] = S::final_;
+    int v[SMEM_ENTRIES] = {S::prep, S::states, S::read_r, S::read_dx, S::read_dx, S::intra_fwd, S::dkv, S::dq, S::final_};
+    for (int i = 0; i < SMEM_ENTRIES; i++) o[i] = v[i];
 }
 extern "C" __global__ void sp_smem_sizes(int* out) {
     smem_sizes<32>(out);
-    smem_sizes<64>(out + 7);
-    smem_sizes<128>(out + 14);
+    smem_sizes<64>(out + SMEM_ENTRIES);
+    smem_sizes<128>(out + 2 * SMEM_ENTRIES);
 }

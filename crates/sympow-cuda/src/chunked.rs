@@ -19,16 +19,22 @@ const SOURCE: &str = concat!(
     include_str!("../kernels/mma.cuh"),
     include_str!("../kernels/sympow_chunked.cu")
 );
-const KERNELS: [&str; 8] = [
-    "sp_prep",
-    "sp_chunk_states",
-    "sp_read",
-    "sp_intra_fwd",
-    "sp_intra_bwd_dkv",
-    "sp_intra_bwd_dq",
-    "sp_bwd_final",
-    "sp_bwd_prep",
+/// Each kernel (instantiated per head dimension as `{name}_{d}`) with its entry in the
+/// `sp_smem_sizes` table (None: no dynamic shared memory).
+const KERNELS: [(&str, Option<usize>); 10] = [
+    ("sp_prep", Some(0)),
+    ("sp_chunk_states", Some(1)),
+    ("sp_read_r", Some(2)),
+    ("sp_read_dx", Some(3)),
+    ("sp_read_rdx", Some(4)),
+    ("sp_intra_fwd", Some(5)),
+    ("sp_intra_bwd_dkv", Some(6)),
+    ("sp_intra_bwd_dq", Some(7)),
+    ("sp_bwd_final", Some(8)),
+    ("sp_bwd_prep", None),
 ];
+/// Entries per head dimension of the `sp_smem_sizes` table (SMEM_ENTRIES in the kernel source).
+const SMEM_ENTRIES: usize = 9;
 /// Head dimensions the kernels are instantiated for (SP_INSTANCES in the kernel source).
 pub const HEAD_DIMS: [usize; 3] = crate::FUSED_HEAD_DIMS;
 /// Default chunk length (on the H100, d = 64, forward+backward of 65,536 tokens: chunk 256 →
@@ -38,17 +44,26 @@ pub const DEFAULT_CHUNK: usize = 1024;
 /// Largest chunk length (shared memory of the gate scans: 4 bytes a token).
 pub const MAX_CHUNK: usize = 4096;
 const THREADS: u32 = 256;
-/// Elements pairs per thread of `sp_discumsum_all` (DISC_PER in the kernel source).
-const DISC_PER: usize = 4;
+/// bf16 elements per thread of `sp_discumsum_all` (DISC_VEC in the kernel source).
+const DISC_VEC: usize = 8;
+/// Rows per block of `sp_read` (16·RM·WARPS in the kernel source: RM = 2 row blocks per warp
+/// below head dimension 128, else 1).
+fn read_rows(d: usize) -> usize {
+    if d >= 128 {
+        128
+    } else {
+        256
+    }
+}
 const NULL: u64 = 0;
 
 /// The compiled kernels and their shared-memory needs.
 pub struct ChunkedSympow {
     _module: Arc<CudaModule>,
     fns: HashMap<String, CudaFunction>,
-    /// Shared-memory bytes per head dimension: prep, states, read, intra_fwd, dkv, dq, final
-    /// (prep and final are 0 there: they scale with the chunk and are sized at launch).
-    smem: HashMap<usize, [u32; 7]>,
+    /// Dynamic shared-memory bytes per kernel instance (`{name}_{d}`); prep and final are
+    /// absent: they scale with the chunk and are sized at launch.
+    smem: HashMap<String, u32>,
     /// When on, each stage synchronises and its wall time is recorded (for `bench attention
     /// --stages`); off in normal runs.
     profile: Mutex<Option<Vec<(&'static str, f64)>>>,
@@ -117,21 +132,18 @@ impl ChunkedSympow {
             SOURCE,
             "fused chunked sympow",
             "sp_smem_sizes",
-            21,
+            SMEM_ENTRIES * HEAD_DIMS.len(),
         )?;
         let mut fns = HashMap::new();
         let mut smem = HashMap::new();
         for (i, &d) in HEAD_DIMS.iter().enumerate() {
-            let mut s = [0u32; 7];
-            for (j, x) in s.iter_mut().enumerate() {
-                *x = sizes[i * 7 + j] as u32;
-            }
-            smem.insert(d, s);
-            for (j, k) in KERNELS.iter().enumerate() {
+            for (k, entry) in KERNELS {
                 let name = format!("{k}_{d}");
-                // sp_bwd_prep uses no dynamic shared memory (index 7 is past the table)
-                let bytes = s.get(j).copied().unwrap_or(0);
+                let bytes = entry.map_or(0, |j| sizes[i * SMEM_ENTRIES + j] as u32);
                 let f = crate::device::load_with_shared_memory(&module, &name, bytes)?;
+                if bytes > 0 {
+                    smem.insert(name.clone(), bytes);
+                }
                 fns.insert(name, f);
             }
         }
@@ -183,8 +195,9 @@ impl ChunkedSympow {
         &self.fns[&format!("{name}_{d}")]
     }
 
-    fn smem(&self, d: usize, which: usize) -> u32 {
-        self.smem[&d][which]
+    /// Launch configuration of kernel `name` for head dimension `d`: its table shared memory.
+    fn cfg(&self, name: &str, d: usize, grid: (usize, usize, usize)) -> LaunchConfig {
+        cfg(grid, self.smem[&format!("{name}_{d}")])
     }
 
     fn stage(
@@ -253,8 +266,8 @@ impl ChunkedSympow {
         reverse: bool,
         fwd: Option<(&CudaSlice<u16>, &mut CudaSlice<f32>)>,
     ) -> CudaSlice<u16> {
-        let mut out = stream
-            .alloc_zeros::<u16>(g.state_len())
+        // SAFETY: sp_chunk_states writes every element before anything reads it.
+        let mut out = unsafe { stream.alloc::<u16>(g.state_len()) }
             .expect("device allocation (chunk states)");
         let (t, l, nc, rev) = (g.t as i32, g.l as i32, g.nc as i32, i32::from(reverse));
         let a = match g.d {
@@ -265,13 +278,13 @@ impl ChunkedSympow {
         {
             let mut b = stream.launch_builder(self.f("sp_chunk_states", g.d));
             b.arg(&mut out).arg(x).arg(y).arg(&t).arg(&l);
-            // SAFETY: as declared in sp_chunk_states; grid (bh, D/A, chunks), A the kernel's
-            // group of first feature indices.
-            unsafe { b.launch(cfg((g.bh, g.d / a, g.nc), self.smem(g.d, 1))) }
+            // SAFETY: as declared in sp_chunk_states; grid (D/A, bh, chunks), A the kernel's
+            // group of first feature indices; every element of `out` is written.
+            unsafe { b.launch(self.cfg("sp_chunk_states", g.d, (g.d / a, g.bh, g.nc))) }
                 .expect("sp_chunk_states");
         }
         let per_chunk = (g.d * g.e * g.d) as i64;
-        let slices = (per_chunk as usize).div_ceil(2 * THREADS as usize * DISC_PER);
+        let slices = (per_chunk as usize).div_ceil(THREADS as usize * DISC_VEC);
         // per-slice parts of ∂Γ, folded below in a fixed order (deterministic)
         let mut parts = fwd.as_ref().map(|_| {
             stream
@@ -288,7 +301,7 @@ impl ChunkedSympow {
                 b.arg(&NULL).arg(&NULL);
             }
         }
-        // SAFETY: as declared in sp_discumsum_all; each thread owns 2·DISC_PER elements of
+        // SAFETY: as declared in sp_discumsum_all; each thread owns DISC_VEC elements of
         // every chunk's state, bounded by per_chunk; the parts buffer has a slot per
         // (bh, chunk, slice).
         unsafe { b.launch(cfg((g.bh, slices, 1), 0)) }.expect("sp_discumsum_all");
@@ -302,7 +315,7 @@ impl ChunkedSympow {
         out
     }
 
-    /// `r = Σ_a x_a (X S[a])` and/or `dx = 2·rowdot(X S[a], W)` per chunk.
+    /// `r = Σ_a x_a (X S[a])` and/or `dx = 2·rowdot(X S[a], W)` per chunk (at least one).
     #[allow(clippy::too_many_arguments)]
     fn read(
         &self,
@@ -325,8 +338,13 @@ impl ChunkedSympow {
                 .expect("device allocation")
         });
         let (t, l, nc) = (g.t as i32, g.l as i32, g.nc as i32);
-        let f = self.f("sp_read", g.d);
-        let mut b = stream.launch_builder(f);
+        let name = match (want_r, w.is_some()) {
+            (true, false) => "sp_read_r",
+            (false, true) => "sp_read_dx",
+            (true, true) => "sp_read_rdx",
+            (false, false) => unreachable!("read wants r, dx or both"),
+        };
+        let mut b = stream.launch_builder(self.f(name, g.d));
         match r.as_mut() {
             Some(x) => b.arg(x),
             None => b.arg(&NULL),
@@ -341,8 +359,9 @@ impl ChunkedSympow {
             None => b.arg(&NULL),
         };
         b.arg(&t).arg(&l).arg(&nc);
-        // SAFETY: as declared in sp_read; one block per 128 tokens of a chunk.
-        unsafe { b.launch(cfg((g.bh, g.nc, g.tiles()), self.smem(g.d, 2))) }.expect("sp_read");
+        // SAFETY: as declared in sp_read; one block per read_rows(d) tokens of a chunk.
+        let tiles = g.l.div_ceil(read_rows(g.d));
+        unsafe { b.launch(self.cfg(name, g.d, (tiles, g.bh, g.nc))) }.expect(name);
         (r, dx)
     }
 
@@ -389,7 +408,8 @@ impl ChunkedSympow {
             .arg(&l)
             .arg(&eps);
         // SAFETY: as declared in sp_intra_fwd; one block per 128 queries of a chunk.
-        unsafe { b.launch(cfg((g.bh, g.nc, g.tiles()), self.smem(g.d, 3))) }.expect("sp_intra_fwd");
+        unsafe { b.launch(self.cfg("sp_intra_fwd", g.d, (g.tiles(), g.bh, g.nc))) }
+            .expect("sp_intra_fwd");
         self.mark(stream, "fwd intra + combine", t0);
         AttentionOut { y, log_norm: ln }
     }
@@ -463,7 +483,7 @@ impl ChunkedSympow {
             b.arg(&st.qs).arg(&st.kr).arg(&st.vp).arg(&dn).arg(&st.g);
             b.arg(&t).arg(&l);
             // SAFETY: as declared in sp_intra_bwd_dkv; one block per 128 keys of a chunk.
-            unsafe { b.launch(cfg((g.bh, g.nc, g.tiles()), self.smem(g.d, 4))) }
+            unsafe { b.launch(self.cfg("sp_intra_bwd_dkv", g.d, (g.tiles(), g.bh, g.nc))) }
                 .expect("sp_intra_bwd_dkv");
         }
         let t0 = self.mark(stream, "bwd intra dk dv", t0);
@@ -474,7 +494,7 @@ impl ChunkedSympow {
             b.arg(&st.qs).arg(&st.kr).arg(&st.vp).arg(&dn).arg(&st.g);
             b.arg(&t).arg(&l);
             // SAFETY: as declared in sp_intra_bwd_dq; one block per 128 queries of a chunk.
-            unsafe { b.launch(cfg((g.bh, g.nc, g.tiles()), self.smem(g.d, 5))) }
+            unsafe { b.launch(self.cfg("sp_intra_bwd_dq", g.d, (g.tiles(), g.bh, g.nc))) }
                 .expect("sp_intra_bwd_dq");
         }
         let t0 = self.mark(stream, "bwd intra dq", t0);
