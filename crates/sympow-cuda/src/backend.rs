@@ -200,6 +200,7 @@ impl CudaBackend {
         let info = crate::detect(ordinal)?;
         let drv = |e: cudarc::driver::DriverError| crate::Unavailable::Driver(e.to_string());
         let ctx = CudaContext::new(ordinal).map_err(drv)?;
+        crate::device::single_stream_allocation(&ctx, ordinal);
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| crate::Unavailable::Driver(format!("cuBLAS: {e}")))?;
@@ -1130,6 +1131,7 @@ impl Backend for CudaBackend {
             return AttentionOut {
                 y: self.upload(&out.y),
                 log_norm: self.upload(&out.log_norm),
+                saved: None,
             };
         }
         let rows = shape.batch * shape.time * shape.heads;
@@ -1152,7 +1154,11 @@ impl Backend for CudaBackend {
             .arg(&a.eps);
         // SAFETY: arguments match the kernel's declaration; one thread per query row.
         unsafe { l.launch(grid(rows)) }.expect("attention_forward");
-        AttentionOut { y, log_norm: ln }
+        AttentionOut {
+            y,
+            log_norm: ln,
+            saved: None,
+        }
     }
     fn attention_backward(
         &self,
@@ -1181,6 +1187,7 @@ impl Backend for CudaBackend {
             let host_out = AttentionOut {
                 y: self.download(&out.y),
                 log_norm: self.download(&out.log_norm),
+                saved: None,
             };
             let gr = self.cpu.attention_backward(
                 spec,

@@ -2,7 +2,7 @@
 //! inputs, forward and backward, and a whole model's loss and gradients on both backends.
 
 use crate::CudaBackend;
-use sympow::attention::{AttentionSpec, Form, Shape};
+use sympow::attention::{AttentionOut, AttentionSpec, Form, Shape};
 use sympow::backend::{Backend, CpuBackend};
 use sympow::config::Config;
 use sympow::model::Model;
@@ -780,9 +780,47 @@ fn fused_attention_checks(
                         tol: BF16_TOL,
                     },
                 );
+                if gated && time == 700 {
+                    recompute_check(gpu, rows, &spec, &shape, [&q, &k, &v], &lg, &dy);
+                }
                 gpu.set_attention_chunk(crate::chunked::DEFAULT_CHUNK);
             }
         }
+    }
+}
+
+/// The fused backward given a forward output without its saved operands and states (so it
+/// recomputes them) gives the same gradients as with them.
+fn recompute_check(
+    gpu: &CudaBackend,
+    rows: &mut Vec<Row>,
+    spec: &AttentionSpec,
+    shape: &Shape,
+    qkv: [&Vec<f32>; 3],
+    gates: &[f32],
+    dy: &[f32],
+) {
+    let [q, k, v] = qkv.map(|x| gpu.upload(x));
+    let (g, dy) = (gpu.upload(gates), gpu.upload(dy));
+    let form = Form::Chunked(64);
+    let out = gpu.attention_forward(spec, form, shape, &q, &k, &v, Some(&g));
+    let bare = AttentionOut {
+        saved: None,
+        ..out.clone()
+    };
+    let a = gpu.attention_backward(spec, form, shape, &q, &k, &v, Some(&g), &out, &dy);
+    let b = gpu.attention_backward(spec, form, shape, &q, &k, &v, Some(&g), &bare, &dy);
+    let what = format!(
+        "fused sympow d={} backward recomputing its states",
+        shape.dk
+    );
+    for (name, x, y) in [
+        ("dq", &a.dq, &b.dq),
+        ("dk", &a.dk, &b.dk),
+        ("dv", &a.dv, &b.dv),
+    ] {
+        let (x, y) = (gpu.download(x), gpu.download(y));
+        push(rows, &format!("{what} {name} = saved"), &x, &y, 1e-6);
     }
 }
 

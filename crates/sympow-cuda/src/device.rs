@@ -21,6 +21,38 @@ impl CudaGpu {
     }
 }
 
+/// Makes allocation cheap on a context that runs one stream (the backend's): the device's default
+/// stream-ordered memory pool keeps the memory freed into it instead of returning it to the
+/// driver at every synchronisation (its default release threshold is 0), and slices carry no
+/// CUDA events (cudarc creates two per allocation to order uses across streams; one stream needs
+/// none). Every op allocates its output, so a training step otherwise mapped fresh pages for most
+/// of its buffers each time — the cost PyTorch's caching allocator avoids. If the pool cannot be
+/// configured, allocation still works, only slower.
+pub(crate) fn single_stream_allocation(ctx: &CudaContext, ordinal: usize) {
+    // SAFETY: the caller's context runs all its work on one stream, so no slice is used on a
+    // stream other than the one it was allocated and freed on.
+    unsafe { ctx.disable_event_tracking() };
+    if !ctx.has_async_alloc() {
+        return;
+    }
+    let Ok(dev) = result::device::get(ordinal as i32) else {
+        return;
+    };
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: the driver is initialised (the context exists); the pool handle is written by the
+    // first call and the attribute takes a u64, as documented for RELEASE_THRESHOLD.
+    unsafe {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, dev) == sys::CUresult::CUDA_SUCCESS {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            );
+        }
+    }
+}
+
 pub(crate) fn detect(ordinal: usize) -> Result<GpuInfo, Unavailable> {
     // SAFETY: only tries to dlopen the driver library; touches no CUDA state.
     if !unsafe { sys::is_culib_present() } {

@@ -150,7 +150,11 @@ impl FlashSoftmax {
         // SAFETY: arguments match flash_fwd's declaration; the grid covers every 64-query tile
         // of every (sequence, head), and the kernel bounds rows past T.
         unsafe { l.launch(cfg) }.expect("flash_fwd");
-        AttentionOut { y, log_norm: lse }
+        AttentionOut {
+            y,
+            log_norm: lse,
+            saved: None,
+        }
     }
 
     /// ∂q, ∂k, ∂v from ∂y, given the forward's output.

@@ -170,7 +170,11 @@ impl CudaBackend {
                 );
             }
         }
-        AttentionOut { y, log_norm }
+        AttentionOut {
+            y,
+            log_norm,
+            saved: None,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

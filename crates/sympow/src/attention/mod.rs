@@ -175,7 +175,15 @@ pub struct AttentionOut<T> {
     pub y: T,
     /// `[batch, time, heads]`: ln(Σ_s a_ts + ε) in true scale (for softmax, the log-sum-exp).
     pub log_norm: T,
+    /// What else the implementation that ran the forward kept for its own backward, so that the
+    /// backward need not recompute it (the fused GPU kernels' bf16 operands and chunk states);
+    /// `None` for the reference forms. A backward given `None` recomputes.
+    pub saved: Option<Saved>,
 }
+
+/// Implementation-specific activations of an [`AttentionOut`] (type-erased: only the
+/// implementation that made them reads them back).
+pub type Saved = std::sync::Arc<dyn std::any::Any + Send + Sync>;
 
 /// Gradients of a backward pass.
 #[derive(Clone, Debug)]
@@ -305,7 +313,11 @@ where
 /// The forward's per-head outputs `[y, log_norm]`, scattered, as an [`AttentionOut`].
 pub(crate) fn forward_out<F>(outs: Vec<Vec<F>>) -> AttentionOut<Vec<F>> {
     let [y, log_norm]: [Vec<F>; 2] = outs.try_into().ok().expect("y and log_norm");
-    AttentionOut { y, log_norm }
+    AttentionOut {
+        y,
+        log_norm,
+        saved: None,
+    }
 }
 
 /// The backward's per-head outputs `[dq, dk, dv, dg]`, scattered, as [`AttentionGrads`].
