@@ -25,22 +25,6 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// A fragment (rows r0.., columns k0..k0+16) of a row-major bf16 tile with leading dimension ld.
-__device__ __forceinline__ void lda(u32* a, const bf16* s, int ld, int r0, int k0) {
-    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const bf16* p = s + (r0 + g) * ld + k0 + 2 * t;
-    a[0] = *(const u32*)p;
-    a[1] = *(const u32*)(p + 8 * ld);
-    a[2] = *(const u32*)(p + 8);
-    a[3] = *(const u32*)(p + 8 * ld + 8);
-}
-// B fragment (k0..k0+16 × n0..n0+8) of a tile stored n-major: s[n * ld + k].
-__device__ __forceinline__ void ldb(u32* b, const bf16* s, int ld, int n0, int k0) {
-    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const bf16* p = s + (n0 + g) * ld + k0 + 2 * t;
-    b[0] = *(const u32*)p;
-    b[1] = *(const u32*)(p + 8);
-}
 // Two accumulator tiles (columns n, n+8 of a 16-row block) as the A fragment of the next product.
 __device__ __forceinline__ void acc_to_a(u32* a, const float* c0, const float* c1) {
     a[0] = pack2(c0[0], c0[1]);
@@ -80,19 +64,28 @@ __device__ __forceinline__ void lda_kmajor(u32* a, const bf16* s, int ld, int m0
     ldsm_x4_t(a, s + (k0 + (mi >> 1) * 8 + r) * ld + m0 + (mi & 1) * 8);
 }
 
+// A fragment (rows r0..r0+16, columns k0..k0+16) of a row-major tile, s[r * ld + k]: one
+// ldmatrix instead of four 32-bit loads (ld·2 bytes and k0 multiples of 16 bytes).
+__device__ __forceinline__ void lda(u32* a, const bf16* s, int ld, int r0, int k0) {
+    int lane = threadIdx.x & 31;
+    ldsm_x4(a, s + (r0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
+}
+
 // acc[0..NT8) += A·B for the 16 rows row0.. of A (row-major, K columns) and B stored n-major,
-// b[n * ldb_ + k] (K × 8·NT8): the building block of every tile product here.
+// b[n * ldb_ + k] (K × 8·NT8, NT8 even): the building block of every tile product here.
 template <int K, int NT8>
 __device__ __forceinline__ void mma_rows(float (*acc)[4], const bf16* a, int lda_, int row0, const bf16* b, int ldb_) {
+    static_assert(NT8 % 2 == 0, "mma_rows takes B two 8-column tiles at a time");
 #pragma unroll
     for (int kk = 0; kk < K; kk += 16) {
         u32 af[4];
         lda(af, a, lda_, row0, kk);
 #pragma unroll
-        for (int nt = 0; nt < NT8; nt++) {
-            u32 bfr[2];
-            ldb(bfr, b, ldb_, nt * 8, kk);
+        for (int nt = 0; nt < NT8; nt += 2) {
+            u32 bfr[4];
+            ldb2_nmajor(bfr, b, ldb_, nt * 8, kk);
             mma16816(acc[nt], af, bfr);
+            mma16816(acc[nt + 1], af, bfr + 2);
         }
     }
 }

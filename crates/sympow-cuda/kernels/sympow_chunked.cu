@@ -58,9 +58,11 @@ template <int D> struct Smem {
     static constexpr int read_qt = 16 * Dm::RM * WARPS;
     static constexpr int read_r = (2 * E * (D + 8) + read_qt * (D + 8)) * 2;
     static constexpr int read_dx = read_r + read_qt * (E + 8) * 2 + read_qt * 9 * 4;
-    static constexpr int intra_fwd = (128 * (D + 8) + 64 * (D + 8) + 64 * (E + 8)) * 2 + 64 * 4;
-    static constexpr int dkv = (128 * (D + 8) + 128 * (E + 8) + Dm::QB * (D + 8) + Dm::QB * (E + 8)) * 2 + Dm::QB * 4;
-    static constexpr int dq = (128 * (D + 8) + 128 * (E + 8) + 64 * (D + 8) + 64 * (E + 8)) * 2 + 64 * 4;
+    // intra kernels: a fixed 128-row tile, then two stages of the streamed tiles and their G
+    static constexpr int intra_fwd = (128 * (D + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + 2 * 64 * 4;
+    static constexpr int dkv =
+        (128 * (D + 8) + 128 * (E + 8) + 2 * Dm::QB * (D + 8) + 2 * Dm::QB * (E + 8)) * 2 + 2 * Dm::QB * 4;
+    static constexpr int dq = (128 * (D + 8) + 128 * (E + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + 2 * 64 * 4;
     static constexpr int final_ = 0;  // sized by the host: (L + WARPS)·4 bytes
 };
 
@@ -382,6 +384,24 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
 }
 
 // ---------------------------------------------------------------------------------------------
+// The intra-chunk kernels stream tiles of rows r0.. (r0 < end) of a D-wide and an E-wide bf16
+// operand and their G values, double-buffered: this issues one stage's asynchronous copies (rows
+// past T zero-filled) and commits a group even when there is nothing left to load, so that
+// cp_async_wait_prev always waits for the stage about to be read.
+template <int D>
+__device__ __forceinline__ void issue_tiles(bf16* A, bf16* B, float* Gs, const bf16* a, const bf16* b, const float* G,
+                                            long base, int r0, int end, int T, int rows) {
+    constexpr int E = Dims<D>::E;
+    if (r0 < end) {
+        int n = min(rows, T - r0);
+        load_rows_async(A, D + 8, a + (base + r0) * D, n, rows, D);
+        load_rows_async(B, E + 8, b + (base + r0) * E, n, rows, E);
+        for (int i = threadIdx.x; i < rows; i += blockDim.x) Gs[i] = i < n ? G[base + r0 + i] : 0.f;
+    }
+    cp_async_commit();
+}
+
+// ---------------------------------------------------------------------------------------------
 // Intra-chunk attention of 128 queries (8 warps × 16) against the chunk's earlier keys, 64 at a
 // time, then the combine with the inter-chunk part `inter` ([BH][T][E] f32, numerator|den).
 template <int D>
@@ -390,9 +410,9 @@ __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf
     typedef Dims<D> Dm;
     constexpr int E = Dm::E, NT = Dm::NT, QT = 128, KT = 64, LDQ = D + 8, LDV = E + 8;
     bf16* Qs = (bf16*)smem;        // [QT][LDQ]
-    bf16* Ks = Qs + QT * LDQ;      // [KT][LDQ]
-    bf16* Vs = Ks + KT * LDQ;      // [KT][LDV]
-    float* Gk = (float*)(Vs + KT * LDV);
+    bf16* Ks = Qs + QT * LDQ;      // two stages of [KT][LDQ]
+    bf16* Vs = Ks + 2 * KT * LDQ;  // two stages of [KT][LDV]
+    float* Gk = (float*)(Vs + 2 * KT * LDV);  // two stages of [KT]
     int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z, b = bh / H, h = bh % H;
     int c0 = ci * L, q0 = c0 + tile * QT;
     if (tile * QT >= L || q0 >= T) return;
@@ -407,40 +427,44 @@ __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf
 #pragma unroll
         for (int i = 0; i < 4; i++) acc[nt][i] = 0.f;
     int kend = min(q0 + QT, T);
-    for (int k0 = c0; k0 < kend; k0 += KT) {
-        int nk = min(KT, T - k0);
+    issue_tiles<D>(Ks, Vs, Gk, kr, vp, G, (long)bh * T, c0, kend, T, KT);
+    for (int k0 = c0, it = 0; k0 < kend; k0 += KT, it++) {
+        int nx = (it + 1) & 1;
+        issue_tiles<D>(Ks + nx * KT * LDQ, Vs + nx * KT * LDV, Gk + nx * KT, kr, vp, G, (long)bh * T, k0 + KT, kend, T,
+                       KT);
+        cp_async_wait_prev();
         __syncthreads();
-        load_rows(Ks, LDQ, kr + ((long)bh * T + k0) * D, nk, KT, D);
-        load_rows(Vs, LDV, vp + ((long)bh * T + k0) * E, nk, KT, E);
-        for (int i = threadIdx.x; i < KT; i += blockDim.x) Gk[i] = i < nk ? G[(long)bh * T + k0 + i] : 0.f;
-        __syncthreads();
-        if (k0 > q0 + row0 + 15) continue;  // every key after every query of this warp
-        float s[KT / 8][4];
+        const bf16 *Kc = Ks + (it & 1) * KT * LDQ, *Vc = Vs + (it & 1) * KT * LDV;
+        const float* Gc = Gk + (it & 1) * KT;
+        if (k0 <= q0 + row0 + 15) {  // else every key comes after every query of this warp
+            float s[KT / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < KT / 8; nt++)
+            for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) s[nt][i] = 0.f;
-        mma_rows<D, KT / 8>(s, Qs, LDQ, row0, Ks, LDQ);
+                for (int i = 0; i < 4; i++) s[nt][i] = 0.f;
+            mma_rows<D, KT / 8>(s, Qs, LDQ, row0, Kc, LDQ);
 #pragma unroll
-        for (int nt = 0; nt < KT / 8; nt++)
+            for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                int qi = i >= 2 ? qi1 : qi0, kj = k0 + nt * 8 + 2 * t + (i & 1);
-                float u = s[nt][i];
-                s[nt][i] = (kj <= qi && kj < T) ? u * u * expf((i >= 2 ? Gq1 : Gq0) - Gk[kj - k0]) : 0.f;
-            }
+                for (int i = 0; i < 4; i++) {
+                    int qi = i >= 2 ? qi1 : qi0, kj = k0 + nt * 8 + 2 * t + (i & 1);
+                    float u = s[nt][i];
+                    s[nt][i] = (kj <= qi && kj < T) ? u * u * expf((i >= 2 ? Gq1 : Gq0) - Gc[kj - k0]) : 0.f;
+                }
 #pragma unroll
-        for (int ks = 0; ks < KT / 16; ks++) {
-            u32 pf[4];
-            acc_to_a(pf, s[2 * ks], s[2 * ks + 1]);
+            for (int ks = 0; ks < KT / 16; ks++) {
+                u32 pf[4];
+                acc_to_a(pf, s[2 * ks], s[2 * ks + 1]);
 #pragma unroll
-            for (int nt = 0; nt < NT; nt += 2) {
-                u32 bfr[4];
-                ldb2_kmajor(bfr, Vs, LDV, ks * 16, nt * 8);
-                mma16816(acc[nt], pf, bfr);
-                mma16816(acc[nt + 1], pf, bfr + 2);
+                for (int nt = 0; nt < NT; nt += 2) {
+                    u32 bfr[4];
+                    ldb2_kmajor(bfr, Vc, LDV, ks * 16, nt * 8);
+                    mma16816(acc[nt], pf, bfr);
+                    mma16816(acc[nt + 1], pf, bfr + 2);
+                }
             }
         }
+        __syncthreads();  // this stage is refilled by the next iteration's issue
     }
     // combine: the denominator is column D (tile D/8, element 0/2 of the row's first lane)
     int src = lane & ~3;
@@ -497,9 +521,9 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
     constexpr int E = Dm::E, NT = Dm::NT, QB = Dm::QB, KB = 128, LDK = D + 8, LDV = E + 8;
     bf16* Ks = (bf16*)smem;        // [KB][LDK]
     bf16* Vs = Ks + KB * LDK;      // [KB][LDV]
-    bf16* Qs = Vs + KB * LDV;      // [QB][LDK]
-    bf16* Ns = Qs + QB * LDK;      // [QB][LDV]
-    float* Gq = (float*)(Ns + QB * LDV);
+    bf16* Qs = Vs + KB * LDV;      // two stages of [QB][LDK]
+    bf16* Ns = Qs + 2 * QB * LDK;  // two stages of [QB][LDV]
+    float* Gq = (float*)(Ns + 2 * QB * LDV);  // two stages of [QB]
     int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z;
     int k0 = ci * L + tile * KB;
     if (tile * KB >= L || k0 >= T) return;
@@ -518,56 +542,60 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
     for (int nt = 0; nt < D / 8; nt++)
 #pragma unroll
         for (int i = 0; i < 4; i++) dka[nt][i] = 0.f;
-    for (int qa = k0; qa < cend; qa += QB) {
-        int nq = min(QB, T - qa);
+    issue_tiles<D>(Qs, Ns, Gq, qs, dN, G, (long)bh * T, k0, cend, T, QB);
+    for (int qa = k0, it = 0; qa < cend; qa += QB, it++) {
+        int nx = (it + 1) & 1;
+        issue_tiles<D>(Qs + nx * QB * LDK, Ns + nx * QB * LDV, Gq + nx * QB, qs, dN, G, (long)bh * T, qa + QB, cend, T,
+                       QB);
+        cp_async_wait_prev();
         __syncthreads();
-        load_rows(Qs, LDK, qs + ((long)bh * T + qa) * D, nq, QB, D);
-        load_rows(Ns, LDV, dN + ((long)bh * T + qa) * E, nq, QB, E);
-        for (int i = threadIdx.x; i < QB; i += blockDim.x) Gq[i] = i < nq ? G[(long)bh * T + qa + i] : 0.f;
-        __syncthreads();
-        if (k0 + row0 > qa + QB - 1) continue;  // every query before every key of this warp
-        float st[QB / 8][4], da[QB / 8][4];
+        const bf16 *Qc = Qs + (it & 1) * QB * LDK, *Nc = Ns + (it & 1) * QB * LDV;
+        const float* Gc = Gq + (it & 1) * QB;
+        if (k0 + row0 <= qa + QB - 1) {  // else every query comes before every key of this warp
+            float st[QB / 8][4], da[QB / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < QB / 8; nt++)
+            for (int nt = 0; nt < QB / 8; nt++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) st[nt][i] = da[nt][i] = 0.f;
-        mma_rows<D, QB / 8>(st, Ks, LDK, row0, Qs, LDK);  // Sᵀ = K Qᵀ
-        mma_rows<E, QB / 8>(da, Vs, LDV, row0, Ns, LDV);  // ∂Aᵀ = V' ∂Nᵀ
+                for (int i = 0; i < 4; i++) st[nt][i] = da[nt][i] = 0.f;
+            mma_rows<D, QB / 8>(st, Ks, LDK, row0, Qc, LDK);  // Sᵀ = K Qᵀ
+            mma_rows<E, QB / 8>(da, Vs, LDV, row0, Nc, LDV);  // ∂Aᵀ = V' ∂Nᵀ
 #pragma unroll
-        for (int nt = 0; nt < QB / 8; nt++)
+            for (int nt = 0; nt < QB / 8; nt++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                int kj = i >= 2 ? kj1 : kj0, qi = qa + nt * 8 + 2 * t + (i & 1);
-                float a = 0.f, ds = 0.f;
-                if (kj <= qi && qi < T && kj < T) {
-                    float u = st[nt][i], wgt = expf(Gq[qi - qa] - (i >= 2 ? Gk1 : Gk0));
-                    a = u * u * wgt;
-                    ds = da[nt][i] * 2.f * u * wgt;
-                    if (i >= 2) dg1 -= da[nt][i] * a; else dg0 -= da[nt][i] * a;
+                for (int i = 0; i < 4; i++) {
+                    int kj = i >= 2 ? kj1 : kj0, qi = qa + nt * 8 + 2 * t + (i & 1);
+                    float a = 0.f, ds = 0.f;
+                    if (kj <= qi && qi < T && kj < T) {
+                        float u = st[nt][i], wgt = expf(Gc[qi - qa] - (i >= 2 ? Gk1 : Gk0));
+                        a = u * u * wgt;
+                        ds = da[nt][i] * 2.f * u * wgt;
+                        if (i >= 2) dg1 -= da[nt][i] * a; else dg0 -= da[nt][i] * a;
+                    }
+                    st[nt][i] = a;
+                    da[nt][i] = ds;
                 }
-                st[nt][i] = a;
-                da[nt][i] = ds;
-            }
 #pragma unroll
-        for (int ks = 0; ks < QB / 16; ks++) {
-            u32 pf[4], df[4];
-            acc_to_a(pf, st[2 * ks], st[2 * ks + 1]);
-            acc_to_a(df, da[2 * ks], da[2 * ks + 1]);
+            for (int ks = 0; ks < QB / 16; ks++) {
+                u32 pf[4], df[4];
+                acc_to_a(pf, st[2 * ks], st[2 * ks + 1]);
+                acc_to_a(df, da[2 * ks], da[2 * ks + 1]);
 #pragma unroll
-            for (int nt = 0; nt < NT; nt += 2) {  // ∂V' += Aᵀ ∂N
-                u32 bfr[4];
-                ldb2_kmajor(bfr, Ns, LDV, ks * 16, nt * 8);
-                mma16816(dva[nt], pf, bfr);
-                mma16816(dva[nt + 1], pf, bfr + 2);
-            }
+                for (int nt = 0; nt < NT; nt += 2) {  // ∂V' += Aᵀ ∂N
+                    u32 bfr[4];
+                    ldb2_kmajor(bfr, Nc, LDV, ks * 16, nt * 8);
+                    mma16816(dva[nt], pf, bfr);
+                    mma16816(dva[nt + 1], pf, bfr + 2);
+                }
 #pragma unroll
-            for (int nt = 0; nt < D / 8; nt += 2) {  // ∂K += ∂Sᵀ Q
-                u32 bfr[4];
-                ldb2_kmajor(bfr, Qs, LDK, ks * 16, nt * 8);
-                mma16816(dka[nt], df, bfr);
-                mma16816(dka[nt + 1], df, bfr + 2);
+                for (int nt = 0; nt < D / 8; nt += 2) {  // ∂K += ∂Sᵀ Q
+                    u32 bfr[4];
+                    ldb2_kmajor(bfr, Qc, LDK, ks * 16, nt * 8);
+                    mma16816(dka[nt], df, bfr);
+                    mma16816(dka[nt + 1], df, bfr + 2);
+                }
             }
         }
+        __syncthreads();  // this stage is refilled by the next iteration's issue
     }
 #pragma unroll
     for (int nt = 0; nt < D / 8; nt++)
@@ -596,9 +624,9 @@ __device__ void sp_intra_bwd_dq(float* dqs, float* dGq, const bf16* qs, const bf
     constexpr int E = Dm::E, QB = 128, KT = 64, LDK = D + 8, LDV = E + 8;
     bf16* Qs = (bf16*)smem;        // [QB][LDK]
     bf16* Ns = Qs + QB * LDK;      // [QB][LDV]
-    bf16* Ks = Ns + QB * LDV;      // [KT][LDK]
-    bf16* Vs = Ks + KT * LDK;      // [KT][LDV]
-    float* Gk = (float*)(Vs + KT * LDV);
+    bf16* Ks = Ns + QB * LDV;      // two stages of [KT][LDK]
+    bf16* Vs = Ks + 2 * KT * LDK;  // two stages of [KT][LDV]
+    float* Gk = (float*)(Vs + 2 * KT * LDV);  // two stages of [KT]
     int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z;
     int c0 = ci * L, q0 = c0 + tile * QB;
     if (tile * QB >= L || q0 >= T) return;
@@ -614,47 +642,51 @@ __device__ void sp_intra_bwd_dq(float* dqs, float* dGq, const bf16* qs, const bf
 #pragma unroll
         for (int i = 0; i < 4; i++) dqa[nt][i] = 0.f;
     int kend = min(q0 + QB, T);
-    for (int k0 = c0; k0 < kend; k0 += KT) {
-        int nk = min(KT, T - k0);
+    issue_tiles<D>(Ks, Vs, Gk, kr, vp, G, (long)bh * T, c0, kend, T, KT);
+    for (int k0 = c0, it = 0; k0 < kend; k0 += KT, it++) {
+        int nx = (it + 1) & 1;
+        issue_tiles<D>(Ks + nx * KT * LDK, Vs + nx * KT * LDV, Gk + nx * KT, kr, vp, G, (long)bh * T, k0 + KT, kend, T,
+                       KT);
+        cp_async_wait_prev();
         __syncthreads();
-        load_rows(Ks, LDK, kr + ((long)bh * T + k0) * D, nk, KT, D);
-        load_rows(Vs, LDV, vp + ((long)bh * T + k0) * E, nk, KT, E);
-        for (int i = threadIdx.x; i < KT; i += blockDim.x) Gk[i] = i < nk ? G[(long)bh * T + k0 + i] : 0.f;
-        __syncthreads();
-        if (k0 > q0 + row0 + 15) continue;
-        float s[KT / 8][4], da[KT / 8][4];
+        const bf16 *Kc = Ks + (it & 1) * KT * LDK, *Vc = Vs + (it & 1) * KT * LDV;
+        const float* Gc = Gk + (it & 1) * KT;
+        if (k0 <= q0 + row0 + 15) {  // else every key comes after every query of this warp
+            float s[KT / 8][4], da[KT / 8][4];
 #pragma unroll
-        for (int nt = 0; nt < KT / 8; nt++)
+            for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) s[nt][i] = da[nt][i] = 0.f;
-        mma_rows<D, KT / 8>(s, Qs, LDK, row0, Ks, LDK);  // S = Q Kᵀ
-        mma_rows<E, KT / 8>(da, Ns, LDV, row0, Vs, LDV);  // ∂A = ∂N V'ᵀ
+                for (int i = 0; i < 4; i++) s[nt][i] = da[nt][i] = 0.f;
+            mma_rows<D, KT / 8>(s, Qs, LDK, row0, Kc, LDK);  // S = Q Kᵀ
+            mma_rows<E, KT / 8>(da, Ns, LDV, row0, Vc, LDV);  // ∂A = ∂N V'ᵀ
 #pragma unroll
-        for (int nt = 0; nt < KT / 8; nt++)
+            for (int nt = 0; nt < KT / 8; nt++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                int qi = i >= 2 ? qi1 : qi0, kj = k0 + nt * 8 + 2 * t + (i & 1);
-                float ds = 0.f;
-                if (kj <= qi && kj < T && qi < T) {
-                    float u = s[nt][i], wgt = expf((i >= 2 ? Gq1 : Gq0) - Gk[kj - k0]);
-                    float a = u * u * wgt;
-                    ds = da[nt][i] * 2.f * u * wgt;
-                    if (i >= 2) dg1 += da[nt][i] * a; else dg0 += da[nt][i] * a;
+                for (int i = 0; i < 4; i++) {
+                    int qi = i >= 2 ? qi1 : qi0, kj = k0 + nt * 8 + 2 * t + (i & 1);
+                    float ds = 0.f;
+                    if (kj <= qi && kj < T && qi < T) {
+                        float u = s[nt][i], wgt = expf((i >= 2 ? Gq1 : Gq0) - Gc[kj - k0]);
+                        float a = u * u * wgt;
+                        ds = da[nt][i] * 2.f * u * wgt;
+                        if (i >= 2) dg1 += da[nt][i] * a; else dg0 += da[nt][i] * a;
+                    }
+                    da[nt][i] = ds;
                 }
-                da[nt][i] = ds;
-            }
 #pragma unroll
-        for (int ks = 0; ks < KT / 16; ks++) {  // ∂Q += ∂S K
-            u32 df[4];
-            acc_to_a(df, da[2 * ks], da[2 * ks + 1]);
+            for (int ks = 0; ks < KT / 16; ks++) {  // ∂Q += ∂S K
+                u32 df[4];
+                acc_to_a(df, da[2 * ks], da[2 * ks + 1]);
 #pragma unroll
-            for (int nt = 0; nt < D / 8; nt += 2) {
-                u32 bfr[4];
-                ldb2_kmajor(bfr, Ks, LDK, ks * 16, nt * 8);
-                mma16816(dqa[nt], df, bfr);
-                mma16816(dqa[nt + 1], df, bfr + 2);
+                for (int nt = 0; nt < D / 8; nt += 2) {
+                    u32 bfr[4];
+                    ldb2_kmajor(bfr, Kc, LDK, ks * 16, nt * 8);
+                    mma16816(dqa[nt], df, bfr);
+                    mma16816(dqa[nt + 1], df, bfr + 2);
+                }
             }
         }
+        __syncthreads();  // this stage is refilled by the next iteration's issue
     }
 #pragma unroll
     for (int nt = 0; nt < D / 8; nt++)
@@ -802,7 +834,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #define SMEM_ENTRIES 9
 template <int D> __device__ void smem_sizes(int* o) {
     typedef Smem<D> S;
-    int v[SMEM_ENTRIES] = {S::prep, S::states, S::read_r, S::read_dx, S::read_dx, S::intra_fwd, S::dkv, S::dq, S::final_};
+    int v[SMEM_ENTRIES] = {S::prep,      S::states, S::read_r, S::read_dx, S::read_dx,
+                           S::intra_fwd, S::dkv,    S::dq,     S::final_};
     for (int i = 0; i < SMEM_ENTRIES; i++) o[i] = v[i];
 }
 extern "C" __global__ void sp_smem_sizes(int* out) {
