@@ -39,9 +39,10 @@ __device__ __forceinline__ float quad_sum(float x) {
 template <int D> struct Dims {
     static constexpr int E = ((D + 1 + 15) / 16) * 16;  // [v, 1] padded to 16 columns
     static constexpr int NT = E / 8;                     // accumulator tiles across E
-    // sp_chunk_states: a block owns A values of the first feature index, 8·U (a, 16-row) units.
-    static constexpr int U = D >= 128 ? 1 : 2;
-    static constexpr int A = WARPS * U / (D / 16);
+    // sp_chunk_states: each warp owns one 16-row tile of b for U consecutive values of the first
+    // feature index a; a block owns A values of a (WARPS / (D/16) groups of U).
+    static constexpr int U = D >= 128 ? 2 : 4;
+    static constexpr int A = WARPS / (D / 16) * U;
     static constexpr int TT = 64;  // tokens per staged tile
     // intra backward: queries per tile of the key-side kernel
     static constexpr int QB = D >= 128 ? 32 : 64;
@@ -119,8 +120,10 @@ __device__ void sp_prep(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float*
 // One chunk's contribution to the state, out[bh][i][a][j][b] = Σ_τ x_τa x_τb y_τj (bf16), for
 // x = k̃, y = v' (forward: ΔS_i) or x = q̃, y = ∂N (backward: the state gradient taken directly by
 // chunk i's queries). Block (group of A first indices a, bh, chunk i) — a chunk's groups run side
-// by side, so its tokens come from DRAM once; each warp owns U
-// (a, 16 rows of b) units × all E columns; tiles of TT tokens, token-major in shared memory.
+// by side, so its tokens come from DRAM once. Each warp owns 16 rows of b for U consecutive a ×
+// all E columns: one A fragment (x_τb) per 16 tokens, scaled by x_τa for each a (the U scalars of
+// a token row are one shared-memory load), and each B fragment (y) feeds all U. Tiles of TT
+// tokens, token-major in shared memory.
 template <int D>
 __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, int L) {
     typedef Dims<D> Dm;
@@ -129,6 +132,7 @@ __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, 
     constexpr int STAGE = TT * (LDX + LDY);
     int a0 = blockIdx.x * Dm::A, bh = blockIdx.y, ci = blockIdx.z, NC = gridDim.z;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int mt = warp % MT, ab = a0 + warp / MT * U;  // this warp's tile of b and its first a
     float acc[U][NT][4];
 #pragma unroll
     for (int u = 0; u < U; u++)
@@ -157,17 +161,30 @@ __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, 
         const bf16* Ys = Xs + TT * LDX;
 #pragma unroll
         for (int kk = 0; kk < TT; kk += 16) {
-            u32 af[U][4];
+            u32 xb[4], af[U][4];
+            lda_kmajor(xb, Xs, LDX, mt * 16, kk);  // A(b, τ) = x_τb
+            float xs[4][U];  // x_τa at the fragment's token rows 2t, 2t+1, 2t+8, 2t+9
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const bf16* p = Xs + (kk + 2 * t + (r & 1) + (r >> 1) * 8) * LDX + ab;
+                u32 w[U / 2];
+                if (U == 4) {
+                    uint2 v = *(const uint2*)p;
+                    w[0] = v.x;
+                    w[U / 2 - 1] = v.y;
+                } else {
+                    w[0] = *(const u32*)p;
+                }
+#pragma unroll
+                for (int u = 0; u < U; u++)
+                    xs[r][u] = __uint_as_float((u & 1) ? w[u / 2] & 0xffff0000u : w[u / 2] << 16);
+            }
 #pragma unroll
             for (int u = 0; u < U; u++) {
-                int unit = warp * U + u, a = a0 + unit / MT, mt = unit % MT;
-                lda_kmajor(af[u], Xs, LDX, mt * 16, kk);  // A(b, τ) = x_τb
-                const bf16* xa = Xs + (kk + 2 * t) * LDX + a;  // times x_τa
-                float s0f = b2f(xa[0]), s1f = b2f(xa[LDX]), s8 = b2f(xa[8 * LDX]), s9 = b2f(xa[9 * LDX]);
-                af[u][0] = scale2(af[u][0], s0f, s1f);
-                af[u][1] = scale2(af[u][1], s0f, s1f);
-                af[u][2] = scale2(af[u][2], s8, s9);
-                af[u][3] = scale2(af[u][3], s8, s9);
+                af[u][0] = scale2(xb[0], xs[0][u], xs[1][u]);
+                af[u][1] = scale2(xb[1], xs[0][u], xs[1][u]);
+                af[u][2] = scale2(xb[2], xs[2][u], xs[3][u]);
+                af[u][3] = scale2(xb[3], xs[2][u], xs[3][u]);
             }
 #pragma unroll
             for (int nt = 0; nt < NT; nt += 2) {  // each B fragment feeds all U units
@@ -184,8 +201,7 @@ __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, 
     }
 #pragma unroll
     for (int u = 0; u < U; u++) {
-        int unit = warp * U + u, a = a0 + unit / MT, mt = unit % MT;
-        long base = (((long)bh * NC + ci) * D + a) * E * D;
+        long base = (((long)bh * NC + ci) * D + ab + u) * E * D;
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll

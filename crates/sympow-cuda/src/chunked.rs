@@ -281,10 +281,11 @@ impl ChunkedSympow {
         let mut out = unsafe { stream.alloc::<u16>(g.state_len()) }
             .expect("device allocation (chunk states)");
         let (t, l, nc, rev) = (g.t as i32, g.l as i32, g.nc as i32, i32::from(reverse));
+        // values of the first feature index per block (Dims<D>::A in the kernel source)
         let a = match g.d {
-            32 => 8,
-            64 => 4,
-            _ => 1,
+            32 => 16,
+            64 => 8,
+            _ => 2,
         };
         {
             let mut b = stream.launch_builder(self.f("sp_chunk_states", g.d));
