@@ -29,10 +29,12 @@ struct Cli {
     /// Run on the CPU even when this build has CUDA and a GPU is present.
     #[arg(long, global = true)]
     cpu: bool,
-    /// On the GPU, run the f32 matrix products (linear layers, LM head) in full f32 instead of
-    /// on TF32 tensor cores (10-bit mantissa, f32 accumulation; about 8× faster).
-    #[arg(long, global = true)]
-    f32_matmul: bool,
+    /// On the GPU, how the matrix products of the linear layers and the LM head run: f32
+    /// operands on TF32 tensor cores (10-bit mantissa, f32 accumulation), bf16 operands with
+    /// f32 accumulation (as PyTorch's bf16 autocast; weights, activations and optimizer state
+    /// stay f32), or full f32 (about an eighth of the TF32 rate).
+    #[arg(long, global = true, default_value = "tf32", value_parser = ["tf32", "bf16", "f32"])]
+    matmul: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -408,7 +410,7 @@ fn print_summary(s: &train::TrainSummary, out: &Path) {
 fn main() {
     let cli = Cli::parse();
     #[cfg(feature = "cuda")]
-    sympow_cuda::set_default_tf32(!cli.f32_matmul);
+    sympow_cuda::set_default_matmul(cli.matmul.parse().expect("clap checked the value"));
     if let Some(n) = cli.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(n)

@@ -390,3 +390,21 @@ extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float*
     float x = p[i];
     p[i] = x - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + wd * x);
 }
+
+// bf16 copies of matrix-product operands (round to nearest even, in integer arithmetic: this
+// module is compiled for every architecture, and cvt to bf16 needs sm_80), four a thread.
+__device__ unsigned int bf16_bits(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;  // NaN stays NaN
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+extern "C" __global__ void f32_to_bf16(unsigned short* out, const float* in, long n) {
+    long i = (blockIdx.x * (long)blockDim.x + threadIdx.x) * 4;
+    if (i >= n) return;
+    if (i + 3 < n) {
+        float4 v = *(const float4*)(in + i);
+        *(uint2*)(out + i) = make_uint2(bf16_bits(v.x) | (bf16_bits(v.y) << 16), bf16_bits(v.z) | (bf16_bits(v.w) << 16));
+    } else {
+        for (; i < n; i++) out[i] = (unsigned short)bf16_bits(in[i]);
+    }
+}

@@ -21,7 +21,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
 };
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Form, Shape};
 use sympow::backend::{Backend, CpuBackend, LayerNormSaved, ProfileRow};
@@ -42,14 +42,50 @@ pub const GPU_ATTENTION_MAX_T: usize = 4096;
 const GPU_ATTENTION_MAX_DIM: usize = 256;
 const BLOCK: u32 = 256;
 
-/// Whether backends opened from now on run f32 matrix products in TF32 (see
-/// [`CudaBackend::set_tf32`]).
-static TF32_DEFAULT: AtomicBool = AtomicBool::new(true);
+/// How cuBLAS runs the backend's f32 matrix products (linear layers and LM head: `gemm`; the
+/// cuBLAS softmax path's batched products run in TF32 under `Tf32` and `Bf16`). Weights,
+/// activations, gradients and optimizer state stay f32 in memory in every mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MatmulPrecision {
+    /// Full f32 products.
+    F32,
+    /// f32 operands on TF32 tensor cores (10-bit mantissa, f32 accumulation).
+    Tf32,
+    /// Operands rounded to bf16 (8-bit mantissa) on the fly, f32 accumulation and output — the
+    /// mixed precision of PyTorch's bf16 autocast (twice TF32's peak rate, but the copies cost
+    /// traffic: no faster for gpt2-124m on the H100).
+    Bf16,
+}
 
-/// Sets whether GPUs opened from now on run cuBLAS's f32 products on TF32 tensor cores (the
-/// default) or in full f32 (`sympow --f32-matmul`).
-pub fn set_default_tf32(on: bool) {
-    TF32_DEFAULT.store(on, Ordering::Relaxed);
+impl std::str::FromStr for MatmulPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "tf32" => Ok(Self::Tf32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(format!(
+                "matmul precision {s:?}: expected bf16, tf32 or f32"
+            )),
+        }
+    }
+}
+
+/// The precision backends opened from now on start with (see [`CudaBackend::set_matmul`]).
+static MATMUL_DEFAULT: AtomicU8 = AtomicU8::new(MatmulPrecision::Tf32 as u8);
+
+/// Sets the matrix-product precision of GPUs opened from now on (`sympow --matmul`; default
+/// TF32: on the H100, bf16 operands measured no faster for gpt2-124m's training step).
+pub fn set_default_matmul(p: MatmulPrecision) {
+    MATMUL_DEFAULT.store(p as u8, Ordering::Relaxed);
+}
+
+fn precision_from(v: u8) -> MatmulPrecision {
+    [
+        MatmulPrecision::F32,
+        MatmulPrecision::Tf32,
+        MatmulPrecision::Bf16,
+    ][v as usize]
 }
 
 /// Recurrent sympow states of the sequences being generated, on the GPU (see
@@ -91,6 +127,8 @@ pub struct CudaBackend {
     /// The flash softmax kernels, or why they are unavailable on this GPU.
     flash: Result<FlashSoftmax, String>,
     use_flash: AtomicBool,
+    /// A [`MatmulPrecision`] as u8.
+    matmul: AtomicU8,
     profiler: Profiler,
 }
 
@@ -100,7 +138,8 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 36] = [
+const KERNELS: [&str; 37] = [
+    "f32_to_bf16",
     "sympow_decode_update",
     "sympow_decode_read",
     "add_assign",
@@ -228,9 +267,10 @@ impl CudaBackend {
             softmax_rows: AtomicUsize::new(0),
             flash,
             use_flash: AtomicBool::new(true),
+            matmul: AtomicU8::new(0),
             profiler: Profiler::default(),
         };
-        be.set_tf32(TF32_DEFAULT.load(Ordering::Relaxed));
+        be.set_matmul(precision_from(MATMUL_DEFAULT.load(Ordering::Relaxed)));
         Ok(be)
     }
 
@@ -238,14 +278,15 @@ impl CudaBackend {
         self.profiler.time(&self.stream, op)
     }
 
-    /// Lets cuBLAS run f32 matrix products on tensor cores in TF32 (10-bit mantissa, f32
-    /// accumulation; ~8× the f32 rate on Hopper) or keeps them in full f32.
-    pub fn set_tf32(&self, on: bool) {
+    /// Sets how the matrix products run (see [`MatmulPrecision`]; on Hopper TF32 is ~8× the
+    /// f32 rate and bf16 ~2× TF32).
+    pub fn set_matmul(&self, p: MatmulPrecision) {
         use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode, cublasStatus_t};
-        let mode = if on {
-            cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
-        } else {
+        self.matmul.store(p as u8, Ordering::Relaxed);
+        let mode = if p == MatmulPrecision::F32 {
             cublasMath_t::CUBLAS_DEFAULT_MATH
+        } else {
+            cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
         };
         // SAFETY: the handle is this backend's live cuBLAS handle.
         let status = unsafe { cublasSetMathMode(*self.blas.handle(), mode) };
@@ -369,8 +410,61 @@ impl CudaBackend {
             beta,
             ldc: ldc as i32,
         };
-        // SAFETY: the dimensions and leading dimensions describe buffers of the sizes given.
-        unsafe { self.blas.gemm(cfg, a, b, c) }.expect("cuBLAS sgemm");
+        if precision_from(self.matmul.load(Ordering::Relaxed)) != MatmulPrecision::Bf16 {
+            // SAFETY: the dimensions and leading dimensions describe buffers of the sizes given.
+            unsafe { self.blas.gemm(cfg, a, b, c) }.expect("cuBLAS sgemm");
+            return;
+        }
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let (a16, b16) = (self.to_bf16(a), self.to_bf16(b));
+        let (alpha, beta) = (1.0f32, beta);
+        let (pa, _ga) = a16.device_ptr(&self.stream);
+        let (pb, _gb) = b16.device_ptr(&self.stream);
+        let (pc, _gc) = c.device_ptr_mut(&self.stream);
+        // SAFETY: as above, with bf16 copies of a and b (same shapes); c stays f32; the
+        // scalars are f32 for CUBLAS_COMPUTE_32F.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                cfg.transa,
+                cfg.transb,
+                cfg.m,
+                cfg.n,
+                cfg.k,
+                &alpha as *const f32 as *const _,
+                pa as *const _,
+                cudaDataType::CUDA_R_16BF,
+                cfg.lda,
+                pb as *const _,
+                cudaDataType::CUDA_R_16BF,
+                cfg.ldb,
+                &beta as *const f32 as *const _,
+                pc as *mut _,
+                cudaDataType::CUDA_R_32F,
+                cfg.ldc,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .expect("cuBLAS bf16 gemm");
+    }
+
+    /// A bf16 copy of `x` (a matrix-product operand under [`MatmulPrecision::Bf16`]).
+    fn to_bf16(&self, x: &CudaSlice<f32>) -> CudaSlice<u16> {
+        // SAFETY: f32_to_bf16 writes every element.
+        let mut out =
+            unsafe { self.stream.alloc::<u16>(x.len().max(1)) }.expect("device allocation");
+        let n = x.len() as i64;
+        launch!(
+            self,
+            "f32_to_bf16",
+            grid(x.len().div_ceil(4)),
+            &mut out,
+            x,
+            &n
+        );
+        out
     }
 
     /// `out` (+)= the column sums of `partial` (`[splits, c]`, from a column-partials kernel).

@@ -1,7 +1,7 @@
 //! `sympow device-check`: every CUDA op against the CPU op (the reference) on fresh random
 //! inputs, forward and backward, and a whole model's loss and gradients on both backends.
 
-use crate::CudaBackend;
+use crate::{CudaBackend, MatmulPrecision};
 use sympow::attention::{AttentionOut, AttentionSpec, Form, Shape};
 use sympow::backend::{Backend, CpuBackend};
 use sympow::config::Config;
@@ -55,9 +55,13 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
     let w: Vec<f32> = randn(&mut r, cout * cin, 0.2);
     let b: Vec<f32> = randn(&mut r, cout, 1.0);
     let dy: Vec<f32> = randn(&mut r, n * cout, 1.0);
-    // in f32, then on TF32 tensor cores (10-bit mantissa: the bf16 bound)
-    for (tf32, label, tol) in [(false, "", TOL), (true, " (TF32)", 1e-2)] {
-        gpu.set_tf32(tf32);
+    // in f32, then on TF32 tensor cores (10-bit mantissa) and with bf16 operands (the bf16 bound)
+    for (precision, label, tol) in [
+        (MatmulPrecision::F32, "", TOL),
+        (MatmulPrecision::Tf32, " (TF32)", BF16_TOL),
+        (MatmulPrecision::Bf16, " (bf16)", BF16_TOL),
+    ] {
+        gpu.set_matmul(precision);
         push(
             &mut rows,
             &format!("linear forward{label}"),
@@ -99,7 +103,7 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
             tol,
         );
     }
-    gpu.set_tf32(false);
+    gpu.set_matmul(MatmulPrecision::F32);
 
     // layer norm, with and without affine
     let c = 96;
@@ -901,6 +905,6 @@ fn cmp_angles(rows: &mut Vec<Row>, what: &str, a: &[f32], b: &[f32]) {
 /// A second handle on the same GPU for the model (the check keeps its own for op calls).
 fn gpu_clone(gpu: &CudaBackend) -> CudaBackend {
     let g = CudaBackend::new(gpu.ordinal()).expect("the GPU opened once opens again");
-    g.set_tf32(false);
+    g.set_matmul(MatmulPrecision::F32);
     g
 }

@@ -8,7 +8,7 @@
 #[cfg(feature = "cuda")]
 mod backend;
 #[cfg(feature = "cuda")]
-pub use backend::{set_default_tf32, CudaBackend, CudaDecodeState};
+pub use backend::{set_default_matmul, CudaBackend, CudaDecodeState, MatmulPrecision};
 #[cfg(feature = "cuda")]
 pub mod bench;
 #[cfg(feature = "cuda")]
