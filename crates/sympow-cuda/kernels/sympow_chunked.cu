@@ -400,22 +400,40 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
 }
 
 // ---------------------------------------------------------------------------------------------
-// The intra-chunk kernels stream tiles of rows r0.. (r0 < end) of a D-wide and an E-wide bf16
-// operand and their G values, double-buffered: this issues one stage's asynchronous copies (rows
-// past T zero-filled) and commits a group even when there is nothing left to load, so that
-// cp_async_wait_prev always waits for the stage about to be read.
-template <int D>
-__device__ __forceinline__ void issue_tiles(bf16* A, bf16* B, float* Gs, const bf16* a, const bf16* b, const float* G,
-                                            long base, int r0, int end, int T, int rows) {
-    constexpr int E = Dims<D>::E;
-    if (r0 < end) {
-        int n = min(rows, T - r0);
-        load_rows_async(A, D + 8, a + (base + r0) * D, n, rows, D);
-        load_rows_async(B, E + 8, b + (base + r0) * E, n, rows, E);
-        for (int i = threadIdx.x; i < rows; i += blockDim.x) Gs[i] = i < n ? G[base + r0 + i] : 0.f;
+// The intra-chunk kernels stream tiles of `rows` rows (r0.. < end) of a D-wide and an E-wide bf16
+// operand and their G values through two shared-memory stages: while one tile is multiplied,
+// the next is copied asynchronously (rows past T zero-filled).
+template <int D> struct TileStream {
+    static constexpr int E = Dims<D>::E;
+    bf16 *A, *B;  // two stages each: [rows][D + 8], [rows][E + 8]
+    float* Gs;    // two stages of [rows]
+    const bf16 *a, *b;
+    const float* G;
+    long base;  // this head's first row in [BH][T]
+    int end, T, rows;
+    // Issues tile r0 into stage s, and commits a group even when nothing is left to load, so
+    // that cp_async_wait_prev always waits for the tile about to be read.
+    __device__ __forceinline__ void issue(int r0, int s) {
+        if (r0 < end) {
+            int n = min(rows, T - r0);
+            load_rows_async(A + s * rows * (D + 8), D + 8, a + (base + r0) * D, n, rows, D);
+            load_rows_async(B + s * rows * (E + 8), E + 8, b + (base + r0) * E, n, rows, E);
+            for (int i = threadIdx.x; i < rows; i += blockDim.x) Gs[s * rows + i] = i < n ? G[base + r0 + i] : 0.f;
+        }
+        cp_async_commit();
     }
-    cp_async_commit();
-}
+    // At iteration `it` (tile r): issues the next tile and waits until tile r is in shared
+    // memory; returns its stage. The caller ends each iteration with __syncthreads().
+    __device__ __forceinline__ int advance(int r, int it) {
+        issue(r + rows, (it + 1) & 1);
+        cp_async_wait_prev();
+        __syncthreads();
+        return it & 1;
+    }
+    __device__ __forceinline__ const bf16* a_tile(int s) const { return A + s * rows * (D + 8); }
+    __device__ __forceinline__ const bf16* b_tile(int s) const { return B + s * rows * (E + 8); }
+    __device__ __forceinline__ const float* g_tile(int s) const { return Gs + s * rows; }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Intra-chunk attention of 128 queries (8 warps × 16) against the chunk's earlier keys, 64 at a
@@ -443,15 +461,12 @@ __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf
 #pragma unroll
         for (int i = 0; i < 4; i++) acc[nt][i] = 0.f;
     int kend = min(q0 + QT, T);
-    issue_tiles<D>(Ks, Vs, Gk, kr, vp, G, (long)bh * T, c0, kend, T, KT);
+    TileStream<D> keys{Ks, Vs, Gk, kr, vp, G, (long)bh * T, kend, T, KT};
+    keys.issue(c0, 0);
     for (int k0 = c0, it = 0; k0 < kend; k0 += KT, it++) {
-        int nx = (it + 1) & 1;
-        issue_tiles<D>(Ks + nx * KT * LDQ, Vs + nx * KT * LDV, Gk + nx * KT, kr, vp, G, (long)bh * T, k0 + KT, kend, T,
-                       KT);
-        cp_async_wait_prev();
-        __syncthreads();
-        const bf16 *Kc = Ks + (it & 1) * KT * LDQ, *Vc = Vs + (it & 1) * KT * LDV;
-        const float* Gc = Gk + (it & 1) * KT;
+        int st = keys.advance(k0, it);
+        const bf16 *Kc = keys.a_tile(st), *Vc = keys.b_tile(st);
+        const float* Gc = keys.g_tile(st);
         if (k0 <= q0 + row0 + 15) {  // else every key comes after every query of this warp
             float s[KT / 8][4];
 #pragma unroll
@@ -558,15 +573,12 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
     for (int nt = 0; nt < D / 8; nt++)
 #pragma unroll
         for (int i = 0; i < 4; i++) dka[nt][i] = 0.f;
-    issue_tiles<D>(Qs, Ns, Gq, qs, dN, G, (long)bh * T, k0, cend, T, QB);
+    TileStream<D> queries{Qs, Ns, Gq, qs, dN, G, (long)bh * T, cend, T, QB};
+    queries.issue(k0, 0);
     for (int qa = k0, it = 0; qa < cend; qa += QB, it++) {
-        int nx = (it + 1) & 1;
-        issue_tiles<D>(Qs + nx * QB * LDK, Ns + nx * QB * LDV, Gq + nx * QB, qs, dN, G, (long)bh * T, qa + QB, cend, T,
-                       QB);
-        cp_async_wait_prev();
-        __syncthreads();
-        const bf16 *Qc = Qs + (it & 1) * QB * LDK, *Nc = Ns + (it & 1) * QB * LDV;
-        const float* Gc = Gq + (it & 1) * QB;
+        int st = queries.advance(qa, it);
+        const bf16 *Qc = queries.a_tile(st), *Nc = queries.b_tile(st);
+        const float* Gc = queries.g_tile(st);
         if (k0 + row0 <= qa + QB - 1) {  // else every query comes before every key of this warp
             float st[QB / 8][4], da[QB / 8][4];
 #pragma unroll
@@ -658,15 +670,12 @@ __device__ void sp_intra_bwd_dq(float* dqs, float* dGq, const bf16* qs, const bf
 #pragma unroll
         for (int i = 0; i < 4; i++) dqa[nt][i] = 0.f;
     int kend = min(q0 + QB, T);
-    issue_tiles<D>(Ks, Vs, Gk, kr, vp, G, (long)bh * T, c0, kend, T, KT);
+    TileStream<D> keys{Ks, Vs, Gk, kr, vp, G, (long)bh * T, kend, T, KT};
+    keys.issue(c0, 0);
     for (int k0 = c0, it = 0; k0 < kend; k0 += KT, it++) {
-        int nx = (it + 1) & 1;
-        issue_tiles<D>(Ks + nx * KT * LDK, Vs + nx * KT * LDV, Gk + nx * KT, kr, vp, G, (long)bh * T, k0 + KT, kend, T,
-                       KT);
-        cp_async_wait_prev();
-        __syncthreads();
-        const bf16 *Kc = Ks + (it & 1) * KT * LDK, *Vc = Vs + (it & 1) * KT * LDV;
-        const float* Gc = Gk + (it & 1) * KT;
+        int st = keys.advance(k0, it);
+        const bf16 *Kc = keys.a_tile(st), *Vc = keys.b_tile(st);
+        const float* Gc = keys.g_tile(st);
         if (k0 <= q0 + row0 + 15) {  // else every key comes after every query of this warp
             float s[KT / 8][4], da[KT / 8][4];
 #pragma unroll
