@@ -2,7 +2,7 @@
 // crates/sympow/src/attention/chunked.rs (SPEC §4), for head dimension D = dk = dv ∈ {32, 64, 128}.
 //
 // Every matrix product is an mma.sync m16n8k16 (bf16 operands, f32 accumulation) on fragments
-// loaded from shared memory. The degree-2 feature map is never materialised: φ(x) = x ⊗ x, so a
+// loaded from shared memory by ldmatrix. The degree-2 feature map is never materialised: φ(x) = x ⊗ x, so a
 // product with φ(X) is a loop over the first factor's index a of products with diag(x_a)·X —
 // the scaling folded into an operand fragment (states) or into the accumulator (reads).
 // States are kept for the full D×D index pair (symmetric, stored twice): simpler than the
@@ -14,8 +14,8 @@
 //   sp_chunk_states  per chunk (in parallel), ΔS_i = φ(K̃_i)ᵀV'_i (or φ(Q̃_i)ᵀ∂N_i backward)
 //   sp_discumsum     in place, the discounted cumulative sums S_i = Σ_{j<i} e^{Γ_{j+1}+…} ΔS_j
 //               (forward), or in reverse order R_i = ∂L/∂ΔS_i, plus ∂Γ (backward)
-//   sp_read     Σ_a x_a (X S[a]) (the inter-chunk numerator|denominator, or dv'), and/or
-//               2·rowdot(X S[a], W) (∂x)
+//   sp_read_{r,dx,rdx}  Σ_a x_a (X S[a]) (the inter-chunk numerator|denominator, or dv'),
+//               2·rowdot(X S[a], W) (∂x), or both
 //   sp_intra_fwd  causal (σq·k)² e^{G_t−G_s} inside the chunk, plus the combine
 //               y = (inter + intra)_num / (inter + intra)_den + ε)
 //   sp_bwd_prep, sp_intra_bwd_dkv, sp_intra_bwd_dq, sp_bwd_final: the backward pass.

@@ -3,9 +3,10 @@
 //!
 //! The forward is five launches — prep (cumulative gates, bf16 staging), chunk states (each
 //! chunk's φ(K̃)ᵀV′, in parallel), discounted cumsum (in place), read (the inter-chunk part),
-//! intra (attention inside each chunk, plus the combine) — and the backward eleven, each the GPU
-//! twin of a step of `sympow::attention::chunked` (SPEC §4). Memory is linear in T: one D×D×E bf16 state per
-//! chunk of `chunk` tokens.
+//! intra (attention inside each chunk, plus the combine) — and the backward nine, each the GPU
+//! twin of a step of `sympow::attention::chunked` (SPEC §4). The forward hands its bf16 operands
+//! and chunk states to the backward through [`AttentionOut::saved`]. Memory is linear in T: one
+//! D×D×E bf16 state per chunk of `chunk` tokens.
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
