@@ -566,13 +566,14 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
                     randn(&mut r, n, 1.0),
                     randn(&mut r, n, 1.0),
                 );
+                let spec = AttentionSpec::softmax(d);
                 compare_attention(
                     gpu,
                     &cpu,
                     &mut rows,
                     &AttentionCase {
                         label: format!("flash softmax d={d} T={time}"),
-                        spec: AttentionSpec::softmax(d),
+                        spec,
                         form: Form::Quadratic,
                         shape,
                         qkv: [&q, &k, &v],
@@ -581,6 +582,9 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
                         tol: 1e-2,
                     },
                 );
+                let label = format!("flash softmax d={d} backward restaging its operands");
+                let case = (&spec, Form::Quadratic, &shape);
+                recompute_check(gpu, &mut rows, &label, case, [&q, &k, &v], None, &dy);
             }
         }
         Err(e) => rows.push(Row {
@@ -785,7 +789,9 @@ fn fused_attention_checks(
                     },
                 );
                 if gated && time == 700 {
-                    recompute_check(gpu, rows, &spec, &shape, [&q, &k, &v], &lg, &dy);
+                    let label = format!("fused sympow d={d} backward recomputing its states");
+                    let case = (&spec, Form::Chunked(64), &shape);
+                    recompute_check(gpu, rows, &label, case, [&q, &k, &v], Some(&lg), &dy);
                 }
                 gpu.set_attention_chunk(crate::chunked::DEFAULT_CHUNK);
             }
@@ -793,31 +799,27 @@ fn fused_attention_checks(
     }
 }
 
-/// The fused backward given a forward output without its saved operands and states (so it
-/// recomputes them) gives the same gradients as with them.
+/// A backward given a forward output without its saved activations (so it recomputes them:
+/// the fused sympow kernels' operands and states, the flash kernels' staged operands) gives
+/// the same gradients as with them.
 fn recompute_check(
     gpu: &CudaBackend,
     rows: &mut Vec<Row>,
-    spec: &AttentionSpec,
-    shape: &Shape,
+    what: &str,
+    (spec, form, shape): (&AttentionSpec, Form, &Shape),
     qkv: [&Vec<f32>; 3],
-    gates: &[f32],
+    gates: Option<&[f32]>,
     dy: &[f32],
 ) {
     let [q, k, v] = qkv.map(|x| gpu.upload(x));
-    let (g, dy) = (gpu.upload(gates), gpu.upload(dy));
-    let form = Form::Chunked(64);
-    let out = gpu.attention_forward(spec, form, shape, &q, &k, &v, Some(&g));
+    let (g, dy) = (gates.map(|g| gpu.upload(g)), gpu.upload(dy));
+    let out = gpu.attention_forward(spec, form, shape, &q, &k, &v, g.as_ref());
     let bare = AttentionOut {
         saved: None,
         ..out.clone()
     };
-    let a = gpu.attention_backward(spec, form, shape, &q, &k, &v, Some(&g), &out, &dy);
-    let b = gpu.attention_backward(spec, form, shape, &q, &k, &v, Some(&g), &bare, &dy);
-    let what = format!(
-        "fused sympow d={} backward recomputing its states",
-        shape.dk
-    );
+    let a = gpu.attention_backward(spec, form, shape, &q, &k, &v, g.as_ref(), &out, &dy);
+    let b = gpu.attention_backward(spec, form, shape, &q, &k, &v, g.as_ref(), &bare, &dy);
     for (name, x, y) in [
         ("dq", &a.dq, &b.dq),
         ("dk", &a.dk, &b.dk),

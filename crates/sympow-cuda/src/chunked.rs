@@ -160,14 +160,10 @@ impl ChunkedSympow {
                 fns.insert(name, f);
             }
         }
-        let disc = module
-            .load_function("sp_discumsum_all")
-            .map_err(|e| e.to_string())?;
-        fns.insert("sp_discumsum_all".to_string(), disc);
-        let fold = module
-            .load_function("sp_fold_slices")
-            .map_err(|e| e.to_string())?;
-        fns.insert("sp_fold_slices".to_string(), fold);
+        for name in ["sp_discumsum_all", "sp_fold_slices"] {
+            let f = crate::device::load_with_shared_memory(&module, name, 0)?;
+            fns.insert(name.to_string(), f);
+        }
         Ok(ChunkedSympow {
             _module: module,
             fns,

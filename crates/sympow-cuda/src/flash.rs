@@ -3,8 +3,9 @@
 //! ungated softmax with ε = 0 and head dimension 32, 64 or 128 (dk = dv).
 //!
 //! Forward: q (×σ), k, v staged to bf16 `[B, H, T, D]`, then one launch (y and the log-sum-exp
-//! per row). Backward: the same staging plus ∂y, Δ = rowsum(∂y ∘ y), then a pass over query tiles
-//! for ∂q and one over key tiles for ∂k, ∂v — deterministic, no atomics.
+//! per row); the staged copies go to the backward in [`AttentionOut::saved`]. Backward: ∂y staged
+//! (q, k, v too when the output carries no saved copies), Δ = rowsum(∂y ∘ y), then a pass over
+//! query tiles for ∂q and one over key tiles for ∂k, ∂v — deterministic, no atomics.
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
@@ -21,6 +22,13 @@ const SOURCE: &str = concat!(
 const TILE: usize = 64;
 const THREADS: u32 = 128;
 const KERNELS: [&str; 3] = ["flash_fwd", "flash_bwd_dq", "flash_bwd_dkv"];
+
+/// The forward's bf16 staging of σq, k, v, kept for the backward.
+struct FlashSaved {
+    q: CudaSlice<u16>,
+    k: CudaSlice<u16>,
+    v: CudaSlice<u16>,
+}
 
 /// The compiled flash softmax kernels.
 pub struct FlashSoftmax {
@@ -52,14 +60,10 @@ impl FlashSoftmax {
             }
             smem.insert(d, s);
         }
-        let delta = module
-            .load_function("flash_bwd_delta")
-            .map_err(|e| e.to_string())?;
-        fns.insert("flash_bwd_delta".into(), delta);
-        let stage = module
-            .load_function("flash_stage")
-            .map_err(|e| e.to_string())?;
-        fns.insert("flash_stage".into(), stage);
+        for name in ["flash_bwd_delta", "flash_stage"] {
+            let f = crate::device::load_with_shared_memory(&module, name, 0)?;
+            fns.insert(name.into(), f);
+        }
         Ok(FlashSoftmax {
             _module: module,
             fns,
@@ -122,6 +126,21 @@ impl FlashSoftmax {
         out
     }
 
+    /// The bf16 staging of σq, k, v (see [`stage`](Self::stage)).
+    fn stage_qkv(
+        &self,
+        stream: &Arc<CudaStream>,
+        spec: &AttentionSpec,
+        shape: &Shape,
+        [q, k, v]: [&CudaSlice<f32>; 3],
+    ) -> FlashSaved {
+        FlashSaved {
+            q: self.stage(stream, shape, q, spec.scale as f32),
+            k: self.stage(stream, shape, k, 1.0),
+            v: self.stage(stream, shape, v, 1.0),
+        }
+    }
+
     /// y and the log-sum-exp of each row.
     pub fn forward(
         &self,
@@ -137,15 +156,11 @@ impl FlashSoftmax {
             .alloc_zeros(rows * shape.dv)
             .expect("device allocation");
         let mut lse = stream.alloc_zeros(rows).expect("device allocation");
-        let qs = self.stage(stream, shape, q, spec.scale as f32);
-        let (ks, vs) = (
-            self.stage(stream, shape, k, 1.0),
-            self.stage(stream, shape, v, 1.0),
-        );
+        let st = self.stage_qkv(stream, spec, shape, [q, k, v]);
         let (t, h) = (shape.time as i32, shape.heads as i32);
         let (f, cfg) = self.launch(shape, 0);
         let mut l = stream.launch_builder(f);
-        l.arg(&mut y).arg(&mut lse).arg(&qs).arg(&ks).arg(&vs);
+        l.arg(&mut y).arg(&mut lse).arg(&st.q).arg(&st.k).arg(&st.v);
         l.arg(&t).arg(&h);
         // SAFETY: arguments match flash_fwd's declaration; the grid covers every 64-query tile
         // of every (sequence, head), and the kernel bounds rows past T.
@@ -153,7 +168,7 @@ impl FlashSoftmax {
         AttentionOut {
             y,
             log_norm: lse,
-            saved: None,
+            saved: Some(Arc::new(st)),
         }
     }
 
@@ -179,16 +194,25 @@ impl FlashSoftmax {
         l.arg(&mut delta).arg(dy).arg(&out.y).arg(&r).arg(&di);
         // SAFETY: one thread per row of [rows, D] buffers of that size.
         unsafe { l.launch(LaunchConfig::for_num_elems(rows as u32)) }.expect("flash_bwd_delta");
-        let qs = self.stage(stream, shape, q, spec.scale as f32);
-        let (ks, vs) = (
-            self.stage(stream, shape, k, 1.0),
-            self.stage(stream, shape, v, 1.0),
-        );
+        let saved = out
+            .saved
+            .as_ref()
+            .and_then(|s| s.downcast_ref::<FlashSaved>())
+            .filter(|s| s.q.len() == q.len());
+        let restaged;
+        let st = match saved {
+            Some(s) => s,
+            None => {
+                restaged = self.stage_qkv(stream, spec, shape, [q, k, v]);
+                &restaged
+            }
+        };
+        let (qs, ks, vs) = (&st.q, &st.k, &st.v);
         let dys = self.stage(stream, shape, dy, 1.0);
         let (t, h, scale) = (shape.time as i32, shape.heads as i32, spec.scale as f32);
         let (f, cfg) = self.launch(shape, 1);
         let mut l = stream.launch_builder(f);
-        l.arg(&mut dq).arg(&qs).arg(&ks).arg(&vs).arg(&dys);
+        l.arg(&mut dq).arg(qs).arg(ks).arg(vs).arg(&dys);
         l.arg(&out.log_norm).arg(&delta).arg(&t).arg(&h).arg(&scale);
         // SAFETY: arguments match flash_bwd_dq's declaration; grid as in the forward.
         unsafe { l.launch(cfg) }.expect("flash_bwd_dq");
@@ -196,9 +220,9 @@ impl FlashSoftmax {
         let mut l = stream.launch_builder(f);
         l.arg(&mut dk)
             .arg(&mut dv)
-            .arg(&qs)
-            .arg(&ks)
-            .arg(&vs)
+            .arg(qs)
+            .arg(ks)
+            .arg(vs)
             .arg(&dys);
         l.arg(&out.log_norm).arg(&delta).arg(&t).arg(&h);
         // SAFETY: arguments match flash_bwd_dkv's declaration; one block per 64-key tile.
