@@ -418,7 +418,6 @@ impl CudaBackend {
         use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
         use cudarc::driver::{DevicePtr, DevicePtrMut};
         let (a16, b16) = (self.to_bf16(a), self.to_bf16(b));
-        let (alpha, beta) = (1.0f32, beta);
         let (pa, _ga) = a16.device_ptr(&self.stream);
         let (pb, _gb) = b16.device_ptr(&self.stream);
         let (pc, _gc) = c.device_ptr_mut(&self.stream);
@@ -432,14 +431,14 @@ impl CudaBackend {
                 cfg.m,
                 cfg.n,
                 cfg.k,
-                &alpha as *const f32 as *const _,
+                &cfg.alpha as *const f32 as *const _,
                 pa as *const _,
                 cudaDataType::CUDA_R_16BF,
                 cfg.lda,
                 pb as *const _,
                 cudaDataType::CUDA_R_16BF,
                 cfg.ldb,
-                &beta as *const f32 as *const _,
+                &cfg.beta as *const f32 as *const _,
                 pc as *mut _,
                 cudaDataType::CUDA_R_32F,
                 cfg.ldc,
