@@ -27,6 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 VOCAB, WIDTH, LAYERS, HEADS, HEAD_DIM, BASE = 50257, 768, 12, 12, 64, 10000.0
+# sympow pads the embedding / LM head to a multiple of 64 rows (tensor-core-aligned products) and
+# takes the loss over the real vocabulary; the PyTorch GPT does the same (--no-pad-vocab: not)
+PADDED_VOCAB = (VOCAB + 63) // 64 * 64
 
 
 def rotate(x, ang):
@@ -71,9 +74,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, variant, power_retention):
+    def __init__(self, variant, power_retention, rows):
         super().__init__()
-        self.wte = nn.Embedding(VOCAB, WIDTH)
+        self.wte = nn.Embedding(rows, WIDTH)
         self.blocks = nn.ModuleList(Block(variant, power_retention) for _ in range(LAYERS))
         self.lnf = nn.LayerNorm(WIDTH)
         for p in self.parameters():
@@ -87,9 +90,9 @@ class GPT(nn.Module):
         return F.linear(self.lnf(x), self.wte.weight)  # tied embeddings
 
 
-def step_ms(variant, context, tokens, reps, compile_, power_retention):
+def step_ms(variant, context, tokens, reps, compile_, power_retention, pad_vocab=True):
     torch.manual_seed(0)
-    model = GPT(variant, power_retention).cuda()
+    model = GPT(variant, power_retention, PADDED_VOCAB if pad_vocab else VOCAB).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     fwd = torch.compile(model) if compile_ else model
     b = max(1, tokens // context)
@@ -99,7 +102,7 @@ def step_ms(variant, context, tokens, reps, compile_, power_retention):
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = fwd(ids)
-        loss = F.cross_entropy(logits.float().view(-1, VOCAB), targets.view(-1))
+        loss = F.cross_entropy(logits[..., :VOCAB].float().reshape(-1, VOCAB), targets.view(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -129,6 +132,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     ap.add_argument("--sympow-json", help="output of `sympow bench train --json`")
+    ap.add_argument("--no-pad-vocab", action="store_true",
+                    help=f"LM head of {VOCAB} rows instead of sympow's {PADDED_VOCAB} (cuBLAS's unaligned kernels)")
     a = ap.parse_args()
     try:
         from retention import power_retention
@@ -136,7 +141,8 @@ def main():
         power_retention = None
         print(f"peer unavailable: retention: {type(e).__name__}: {e}")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, gpt2-124m shape, "
-          f"{a.tokens} tokens per step, bf16 autocast, median of {a.reps}")
+          f"{a.tokens} tokens per step, LM head of {VOCAB if a.no_pad_vocab else PADDED_VOCAB} rows, "
+          f"bf16 autocast, median of {a.reps}")
     ours = {}
     if a.sympow_json:
         for line in open(a.sympow_json):
@@ -151,7 +157,8 @@ def main():
             for c in modes:
                 name = f"PyTorch{' compiled' if c else ''}"
                 try:
-                    b, ms = step_ms(variant, context, a.tokens, a.reps, c, power_retention)
+                    b, ms = step_ms(variant, context, a.tokens, a.reps, c, power_retention,
+                                    not a.no_pad_vocab)
                     tps = b * context / ms * 1e3
                     print(f"  {name:<17} {variant:<13} context {context:>6} batch {b:>3}: {ms:8.1f} ms, {tps:9.0f} tokens/s",
                           flush=True)

@@ -299,32 +299,73 @@ extern "C" __global__ void learned_rotary_angles(float* out, const float* logits
 }
 
 // ∂a_t = sigmoid(a_t)·Σ_{k∈K} ω_k·Σ_{s≥t} ∂angle_{s,k}, K the frequencies logit a drives (one,
-// or all for a per-head logit): a reverse scan of u_s = Σ_{k∈K} ω_k ∂angle_{s,k}, one block per
-// (batch, head, logit)
-extern "C" __global__ void learned_rotary_angles_backward(float* dlogits, const float* logits, const float* dang,
-                                                          int batch, int time, int heads, int half, int r, double base) {
-    __shared__ double shm[SCAN_THREADS];
-    __shared__ double w[64];  // half ≤ 64 (head_dim ≤ 128); pow is slow, so once per block
-    long i = blockIdx.x;
-    int kk = i % r; int h = (i / r) % heads; int b = i / r / heads;
-    int k0 = r == 1 ? 0 : kk, k1 = r == 1 ? half : kk + 1;
+// or all for a per-head logit): a reverse scan of u_s = Σ_{k∈K} ω_k ∂angle_{s,k}. One scan per
+// (batch, head, logit) is too few blocks to fill the GPU (12 for gpt2-124m's per-head logits), so
+// time is cut into gridDim.y slices of `span` steps, a block each: learned_rotary_slice_sums
+// writes each slice's Σ u, and the backward starts each slice from the sums of the slices after
+// it (in double, in a fixed order: deterministic).
+struct RotaryScan {
+    int k0, k1, kk, h, b;
+    long t_begin, t_end;  // this block's slice of time
+    __device__ RotaryScan(int heads, int half, int r, int time, int span) {
+        long i = blockIdx.x;
+        kk = i % r; h = (i / r) % heads; b = i / r / heads;
+        k0 = r == 1 ? 0 : kk; k1 = r == 1 ? half : kk + 1;
+        t_begin = (long)blockIdx.y * span;
+        t_end = min((long)time, t_begin + span);
+    }
+    // this thread's contiguous segment of the slice
+    __device__ void segment(long& t0, long& t1) const {
+        long seg = (t_end - t_begin + SCAN_THREADS - 1) / SCAN_THREADS;
+        t0 = min(t_end, t_begin + threadIdx.x * seg); t1 = min(t_end, t0 + seg);
+    }
+};
+
+__device__ void rotary_frequencies(double* w, int half, double base) {
+    // ω_k = base^(−2k/d); pow is slow, so once per block
     if (threadIdx.x < half) w[threadIdx.x] = pow(base, -2.0 * threadIdx.x / (2.0 * half));
     __syncthreads();
-    int seg = (time + SCAN_THREADS - 1) / SCAN_THREADS;
-    int t0 = threadIdx.x * seg, t1 = min(time, t0 + seg);
+}
+
+__device__ __forceinline__ double rotary_u(const float* dang, const double* w, long row, int half, int k0, int k1) {
+    double u = 0.0;
+    for (int k = k0; k < k1; k++) u += w[k] * dang[row * half + k];
+    return u;
+}
+
+extern "C" __global__ void learned_rotary_slice_sums(double* part, const float* dang, int batch, int time, int heads,
+                                                     int half, int r, double base, int span) {
+    __shared__ double shm[SCAN_THREADS];
+    __shared__ double w[64];  // half ≤ 64 (head_dim ≤ 128)
+    rotary_frequencies(w, half, base);
+    RotaryScan sc(heads, half, r, time, span);
+    long t0, t1;
+    sc.segment(t0, t1);
     double sum = 0.0;
-    for (int t = t0; t < t1; t++) {
-        long row = ((long)b * time + t) * heads + h;
-        for (int k = k0; k < k1; k++) sum += w[k] * dang[row * half + k];
-    }
-    double acc = scan_offset(sum, shm, true);
-    for (int t = t1 - 1; t >= t0; t--) {
-        long row = ((long)b * time + t) * heads + h;
-        double u = 0.0;
-        for (int k = k0; k < k1; k++) u += w[k] * dang[row * half + k];
-        acc += u;
-        double a = logits[row * r + kk];
-        dlogits[row * r + kk] = (float)(acc / (1.0 + exp(-a)));
+    for (long t = t0; t < t1; t++) sum += rotary_u(dang, w, ((long)sc.b * time + t) * heads + sc.h, half, sc.k0, sc.k1);
+    double before = scan_offset(sum, shm, false);
+    if (threadIdx.x == SCAN_THREADS - 1) part[(long)blockIdx.x * gridDim.y + blockIdx.y] = before + sum;
+}
+
+extern "C" __global__ void learned_rotary_angles_backward(float* dlogits, const float* logits, const float* dang,
+                                                          const double* part, int batch, int time, int heads,
+                                                          int half, int r, double base, int span) {
+    __shared__ double shm[SCAN_THREADS];
+    __shared__ double w[64];
+    rotary_frequencies(w, half, base);
+    RotaryScan sc(heads, half, r, time, span);
+    long t0, t1;
+    sc.segment(t0, t1);
+    double later = 0.0;  // Σ u over the slices after this one
+    for (int s = gridDim.y - 1; s > (int)blockIdx.y; s--) later += part[(long)blockIdx.x * gridDim.y + s];
+    double sum = 0.0;
+    for (long t = t0; t < t1; t++) sum += rotary_u(dang, w, ((long)sc.b * time + t) * heads + sc.h, half, sc.k0, sc.k1);
+    double acc = scan_offset(sum, shm, true) + later;
+    for (long t = t1 - 1; t >= t0; t--) {
+        long row = ((long)sc.b * time + t) * heads + sc.h;
+        acc += rotary_u(dang, w, row, half, sc.k0, sc.k1);
+        double a = logits[row * r + sc.kk];
+        dlogits[row * r + sc.kk] = (float)(acc / (1.0 + exp(-a)));
     }
 }
 
@@ -343,39 +384,65 @@ extern "C" __global__ void log_gate_backward(float* da, const float* a, const fl
 }
 
 // ---- cross-entropy: one block per row ----------------------------------------------------------
-// ln Σ_j exp(row_j) in one pass over the row (a running max per thread, rescaled sums)
-__device__ float row_logsumexp(const float* row, int vocab, float* shm) {
+// Rows are `row_len` long, the distribution their first `vocab` columns (the rest is the LM head's
+// alignment padding). Where rows are 16-byte aligned (row_len a multiple of 4, as the model's
+// padded LM head makes them) both passes move float4s.
+__device__ __forceinline__ void lse_push(float v, float& m, float& s) {
+    // a running max per thread, the sum rescaled when the max moves: one exp per element
+    if (v > m) { s = s * __expf(m - v) + 1.f; m = v; } else s += __expf(v - m);
+}
+
+// ln Σ_{j<vocab} exp(row_j) in one pass over the row
+__device__ float row_logsumexp(const float* row, int vocab, int row_len, float* shm) {
     float m = __int_as_float(0xff800000), s = 0.f;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        float v = row[j];
-        if (v > m) { s = s * __expf(m - v) + 1.f; m = v; } else s += __expf(v - m);
+    int j0 = 0;
+    if ((row_len & 3) == 0) {
+        const float4* r4 = (const float4*)row;
+        for (int j = threadIdx.x; j < vocab >> 2; j += blockDim.x) {
+            float4 v = r4[j];
+            lse_push(v.x, m, s); lse_push(v.y, m, s); lse_push(v.z, m, s); lse_push(v.w, m, s);
+        }
+        j0 = vocab & ~3;
     }
+    for (int j = j0 + threadIdx.x; j < vocab; j += blockDim.x) lse_push(row[j], m, s);
     float mb = block_max(m, shm);
     s = m == __int_as_float(0xff800000) ? 0.f : s * __expf(m - mb);
     return mb + logf(block_sum(s, shm));
 }
 
-extern "C" __global__ void cross_entropy_forward(float* loss, const float* logits, const unsigned* targets, int vocab) {
+extern "C" __global__ void cross_entropy_forward(float* loss, const float* logits, const unsigned* targets, int vocab,
+                                                 int row_len) {
     __shared__ float shm[32];
     long r = blockIdx.x;
     unsigned t = targets[r];
-    const float* row = logits + r * vocab;
-    float lse = row_logsumexp(row, vocab, shm);
+    const float* row = logits + r * row_len;
+    float lse = row_logsumexp(row, vocab, row_len, shm);
     if (threadIdx.x == 0) loss[r] = t == 0xffffffffu ? 0.f : lse - row[t];
 }
-extern "C" __global__ void cross_entropy_backward(float* d, const float* logits, const unsigned* targets, const float* dloss, int vocab) {
-    __shared__ float shm[32];
+
+// dloss·(softmax − onehot) over the vocabulary, 0 in the padding; the row's log-sum-exp is the
+// forward's loss + logit[target], so the logits are read once
+extern "C" __global__ void cross_entropy_backward(float* d, const float* logits, const unsigned* targets,
+                                                  const float* losses, const float* dloss, int vocab, int row_len) {
     long r = blockIdx.x;
     unsigned t = targets[r];
-    const float* row = logits + r * vocab;
-    float* dr = d + r * vocab;
-    if (t == 0xffffffffu) {
-        for (int j = threadIdx.x; j < vocab; j += blockDim.x) dr[j] = 0.f;
-        return;
+    const float* row = logits + r * row_len;
+    float* dr = d + r * row_len;
+    bool skip = t == 0xffffffffu;
+    float g = skip ? 0.f : dloss[r], lse = skip ? 0.f : losses[r] + row[t];
+    auto grad = [&](int j, float x) { return j < vocab && !skip ? g * __expf(x - lse) - (j == (int)t ? g : 0.f) : 0.f; };
+    int j0 = 0;
+    if ((row_len & 3) == 0) {
+        const float4* r4 = (const float4*)row;
+        float4* d4 = (float4*)dr;
+        for (int j = threadIdx.x; j < row_len >> 2; j += blockDim.x) {
+            float4 x = r4[j];
+            int c = 4 * j;
+            d4[j] = make_float4(grad(c, x.x), grad(c + 1, x.y), grad(c + 2, x.z), grad(c + 3, x.w));
+        }
+        j0 = row_len;
     }
-    float lse = row_logsumexp(row, vocab, shm);
-    float g = dloss[r];
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) dr[j] = g * __expf(row[j] - lse) - (j == (int)t ? g : 0.f);
+    for (int j = j0 + threadIdx.x; j < row_len; j += blockDim.x) dr[j] = grad(j, row[j]);
 }
 
 // ---- AdamW -------------------------------------------------------------------------------------------

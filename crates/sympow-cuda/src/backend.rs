@@ -52,8 +52,8 @@ pub enum MatmulPrecision {
     /// f32 operands on TF32 tensor cores (10-bit mantissa, f32 accumulation).
     Tf32,
     /// Operands rounded to bf16 (8-bit mantissa) on the fly, f32 accumulation and output — the
-    /// mixed precision of PyTorch's bf16 autocast (twice TF32's peak rate, but the copies cost
-    /// traffic: no faster for gpt2-124m on the H100).
+    /// mixed precision of PyTorch's bf16 autocast; twice TF32's peak rate (gpt2-124m's training
+    /// step at 16k on the H100: 146 → 136 ms). The default.
     Bf16,
 }
 
@@ -72,10 +72,10 @@ impl std::str::FromStr for MatmulPrecision {
 }
 
 /// The precision backends opened from now on start with (see [`CudaBackend::set_matmul`]).
-static MATMUL_DEFAULT: AtomicU8 = AtomicU8::new(MatmulPrecision::Tf32 as u8);
+static MATMUL_DEFAULT: AtomicU8 = AtomicU8::new(MatmulPrecision::Bf16 as u8);
 
 /// Sets the matrix-product precision of GPUs opened from now on (`sympow --matmul`; default
-/// TF32: on the H100, bf16 operands measured no faster for gpt2-124m's training step).
+/// bf16, as PyTorch's autocast).
 pub fn set_default_matmul(p: MatmulPrecision) {
     MATMUL_DEFAULT.store(p as u8, Ordering::Relaxed);
 }
@@ -138,7 +138,7 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 37] = [
+const KERNELS: [&str; 38] = [
     "f32_to_bf16",
     "sympow_decode_update",
     "sympow_decode_read",
@@ -162,6 +162,7 @@ const KERNELS: [&str; 37] = [
     "rotary_backward",
     "fixed_rotary_angles",
     "learned_rotary_angles",
+    "learned_rotary_slice_sums",
     "learned_rotary_angles_backward",
     "log_gate_forward",
     "log_gate_backward",
@@ -375,7 +376,16 @@ impl CudaBackend {
         self.stream.clone_htod(v).expect("host to device copy")
     }
 
+    /// An op's output buffer, uninitialised: every caller's next launch writes each element.
+    /// (Zeroing them all was ≈ 40 GB of memset per `gpt2-124m` training step at 16k.)
     fn alloc(&self, n: usize) -> CudaSlice<f32> {
+        // SAFETY: the memory is only read after a kernel (or a beta = 0 product, which does not
+        // read C) has written every element; device-check's rows would see stale values.
+        unsafe { self.stream.alloc::<f32>(n.max(1)) }.expect("device allocation")
+    }
+
+    /// A zeroed buffer, for outputs that kernels accumulate into.
+    fn alloc_zeroed(&self, n: usize) -> CudaSlice<f32> {
         self.stream
             .alloc_zeros::<f32>(n.max(1))
             .expect("device allocation")
@@ -636,7 +646,7 @@ impl Backend for CudaBackend {
     }
     fn zeros(&self, len: usize) -> CudaSlice<f32> {
         let _p = self.prof("zeros");
-        self.alloc(len)
+        self.alloc_zeroed(len)
     }
     fn add_assign(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) {
         let _p = self.prof("add_assign");
@@ -1090,27 +1100,60 @@ impl Backend for CudaBackend {
             "the CUDA learned-rotary backward supports head_dim ≤ 128"
         );
         let r = param.logits_per_head(shape.dk);
+        let scans = shape.batch * shape.heads * r;
+        // time slices: enough blocks to fill the GPU, at least a step per thread
+        let slices = 1024usize
+            .div_ceil(scans)
+            .min(shape.time.div_ceil(256))
+            .max(1);
+        let span = shape.time.div_ceil(slices);
+        let slices = shape.time.div_ceil(span).max(1);
+        let cfg = LaunchConfig {
+            grid_dim: (scans as u32, slices as u32, 1),
+            ..scan_cfg(scans)
+        };
+        let mut part = self
+            .stream
+            .alloc_zeros::<f64>(scans * slices)
+            .expect("device allocation");
         let mut out = self.alloc(logits.len());
-        let (b, t, h, hf, ri) = (
+        let (b, t, h, hf, ri, sp) = (
             shape.batch as i32,
             shape.time as i32,
             shape.heads as i32,
             (shape.dk / 2) as i32,
             r as i32,
+            span as i32,
         );
         launch!(
             self,
-            "learned_rotary_angles_backward",
-            scan_cfg(shape.batch * shape.heads * r),
-            &mut out,
-            logits,
+            "learned_rotary_slice_sums",
+            cfg,
+            &mut part,
             dangles,
             &b,
             &t,
             &h,
             &hf,
             &ri,
-            &base
+            &base,
+            &sp
+        );
+        launch!(
+            self,
+            "learned_rotary_angles_backward",
+            cfg,
+            &mut out,
+            logits,
+            dangles,
+            &part,
+            &b,
+            &t,
+            &h,
+            &hf,
+            &ri,
+            &base,
+            &sp
         );
         out
     }
@@ -1228,7 +1271,7 @@ impl Backend for CudaBackend {
             };
         }
         let rows = shape.batch * shape.time * shape.heads;
-        let (mut y, mut ln) = (self.alloc(rows * shape.dv), self.alloc(rows));
+        let (mut y, mut ln) = (self.alloc_zeroed(rows * shape.dv), self.alloc_zeroed(rows));
         let a = AttnArgs::new(spec, shape);
         let f = &self.fns["attention_forward"];
         let mut l = self.stream.launch_builder(f);
@@ -1302,7 +1345,7 @@ impl Backend for CudaBackend {
         }
         let rows = shape.batch * shape.time * shape.heads;
         let a = AttnArgs::new(spec, shape);
-        let mut dd = self.alloc(rows);
+        let mut dd = self.alloc_zeroed(rows);
         let (r, e) = (rows as i64, shape.dv as i32);
         launch!(
             self,
@@ -1315,10 +1358,10 @@ impl Backend for CudaBackend {
             &e
         );
         let (mut dq, mut dk, mut dv, mut dg) = (
-            self.alloc(rows * shape.dk),
-            self.alloc(rows * shape.dk),
-            self.alloc(rows * shape.dv),
-            self.alloc(rows),
+            self.alloc_zeroed(rows * shape.dk),
+            self.alloc_zeroed(rows * shape.dk),
+            self.alloc_zeroed(rows * shape.dv),
+            self.alloc_zeroed(rows),
         );
         {
             let f = &self.fns["attention_backward_dq"];
@@ -1337,7 +1380,7 @@ impl Backend for CudaBackend {
             unsafe { l.launch(grid(rows)) }.expect("attention_backward_dkv");
         }
         let dlog_gates = log_gates.map(|_| {
-            let mut out = self.alloc(rows);
+            let mut out = self.alloc_zeroed(rows);
             launch!(
                 self,
                 "reverse_cumsum_time",
@@ -1429,7 +1472,7 @@ impl Backend for CudaBackend {
         // SAFETY: arguments match the declaration in decode.cu; the grid covers D rows (last
         // tile partial, bounded in the kernel) and every head of the state.
         unsafe { l.launch(cfg) }.expect("sympow_decode_update");
-        let mut y = self.alloc(s.heads * s.e);
+        let mut y = self.alloc_zeroed(s.heads * s.e);
         let (ti, eps) = (tiles as i32, spec.eps);
         launch!(
             self,
@@ -1452,12 +1495,17 @@ impl Backend for CudaBackend {
         logits: &CudaSlice<f32>,
         targets: &[u32],
         vocab: usize,
+        row_len: usize,
     ) -> CudaSlice<f32> {
         let _p = self.prof("cross_entropy_forward");
-        let rows = logits.len() / vocab;
+        assert!(
+            vocab <= row_len,
+            "cross_entropy_forward: vocab {vocab} > row_len {row_len}"
+        );
+        let rows = logits.len() / row_len;
         let t = self.up_u32(targets);
         let mut loss = self.alloc(rows);
-        let v = vocab as i32;
+        let (v, rl) = (vocab as i32, row_len as i32);
         launch!(
             self,
             "cross_entropy_forward",
@@ -1465,7 +1513,8 @@ impl Backend for CudaBackend {
             &mut loss,
             logits,
             &t,
-            &v
+            &v,
+            &rl
         );
         loss
     }
@@ -1473,14 +1522,20 @@ impl Backend for CudaBackend {
         &self,
         logits: &CudaSlice<f32>,
         targets: &[u32],
+        losses: &CudaSlice<f32>,
         dloss: &CudaSlice<f32>,
         vocab: usize,
+        row_len: usize,
     ) -> CudaSlice<f32> {
         let _p = self.prof("cross_entropy_backward");
-        let rows = logits.len() / vocab;
+        assert!(
+            vocab <= row_len,
+            "cross_entropy_backward: vocab {vocab} > row_len {row_len}"
+        );
+        let rows = logits.len() / row_len;
         let t = self.up_u32(targets);
         let mut d = self.alloc(logits.len());
-        let v = vocab as i32;
+        let (v, rl) = (vocab as i32, row_len as i32);
         launch!(
             self,
             "cross_entropy_backward",
@@ -1488,8 +1543,10 @@ impl Backend for CudaBackend {
             &mut d,
             logits,
             &t,
+            losses,
             dloss,
-            &v
+            &v,
+            &rl
         );
         d
     }

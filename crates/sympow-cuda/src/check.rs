@@ -351,8 +351,8 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         &dn(&gpu.fixed_rotary_angles(2, 300, 3, 16, 10000.0, 5)),
         &cpu.fixed_rotary_angles(2, 300, 3, 16, 10000.0, 5),
     );
-    // the scans split time into 256 segments: short (most threads idle) and long (a partial
-    // last segment)
+    // the scans split time into slices (a block each) of 256 segments: short (2 slices, most
+    // threads idle) and long (20 slices, the last partial)
     for (time, param) in [
         (300, RotaryParam::PerHead),
         (300, RotaryParam::PerFrequency),
@@ -421,35 +421,44 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         tol: TOL,
     });
 
-    // cross-entropy
-    let (nr, vocab) = (19, 1000);
-    let logits: Vec<f32> = randn(&mut r, nr * vocab, 3.0);
-    let targets: Vec<u32> = (0..nr)
-        .map(|i| {
-            if i == 4 {
-                IGNORE
-            } else {
-                (i * 37 % vocab) as u32
-            }
-        })
-        .collect();
-    let dl: Vec<f32> = uniform(&mut r, nr, 0.1, 1.0);
-    rows.push(Row {
-        what: "cross-entropy forward".into(),
-        err: rel_err(
-            &dn(&gpu.cross_entropy_forward(&up(&logits), &targets, vocab)),
-            &cpu.cross_entropy_forward(&logits, &targets, vocab),
-        ),
-        tol: TOL,
-    });
-    rows.push(Row {
-        what: "cross-entropy backward".into(),
-        err: rel_err(
-            &dn(&gpu.cross_entropy_backward(&up(&logits), &targets, &up(&dl), vocab)),
-            &cpu.cross_entropy_backward(&logits, &targets, &dl, vocab),
-        ),
-        tol: TOL,
-    });
+    // cross-entropy: unpadded rows (vocab a multiple of 4, and odd: the scalar path), and rows
+    // padded past an odd vocabulary as the model's LM head pads them (the float4 path)
+    for (nr, vocab, row_len) in [(19, 1000, 1000), (19, 1001, 1001), (19, 1001, 1024)] {
+        let logits: Vec<f32> = randn(&mut r, nr * row_len, 3.0);
+        let targets: Vec<u32> = (0..nr)
+            .map(|i| {
+                if i == 4 {
+                    IGNORE
+                } else {
+                    (i * 37 % vocab) as u32
+                }
+            })
+            .collect();
+        let dl: Vec<f32> = uniform(&mut r, nr, 0.1, 1.0);
+        let (gl, cl) = (up(&logits), &logits);
+        let gpu_loss = gpu.cross_entropy_forward(&gl, &targets, vocab, row_len);
+        let cpu_loss = cpu.cross_entropy_forward(cl, &targets, vocab, row_len);
+        rows.push(Row {
+            what: format!("cross-entropy forward vocab {vocab} rows of {row_len}"),
+            err: rel_err(&dn(&gpu_loss), &cpu_loss),
+            tol: TOL,
+        });
+        rows.push(Row {
+            what: format!("cross-entropy backward vocab {vocab} rows of {row_len}"),
+            err: rel_err(
+                &dn(&gpu.cross_entropy_backward(
+                    &gl,
+                    &targets,
+                    &gpu_loss,
+                    &up(&dl),
+                    vocab,
+                    row_len,
+                )),
+                &cpu.cross_entropy_backward(cl, &targets, &cpu_loss, &dl, vocab, row_len),
+            ),
+            tol: TOL,
+        });
+    }
 
     // AdamW
     let p: Vec<f32> = randn(&mut r, 4000, 1.0);

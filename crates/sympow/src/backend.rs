@@ -230,20 +230,24 @@ pub trait Backend: Send + Sync {
     ) -> Self::Tensor;
 
     // ---- loss and optimiser -------------------------------------------------------------
-    /// Per-row cross-entropy of `logits` (`[rows, vocab]`).
+    /// Per-row cross-entropy of `logits` (`[rows, row_len]`) over their first `vocab`
+    /// columns (the rest is the LM head's alignment padding, outside the softmax).
     fn cross_entropy_forward(
         &self,
         logits: &Self::Tensor,
         targets: &[u32],
         vocab: usize,
+        row_len: usize,
     ) -> Self::Tensor;
-    /// ∂logits for L = Σ dloss·loss.
+    /// ∂logits for L = Σ dloss·loss (0 in the padding columns), given the forward's `losses`.
     fn cross_entropy_backward(
         &self,
         logits: &Self::Tensor,
         targets: &[u32],
+        losses: &Self::Tensor,
         dloss: &Self::Tensor,
         vocab: usize,
+        row_len: usize,
     ) -> Self::Tensor;
     /// One AdamW step in place.
     fn adamw_step(
@@ -560,17 +564,25 @@ impl<F: Float> Backend for CpuBackend<F> {
         }
         y
     }
-    fn cross_entropy_forward(&self, logits: &Vec<F>, targets: &[u32], vocab: usize) -> Vec<F> {
-        cross_entropy::cross_entropy_forward(logits, targets, vocab)
+    fn cross_entropy_forward(
+        &self,
+        logits: &Vec<F>,
+        targets: &[u32],
+        vocab: usize,
+        row_len: usize,
+    ) -> Vec<F> {
+        cross_entropy::cross_entropy_forward(logits, targets, vocab, row_len)
     }
     fn cross_entropy_backward(
         &self,
         logits: &Vec<F>,
         targets: &[u32],
+        losses: &Vec<F>,
         dloss: &Vec<F>,
         vocab: usize,
+        row_len: usize,
     ) -> Vec<F> {
-        cross_entropy::cross_entropy_backward(logits, targets, dloss, vocab)
+        cross_entropy::cross_entropy_backward(logits, targets, losses, dloss, vocab, row_len)
     }
     fn adamw_step(
         &self,

@@ -10,7 +10,7 @@
 use crate::attention::{chunked_final_states, AttentionSpec, Form, Shape};
 use crate::backend::Backend;
 use crate::config::{GateKind, RotaryKind};
-use crate::model::{Model, Trace};
+use crate::model::{Dims, Model, Trace};
 use crate::Float;
 
 enum LayerState<S> {
@@ -34,6 +34,15 @@ pub struct Decoder<'m, B: Backend> {
 
 fn to_f64<F: Float>(x: &[F]) -> Vec<f64> {
     x.iter().map(|v| v.f64()).collect()
+}
+
+/// The vocabulary's logits (`[rows, vocab]`) from the LM head's padded rows
+/// (`[rows, padded_vocab]`): the padding columns are not tokens.
+fn vocab_logits<F: Float>(dims: &Dims, padded: &[F]) -> Vec<f64> {
+    padded
+        .chunks_exact(dims.padded_vocab)
+        .flat_map(|row| to_f64(&row[..dims.vocab]))
+        .collect()
 }
 
 impl<'m, B: Backend> Decoder<'m, B> {
@@ -95,7 +104,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 _ => None,
             });
         }
-        let logits = to_f64(&be.download(&trace.logits));
+        let logits = vocab_logits(&model.dims, &be.download(&trace.logits));
         (
             Decoder {
                 model,
@@ -190,7 +199,8 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let (hn, _) = be.layer_norm_forward(&x, c, w, b);
         let head = m.params.lm_head.as_ref().unwrap_or(&m.params.wte);
         self.pos += 1;
-        to_f64(&be.download(&be.linear_forward(&hn, head, None, c, dm.vocab)))
+        let logits = be.linear_forward(&hn, head, None, c, dm.padded_vocab);
+        vocab_logits(dm, &be.download(&logits))
     }
 }
 

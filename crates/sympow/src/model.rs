@@ -51,8 +51,13 @@ impl ParamInfo {
 /// Sizes derived from the config.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dims {
-    /// Vocabulary.
+    /// Vocabulary (the tokens the model predicts).
     pub vocab: usize,
+    /// Rows of the token embedding and LM head: `vocab` rounded up to a multiple of 64, so that
+    /// the LM head's matrix products are tensor-core aligned (GPT-2's 50,257 is odd, and cuBLAS
+    /// then falls back to kernels ~3× slower). The padding rows never meet a token: their
+    /// logits are outside the loss and the sampler.
+    pub padded_vocab: usize,
     /// Width.
     pub width: usize,
     /// Heads.
@@ -85,6 +90,7 @@ impl Dims {
         }
         Dims {
             vocab: m.vocab_size,
+            padded_vocab: m.vocab_size.next_multiple_of(64),
             width: m.width,
             heads: m.heads,
             head_dim: m.head_dim,
@@ -138,13 +144,13 @@ pub struct Block<T> {
 /// All parameters (or gradients, or optimizer moments: anything shaped like them).
 #[derive(Clone, Debug)]
 pub struct Params<T> {
-    /// Token embedding, `[vocab, width]`.
+    /// Token embedding, `[padded_vocab, width]`.
     pub wte: T,
     /// The blocks.
     pub blocks: Vec<Block<T>>,
     /// Final layer norm.
     pub lnf: Option<LayerNormParams<T>>,
-    /// LM head `[vocab, width]`, None when tied to `wte`.
+    /// LM head `[padded_vocab, width]`, None when tied to `wte`.
     pub lm_head: Option<T>,
 }
 
@@ -161,7 +167,7 @@ pub fn layout(cfg: &Config) -> Vec<ParamInfo> {
     };
     let mut v = vec![p(
         "wte.weight".into(),
-        vec![d.vocab, d.width],
+        vec![d.padded_vocab, d.width],
         Init::Normal(0.02),
         true,
     )];
@@ -246,7 +252,7 @@ pub fn layout(cfg: &Config) -> Vec<ParamInfo> {
     if !m.tie_weights {
         v.push(p(
             "lm_head.weight".into(),
-            vec![d.vocab, d.width],
+            vec![d.padded_vocab, d.width],
             Init::Normal(0.02),
             true,
         ));
@@ -400,7 +406,7 @@ pub struct Trace<T> {
     pub(crate) x_final: T,
     pub(crate) lnf_out: T,
     pub(crate) lnf_saved: LayerNormSaved<T>,
-    /// `[batch·time, vocab]`.
+    /// `[batch·time, padded_vocab]`; the first `vocab` columns are the logits.
     pub logits: T,
     /// Per-token cross-entropy `[batch·time]` (0 where the target is ignored), if targets were given.
     pub losses: Option<T>,
@@ -647,10 +653,10 @@ impl<B: Backend> Model<B> {
         }
         let (lnf_out, lnf_saved) = self.layer_norm(&x, &self.params.lnf);
         let head = self.params.lm_head.as_ref().unwrap_or(&self.params.wte);
-        let logits = be.linear_forward(&lnf_out, head, None, c, dm.vocab);
+        let logits = be.linear_forward(&lnf_out, head, None, c, dm.padded_vocab);
         let losses = targets.map(|t| {
             assert_eq!(t.len(), n, "targets must be batch × time");
-            be.cross_entropy_forward(&logits, t, dm.vocab)
+            be.cross_entropy_forward(&logits, t, dm.vocab, dm.padded_vocab)
         });
         Trace {
             ids: ids.to_vec(),
@@ -682,10 +688,15 @@ impl<B: Backend> Model<B> {
         let form = self.attention_form(shape.time);
         let base = self.cfg.model.rotary_base;
 
-        let dlogits = be.cross_entropy_backward(&tr.logits, &tr.targets, dloss, dm.vocab);
+        let losses = tr
+            .losses
+            .as_ref()
+            .expect("backward needs a forward with targets");
+        let (v, vp) = (dm.vocab, dm.padded_vocab);
+        let dlogits = be.cross_entropy_backward(&tr.logits, &tr.targets, losses, dloss, v, vp);
         let head = self.params.lm_head.as_ref().unwrap_or(&self.params.wte);
         let dhead = grads.lm_head.as_mut().unwrap_or(&mut grads.wte);
-        let dlnf = be.linear_backward(&tr.lnf_out, head, &dlogits, c, dm.vocab, dhead, None);
+        let dlnf = be.linear_backward(&tr.lnf_out, head, &dlogits, c, vp, dhead, None);
         let mut dx = self.layer_norm_backward(
             &tr.x_final,
             &dlnf,

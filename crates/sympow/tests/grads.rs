@@ -438,26 +438,36 @@ fn embedding_backward_matches_finite_differences() {
 fn cross_entropy_backward_matches_finite_differences() {
     let mut r = rng(common::seed("ce_grads"));
     let (rows, vocab) = (4, 9);
-    let logits: Vec<f64> = randn(&mut r, rows * vocab, 3.0);
-    let targets = [2u32, 8, cross_entropy::IGNORE, 0];
-    let dl: Vec<f64> = uniform(&mut r, rows, 0.1, 1.0);
-    let d = cross_entropy::cross_entropy_backward(&logits, &targets, &dl, vocab);
-    let n = numerical_grad(
-        &mut |l| {
-            dot(
-                &cross_entropy::cross_entropy_forward(l, &targets, vocab),
-                &dl,
-            )
-        },
-        &logits,
-        H,
-    );
-    assert_close("cross entropy", &d, &n, TOL);
-    // against the definition for one row
-    let row = &logits[..vocab];
-    let z: f64 = row.iter().map(|x| x.exp()).sum();
-    let want = -(row[2].exp() / z).ln();
-    assert!((cross_entropy::cross_entropy_forward(row, &[2], vocab)[0] - want).abs() < 1e-12);
+    // unpadded rows, and rows padded past the vocabulary (the LM head's alignment padding: those
+    // columns are outside the softmax, so both sides must give them zero gradient)
+    for row_len in [vocab, vocab + 3] {
+        let logits: Vec<f64> = randn(&mut r, rows * row_len, 3.0);
+        let targets = [2u32, 8, cross_entropy::IGNORE, 0];
+        let dl: Vec<f64> = uniform(&mut r, rows, 0.1, 1.0);
+        let losses = cross_entropy::cross_entropy_forward(&logits, &targets, vocab, row_len);
+        let d =
+            cross_entropy::cross_entropy_backward(&logits, &targets, &losses, &dl, vocab, row_len);
+        let n = numerical_grad(
+            &mut |l| {
+                dot(
+                    &cross_entropy::cross_entropy_forward(l, &targets, vocab, row_len),
+                    &dl,
+                )
+            },
+            &logits,
+            H,
+        );
+        assert_close("cross entropy", &d, &n, TOL);
+        // against the definition for one row
+        let row = &logits[..row_len];
+        let z: f64 = row[..vocab].iter().map(|x| x.exp()).sum();
+        let want = -(row[2].exp() / z).ln();
+        let got = cross_entropy::cross_entropy_forward(row, &[2], vocab, row_len)[0];
+        assert!(
+            (got - want).abs() < 1e-12,
+            "row_len {row_len}: {got} vs {want}"
+        );
+    }
 }
 
 #[test]

@@ -124,10 +124,10 @@ impl CudaBackend {
         let (t, h, e) = (sh.time, sh.heads, sh.dv);
         let rows = block_rows(sh, self.softmax_rows());
         let (mut y, mut log_norm) = (
-            self.alloc(sh.batch * t * h * e),
-            self.alloc(sh.batch * t * h),
+            self.alloc_zeroed(sh.batch * t * h * e),
+            self.alloc_zeroed(sh.batch * t * h),
         );
-        let mut s = self.alloc(h * rows * t);
+        let mut s = self.alloc_zeroed(h * rows * t);
         let (ti, hi) = (t as i32, h as i32);
         for b in 0..sh.batch {
             for r0 in (0..t).step_by(rows) {
@@ -190,7 +190,7 @@ impl CudaBackend {
     ) -> AttentionGrads<CudaSlice<f32>> {
         let (t, h, d, e) = (sh.time, sh.heads, sh.dk, sh.dv);
         let n = sh.batch * t * h;
-        let mut dd = self.alloc(n);
+        let mut dd = self.alloc_zeroed(n);
         let (nr, ei) = (n as i64, e as i32);
         launch!(
             self,
@@ -202,9 +202,16 @@ impl CudaBackend {
             &nr,
             &ei
         );
-        let (mut dq, mut dk, mut dv) = (self.alloc(n * d), self.alloc(n * d), self.alloc(n * e));
+        let (mut dq, mut dk, mut dv) = (
+            self.alloc_zeroed(n * d),
+            self.alloc_zeroed(n * d),
+            self.alloc_zeroed(n * e),
+        );
         let rows = block_rows(sh, self.softmax_rows());
-        let (mut p, mut ds) = (self.alloc(h * rows * t), self.alloc(h * rows * t));
+        let (mut p, mut ds) = (
+            self.alloc_zeroed(h * rows * t),
+            self.alloc_zeroed(h * rows * t),
+        );
         let (ti, hi) = (t as i32, h as i32);
         let sigma = spec.scale as f32;
         for b in 0..sh.batch {
