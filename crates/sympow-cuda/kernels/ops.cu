@@ -35,11 +35,6 @@ extern "C" __global__ void add_assign(float* dst, const float* src, long n) {
     if (i < n) dst[i] += src[i];
 }
 
-extern "C" __global__ void scale(float* dst, float s, long n) {
-    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-    if (i < n) dst[i] *= s;
-}
-
 extern "C" __global__ void mul(float* out, const float* a, const float* b, long n) {
     long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
     if (i < n) out[i] = a[i] * b[i];
@@ -79,12 +74,20 @@ extern "C" __global__ void fold_partials(float* out, const float* partial, int s
     out[j] = accumulate ? out[j] + s : s;
 }
 
-// per-block partial sums of squares, in double
-extern "C" __global__ void sum_squares(double* partial, const float* x, long n) {
+// The multi-tensor kernels (sums of squares, AdamW) take a table of chunks of at most 2^16
+// elements, each chunk a block: one launch for every parameter tensor of a model.
+struct SquaresChunk {
+    const float* x;
+    long long n;
+};
+
+// per-chunk sums of squares, in double
+extern "C" __global__ void sum_squares(double* partial, const SquaresChunk* chunks) {
     __shared__ double shm[BLOCK];
+    SquaresChunk c = chunks[blockIdx.x];
     double s = 0.0;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        double v = x[i];
+    for (long long i = threadIdx.x; i < c.n; i += blockDim.x) {
+        double v = c.x[i];
         s += v * v;
     }
     shm[threadIdx.x] = s;
@@ -445,17 +448,28 @@ extern "C" __global__ void cross_entropy_backward(float* d, const float* logits,
     for (int j = j0 + threadIdx.x; j < row_len; j += blockDim.x) dr[j] = grad(j, row[j]);
 }
 
-// ---- AdamW -------------------------------------------------------------------------------------------
-extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float* v, long n, float lr, float b1, float b2,
-                                      float eps, float wd, float bc1, float bc2) {
-    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float gi = g[i];
-    float mi = b1 * m[i] + (1.f - b1) * gi;
-    float vi = b2 * v[i] + (1.f - b2) * gi * gi;
-    m[i] = mi; v[i] = vi;
-    float x = p[i];
-    p[i] = x - lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + wd * x);
+// ---- AdamW: one chunk of one parameter tensor a block (see SquaresChunk) ------------------------
+struct AdamWChunk {
+    float* p;
+    const float* g;
+    float* m;
+    float* v;
+    long long n;
+    float lr, wd;
+};
+
+extern "C" __global__ void adamw_step(const AdamWChunk* chunks, float b1, float b2, float eps, float bc1, float bc2,
+                                      float gscale) {
+    AdamWChunk c = chunks[blockIdx.x];
+    for (long long i = threadIdx.x; i < c.n; i += blockDim.x) {
+        float gi = c.g[i];
+        if (gscale != 1.f) gi *= gscale;  // global-norm clipping, as the CPU op
+        float mi = b1 * c.m[i] + (1.f - b1) * gi;
+        float vi = b2 * c.v[i] + (1.f - b2) * gi * gi;
+        c.m[i] = mi; c.v[i] = vi;
+        float x = c.p[i];
+        c.p[i] = x - c.lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + c.wd * x);
+    }
 }
 
 // bf16 copies of matrix-product operands (round to nearest even, in integer arithmetic: this

@@ -18,14 +18,14 @@ use crate::flash::FlashSoftmax;
 use crate::profile::{OpTimer, Profiler};
 use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    LaunchConfig, PushKernelArg,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Form, Shape};
-use sympow::backend::{Backend, CpuBackend, LayerNormSaved, ProfileRow};
-use sympow::ops::adamw::AdamWConfig;
+use sympow::backend::{AdamWParam, Backend, CpuBackend, LayerNormSaved, ProfileRow};
 use sympow::ops::rotary::RotaryParam;
 
 const SOURCE: &str = concat!(
@@ -78,6 +78,12 @@ static MATMUL_DEFAULT: AtomicU8 = AtomicU8::new(MatmulPrecision::Bf16 as u8);
 /// bf16, as PyTorch's autocast).
 pub fn set_default_matmul(p: MatmulPrecision) {
     MATMUL_DEFAULT.store(p as u8, Ordering::Relaxed);
+}
+
+/// A matrix-product operand of the linear layers (see [`CudaBackend::operand`]).
+struct Operand<'a> {
+    f32: &'a CudaSlice<f32>,
+    bf16: Option<CudaSlice<u16>>,
 }
 
 fn precision_from(v: u8) -> MatmulPrecision {
@@ -138,12 +144,11 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 38] = [
+const KERNELS: [&str; 37] = [
     "f32_to_bf16",
     "sympow_decode_update",
     "sympow_decode_read",
     "add_assign",
-    "scale",
     "mul",
     "broadcast_rows",
     "column_partials",
@@ -185,6 +190,14 @@ fn grid(n: usize) -> LaunchConfig {
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Elements per block of the multi-tensor kernels (sums of squares, AdamW).
+const CHUNK: usize = 1 << 16;
+
+/// (offset, length) of the chunks of a tensor of `n` elements.
+fn chunks(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).step_by(CHUNK).map(move |o| (o, CHUNK.min(n - o)))
 }
 
 fn rows_cfg(rows: usize) -> LaunchConfig {
@@ -376,12 +389,10 @@ impl CudaBackend {
         self.stream.clone_htod(v).expect("host to device copy")
     }
 
-    /// An op's output buffer, uninitialised: every caller's next launch writes each element.
-    /// (Zeroing them all was ≈ 40 GB of memset per `gpt2-124m` training step at 16k.)
+    /// An op's output buffer, uninitialised: every caller's next launch (a kernel, or a
+    /// product with beta = 0, which does not read C) writes each element.
     fn alloc(&self, n: usize) -> CudaSlice<f32> {
-        // SAFETY: the memory is only read after a kernel (or a beta = 0 product, which does not
-        // read C) has written every element; device-check's rows would see stale values.
-        unsafe { self.stream.alloc::<f32>(n.max(1)) }.expect("device allocation")
+        crate::device::alloc_output(&self.stream, n)
     }
 
     /// A zeroed buffer, for outputs that kernels accumulate into.
@@ -391,7 +402,16 @@ impl CudaBackend {
             .expect("device allocation")
     }
 
-    /// C (col-major m×n) = op(A)·op(B) + beta·C, all f32.
+    /// `x` as a matrix-product operand: under [`MatmulPrecision::Bf16`] with its bf16 copy,
+    /// made here once however many products of the op use it.
+    fn operand<'a>(&self, x: &'a CudaSlice<f32>) -> Operand<'a> {
+        let bf16 = (precision_from(self.matmul.load(Ordering::Relaxed)) == MatmulPrecision::Bf16)
+            .then(|| self.to_bf16(x));
+        Operand { f32: x, bf16 }
+    }
+
+    /// C (col-major m×n) = op(A)·op(B) + beta·C: f32 C, A and B in f32 (TF32 or full f32
+    /// products) or in their bf16 copies (f32 accumulation).
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -400,9 +420,9 @@ impl CudaBackend {
         m: usize,
         n: usize,
         k: usize,
-        a: &CudaSlice<f32>,
+        a: &Operand,
         lda: usize,
-        b: &CudaSlice<f32>,
+        b: &Operand,
         ldb: usize,
         beta: f32,
         c: &mut CudaSlice<f32>,
@@ -420,14 +440,12 @@ impl CudaBackend {
             beta,
             ldc: ldc as i32,
         };
-        if precision_from(self.matmul.load(Ordering::Relaxed)) != MatmulPrecision::Bf16 {
+        let (Some(a16), Some(b16)) = (&a.bf16, &b.bf16) else {
             // SAFETY: the dimensions and leading dimensions describe buffers of the sizes given.
-            unsafe { self.blas.gemm(cfg, a, b, c) }.expect("cuBLAS sgemm");
+            unsafe { self.blas.gemm(cfg, a.f32, b.f32, c) }.expect("cuBLAS sgemm");
             return;
-        }
+        };
         use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
-        use cudarc::driver::{DevicePtr, DevicePtrMut};
-        let (a16, b16) = (self.to_bf16(a), self.to_bf16(b));
         let (pa, _ga) = a16.device_ptr(&self.stream);
         let (pb, _gb) = b16.device_ptr(&self.stream);
         let (pc, _gc) = c.device_ptr_mut(&self.stream);
@@ -461,9 +479,8 @@ impl CudaBackend {
 
     /// A bf16 copy of `x` (a matrix-product operand under [`MatmulPrecision::Bf16`]).
     fn to_bf16(&self, x: &CudaSlice<f32>) -> CudaSlice<u16> {
-        // SAFETY: f32_to_bf16 writes every element.
-        let mut out =
-            unsafe { self.stream.alloc::<u16>(x.len().max(1)) }.expect("device allocation");
+        // f32_to_bf16 writes every element
+        let mut out = crate::device::alloc_output::<u16>(&self.stream, x.len());
         let n = x.len() as i64;
         launch!(
             self,
@@ -477,6 +494,71 @@ impl CudaBackend {
     }
 
     /// `out` (+)= the column sums of `partial` (`[splits, c]`, from a column-partials kernel).
+    /// Σx² of each tensor, in double: one launch over all their chunks, one copy back, the
+    /// chunks' partial sums added on the host in order (deterministic).
+    fn sums_of_squares(&self, xs: &[&CudaSlice<f32>]) -> Vec<f64> {
+        let mut table: Vec<u64> = Vec::new();
+        let mut per_tensor = Vec::with_capacity(xs.len());
+        for x in xs {
+            let (ptr, _) = x.device_ptr(&self.stream);
+            let before = table.len() / 2;
+            for (o, len) in chunks(x.len()) {
+                table.extend([ptr + 4 * o as u64, len as u64]);
+            }
+            per_tensor.push(table.len() / 2 - before);
+        }
+        if table.is_empty() {
+            return vec![0.0; xs.len()];
+        }
+        let table_dev = self.stream.clone_htod(&table).expect("host to device copy");
+        let mut partial = crate::device::alloc_output::<f64>(&self.stream, table.len() / 2);
+        launch!(
+            self,
+            "sum_squares",
+            rows_cfg(table.len() / 2),
+            &mut partial,
+            &table_dev
+        );
+        let host = self
+            .stream
+            .clone_dtoh(&partial)
+            .expect("device to host copy");
+        let mut at = 0;
+        per_tensor
+            .iter()
+            .map(|&k| {
+                at += k;
+                host[at - k..at].iter().sum()
+            })
+            .collect()
+    }
+
+    /// Column sums of `x` (`[rows, c]`) into `out` (added to it if `accumulate`): per-split
+    /// partials, then a fold in a fixed order (deterministic).
+    fn column_sums(
+        &self,
+        x: &CudaSlice<f32>,
+        c: usize,
+        out: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) {
+        let rows = x.len() / c;
+        let (cols, split) = column_split(rows, c);
+        let mut partial = self.alloc(cols.grid_dim.1 as usize * c);
+        let (r, ci) = (rows as i64, c as i32);
+        launch!(
+            self,
+            "column_partials",
+            cols,
+            &mut partial,
+            x,
+            &r,
+            &ci,
+            &split
+        );
+        self.fold_partials(Some(out), &partial, c, accumulate);
+    }
+
     fn fold_partials(
         &self,
         out: Option<&mut CudaSlice<f32>>,
@@ -653,11 +735,6 @@ impl Backend for CudaBackend {
         let n = dst.len() as i64;
         launch!(self, "add_assign", grid(n as usize), dst, src, &n);
     }
-    fn scale(&self, dst: &mut CudaSlice<f32>, s: f64) {
-        let _p = self.prof("scale");
-        let (n, s) = (dst.len() as i64, s as f32);
-        launch!(self, "scale", grid(n as usize), dst, &s, &n);
-    }
     fn mul(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> CudaSlice<f32> {
         let _p = self.prof("mul");
         let n = a.len() as i64;
@@ -682,80 +759,17 @@ impl Backend for CudaBackend {
     }
     fn sum_rows(&self, x: &CudaSlice<f32>, c: usize) -> CudaSlice<f32> {
         let _p = self.prof("sum_rows");
-        let rows = x.len() / c;
-        let (cols, split) = column_split(rows, c);
-        let mut partial = self.alloc(cols.grid_dim.1 as usize * c);
-        let (r, ci) = (rows as i64, c as i32);
-        launch!(
-            self,
-            "column_partials",
-            cols,
-            &mut partial,
-            x,
-            &r,
-            &ci,
-            &split
-        );
         let mut out = self.alloc(c);
-        self.fold_partials(Some(&mut out), &partial, c, false);
+        self.column_sums(x, c, &mut out, false);
         out
     }
     fn sum_squares(&self, x: &CudaSlice<f32>) -> f64 {
         let _p = self.prof("sum_squares");
-        let n = x.len() as i64;
-        let blocks = (x.len().div_ceil(BLOCK as usize)).clamp(1, 1024);
-        let mut partial = self
-            .stream
-            .alloc_zeros::<f64>(blocks)
-            .expect("device allocation");
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        launch!(self, "sum_squares", cfg, &mut partial, x, &n);
-        self.stream
-            .clone_dtoh(&partial)
-            .expect("device to host copy")
-            .iter()
-            .sum()
+        self.sums_of_squares(&[x])[0]
     }
     fn sum_squares_each(&self, xs: &[&CudaSlice<f32>]) -> Vec<f64> {
         let _p = self.prof("sum_squares_each");
-        // every tensor's block partials into one buffer, then one copy back
-        let blocks: Vec<usize> = xs
-            .iter()
-            .map(|x| x.len().div_ceil(BLOCK as usize).clamp(1, 64))
-            .collect();
-        let total: usize = blocks.iter().sum();
-        let mut partial = self
-            .stream
-            .alloc_zeros::<f64>(total.max(1))
-            .expect("device allocation");
-        let mut off = 0;
-        for (x, &nb) in xs.iter().zip(&blocks) {
-            let n = x.len() as i64;
-            let cfg = LaunchConfig {
-                grid_dim: (nb as u32, 1, 1),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut view = partial.slice_mut(off..off + nb);
-            launch!(self, "sum_squares", cfg, &mut view, *x, &n);
-            off += nb;
-        }
-        let host = self
-            .stream
-            .clone_dtoh(&partial)
-            .expect("device to host copy");
-        let mut off = 0;
-        blocks
-            .iter()
-            .map(|&nb| {
-                off += nb;
-                host[off - nb..off].iter().sum()
-            })
-            .collect()
+        self.sums_of_squares(xs)
     }
     fn split_columns(&self, x: &CudaSlice<f32>, widths: &[usize]) -> Vec<CudaSlice<f32>> {
         let _p = self.prof("split_columns");
@@ -806,9 +820,9 @@ impl Backend for CudaBackend {
             cout,
             rows,
             cin,
-            w,
+            &self.operand(w),
             cin,
-            x,
+            &self.operand(x),
             cin,
             if b.is_some() { 1.0 } else { 0.0 },
             &mut y,
@@ -829,6 +843,8 @@ impl Backend for CudaBackend {
         let _p = self.prof("linear_backward");
         let rows = x.len() / cin;
         let mut dx = self.alloc(rows * cin);
+        // dy feeds both products: one bf16 copy (for the LM head, 0.8 G elements)
+        let dyo = self.operand(dy);
         // dx[rows, cin] = dy·W  ⇔  dxᵀ (cin×rows) = W_cm (cin×cout) · dyᵀ (cout×rows)
         self.gemm(
             Op::CUBLAS_OP_N,
@@ -836,9 +852,9 @@ impl Backend for CudaBackend {
             cin,
             rows,
             cout,
-            w,
+            &self.operand(w),
             cin,
-            dy,
+            &dyo,
             cout,
             0.0,
             &mut dx,
@@ -851,17 +867,16 @@ impl Backend for CudaBackend {
             cin,
             cout,
             rows,
-            x,
+            &self.operand(x),
             cin,
-            dy,
+            &dyo,
             cout,
             1.0,
             dw,
             cin,
         );
         if let Some(db) = db {
-            let s = self.sum_rows(dy, cout);
-            self.add_assign(db, &s);
+            self.column_sums(dy, cout, db, true);
         }
         dx
     }
@@ -1552,40 +1567,55 @@ impl Backend for CudaBackend {
     }
     fn adamw_step(
         &self,
-        cfg: &AdamWConfig,
         step: u64,
-        param: &mut CudaSlice<f32>,
-        grad: &CudaSlice<f32>,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
+        grad_scale: f64,
+        params: &mut [AdamWParam<'_, CudaSlice<f32>>],
     ) {
         let _p = self.prof("adamw_step");
-        let n = param.len() as i64;
-        let (lr, b1, b2, eps, wd) = (
-            cfg.lr as f32,
-            cfg.beta1 as f32,
-            cfg.beta2 as f32,
-            cfg.eps as f32,
-            cfg.weight_decay as f32,
+        let Some(first) = params.first() else { return };
+        let c0 = first.cfg;
+        assert!(
+            params.iter().all(|t| (t.cfg.beta1, t.cfg.beta2, t.cfg.eps) == (c0.beta1, c0.beta2, c0.eps)),
+            "adamw_step: one call is one optimizer (the tensors may differ in lr and weight decay only)"
         );
-        let bc1 = (1.0 - cfg.beta1.powi(step as i32)) as f32;
-        let bc2 = (1.0 - cfg.beta2.powi(step as i32)) as f32;
+        // the chunk table (see AdamWChunk in ops.cu): p, g, m, v, n, then lr and wd as two f32
+        let mut table: Vec<u64> = Vec::new();
+        for t in params.iter_mut() {
+            let n = t.param.len();
+            assert!(
+                t.grad.len() == n && t.m.len() == n && t.v.len() == n,
+                "adamw_step: parameter, gradient and moments differ in length"
+            );
+            let (p, _) = t.param.device_ptr_mut(&self.stream);
+            let (g, _) = t.grad.device_ptr(&self.stream);
+            let (m, _) = t.m.device_ptr_mut(&self.stream);
+            let (v, _) = t.v.device_ptr_mut(&self.stream);
+            let hyper = u64::from((t.cfg.lr as f32).to_bits())
+                | u64::from((t.cfg.weight_decay as f32).to_bits()) << 32;
+            for (o, len) in chunks(n) {
+                let off = 4 * o as u64;
+                table.extend([p + off, g + off, m + off, v + off, len as u64, hyper]);
+            }
+        }
+        if table.is_empty() {
+            return;
+        }
+        let table_dev = self.stream.clone_htod(&table).expect("host to device copy");
+        let (b1, b2, eps) = (c0.beta1 as f32, c0.beta2 as f32, c0.eps as f32);
+        let bc1 = (1.0 - c0.beta1.powi(step as i32)) as f32;
+        let bc2 = (1.0 - c0.beta2.powi(step as i32)) as f32;
+        let gs = grad_scale as f32;
         launch!(
             self,
             "adamw_step",
-            grid(param.len()),
-            param,
-            grad,
-            m,
-            v,
-            &n,
-            &lr,
+            rows_cfg(table.len() / 6),
+            &table_dev,
             &b1,
             &b2,
             &eps,
-            &wd,
             &bc1,
-            &bc2
+            &bc2,
+            &gs
         );
     }
     fn set_profiling(&self, on: bool) -> bool {

@@ -8,6 +8,7 @@
 //! and chunk states to the backward through [`AttentionOut::saved`]. Memory is linear in T: one
 //! D×D×E bf16 state per chunk of `chunk` tokens.
 
+use crate::device::alloc_output;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
 };
@@ -220,16 +221,9 @@ impl ChunkedSympow {
         log_gates: Option<&CudaSlice<f32>>,
     ) -> Staged {
         let n = g.bh * g.t;
-        let alloc16 = |len: usize| {
-            stream
-                .alloc_zeros::<u16>(len.max(1))
-                .expect("device allocation")
-        };
-        let alloc32 = |len: usize| {
-            stream
-                .alloc_zeros::<f32>(len.max(1))
-                .expect("device allocation")
-        };
+        // sp_prep writes every element of each
+        let alloc16 = |len: usize| alloc_output::<u16>(stream, len);
+        let alloc32 = |len: usize| alloc_output::<f32>(stream, len);
         let mut st = Staged {
             qs: alloc16(n * g.d),
             kr: alloc16(n * g.d),
@@ -275,9 +269,8 @@ impl ChunkedSympow {
         reverse: bool,
         fwd: Option<(&CudaSlice<u16>, &mut CudaSlice<f32>)>,
     ) -> CudaSlice<u16> {
-        // SAFETY: sp_chunk_states writes every element before anything reads it.
-        let mut out = unsafe { stream.alloc::<u16>(g.state_len()) }
-            .expect("device allocation (chunk states)");
+        // sp_chunk_states writes every element before anything reads it
+        let mut out = alloc_output::<u16>(stream, g.state_len());
         let (t, l, nc, rev) = (g.t as i32, g.l as i32, g.nc as i32, i32::from(reverse));
         // values of the first feature index per block (Dims<D>::A in the kernel source)
         let a = match g.d {
@@ -337,16 +330,9 @@ impl ChunkedSympow {
         w: Option<&CudaSlice<u16>>,
     ) -> (Option<CudaSlice<f32>>, Option<CudaSlice<f32>>) {
         let n = g.bh * g.t;
-        let mut r = want_r.then(|| {
-            stream
-                .alloc_zeros::<f32>(n * g.e)
-                .expect("device allocation")
-        });
-        let mut dx = w.map(|_| {
-            stream
-                .alloc_zeros::<f32>(n * g.d)
-                .expect("device allocation")
-        });
+        // every token's row of each, written once by the block that owns it
+        let mut r = want_r.then(|| alloc_output::<f32>(stream, n * g.e));
+        let mut dx = w.map(|_| alloc_output::<f32>(stream, n * g.d));
         let (t, l, nc) = (g.t as i32, g.l as i32, g.nc as i32);
         let name = match (want_r, w.is_some()) {
             (true, false) => "sp_read_r",
@@ -398,10 +384,8 @@ impl ChunkedSympow {
         let t0 = self.mark(stream, "fwd read (inter)", t0);
         let inter = inter.expect("inter part");
         let rows = g.bh * g.t;
-        let mut y = stream
-            .alloc_zeros::<f32>(rows * g.d)
-            .expect("device allocation");
-        let mut ln = stream.alloc_zeros::<f32>(rows).expect("device allocation");
+        let mut y = alloc_output::<f32>(stream, rows * g.d);
+        let mut ln = alloc_output::<f32>(stream, rows);
         let (t, h, l, eps) = (g.t as i32, g.h as i32, g.l as i32, spec.eps as f32);
         let f = self.f("sp_intra_fwd", g.d);
         let mut b = stream.launch_builder(f);
@@ -474,9 +458,7 @@ impl ChunkedSympow {
         let (bi, t, h, l) = (shape.batch as i32, g.t as i32, g.h as i32, g.l as i32);
 
         // ∂(numerator, denominator)
-        let mut dn = stream
-            .alloc_zeros::<u16>(n * g.e)
-            .expect("device allocation");
+        let mut dn = alloc_output::<u16>(stream, n * g.e);
         {
             let mut b = stream.launch_builder(self.f("sp_bwd_prep", g.d));
             b.arg(&mut dn).arg(dy).arg(&out.y).arg(&out.log_norm);
@@ -505,7 +487,8 @@ impl ChunkedSympow {
         let (dqt, dkt, dvp) = (dqt.unwrap(), dkt.unwrap(), dvp.unwrap());
 
         // intra-chunk part
-        let (mut dki, mut dvi, mut dgk) = (alloc32(n * g.d), alloc32(n * g.d), alloc32(n));
+        let out32 = |len: usize| alloc_output::<f32>(stream, len);
+        let (mut dki, mut dvi, mut dgk) = (out32(n * g.d), out32(n * g.d), out32(n));
         {
             let mut b = stream.launch_builder(self.f("sp_intra_bwd_dkv", g.d));
             b.arg(&mut dki).arg(&mut dvi).arg(&mut dgk);
@@ -516,7 +499,7 @@ impl ChunkedSympow {
                 .expect("sp_intra_bwd_dkv");
         }
         let t0 = self.mark(stream, "bwd intra dk dv", t0);
-        let (mut dqi, mut dgq) = (alloc32(n * g.d), alloc32(n));
+        let (mut dqi, mut dgq) = (out32(n * g.d), out32(n));
         {
             let mut b = stream.launch_builder(self.f("sp_intra_bwd_dq", g.d));
             b.arg(&mut dqi).arg(&mut dgq);
@@ -529,8 +512,8 @@ impl ChunkedSympow {
         let t0 = self.mark(stream, "bwd intra dq", t0);
 
         // chain rule back to q, k, v, g
-        let (mut dq, mut dk, mut dv) = (alloc32(n * g.d), alloc32(n * g.d), alloc32(n * g.d));
-        let mut dg = log_gates.map(|_| alloc32(n));
+        let (mut dq, mut dk, mut dv) = (out32(n * g.d), out32(n * g.d), out32(n * g.d));
+        let mut dg = log_gates.map(|_| out32(n));
         let scale = spec.scale as f32;
         {
             let mut b = stream.launch_builder(self.f("sp_bwd_final", g.d));

@@ -1,8 +1,42 @@
 //! Device discovery and context creation through cudarc.
 
 use crate::{GpuInfo, Unavailable};
-use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{
+    result, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut,
+    DeviceRepr,
+};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+/// Whether [`alloc_output`] fills its buffers with 0xFF bytes (see [`poison_outputs`]).
+static POISON_OUTPUTS: AtomicBool = AtomicBool::new(false);
+
+/// Makes every uninitialised output buffer from now on start as 0xFF bytes — NaN in f32 and
+/// bf16 — so that an element a kernel fails to write shows up as a NaN in `sympow
+/// device-check`'s rows instead of a stale value that may happen to be right. Off by default
+/// (it costs the memsets that leaving outputs uninitialised saves).
+pub fn poison_outputs(on: bool) {
+    POISON_OUTPUTS.store(on, Ordering::Relaxed);
+}
+
+/// A buffer of `n` elements for a launch that writes every one of them before anything reads
+/// it: uninitialised, as zeroing it first would be a wasted pass over memory (≈ 40 GB a
+/// `gpt2-124m` step at 16k), or poisoned under [`poison_outputs`].
+pub(crate) fn alloc_output<T: DeviceRepr>(stream: &Arc<CudaStream>, n: usize) -> CudaSlice<T> {
+    let n = n.max(1);
+    // SAFETY: the callers' kernels write every element before it is read; device-check runs
+    // with the buffers poisoned to catch one that does not.
+    let mut buf = unsafe { stream.alloc::<T>(n) }.expect("device allocation");
+    if POISON_OUTPUTS.load(Ordering::Relaxed) {
+        let bytes = n * std::mem::size_of::<T>();
+        let (ptr, _sync) = buf.device_ptr_mut(stream);
+        // SAFETY: the pointer spans `bytes` bytes of this stream's allocation; 0xFF bytes are a
+        // NaN pattern, never read as anything but a value to be overwritten.
+        unsafe { result::memset_d8_async(ptr, 0xff, bytes, stream.cu_stream()) }
+            .expect("device memset");
+    }
+    buf
+}
 
 /// A GPU ready for work: its context and description.
 pub struct CudaGpu {

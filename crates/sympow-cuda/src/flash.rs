@@ -7,6 +7,7 @@
 //! (q, k, v too when the output carries no saved copies), Δ = rowsum(∂y ∘ y), then a pass over
 //! query tiles for ∂q and one over key tiles for ∂k, ∂v — deterministic, no atomics.
 
+use crate::device::alloc_output;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
 };
@@ -103,9 +104,7 @@ impl FlashSoftmax {
         x: &CudaSlice<f32>,
         mul: f32,
     ) -> CudaSlice<u16> {
-        let mut out = stream
-            .alloc_zeros::<u16>(x.len())
-            .expect("device allocation");
+        let mut out = alloc_output::<u16>(stream, x.len());
         let n8 = x.len() / 8;
         let (t, h, d, n) = (
             shape.time as i32,
@@ -152,10 +151,8 @@ impl FlashSoftmax {
         v: &CudaSlice<f32>,
     ) -> AttentionOut<CudaSlice<f32>> {
         let rows = shape.batch * shape.time * shape.heads;
-        let mut y = stream
-            .alloc_zeros(rows * shape.dv)
-            .expect("device allocation");
-        let mut lse = stream.alloc_zeros(rows).expect("device allocation");
+        let mut y = alloc_output::<f32>(stream, rows * shape.dv);
+        let mut lse = alloc_output::<f32>(stream, rows);
         let st = self.stage_qkv(stream, spec, shape, [q, k, v]);
         let (t, h) = (shape.time as i32, shape.heads as i32);
         let (f, cfg) = self.launch(shape, 0);

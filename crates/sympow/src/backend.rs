@@ -9,7 +9,7 @@
 use crate::attention::{self, AttentionSpec, Form, Shape};
 pub use crate::attention::{AttentionGrads, AttentionOut};
 use crate::float::Float;
-use crate::ops::adamw::AdamWConfig;
+pub use crate::ops::adamw::{AdamWConfig, AdamWParam};
 pub use crate::ops::layer_norm::LayerNormSaved;
 use crate::ops::rotary::RotaryParam;
 use crate::ops::*;
@@ -58,8 +58,6 @@ pub trait Backend: Send + Sync {
     fn zeros(&self, len: usize) -> Self::Tensor;
     /// `dst += src` (residual connections, gradient accumulation).
     fn add_assign(&self, dst: &mut Self::Tensor, src: &Self::Tensor);
-    /// `dst *= s`.
-    fn scale(&self, dst: &mut Self::Tensor, s: f64);
     /// Elementwise product `a ⊙ b` (dropout masks).
     fn mul(&self, a: &Self::Tensor, b: &Self::Tensor) -> Self::Tensor;
     /// `[rows, c]`: `row` (`[c]`) repeated (per-head constants such as a learned gate).
@@ -249,16 +247,10 @@ pub trait Backend: Send + Sync {
         vocab: usize,
         row_len: usize,
     ) -> Self::Tensor;
-    /// One AdamW step in place.
-    fn adamw_step(
-        &self,
-        cfg: &AdamWConfig,
-        step: u64,
-        param: &mut Self::Tensor,
-        grad: &Self::Tensor,
-        m: &mut Self::Tensor,
-        v: &mut Self::Tensor,
-    );
+    /// One AdamW step (1-based `step`) of every tensor in `params`, in place, each gradient
+    /// multiplied by `grad_scale` first (global-norm clipping; 1 leaves it as it is). A GPU
+    /// backend updates them all in one launch.
+    fn adamw_step(&self, step: u64, grad_scale: f64, params: &mut [AdamWParam<'_, Self::Tensor>]);
 
     // ---- diagnostics --------------------------------------------------------------------
     /// Starts per-op timing (clearing earlier rows) or stops it; returns false if this
@@ -310,10 +302,6 @@ impl<F: Float> Backend for CpuBackend<F> {
     fn add_assign(&self, dst: &mut Vec<F>, src: &Vec<F>) {
         assert_eq!(dst.len(), src.len(), "add_assign: length mismatch");
         dst.iter_mut().zip(src).for_each(|(a, &b)| *a += b);
-    }
-    fn scale(&self, dst: &mut Vec<F>, s: f64) {
-        let s = F::of(s);
-        dst.iter_mut().for_each(|a| *a *= s);
     }
     fn mul(&self, a: &Vec<F>, b: &Vec<F>) -> Vec<F> {
         assert_eq!(a.len(), b.len(), "mul: length mismatch");
@@ -584,15 +572,9 @@ impl<F: Float> Backend for CpuBackend<F> {
     ) -> Vec<F> {
         cross_entropy::cross_entropy_backward(logits, targets, losses, dloss, vocab, row_len)
     }
-    fn adamw_step(
-        &self,
-        cfg: &AdamWConfig,
-        step: u64,
-        param: &mut Vec<F>,
-        grad: &Vec<F>,
-        m: &mut Vec<F>,
-        v: &mut Vec<F>,
-    ) {
-        adamw::adamw_step(cfg, step, param, grad, m, v)
+    fn adamw_step(&self, step: u64, grad_scale: f64, params: &mut [AdamWParam<'_, Vec<F>>]) {
+        for t in params {
+            adamw::adamw_step(&t.cfg, step, grad_scale, t.param, t.grad, t.m, t.v);
+        }
     }
 }

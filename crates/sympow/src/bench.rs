@@ -220,7 +220,7 @@ pub fn train_step_ms<B: crate::backend::Backend>(
     steps: usize,
 ) -> f64 {
     use crate::float::Float;
-    use crate::ops::adamw::AdamWConfig;
+    use crate::ops::adamw::{AdamWConfig, AdamWParam};
     use rand::Rng;
     let mut r = rng(context as u64);
     let n = batch * context;
@@ -252,15 +252,22 @@ pub fn train_step_ms<B: crate::backend::Backend>(
         model.backward(&tr, &dloss, &mut grads);
         drop(tr);
         std::hint::black_box(model.backend.sum_squares_each(&grads.refs()));
-        for ((p, g), (mm, vv)) in model
+        let mut params: Vec<AdamWParam<'_, _>> = model
             .params
             .refs_mut()
             .into_iter()
             .zip(grads.refs())
             .zip(m.refs_mut().into_iter().zip(v.refs_mut()))
-        {
-            model.backend.adamw_step(&ac, step as u64 + 1, p, g, mm, vv);
-        }
+            .map(|((param, grad), (m, v))| AdamWParam {
+                cfg: ac,
+                param,
+                grad,
+                m,
+                v,
+            })
+            .collect();
+        model.backend.adamw_step(step as u64 + 1, 1.0, &mut params);
+        drop(params);
         // the next step's first read-back waits for this step's updates; time them here
         std::hint::black_box(model.backend.sum_squares(&model.params.wte));
         if step > 0 {

@@ -11,7 +11,7 @@ use crate::checkpoint::{self, Checkpoint, CheckpointError};
 use crate::config::{Config, TrainConfig};
 use crate::data::{DataError, Split, TokenData};
 use crate::model::{layout, DropoutCtx, Model, Params};
-use crate::ops::adamw::AdamWConfig;
+use crate::ops::adamw::{AdamWConfig, AdamWParam};
 use crate::ops::cross_entropy::IGNORE;
 use crate::Float;
 use std::io::Write;
@@ -543,26 +543,29 @@ pub fn train_with<B: Backend>(
             1.0
         };
         let tc = &cfg.train;
-        for (((p, g), (mm, vv)), &decay) in model
+        let mut params: Vec<AdamWParam<'_, _>> = model
             .params
             .refs_mut()
             .into_iter()
-            .zip(grads.refs_mut())
+            .zip(grads.refs())
             .zip(m.refs_mut().into_iter().zip(v.refs_mut()))
             .zip(&decays)
-        {
-            if clip != 1.0 {
-                model.backend.scale(g, clip);
-            }
-            let ac = AdamWConfig {
-                lr,
-                beta1: tc.beta1,
-                beta2: tc.beta2,
-                eps: tc.adam_eps,
-                weight_decay: if decay { tc.weight_decay } else { 0.0 },
-            };
-            model.backend.adamw_step(&ac, step + 1, p, g, mm, vv);
-        }
+            .map(|(((param, grad), (m, v)), &decay)| AdamWParam {
+                cfg: AdamWConfig {
+                    lr,
+                    beta1: tc.beta1,
+                    beta2: tc.beta2,
+                    eps: tc.adam_eps,
+                    weight_decay: if decay { tc.weight_decay } else { 0.0 },
+                },
+                param,
+                grad,
+                m,
+                v,
+            })
+            .collect();
+        model.backend.adamw_step(step + 1, clip, &mut params);
+        drop(params);
         step += 1;
         last_loss = loss;
         let elapsed = t0.elapsed().as_secs_f64();

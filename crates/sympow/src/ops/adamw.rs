@@ -18,10 +18,26 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
-/// One step at (1-based) step number `step`: updates `param`, `m`, `v` in place.
+/// One parameter tensor's part in an AdamW step ([`Backend::adamw_step`](crate::backend::Backend::adamw_step)).
+pub struct AdamWParam<'a, T> {
+    /// Its hyper-parameters (the weight decay differs between matrices and vectors).
+    pub cfg: AdamWConfig,
+    /// The parameter, updated in place.
+    pub param: &'a mut T,
+    /// Its gradient.
+    pub grad: &'a T,
+    /// First moment, updated in place.
+    pub m: &'a mut T,
+    /// Second moment, updated in place.
+    pub v: &'a mut T,
+}
+
+/// One step at (1-based) step number `step`: updates `param`, `m`, `v` in place, the gradient
+/// multiplied by `grad_scale` first (global-norm clipping; 1 leaves it as it is).
 pub fn adamw_step<F: Float>(
     cfg: &AdamWConfig,
     step: u64,
+    grad_scale: f64,
     param: &mut [F],
     grad: &[F],
     m: &mut [F],
@@ -29,13 +45,14 @@ pub fn adamw_step<F: Float>(
 ) {
     let bc1 = 1.0 - cfg.beta1.powi(step as i32);
     let bc2 = 1.0 - cfg.beta2.powi(step as i32);
-    let (b1, b2) = (F::of(cfg.beta1), F::of(cfg.beta2));
+    let (b1, b2, gs) = (F::of(cfg.beta1), F::of(cfg.beta2), F::of(grad_scale));
     param
         .par_iter_mut()
         .zip(grad)
         .zip(m.par_iter_mut().zip(v.par_iter_mut()))
         .with_min_len(1 << 14)
         .for_each(|((p, &g), (m, v))| {
+            let g = if grad_scale == 1.0 { g } else { g * gs };
             *m = b1 * *m + (F::one() - b1) * g;
             *v = b2 * *v + (F::one() - b2) * g * g;
             let mhat = m.f64() / bc1;
