@@ -21,11 +21,14 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
     LaunchConfig, PushKernelArg,
 };
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Form, Shape};
-use sympow::backend::{AdamWParam, Backend, CpuBackend, LayerNormSaved, ProfileRow};
+use sympow::backend::{
+    AdamWParam, Backend, CpuBackend, LayerNormSaved, LinearSaved, ProfileRow, Saved,
+};
 use sympow::ops::rotary::RotaryParam;
 
 const SOURCE: &str = concat!(
@@ -80,10 +83,11 @@ pub fn set_default_matmul(p: MatmulPrecision) {
     MATMUL_DEFAULT.store(p as u8, Ordering::Relaxed);
 }
 
-/// A matrix-product operand of the linear layers (see [`CudaBackend::operand`]).
+/// A matrix-product operand of the linear layers (see [`CudaBackend::operand`]): f32, and
+/// under bf16 products its bf16 copy, made here or borrowed from a forward's [`LinearSaved`].
 struct Operand<'a> {
     f32: &'a CudaSlice<f32>,
-    bf16: Option<CudaSlice<u16>>,
+    bf16: Option<Cow<'a, CudaSlice<u16>>>,
 }
 
 fn precision_from(v: u8) -> MatmulPrecision {
@@ -406,8 +410,23 @@ impl CudaBackend {
     /// made here once however many products of the op use it.
     fn operand<'a>(&self, x: &'a CudaSlice<f32>) -> Operand<'a> {
         let bf16 = (precision_from(self.matmul.load(Ordering::Relaxed)) == MatmulPrecision::Bf16)
-            .then(|| self.to_bf16(x));
+            .then(|| Cow::Owned(self.to_bf16(x)));
         Operand { f32: x, bf16 }
+    }
+
+    /// [`operand`](Self::operand) of a linear layer's input, reusing the forward's bf16 copy.
+    fn saved_operand<'a>(&self, x: &'a CudaSlice<f32>, saved: &'a LinearSaved) -> Operand<'a> {
+        let bf16 = precision_from(self.matmul.load(Ordering::Relaxed)) == MatmulPrecision::Bf16;
+        match saved
+            .as_ref()
+            .and_then(|s| s.downcast_ref::<CudaSlice<u16>>())
+        {
+            Some(x16) if bf16 && x16.len() == x.len() => Operand {
+                f32: x,
+                bf16: Some(Cow::Borrowed(x16)),
+            },
+            _ => self.operand(x),
+        }
     }
 
     /// C (col-major m×n) = op(A)·op(B) + beta·C: f32 C, A and B in f32 (TF32 or full f32
@@ -805,7 +824,7 @@ impl Backend for CudaBackend {
         b: Option<&CudaSlice<f32>>,
         cin: usize,
         cout: usize,
-    ) -> CudaSlice<f32> {
+    ) -> (CudaSlice<f32>, LinearSaved) {
         let _p = self.prof("linear_forward");
         let rows = x.len() / cin;
         let mut y = self.alloc(rows * cout);
@@ -814,6 +833,7 @@ impl Backend for CudaBackend {
             launch!(self, "fill_rows", grid(rows * cout), &mut y, b, &r, &c);
         }
         // row-major y[rows, cout] = x·Wᵀ  ⇔  col-major yᵀ (cout×rows) = Wᵀ(cout×cin)·xᵀ(cin×rows)
+        let xo = self.operand(x);
         self.gemm(
             Op::CUBLAS_OP_T,
             Op::CUBLAS_OP_N,
@@ -822,13 +842,15 @@ impl Backend for CudaBackend {
             cin,
             &self.operand(w),
             cin,
-            &self.operand(x),
+            &xo,
             cin,
             if b.is_some() { 1.0 } else { 0.0 },
             &mut y,
             cout,
         );
-        y
+        // the bf16 copy of x goes to the backward (its ∂W product)
+        let saved = xo.bf16.map(|x16| Arc::new(x16.into_owned()) as Saved);
+        (y, saved)
     }
     fn linear_backward(
         &self,
@@ -839,6 +861,7 @@ impl Backend for CudaBackend {
         cout: usize,
         dw: &mut CudaSlice<f32>,
         db: Option<&mut CudaSlice<f32>>,
+        saved: &LinearSaved,
     ) -> CudaSlice<f32> {
         let _p = self.prof("linear_backward");
         let rows = x.len() / cin;
@@ -867,7 +890,7 @@ impl Backend for CudaBackend {
             cin,
             cout,
             rows,
-            &self.operand(x),
+            &self.saved_operand(x, saved),
             cin,
             &dyo,
             cout,

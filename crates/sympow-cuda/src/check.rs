@@ -64,24 +64,38 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         (MatmulPrecision::Bf16, " (bf16)", BF16_TOL),
     ] {
         gpu.set_matmul(precision);
+        let (xg, wg, dyg) = (up(&x), up(&w), up(&dy));
+        let (yg, saved) = gpu.linear_forward(&xg, &wg, Some(&up(&b)), cin, cout);
         push(
             &mut rows,
             &format!("linear forward{label}"),
-            &dn(&gpu.linear_forward(&up(&x), &up(&w), Some(&up(&b)), cin, cout)),
-            &cpu.linear_forward(&x, &w, Some(&b), cin, cout),
+            &dn(&yg),
+            &cpu.linear_forward(&x, &w, Some(&b), cin, cout).0,
             tol,
         );
         let (mut dw_c, mut db_c) = (b.repeat(cin)[..cout * cin].to_vec(), b.clone());
         let (mut dw_g, mut db_g) = (up(&dw_c), up(&db_c));
-        let dx_c = cpu.linear_backward(&x, &w, &dy, cin, cout, &mut dw_c, Some(&mut db_c));
+        let dw0 = dw_c.clone();
+        let dx_c = cpu.linear_backward(&x, &w, &dy, cin, cout, &mut dw_c, Some(&mut db_c), &None);
         let dx_g = gpu.linear_backward(
-            &up(&x),
-            &up(&w),
-            &up(&dy),
+            &xg,
+            &wg,
+            &dyg,
             cin,
             cout,
             &mut dw_g,
             Some(&mut db_g),
+            &saved,
+        );
+        // without the forward's bf16 copy of x, the backward rounds x itself: the same bits
+        let mut dw_bare = up(&dw0);
+        gpu.linear_backward(&xg, &wg, &dyg, cin, cout, &mut dw_bare, None, &None);
+        push(
+            &mut rows,
+            &format!("linear backward dW without the forward's copy of x = with it{label}"),
+            &dn(&dw_bare),
+            &dn(&dw_g),
+            0.0,
         );
         push(
             &mut rows,

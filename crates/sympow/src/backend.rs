@@ -7,7 +7,12 @@
 //! arguments; a tensor is a flat buffer.
 
 use crate::attention::{self, AttentionSpec, Form, Shape};
-pub use crate::attention::{AttentionGrads, AttentionOut};
+pub use crate::attention::{AttentionGrads, AttentionOut, Saved};
+
+/// What a linear layer's forward hands its backward besides the input itself: a backend's
+/// own form of the input as a product operand (the CUDA backend's bf16 copy, so that the
+/// backward does not round the input again); None on the CPU.
+pub type LinearSaved = Option<Saved>;
 use crate::float::Float;
 pub use crate::ops::adamw::{AdamWConfig, AdamWParam};
 pub use crate::ops::layer_norm::LayerNormSaved;
@@ -33,7 +38,7 @@ pub struct ProfileRow {
 /// let be = CpuBackend::<f32>::new();
 /// let x = be.upload(&[1.0, 2.0, 3.0, 4.0]); // 2 rows of 2
 /// let w = be.upload(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0]); // 3 outputs × 2 inputs
-/// let y = be.linear_forward(&x, &w, None, 2, 3);
+/// let (y, _) = be.linear_forward(&x, &w, None, 2, 3);
 /// assert_eq!(be.download(&y), vec![1.0, 2.0, 3.0, 3.0, 4.0, 7.0]);
 /// ```
 pub trait Backend: Send + Sync {
@@ -77,7 +82,8 @@ pub trait Backend: Send + Sync {
     fn concat_columns(&self, parts: &[&Self::Tensor], widths: &[usize]) -> Self::Tensor;
 
     // ---- dense layers -----------------------------------------------------------------------
-    /// y = x Wᵀ + b; x `[rows, cin]`, W `[cout, cin]`.
+    /// y = x Wᵀ + b; x `[rows, cin]`, W `[cout, cin]`. Also returns what the backward can reuse
+    /// of the forward's work on x (a GPU's bf16 copy of it).
     fn linear_forward(
         &self,
         x: &Self::Tensor,
@@ -85,8 +91,9 @@ pub trait Backend: Send + Sync {
         b: Option<&Self::Tensor>,
         cin: usize,
         cout: usize,
-    ) -> Self::Tensor;
-    /// Returns ∂x; adds into ∂W, ∂b.
+    ) -> (Self::Tensor, LinearSaved);
+    /// Returns ∂x; adds into ∂W, ∂b. `saved` is the forward's (or None).
+    #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
         x: &Self::Tensor,
@@ -96,6 +103,7 @@ pub trait Backend: Send + Sync {
         cout: usize,
         dw: &mut Self::Tensor,
         db: Option<&mut Self::Tensor>,
+        saved: &LinearSaved,
     ) -> Self::Tensor;
     /// Layer norm over rows of `c`, with optional affine.
     fn layer_norm_forward(
@@ -353,8 +361,11 @@ impl<F: Float> Backend for CpuBackend<F> {
         b: Option<&Vec<F>>,
         cin: usize,
         cout: usize,
-    ) -> Vec<F> {
-        linear::linear_forward(x, w, b.map(|b| &b[..]), cin, cout)
+    ) -> (Vec<F>, LinearSaved) {
+        (
+            linear::linear_forward(x, w, b.map(|b| &b[..]), cin, cout),
+            None,
+        )
     }
     fn linear_backward(
         &self,
@@ -365,6 +376,7 @@ impl<F: Float> Backend for CpuBackend<F> {
         cout: usize,
         dw: &mut Vec<F>,
         db: Option<&mut Vec<F>>,
+        _saved: &LinearSaved,
     ) -> Vec<F> {
         linear::linear_backward(x, w, dy, cin, cout, dw, db.map(|b| &mut b[..]))
     }

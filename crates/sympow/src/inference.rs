@@ -140,8 +140,9 @@ impl<'m, B: Backend> Decoder<'m, B> {
         for (l, p) in m.params.blocks.iter().enumerate() {
             let (w, b) = p.ln1.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
             let (hn, _) = be.layer_norm_forward(&x, c, w, b);
-            let qkv =
-                be.linear_forward(&hn, &p.qkv_w, Some(&p.qkv_b), c, dm.qkv_widths.iter().sum());
+            let qkv = be
+                .linear_forward(&hn, &p.qkv_w, Some(&p.qkv_b), c, dm.qkv_widths.iter().sum())
+                .0;
             // columns: q, k, v, [gate logits], [rotary logits] — as in `Model::forward`
             let mut parts = be.split_columns(&qkv, &dm.qkv_widths).into_iter();
             let (q, k, v) = (
@@ -187,19 +188,20 @@ impl<'m, B: Backend> Decoder<'m, B> {
                     be.upload(&y.iter().map(|&a| B::Scalar::of(a)).collect::<Vec<_>>())
                 }
             };
-            let o = be.linear_forward(&y, &p.proj_w, Some(&p.proj_b), h * d, c);
+            let (o, _) = be.linear_forward(&y, &p.proj_w, Some(&p.proj_b), h * d, c);
             be.add_assign(&mut x, &o);
             let (w, b) = p.ln2.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
             let (hn, _) = be.layer_norm_forward(&x, c, w, b);
-            let f = be.gelu_forward(&be.linear_forward(&hn, &p.fc_w, Some(&p.fc_b), c, dm.hidden));
-            let mo = be.linear_forward(&f, &p.fc2_w, Some(&p.fc2_b), dm.hidden, c);
+            let (fc, _) = be.linear_forward(&hn, &p.fc_w, Some(&p.fc_b), c, dm.hidden);
+            let f = be.gelu_forward(&fc);
+            let (mo, _) = be.linear_forward(&f, &p.fc2_w, Some(&p.fc2_b), dm.hidden, c);
             be.add_assign(&mut x, &mo);
         }
         let (w, b) = m.params.lnf.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
         let (hn, _) = be.layer_norm_forward(&x, c, w, b);
         let head = m.params.lm_head.as_ref().unwrap_or(&m.params.wte);
         self.pos += 1;
-        let logits = be.linear_forward(&hn, head, None, c, dm.padded_vocab);
+        let (logits, _) = be.linear_forward(&hn, head, None, c, dm.padded_vocab);
         vocab_logits(dm, &be.download(&logits))
     }
 }

@@ -7,7 +7,7 @@
 
 use crate::attention::phi::sympow_dim;
 use crate::attention::{AttentionOut, AttentionSpec, Form, Shape};
-use crate::backend::{Backend, LayerNormSaved};
+use crate::backend::{Backend, LayerNormSaved, LinearSaved};
 use crate::config::{AttentionKind, Config, FormKind, GateKind, LayerNormKind, RotaryKind};
 use crate::ops::gate::GATE_INIT_BIAS;
 use crate::ops::rotary::{learned_rotary_init_bias, RotaryParam};
@@ -380,6 +380,7 @@ pub struct BlockTrace<T> {
     pub(crate) x: T,
     pub(crate) ln1_out: T,
     pub(crate) ln1_saved: LayerNormSaved<T>,
+    pub(crate) qkv_saved: LinearSaved,
     pub(crate) gate_logits: Option<T>,
     pub(crate) rot_logits: Option<T>,
     pub(crate) angles: Option<T>,
@@ -388,12 +389,15 @@ pub struct BlockTrace<T> {
     pub(crate) v: T,
     pub(crate) log_gates: Option<T>,
     pub(crate) att: AttentionOut<T>,
+    pub(crate) proj_saved: LinearSaved,
     pub(crate) proj_mask: Option<T>,
     pub(crate) x_mid: T,
     pub(crate) ln2_out: T,
     pub(crate) ln2_saved: LayerNormSaved<T>,
+    pub(crate) fc_saved: LinearSaved,
     pub(crate) fc_out: T,
     pub(crate) gelu_out: T,
+    pub(crate) fc2_saved: LinearSaved,
     pub(crate) mlp_mask: Option<T>,
 }
 
@@ -406,6 +410,7 @@ pub struct Trace<T> {
     pub(crate) x_final: T,
     pub(crate) lnf_out: T,
     pub(crate) lnf_saved: LayerNormSaved<T>,
+    pub(crate) head_saved: LinearSaved,
     /// `[batch·time, padded_vocab]`; the first `vocab` columns are the logits.
     pub logits: T,
     /// Per-token cross-entropy `[batch·time]` (0 where the target is ignored), if targets were given.
@@ -582,7 +587,8 @@ impl<B: Backend> Model<B> {
         let mut blocks = Vec::with_capacity(self.params.blocks.len());
         for (l, p) in self.params.blocks.iter().enumerate() {
             let (ln1_out, ln1_saved) = self.layer_norm(&x, &p.ln1);
-            let qkv = be.linear_forward(&ln1_out, &p.qkv_w, Some(&p.qkv_b), c, dm.qkv_out());
+            let (qkv, qkv_saved) =
+                be.linear_forward(&ln1_out, &p.qkv_w, Some(&p.qkv_b), c, dm.qkv_out());
             let mut parts = be.split_columns(&qkv, &dm.qkv_widths).into_iter();
             let (q, k, v) = (
                 parts.next().unwrap(),
@@ -612,7 +618,8 @@ impl<B: Backend> Model<B> {
             };
             let log_gates = gate_logits.as_ref().map(|g| be.log_gate_forward(g));
             let att = be.attention_forward(&spec, form, &shape, &qr, &kr, &v, log_gates.as_ref());
-            let mut o = be.linear_forward(&att.y, &p.proj_w, Some(&p.proj_b), h * hd, c);
+            let (mut o, proj_saved) =
+                be.linear_forward(&att.y, &p.proj_w, Some(&p.proj_b), h * hd, c);
             let proj_mask = self.dropout_mask(dropout, l, 0, n * c);
             if let Some(m) = &proj_mask {
                 o = be.mul(&o, m);
@@ -620,9 +627,11 @@ impl<B: Backend> Model<B> {
             let mut x_mid = x.clone();
             be.add_assign(&mut x_mid, &o);
             let (ln2_out, ln2_saved) = self.layer_norm(&x_mid, &p.ln2);
-            let fc_out = be.linear_forward(&ln2_out, &p.fc_w, Some(&p.fc_b), c, dm.hidden);
+            let (fc_out, fc_saved) =
+                be.linear_forward(&ln2_out, &p.fc_w, Some(&p.fc_b), c, dm.hidden);
             let gelu_out = be.gelu_forward(&fc_out);
-            let mut mo = be.linear_forward(&gelu_out, &p.fc2_w, Some(&p.fc2_b), dm.hidden, c);
+            let (mut mo, fc2_saved) =
+                be.linear_forward(&gelu_out, &p.fc2_w, Some(&p.fc2_b), dm.hidden, c);
             let mlp_mask = self.dropout_mask(dropout, l, 1, n * c);
             if let Some(m) = &mlp_mask {
                 mo = be.mul(&mo, m);
@@ -634,6 +643,7 @@ impl<B: Backend> Model<B> {
                 x: x_in,
                 ln1_out,
                 ln1_saved,
+                qkv_saved,
                 gate_logits,
                 rot_logits,
                 angles,
@@ -642,18 +652,21 @@ impl<B: Backend> Model<B> {
                 v,
                 log_gates,
                 att,
+                proj_saved,
                 proj_mask,
                 x_mid,
                 ln2_out,
                 ln2_saved,
+                fc_saved,
                 fc_out,
                 gelu_out,
+                fc2_saved,
                 mlp_mask,
             });
         }
         let (lnf_out, lnf_saved) = self.layer_norm(&x, &self.params.lnf);
         let head = self.params.lm_head.as_ref().unwrap_or(&self.params.wte);
-        let logits = be.linear_forward(&lnf_out, head, None, c, dm.padded_vocab);
+        let (logits, head_saved) = be.linear_forward(&lnf_out, head, None, c, dm.padded_vocab);
         let losses = targets.map(|t| {
             assert_eq!(t.len(), n, "targets must be batch × time");
             be.cross_entropy_forward(&logits, t, dm.vocab, dm.padded_vocab)
@@ -666,6 +679,7 @@ impl<B: Backend> Model<B> {
             x_final: x,
             lnf_out,
             lnf_saved,
+            head_saved,
             logits,
             losses,
         }
@@ -696,7 +710,16 @@ impl<B: Backend> Model<B> {
         let dlogits = be.cross_entropy_backward(&tr.logits, &tr.targets, losses, dloss, v, vp);
         let head = self.params.lm_head.as_ref().unwrap_or(&self.params.wte);
         let dhead = grads.lm_head.as_mut().unwrap_or(&mut grads.wte);
-        let dlnf = be.linear_backward(&tr.lnf_out, head, &dlogits, c, vp, dhead, None);
+        let dlnf = be.linear_backward(
+            &tr.lnf_out,
+            head,
+            &dlogits,
+            c,
+            vp,
+            dhead,
+            None,
+            &tr.head_saved,
+        );
         let mut dx = self.layer_norm_backward(
             &tr.x_final,
             &dlnf,
@@ -720,6 +743,7 @@ impl<B: Backend> Model<B> {
                 c,
                 &mut g.fc2_w,
                 Some(&mut g.fc2_b),
+                &t.fc2_saved,
             );
             let dfc = be.gelu_backward(&t.fc_out, &dgelu);
             let dln2 = be.linear_backward(
@@ -730,6 +754,7 @@ impl<B: Backend> Model<B> {
                 dm.hidden,
                 &mut g.fc_w,
                 Some(&mut g.fc_b),
+                &t.fc_saved,
             );
             let mut dx_mid = dx;
             let dx_ln2 =
@@ -748,6 +773,7 @@ impl<B: Backend> Model<B> {
                 c,
                 &mut g.proj_w,
                 Some(&mut g.proj_b),
+                &t.proj_saved,
             );
             let ga = be.attention_backward(
                 &spec,
@@ -800,6 +826,7 @@ impl<B: Backend> Model<B> {
                 dm.qkv_out(),
                 &mut g.qkv_w,
                 Some(&mut g.qkv_b),
+                &t.qkv_saved,
             );
             let dx_ln1 = self.layer_norm_backward(&t.x, &dln1, &p.ln1, &t.ln1_saved, &mut g.ln1);
             dx = dx_mid;
