@@ -18,7 +18,7 @@
 //               2·rowdot(X S[a], W) (∂x), or both
 //   sp_intra_fwd  causal (σq·k)² e^{G_t−G_s} inside the chunk, plus the combine
 //               y = (inter + intra)_num / (inter + intra)_den + ε)
-//   sp_bwd_prep, sp_intra_bwd_dkv, sp_intra_bwd_dq, sp_bwd_final: the backward pass.
+//   sp_bwd_prep, sp_intra_bwd_dkv, sp_intra_bwd_dq, sp_bwd_final, sp_bwd_gates: the backward pass.
 // Layout of the model's tensors: q, k, v, y, dy [B, T, H, D]; g, log_norm [B, T, H].
 
 #define THREADS 256
@@ -64,19 +64,25 @@ template <int D> struct Smem {
     static constexpr int dkv =
         (128 * (D + 8) + 128 * (E + 8) + 2 * Dm::QB * (D + 8) + 2 * Dm::QB * (E + 8)) * 2 + 2 * Dm::QB * 4;
     static constexpr int dq = (128 * (D + 8) + 128 * (E + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + 2 * 64 * 4;
-    static constexpr int final_ = 0;  // sized by the host: (L + WARPS)·4 bytes
+    static constexpr int final_ = 0;
 };
 
 extern __shared__ __align__(16) unsigned char smem[];
 
 // ---------------------------------------------------------------------------------------------
+// Block (bh, chunk, part): a chunk's tokens are split over gridDim.z blocks (one block a chunk
+// left most of the GPU idle: gpt2-124m at 16k is 12 heads × 16 chunks). Each block scans the
+// whole chunk's log-gates (the same order in every part: G and Γ agree bit for bit) and stages
+// its part's tokens, two columns a thread.
 template <int D>
 __device__ void sp_prep(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float* Gout, float* Gam, const float* q,
                         const float* k, const float* v, const float* g, int T, int H, int L, float scale) {
-    constexpr int E = Dims<D>::E;
+    constexpr int E = Dims<D>::E, D2 = D / 2, E2 = E / 2;
     int bh = blockIdx.x, ci = blockIdx.y, NC = gridDim.y;
     int b = bh / H, h = bh % H;
     int t0 = ci * L, n = min(L, T - t0);
+    int per_part = (n + gridDim.z - 1) / gridDim.z;
+    int p0 = min((int)blockIdx.z * per_part, n), p1 = min(p0 + per_part, n), m = p1 - p0;
     float* Gs = (float*)smem;
     __shared__ float total;
     if (threadIdx.x < 32) {  // inclusive cumulative sum of the chunk's log-gates, in double
@@ -98,22 +104,26 @@ __device__ void sp_prep(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float*
     }
     __syncthreads();
     float Gm = total;
-    if (threadIdx.x == 0) Gam[bh * NC + ci] = Gm;
-    for (long i = threadIdx.x; i < (long)n * D; i += blockDim.x) {
-        int s = i / D, j = i % D;
+    if (threadIdx.x == 0 && blockIdx.z == 0) Gam[bh * NC + ci] = Gm;
+    for (int i = threadIdx.x; i < m * D2; i += blockDim.x) {
+        int s = p0 + i / D2, j = 2 * (i % D2);
         long src = ((long)(b * T + t0 + s) * H + h) * D + j, dst = ((long)bh * T + t0 + s) * D + j;
-        float G = Gs[s], qv = q[src] * scale, kv = k[src];
-        qs[dst] = f2b(qv);
-        kr[dst] = f2b(kv);
-        qt[dst] = f2b(qv * expf(0.5f * G));
-        kt[dst] = f2b(kv * expf(0.5f * (Gm - G)));
+        float2 qv = *(const float2*)(q + src), kv = *(const float2*)(k + src);
+        qv.x *= scale;
+        qv.y *= scale;
+        float G = Gs[s], eq = expf(0.5f * G), ek = expf(0.5f * (Gm - G));
+        *(u32*)(qs + dst) = pack2(qv.x, qv.y);
+        *(u32*)(kr + dst) = pack2(kv.x, kv.y);
+        *(u32*)(qt + dst) = pack2(qv.x * eq, qv.y * eq);
+        *(u32*)(kt + dst) = pack2(kv.x * ek, kv.y * ek);
     }
-    for (long i = threadIdx.x; i < (long)n * E; i += blockDim.x) {
-        int s = i / E, j = i % E;
-        float x = j < D ? v[((long)(b * T + t0 + s) * H + h) * D + j] : (j == D ? 1.f : 0.f);
-        vp[((long)bh * T + t0 + s) * E + j] = f2b(x);
+    for (int i = threadIdx.x; i < m * E2; i += blockDim.x) {
+        int s = p0 + i / E2, j = 2 * (i % E2);
+        float2 x = j < D ? *(const float2*)(v + ((long)(b * T + t0 + s) * H + h) * D + j)
+                         : make_float2(j == D ? 1.f : 0.f, 0.f);
+        *(u32*)(vp + ((long)bh * T + t0 + s) * E + j) = pack2(x.x, x.y);
     }
-    for (int s = threadIdx.x; s < n; s += blockDim.x) Gout[(long)bh * T + t0 + s] = Gs[s];
+    for (int s = p0 + threadIdx.x; s < p1; s += blockDim.x) Gout[(long)bh * T + t0 + s] = Gs[s];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -729,50 +739,57 @@ __device__ void sp_intra_bwd_dq(float* dqs, float* dGq, const bf16* qs, const bf
 }
 
 // ---------------------------------------------------------------------------------------------
-// Chain rule back to the model's q, k, v and log-gates, per (bh, chunk):
+// Chain rule back to the model's q, k, v and log-gates, one warp a token (all tokens in parallel):
 //   ∂q = σ(e^{G/2} ∂q̃ + ∂qs), ∂k = e^{(Γ−G)/2} ∂k̃ + ∂k_intra, ∂v = ∂v'_inter + ∂v_intra,
-//   ∂G_τ = ½ q̃·∂q̃ − ½ k̃·∂k̃ + ∂G_intra, ∂Γ = ∂Γ_discumsum + Σ_τ ½ k̃·∂k̃,
-//   ∂g_r = ∂Γ + Σ_{τ ≥ r} ∂G_τ  (G is the inclusive cumulative sum of g inside the chunk).
+// and with gates the token's ∂G_τ = ½ q̃·∂q̃ − ½ k̃·∂k̃ + ∂G_intra and its share ½ k̃·∂k̃ of ∂Γ,
+// which sp_bwd_gates scans per chunk.
 template <int D>
-__device__ void sp_bwd_final(float* dq, float* dk, float* dv, float* dg, const float* q, const float* k, const float* G,
-                             const float* Gam, const float* dGam, const float* dqt, const float* dkt, const float* dvp,
-                             const float* dqi, const float* dki, const float* dvi, const float* dGq, const float* dGk,
-                             int T, int H, int L, float scale) {
+__device__ void sp_bwd_final(float* dq, float* dk, float* dv, float* dGt, float* dGamt, const float* q,
+                             const float* k, const float* G, const float* Gam, const float* dqt, const float* dkt,
+                             const float* dvp, const float* dqi, const float* dki, const float* dvi, const float* dGq,
+                             const float* dGk, long n, int T, int H, int L, float scale) {
     constexpr int E = Dims<D>::E;
-    int bh = blockIdx.x, ci = blockIdx.y, NC = gridDim.y, b = bh / H, h = bh % H;
-    int t0 = ci * L, n = min(L, T - t0);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float* dGs = (float*)smem;
-    float* red = dGs + L;
-    float Gm = Gam[bh * NC + ci], kacc = 0.f;
-    for (int s = warp; s < n; s += WARPS) {
-        long tok = (long)bh * T + t0 + s, row = (long)(b * T + t0 + s) * H + h;
-        float Gt = G[tok], eq = scale * expf(0.5f * Gt), ek = expf(0.5f * (Gm - Gt));
-        float qd = 0.f, kd = 0.f;
-        for (int j = lane; j < D; j += 32) {
-            float a = dqt[tok * D + j], c = dkt[tok * D + j];
-            dq[row * D + j] = eq * a + scale * dqi[tok * D + j];
-            dk[row * D + j] = ek * c + dki[tok * D + j];
-            dv[row * D + j] = dvp[tok * E + j] + dvi[tok * D + j];
-            qd += eq * q[row * D + j] * a;
-            kd += ek * k[row * D + j] * c;
-        }
-        qd = warp_sum(qd);
-        kd = warp_sum(kd);
-        if (lane == 0) {
-            dGs[s] = 0.5f * qd - 0.5f * kd + dGq[tok] + dGk[tok];
-            kacc += 0.5f * kd;
-        }
+    long tok = (long)blockIdx.x * WARPS + warp;
+    if (tok >= n) return;
+    int bh = tok / T, t = tok % T, b = bh / H, h = bh % H, NC = (T + L - 1) / L;
+    long row = ((long)b * T + t) * H + h;
+    float Gt = G[tok], eq = scale * expf(0.5f * Gt), ek = expf(0.5f * (Gam[bh * NC + t / L] - Gt));
+    float qd = 0.f, kd = 0.f;
+    for (int j = 2 * lane; j < D; j += 64) {
+        float2 a = *(const float2*)(dqt + tok * D + j), c = *(const float2*)(dkt + tok * D + j);
+        float2 ai = *(const float2*)(dqi + tok * D + j), ci = *(const float2*)(dki + tok * D + j);
+        float2 vi = *(const float2*)(dvi + tok * D + j), vo = *(const float2*)(dvp + tok * E + j);
+        float2 qv = *(const float2*)(q + row * D + j), kv = *(const float2*)(k + row * D + j);
+        *(float2*)(dq + row * D + j) = make_float2(eq * a.x + scale * ai.x, eq * a.y + scale * ai.y);
+        *(float2*)(dk + row * D + j) = make_float2(ek * c.x + ci.x, ek * c.y + ci.y);
+        *(float2*)(dv + row * D + j) = make_float2(vo.x + vi.x, vo.y + vi.y);
+        qd += eq * qv.x * a.x + eq * qv.y * a.y;
+        kd += ek * kv.x * c.x + ek * kv.y * c.y;
     }
-    if (lane == 0) red[warp] = kacc;
-    __syncthreads();
-    if (!dg || warp != 0) return;
-    float dgam = dGam[bh * NC + ci];
-    for (int w = 0; w < WARPS; w++) dgam += red[w];
-    // reverse inclusive cumulative sum: lane l owns a contiguous segment
+    if (!dGt) return;
+    qd = warp_sum(qd);
+    kd = warp_sum(kd);
+    if (lane == 0) {
+        dGt[tok] = 0.5f * qd - 0.5f * kd + dGq[tok] + dGk[tok];
+        dGamt[tok] = 0.5f * kd;
+    }
+}
+
+// ∂g_r = ∂Γ + Σ_{τ ≥ r} ∂G_τ (G is the inclusive cumulative sum of g inside the chunk), with
+// ∂Γ = ∂Γ_discumsum + Σ_τ ½ k̃·∂k̃: one warp per (bh, chunk), each lane a contiguous segment.
+extern "C" __global__ void sp_bwd_gates(float* dg, const float* dGt, const float* dGamt, const float* dGam, int T,
+                                        int H, int L) {
+    int bh = blockIdx.x, ci = blockIdx.y, NC = gridDim.y, b = bh / H, h = bh % H, lane = threadIdx.x;
+    int t0 = ci * L, n = min(L, T - t0);
+    const float* dG = dGt + (long)bh * T + t0;
     int per = (n + 31) / 32, s0 = min(lane * per, n), s1 = min(s0 + per, n);
-    float seg = 0.f;
-    for (int s = s0; s < s1; s++) seg += dGs[s];
+    float seg = 0.f, kseg = 0.f;
+    for (int s = s0; s < s1; s++) {
+        seg += dG[s];
+        kseg += dGamt[(long)bh * T + t0 + s];
+    }
+    float dgam = dGam[bh * NC + ci] + warp_sum(kseg);
     float suf = seg;  // inclusive suffix over lanes
     for (int o = 1; o < 32; o <<= 1) {
         float y = __shfl_down_sync(FULL, suf, o);
@@ -780,7 +797,7 @@ __device__ void sp_bwd_final(float* dq, float* dk, float* dv, float* dg, const f
     }
     float run = suf - seg + dgam;
     for (int s = s1 - 1; s >= s0; s--) {
-        run += dGs[s];
+        run += dG[s];
         dg[(long)(b * T + t0 + s) * H + h] = run;
     }
 }
@@ -828,11 +845,12 @@ __device__ void sp_bwd_final(float* dq, float* dk, float* dv, float* dg, const f
         sp_intra_bwd_dq<D>(dqs, dGq, qs, kr, vp, dN, G, T, L);                                                        \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
-        sp_bwd_final_##D(float* dq, float* dk, float* dv, float* dg, const float* q, const float* k, const float* G,  \
-                         const float* Gam, const float* dGam, const float* dqt, const float* dkt, const float* dvp,   \
+        sp_bwd_final_##D(float* dq, float* dk, float* dv, float* dGt, float* dGamt, const float* q, const float* k, \
+                         const float* G, const float* Gam, const float* dqt, const float* dkt, const float* dvp,      \
                          const float* dqi, const float* dki, const float* dvi, const float* dGq, const float* dGk,    \
-                         int T, int H, int L, float scale) {                                                          \
-        sp_bwd_final<D>(dq, dk, dv, dg, q, k, G, Gam, dGam, dqt, dkt, dvp, dqi, dki, dvi, dGq, dGk, T, H, L, scale);  \
+                         long n, int T, int H, int L, float scale) {                                                  \
+        sp_bwd_final<D>(dq, dk, dv, dGt, dGamt, q, k, G, Gam, dqt, dkt, dvp, dqi, dki, dvi, dGq, dGk, n, T, H, L,     \
+                        scale);                                                                                       \
     }
 
 SP_INSTANCES(32)

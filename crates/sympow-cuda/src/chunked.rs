@@ -161,7 +161,7 @@ impl ChunkedSympow {
                 fns.insert(name, f);
             }
         }
-        for name in ["sp_discumsum_all", "sp_fold_slices"] {
+        for name in ["sp_discumsum_all", "sp_fold_slices", "sp_bwd_gates"] {
             let f = crate::device::load_with_shared_memory(&module, name, 0)?;
             fns.insert(name.to_string(), f);
         }
@@ -251,8 +251,11 @@ impl ChunkedSympow {
             None => b.arg(&NULL),
         };
         b.arg(&t).arg(&h).arg(&l).arg(&scale);
-        // SAFETY: arguments match sp_prep's declaration; buffers hold [BH][T][·] elements.
-        unsafe { b.launch(cfg((g.bh, g.nc, 1), (g.l * 4) as u32)) }.expect("sp_prep");
+        // parts of a chunk, a block each: enough blocks to fill the GPU, ≥ 64 tokens a part
+        let parts = 1024usize.div_ceil(g.bh * g.nc).clamp(1, (g.l / 64).max(1));
+        // SAFETY: arguments match sp_prep's declaration; buffers hold [BH][T][·] elements; the
+        // chunk's G takes L·4 bytes of shared memory.
+        unsafe { b.launch(cfg((g.bh, g.nc, parts), (g.l * 4) as u32)) }.expect("sp_prep");
         st
     }
 
@@ -511,29 +514,55 @@ impl ChunkedSympow {
         }
         let t0 = self.mark(stream, "bwd intra dq", t0);
 
-        // chain rule back to q, k, v, g
+        // chain rule back to q, k, v, g: per token, then (gated) the gates' scan per chunk
         let (mut dq, mut dk, mut dv) = (out32(n * g.d), out32(n * g.d), out32(n * g.d));
         let mut dg = log_gates.map(|_| out32(n));
-        let scale = spec.scale as f32;
+        // per token: ∂G_τ and its share of ∂Γ
+        let mut dgt = log_gates.map(|_| (out32(n), out32(n)));
+        let (scale, nl) = (spec.scale as f32, n as i64);
         {
             let mut b = stream.launch_builder(self.f("sp_bwd_final", g.d));
             b.arg(&mut dq).arg(&mut dk).arg(&mut dv);
-            match dg.as_mut() {
-                Some(x) => b.arg(x),
-                None => b.arg(&NULL),
+            match dgt.as_mut() {
+                Some((x, y)) => {
+                    b.arg(x).arg(y);
+                }
+                None => {
+                    b.arg(&NULL).arg(&NULL);
+                }
             };
-            b.arg(q).arg(k).arg(&st.g).arg(&st.gam).arg(&dgam);
+            b.arg(q).arg(k).arg(&st.g).arg(&st.gam);
             b.arg(&dqt)
                 .arg(&dkt)
                 .arg(&dvp)
                 .arg(&dqi)
                 .arg(&dki)
                 .arg(&dvi);
-            b.arg(&dgq).arg(&dgk).arg(&t).arg(&h).arg(&l).arg(&scale);
-            // SAFETY: as declared in sp_bwd_final; one block per (bh, chunk).
-            // (L + WARPS) floats: the chunk's ∂G and one partial per warp
-            unsafe { b.launch(cfg((g.bh, g.nc, 1), ((g.l + 8) * 4) as u32)) }
-                .expect("sp_bwd_final");
+            b.arg(&dgq)
+                .arg(&dgk)
+                .arg(&nl)
+                .arg(&t)
+                .arg(&h)
+                .arg(&l)
+                .arg(&scale);
+            // SAFETY: as declared in sp_bwd_final; one warp per token, 8 a block.
+            unsafe { b.launch(cfg((n.div_ceil(8), 1, 1), 0)) }.expect("sp_bwd_final");
+        }
+        if let (Some(dg), Some((dgt, dgamt))) = (dg.as_mut(), dgt.as_ref()) {
+            let mut b = stream.launch_builder(&self.fns["sp_bwd_gates"]);
+            b.arg(dg)
+                .arg(dgt)
+                .arg(dgamt)
+                .arg(&dgam)
+                .arg(&t)
+                .arg(&h)
+                .arg(&l);
+            // SAFETY: as declared in sp_bwd_gates; one warp per (bh, chunk).
+            let c = LaunchConfig {
+                block_dim: (32, 1, 1),
+                ..cfg((g.bh, g.nc, 1), 0)
+            };
+            unsafe { b.launch(c) }.expect("sp_bwd_gates");
         }
         self.mark(stream, "bwd chain rule", t0);
         AttentionGrads {
