@@ -15,6 +15,7 @@
 
 use crate::chunked::{ChunkedSympow, DEFAULT_CHUNK, MAX_CHUNK};
 use crate::flash::FlashSoftmax;
+use crate::lt::{BiasGemm, LtPrecision};
 use crate::profile::{OpTimer, Profiler};
 use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
@@ -90,6 +91,16 @@ struct Operand<'a> {
     bf16: Option<Cow<'a, CudaSlice<u16>>>,
 }
 
+impl Operand<'_> {
+    /// The device address of the copy the products read (bf16 if there is one).
+    fn ptr(&self, stream: &Arc<CudaStream>) -> cudarc::driver::sys::CUdeviceptr {
+        match &self.bf16 {
+            Some(x) => x.device_ptr(stream).0,
+            None => self.f32.device_ptr(stream).0,
+        }
+    }
+}
+
 fn precision_from(v: u8) -> MatmulPrecision {
     [
         MatmulPrecision::F32,
@@ -123,6 +134,9 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
+    /// The linear layers' forward with the bias in the product's epilogue (None if cuBLASLt
+    /// would not open: then a fill and an accumulating product).
+    bias_gemm: Option<BiasGemm>,
     _module: Arc<CudaModule>,
     fns: HashMap<&'static str, CudaFunction>,
     cpu: CpuBackend<f32>,
@@ -270,10 +284,12 @@ impl CudaBackend {
         for k in KERNELS {
             fns.insert(k, module.load_function(k).map_err(drv)?);
         }
+        let bias_gemm = BiasGemm::new(&stream).ok();
         let be = CudaBackend {
             ctx,
             stream,
             blas,
+            bias_gemm,
             _module: module,
             fns,
             cpu: CpuBackend::new(),
@@ -828,26 +844,45 @@ impl Backend for CudaBackend {
         let _p = self.prof("linear_forward");
         let rows = x.len() / cin;
         let mut y = self.alloc(rows * cout);
-        if let Some(b) = b {
-            let (r, c) = (rows as i64, cout as i32);
-            launch!(self, "fill_rows", grid(rows * cout), &mut y, b, &r, &c);
-        }
         // row-major y[rows, cout] = x·Wᵀ  ⇔  col-major yᵀ (cout×rows) = Wᵀ(cout×cin)·xᵀ(cin×rows)
-        let xo = self.operand(x);
-        self.gemm(
-            Op::CUBLAS_OP_T,
-            Op::CUBLAS_OP_N,
-            cout,
-            rows,
-            cin,
-            &self.operand(w),
-            cin,
-            &xo,
-            cin,
-            if b.is_some() { 1.0 } else { 0.0 },
-            &mut y,
-            cout,
-        );
+        let (xo, wo) = (self.operand(x), self.operand(w));
+        let fused = match (b, &self.bias_gemm) {
+            (Some(b), Some(lt)) => {
+                let precision = match precision_from(self.matmul.load(Ordering::Relaxed)) {
+                    MatmulPrecision::F32 => LtPrecision::F32,
+                    MatmulPrecision::Tf32 => LtPrecision::Tf32,
+                    MatmulPrecision::Bf16 => LtPrecision::Bf16,
+                };
+                let (pb, _gb) = b.device_ptr(&self.stream);
+                let (py, _gy) = y.device_ptr_mut(&self.stream);
+                // SAFETY: W is cout×cin and x rows×cin (row-major), y rows×cout, the bias cout.
+                unsafe {
+                    lt.run(
+                        &self.stream,
+                        precision,
+                        (true, false),
+                        (cout, rows, cin),
+                        (wo.ptr(&self.stream), cin),
+                        (xo.ptr(&self.stream), cin),
+                        pb,
+                        (py, cout),
+                    )
+                }
+                .is_ok()
+            }
+            _ => false,
+        };
+        if !fused {
+            if let Some(b) = b {
+                let (r, c) = (rows as i64, cout as i32);
+                launch!(self, "fill_rows", grid(rows * cout), &mut y, b, &r, &c);
+            }
+            let beta = if b.is_some() { 1.0 } else { 0.0 };
+            let (ta, tb) = (Op::CUBLAS_OP_T, Op::CUBLAS_OP_N);
+            self.gemm(
+                ta, tb, cout, rows, cin, &wo, cin, &xo, cin, beta, &mut y, cout,
+            );
+        }
         // the bf16 copy of x goes to the backward (its ∂W product)
         let saved = xo.bf16.map(|x16| Arc::new(x16.into_owned()) as Saved);
         (y, saved)

@@ -20,6 +20,8 @@ mod device;
 #[cfg(feature = "cuda")]
 pub mod flash;
 #[cfg(feature = "cuda")]
+mod lt;
+#[cfg(feature = "cuda")]
 pub mod parallel;
 #[cfg(feature = "cuda")]
 pub mod profile;
