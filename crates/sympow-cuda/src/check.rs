@@ -497,34 +497,10 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         v0.iter().map(|x| up(x)).collect(),
     );
     let gg: Vec<_> = g.iter().map(|x| up(x)).collect();
-    let mut cpu_params: Vec<AdamWParam<'_, Vec<f32>>> = pc
-        .iter_mut()
-        .zip(&g)
-        .zip(mc.iter_mut().zip(vc.iter_mut()))
-        .enumerate()
-        .map(|(i, ((param, grad), (m, v)))| AdamWParam {
-            cfg: cfg(i != 2),
-            param,
-            grad,
-            m,
-            v,
-        })
-        .collect();
+    let mut cpu_params = AdamWParam::zip(&mut pc, &g, &mut mc, &mut vc, |i| cfg(i != 2));
     cpu.adamw_step(7, 0.37, &mut cpu_params);
     drop(cpu_params);
-    let mut gpu_params: Vec<AdamWParam<'_, _>> = pg
-        .iter_mut()
-        .zip(&gg)
-        .zip(mg.iter_mut().zip(vg.iter_mut()))
-        .enumerate()
-        .map(|(i, ((param, grad), (m, v)))| AdamWParam {
-            cfg: cfg(i != 2),
-            param,
-            grad,
-            m,
-            v,
-        })
-        .collect();
+    let mut gpu_params = AdamWParam::zip(&mut pg, &gg, &mut mg, &mut vg, |i| cfg(i != 2));
     gpu.adamw_step(7, 0.37, &mut gpu_params);
     drop(gpu_params);
     for (i, &n) in sizes.iter().enumerate() {

@@ -252,20 +252,13 @@ pub fn train_step_ms<B: crate::backend::Backend>(
         model.backward(&tr, &dloss, &mut grads);
         drop(tr);
         std::hint::black_box(model.backend.sum_squares_each(&grads.refs()));
-        let mut params: Vec<AdamWParam<'_, _>> = model
-            .params
-            .refs_mut()
-            .into_iter()
-            .zip(grads.refs())
-            .zip(m.refs_mut().into_iter().zip(v.refs_mut()))
-            .map(|((param, grad), (m, v))| AdamWParam {
-                cfg: ac,
-                param,
-                grad,
-                m,
-                v,
-            })
-            .collect();
+        let mut params = AdamWParam::zip(
+            model.params.refs_mut(),
+            grads.refs(),
+            m.refs_mut(),
+            v.refs_mut(),
+            |_| ac,
+        );
         model.backend.adamw_step(step as u64 + 1, 1.0, &mut params);
         drop(params);
         // the next step's first read-back waits for this step's updates; time them here

@@ -543,27 +543,19 @@ pub fn train_with<B: Backend>(
             1.0
         };
         let tc = &cfg.train;
-        let mut params: Vec<AdamWParam<'_, _>> = model
-            .params
-            .refs_mut()
-            .into_iter()
-            .zip(grads.refs())
-            .zip(m.refs_mut().into_iter().zip(v.refs_mut()))
-            .zip(&decays)
-            .map(|(((param, grad), (m, v)), &decay)| AdamWParam {
-                cfg: AdamWConfig {
-                    lr,
-                    beta1: tc.beta1,
-                    beta2: tc.beta2,
-                    eps: tc.adam_eps,
-                    weight_decay: if decay { tc.weight_decay } else { 0.0 },
-                },
-                param,
-                grad,
-                m,
-                v,
-            })
-            .collect();
+        let mut params = AdamWParam::zip(
+            model.params.refs_mut(),
+            grads.refs(),
+            m.refs_mut(),
+            v.refs_mut(),
+            |i| AdamWConfig {
+                lr,
+                beta1: tc.beta1,
+                beta2: tc.beta2,
+                eps: tc.adam_eps,
+                weight_decay: if decays[i] { tc.weight_decay } else { 0.0 },
+            },
+        );
         model.backend.adamw_step(step + 1, clip, &mut params);
         drop(params);
         step += 1;

@@ -32,6 +32,33 @@ pub struct AdamWParam<'a, T> {
     pub v: &'a mut T,
 }
 
+impl<'a, T> AdamWParam<'a, T> {
+    /// The list for one [`Backend::adamw_step`](crate::backend::Backend::adamw_step) from
+    /// parameters, gradients and moments given side by side (in the same order), `cfg(i)` the
+    /// hyper-parameters of the i-th tensor.
+    pub fn zip(
+        params: impl IntoIterator<Item = &'a mut T>,
+        grads: impl IntoIterator<Item = &'a T>,
+        m: impl IntoIterator<Item = &'a mut T>,
+        v: impl IntoIterator<Item = &'a mut T>,
+        mut cfg: impl FnMut(usize) -> AdamWConfig,
+    ) -> Vec<Self> {
+        params
+            .into_iter()
+            .zip(grads)
+            .zip(m.into_iter().zip(v))
+            .enumerate()
+            .map(|(i, ((param, grad), (m, v)))| AdamWParam {
+                cfg: cfg(i),
+                param,
+                grad,
+                m,
+                v,
+            })
+            .collect()
+    }
+}
+
 /// One step at (1-based) step number `step`: updates `param`, `m`, `v` in place, the gradient
 /// multiplied by `grad_scale` first (global-norm clipping; 1 leaves it as it is).
 pub fn adamw_step<F: Float>(
