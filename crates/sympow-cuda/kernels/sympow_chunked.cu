@@ -64,7 +64,6 @@ template <int D> struct Smem {
     static constexpr int dkv =
         (128 * (D + 8) + 128 * (E + 8) + 2 * Dm::QB * (D + 8) + 2 * Dm::QB * (E + 8)) * 2 + 2 * Dm::QB * 4;
     static constexpr int dq = (128 * (D + 8) + 128 * (E + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + 2 * 64 * 4;
-    static constexpr int final_ = 0;
 };
 
 extern __shared__ __align__(16) unsigned char smem[];
@@ -873,12 +872,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
 // Shared-memory bytes of each kernel, per head dimension, in the order the host reads them
 // (SMEM_ENTRIES ints for D = 32, then 64, then 128): prep, states, read_r, read_dx, read_rdx,
-// intra_fwd, dkv, dq, final.
-#define SMEM_ENTRIES 9
+// intra_fwd, dkv, dq.
+#define SMEM_ENTRIES 8
 template <int D> __device__ void smem_sizes(int* o) {
     typedef Smem<D> S;
-    int v[SMEM_ENTRIES] = {S::prep,      S::states, S::read_r, S::read_dx, S::read_dx,
-                           S::intra_fwd, S::dkv,    S::dq,     S::final_};
+    int v[SMEM_ENTRIES] = {S::prep, S::states, S::read_r, S::read_dx, S::read_dx, S::intra_fwd, S::dkv, S::dq};
     for (int i = 0; i < SMEM_ENTRIES; i++) o[i] = v[i];
 }
 extern "C" __global__ void sp_smem_sizes(int* out) {

@@ -15,7 +15,7 @@
 
 use crate::chunked::{ChunkedSympow, DEFAULT_CHUNK, MAX_CHUNK};
 use crate::flash::FlashSoftmax;
-use crate::lt::{BiasGemm, LtPrecision};
+use crate::lt::BiasGemm;
 use crate::profile::{OpTimer, Profiler};
 use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
@@ -422,17 +422,21 @@ impl CudaBackend {
             .expect("device allocation")
     }
 
+    /// How the matrix products run now (see [`set_matmul`](Self::set_matmul)).
+    fn precision(&self) -> MatmulPrecision {
+        precision_from(self.matmul.load(Ordering::Relaxed))
+    }
+
     /// `x` as a matrix-product operand: under [`MatmulPrecision::Bf16`] with its bf16 copy,
     /// made here once however many products of the op use it.
     fn operand<'a>(&self, x: &'a CudaSlice<f32>) -> Operand<'a> {
-        let bf16 = (precision_from(self.matmul.load(Ordering::Relaxed)) == MatmulPrecision::Bf16)
-            .then(|| Cow::Owned(self.to_bf16(x)));
+        let bf16 = (self.precision() == MatmulPrecision::Bf16).then(|| Cow::Owned(self.to_bf16(x)));
         Operand { f32: x, bf16 }
     }
 
     /// [`operand`](Self::operand) of a linear layer's input, reusing the forward's bf16 copy.
     fn saved_operand<'a>(&self, x: &'a CudaSlice<f32>, saved: &'a LinearSaved) -> Operand<'a> {
-        let bf16 = precision_from(self.matmul.load(Ordering::Relaxed)) == MatmulPrecision::Bf16;
+        let bf16 = self.precision() == MatmulPrecision::Bf16;
         match saved
             .as_ref()
             .and_then(|s| s.downcast_ref::<CudaSlice<u16>>())
@@ -528,7 +532,6 @@ impl CudaBackend {
         out
     }
 
-    /// `out` (+)= the column sums of `partial` (`[splits, c]`, from a column-partials kernel).
     /// Σx² of each tensor, in double: one launch over all their chunks, one copy back, the
     /// chunks' partial sums added on the host in order (deterministic).
     fn sums_of_squares(&self, xs: &[&CudaSlice<f32>]) -> Vec<f64> {
@@ -594,6 +597,7 @@ impl CudaBackend {
         self.fold_partials(Some(out), &partial, c, accumulate);
     }
 
+    /// `out` (+)= the column sums of `partial` (`[splits, c]`, from a column-partials kernel).
     fn fold_partials(
         &self,
         out: Option<&mut CudaSlice<f32>>,
@@ -848,18 +852,13 @@ impl Backend for CudaBackend {
         let (xo, wo) = (self.operand(x), self.operand(w));
         let fused = match (b, &self.bias_gemm) {
             (Some(b), Some(lt)) => {
-                let precision = match precision_from(self.matmul.load(Ordering::Relaxed)) {
-                    MatmulPrecision::F32 => LtPrecision::F32,
-                    MatmulPrecision::Tf32 => LtPrecision::Tf32,
-                    MatmulPrecision::Bf16 => LtPrecision::Bf16,
-                };
                 let (pb, _gb) = b.device_ptr(&self.stream);
                 let (py, _gy) = y.device_ptr_mut(&self.stream);
                 // SAFETY: W is cout×cin and x rows×cin (row-major), y rows×cout, the bias cout.
                 unsafe {
                     lt.run(
                         &self.stream,
-                        precision,
+                        self.precision(),
                         (true, false),
                         (cout, rows, cin),
                         (wo.ptr(&self.stream), cin),
@@ -1185,10 +1184,8 @@ impl Backend for CudaBackend {
             grid_dim: (scans as u32, slices as u32, 1),
             ..scan_cfg(scans)
         };
-        let mut part = self
-            .stream
-            .alloc_zeros::<f64>(scans * slices)
-            .expect("device allocation");
+        // each slice's Σ u, written by its block
+        let mut part = crate::device::alloc_output::<f64>(&self.stream, scans * slices);
         let mut out = self.alloc(logits.len());
         let (b, t, h, hf, ri, sp) = (
             shape.batch as i32,

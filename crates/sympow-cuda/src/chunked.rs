@@ -32,11 +32,11 @@ const KERNELS: [(&str, Option<usize>); 10] = [
     ("sp_intra_fwd", Some(5)),
     ("sp_intra_bwd_dkv", Some(6)),
     ("sp_intra_bwd_dq", Some(7)),
-    ("sp_bwd_final", Some(8)),
+    ("sp_bwd_final", None),
     ("sp_bwd_prep", None),
 ];
 /// Entries per head dimension of the `sp_smem_sizes` table (SMEM_ENTRIES in the kernel source).
-const SMEM_ENTRIES: usize = 9;
+const SMEM_ENTRIES: usize = 8;
 /// Head dimensions the kernels are instantiated for (SP_INSTANCES in the kernel source).
 pub const HEAD_DIMS: [usize; 3] = crate::FUSED_HEAD_DIMS;
 /// Default chunk length (on the H100, d = 64, forward+backward of 65,536 tokens: chunk 256 →
@@ -63,8 +63,8 @@ const NULL: u64 = 0;
 pub struct ChunkedSympow {
     _module: Arc<CudaModule>,
     fns: HashMap<String, CudaFunction>,
-    /// Dynamic shared-memory bytes per kernel instance (`{name}_{d}`); prep and final are
-    /// absent: they scale with the chunk and are sized at launch.
+    /// Dynamic shared-memory bytes per kernel instance (`{name}_{d}`); prep is absent: it
+    /// scales with the chunk and is sized at launch.
     smem: HashMap<String, u32>,
     /// When on, each stage synchronises and its wall time is recorded (for `bench attention
     /// --stages`); off in normal runs.
@@ -435,11 +435,6 @@ impl ChunkedSympow {
     ) -> AttentionGrads<CudaSlice<f32>> {
         let g = Geo::new(shape, chunk);
         let n = g.bh * g.t;
-        let alloc32 = |len: usize| {
-            stream
-                .alloc_zeros::<f32>(len.max(1))
-                .expect("device allocation")
-        };
         let t0 = self.mark(stream, "", Instant::now());
         // the forward's operands and states, or (given an output from elsewhere) recomputed
         let saved = out
@@ -471,7 +466,10 @@ impl ChunkedSympow {
         }
         let t0 = self.mark(stream, "bwd output grads", t0);
         // inter-chunk part: the state gradients in reverse, then the reads
-        let mut dgam = alloc32(g.bh * g.nc);
+        // zeroed: the reverse cumsum's slices are folded into it
+        let mut dgam = stream
+            .alloc_zeros::<f32>(g.bh * g.nc)
+            .expect("device allocation");
         let r_bwd = self.states(
             stream,
             &g,
