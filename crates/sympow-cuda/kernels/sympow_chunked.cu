@@ -10,7 +10,8 @@
 //
 // Pipeline (one launch each; [BH] = batch·heads, [T] tokens, chunks of L tokens, NC chunks):
 //   sp_prep     g → local cumulative gates G and chunk totals Γ; bf16 staging copies
-//               qs = σq, kr = k, q̃ = σ e^{G/2} q, k̃ = e^{(Γ−G)/2} k, v' = [v, 1, 0…] (E wide)
+//               qs = σq, kr = k, q̃ = σ e^{G/2} q, k̃ = e^{(Γ−G)/2} k, v' = [v, 1, 1, 0…] (E wide;
+//               the second 1 carries ∂Z's low half, see sp_bwd_prep)
 //   sp_chunk_states  per chunk (in parallel), ΔS_i = φ(K̃_i)ᵀV'_i (or φ(Q̃_i)ᵀ∂N_i backward)
 //   sp_discumsum     in place, the discounted cumulative sums S_i = Σ_{j<i} e^{Γ_{j+1}+…} ΔS_j
 //               (forward), or in reverse order R_i = ∂L/∂ΔS_i, plus ∂Γ (backward)
@@ -37,7 +38,7 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 template <int D> struct Dims {
-    static constexpr int E = ((D + 1 + 15) / 16) * 16;  // [v, 1] padded to 16 columns
+    static constexpr int E = ((D + 2 + 15) / 16) * 16;  // [v, 1, 1] padded to 16 columns
     static constexpr int NT = E / 8;                     // accumulator tiles across E
     // sp_chunk_states: each warp owns one 16-row tile of b for U consecutive values of the first
     // feature index a; a block owns A values of a (WARPS / (D/16) groups of U).
@@ -119,7 +120,7 @@ __device__ void sp_prep(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float*
     for (int i = threadIdx.x; i < m * E2; i += blockDim.x) {
         int s = p0 + i / E2, j = 2 * (i % E2);
         float2 x = j < D ? *(const float2*)(v + ((long)(b * T + t0 + s) * H + h) * D + j)
-                         : make_float2(j == D ? 1.f : 0.f, 0.f);
+                         : make_float2(j == D ? 1.f : 0.f, j == D ? 1.f : 0.f);
         *(u32*)(vp + ((long)bh * T + t0 + s) * E + j) = pack2(x.x, x.y);
     }
     for (int s = p0 + threadIdx.x; s < p1; s += blockDim.x) Gout[(long)bh * T + t0 + s] = Gs[s];
@@ -531,8 +532,12 @@ __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf
 }
 
 // ---------------------------------------------------------------------------------------------
-// ∂L/∂(numerator, denominator) per query: [dy/Z', −(dy·y)/Z', 0…] with Z' = e^{log_norm}; one
-// warp per token, bf16 [BH][T][E].
+// ∂L/∂(numerator, denominator) per query: [∂N, ∂Z_hi, ∂Z_lo, 0…] with ∂N = bf16(dy/Z'), Z' =
+// e^{log_norm}, and ∂Z = −∂N·y computed from the rounded ∂N and kept to 16 bits as two bf16
+// columns (v' has a 1 in both). Every product with v'_s then sees ∂N·(v_s − y_t) with the
+// cancellation intact: a row whose weight sits on one key has y_t ≈ v_s and a near-zero ∂q_t,
+// which a single bf16 ∂Z (rounded apart from ∂N) turned into an O(2⁻⁹·|∂N·v|) error.
+// One warp per token, bf16 [BH][T][E].
 template <int D>
 __device__ void sp_bwd_prep(bf16* dN, const float* dy, const float* y, const float* log_norm, int B, int T, int H) {
     constexpr int E = Dims<D>::E;
@@ -543,12 +548,13 @@ __device__ void sp_bwd_prep(bf16* dN, const float* dy, const float* y, const flo
     long bht = ((long)(b * H + h) * T + tt) * E;
     float inv = expf(-log_norm[tok]), dot = 0.f;
     for (int j = lane; j < D; j += 32) {
-        float d = dy[tok * D + j];
-        dot += d * y[tok * D + j];
-        dN[bht + j] = f2b(d * inv);
+        bf16 n = f2b(dy[tok * D + j] * inv);
+        dot += b2f(n) * y[tok * D + j];
+        dN[bht + j] = n;
     }
-    dot = warp_sum(dot);
-    for (int j = D + lane; j < E; j += 32) dN[bht + j] = f2b(j == D ? -dot * inv : 0.f);
+    float dz = -warp_sum(dot);
+    bf16 hi = f2b(dz), lo = f2b(dz - b2f(hi));
+    for (int j = D + lane; j < E; j += 32) dN[bht + j] = j == D ? hi : j == D + 1 ? lo : f2b(0.f);
 }
 
 // ---------------------------------------------------------------------------------------------

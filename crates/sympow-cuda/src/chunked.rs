@@ -114,7 +114,8 @@ impl Geo {
             t: s.time,
             h: s.heads,
             d: s.dk,
-            e: (s.dk + 1).next_multiple_of(16),
+            // [v, 1, 1] padded to 16 columns (E in the kernel source)
+            e: (s.dk + 2).next_multiple_of(16),
             l,
             nc: s.time.div_ceil(l),
         }
