@@ -423,29 +423,54 @@ extern "C" __global__ void cross_entropy_forward(float* loss, const float* logit
     if (threadIdx.x == 0) loss[r] = t == 0xffffffffu ? 0.f : lse - row[t];
 }
 
+// bf16 copies of matrix-product operands (round to nearest even, in integer arithmetic: this
+// module is compiled for every architecture, and cvt to bf16 needs sm_80).
+__device__ unsigned int bf16_bits(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;  // NaN stays NaN
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
+// Stores of a row of ∂logits: f32, or bf16 for the LM head's products (classifier_backward).
+__device__ __forceinline__ void put4(float* d, int j4, float4 v) { ((float4*)d)[j4] = v; }
+__device__ __forceinline__ void put4(unsigned short* d, int j4, float4 v) {
+    ((uint2*)d)[j4] = make_uint2(bf16_bits(v.x) | (bf16_bits(v.y) << 16), bf16_bits(v.z) | (bf16_bits(v.w) << 16));
+}
+__device__ __forceinline__ void put1(float* d, int j, float v) { d[j] = v; }
+__device__ __forceinline__ void put1(unsigned short* d, int j, float v) { d[j] = (unsigned short)bf16_bits(v); }
+
 // dloss·(softmax − onehot) over the vocabulary, 0 in the padding; the row's log-sum-exp is the
 // forward's loss + logit[target], so the logits are read once
-extern "C" __global__ void cross_entropy_backward(float* d, const float* logits, const unsigned* targets,
-                                                  const float* losses, const float* dloss, int vocab, int row_len) {
+template <typename T>
+__device__ void ce_backward(T* d, const float* logits, const unsigned* targets, const float* losses, const float* dloss,
+                            int vocab, int row_len) {
     long r = blockIdx.x;
     unsigned t = targets[r];
     const float* row = logits + r * row_len;
-    float* dr = d + r * row_len;
+    T* dr = d + r * row_len;
     bool skip = t == 0xffffffffu;
     float g = skip ? 0.f : dloss[r], lse = skip ? 0.f : losses[r] + row[t];
     auto grad = [&](int j, float x) { return j < vocab && !skip ? g * __expf(x - lse) - (j == (int)t ? g : 0.f) : 0.f; };
     int j0 = 0;
     if ((row_len & 3) == 0) {
         const float4* r4 = (const float4*)row;
-        float4* d4 = (float4*)dr;
         for (int j = threadIdx.x; j < row_len >> 2; j += blockDim.x) {
             float4 x = r4[j];
             int c = 4 * j;
-            d4[j] = make_float4(grad(c, x.x), grad(c + 1, x.y), grad(c + 2, x.z), grad(c + 3, x.w));
+            put4(dr, j, make_float4(grad(c, x.x), grad(c + 1, x.y), grad(c + 2, x.z), grad(c + 3, x.w)));
         }
         j0 = row_len;
     }
-    for (int j = j0 + threadIdx.x; j < row_len; j += blockDim.x) dr[j] = grad(j, row[j]);
+    for (int j = j0 + threadIdx.x; j < row_len; j += blockDim.x) put1(dr, j, grad(j, row[j]));
+}
+extern "C" __global__ void cross_entropy_backward(float* d, const float* logits, const unsigned* targets,
+                                                  const float* losses, const float* dloss, int vocab, int row_len) {
+    ce_backward(d, logits, targets, losses, dloss, vocab, row_len);
+}
+extern "C" __global__ void cross_entropy_backward_bf16(unsigned short* d, const float* logits, const unsigned* targets,
+                                                       const float* losses, const float* dloss, int vocab,
+                                                       int row_len) {
+    ce_backward(d, logits, targets, losses, dloss, vocab, row_len);
 }
 
 // ---- AdamW: one chunk of one parameter tensor a block (see SquaresChunk) ------------------------
@@ -472,13 +497,7 @@ extern "C" __global__ void adamw_step(const AdamWChunk* chunks, float b1, float 
     }
 }
 
-// bf16 copies of matrix-product operands (round to nearest even, in integer arithmetic: this
-// module is compiled for every architecture, and cvt to bf16 needs sm_80), four a thread.
-__device__ unsigned int bf16_bits(float f) {
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;  // NaN stays NaN
-    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
+// bf16 copies of matrix-product operands, four a thread (bf16_bits above).
 extern "C" __global__ void f32_to_bf16(unsigned short* out, const float* in, long n) {
     long i = (blockIdx.x * (long)blockDim.x + threadIdx.x) * 4;
     if (i >= n) return;

@@ -87,7 +87,8 @@ pub fn set_default_matmul(p: MatmulPrecision) {
 /// A matrix-product operand of the linear layers (see [`CudaBackend::operand`]): f32, and
 /// under bf16 products its bf16 copy, made here or borrowed from a forward's [`LinearSaved`].
 struct Operand<'a> {
-    f32: &'a CudaSlice<f32>,
+    /// None only for an operand made in bf16 in the first place (the LM head's ∂logits).
+    f32: Option<&'a CudaSlice<f32>>,
     bf16: Option<Cow<'a, CudaSlice<u16>>>,
 }
 
@@ -96,7 +97,12 @@ impl Operand<'_> {
     fn ptr(&self, stream: &Arc<CudaStream>) -> cudarc::driver::sys::CUdeviceptr {
         match &self.bf16 {
             Some(x) => x.device_ptr(stream).0,
-            None => self.f32.device_ptr(stream).0,
+            None => {
+                self.f32
+                    .expect("an operand has f32 or bf16")
+                    .device_ptr(stream)
+                    .0
+            }
         }
     }
 }
@@ -162,7 +168,7 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 37] = [
+const KERNELS: [&str; 38] = [
     "f32_to_bf16",
     "sympow_decode_update",
     "sympow_decode_read",
@@ -191,6 +197,7 @@ const KERNELS: [&str; 37] = [
     "log_gate_backward",
     "cross_entropy_forward",
     "cross_entropy_backward",
+    "cross_entropy_backward_bf16",
     "adamw_step",
     "attention_forward",
     "attention_row_dot",
@@ -431,7 +438,7 @@ impl CudaBackend {
     /// made here once however many products of the op use it.
     fn operand<'a>(&self, x: &'a CudaSlice<f32>) -> Operand<'a> {
         let bf16 = (self.precision() == MatmulPrecision::Bf16).then(|| Cow::Owned(self.to_bf16(x)));
-        Operand { f32: x, bf16 }
+        Operand { f32: Some(x), bf16 }
     }
 
     /// [`operand`](Self::operand) of a linear layer's input, reusing the forward's bf16 copy.
@@ -442,7 +449,7 @@ impl CudaBackend {
             .and_then(|s| s.downcast_ref::<CudaSlice<u16>>())
         {
             Some(x16) if bf16 && x16.len() == x.len() => Operand {
-                f32: x,
+                f32: Some(x),
                 bf16: Some(Cow::Borrowed(x16)),
             },
             _ => self.operand(x),
@@ -481,7 +488,9 @@ impl CudaBackend {
         };
         let (Some(a16), Some(b16)) = (&a.bf16, &b.bf16) else {
             // SAFETY: the dimensions and leading dimensions describe buffers of the sizes given.
-            unsafe { self.blas.gemm(cfg, a.f32, b.f32, c) }.expect("cuBLAS sgemm");
+            let (a, b) = (a.f32.expect("f32 operand"), b.f32.expect("f32 operand"));
+            // SAFETY: as above.
+            unsafe { self.blas.gemm(cfg, a, b, c) }.expect("cuBLAS sgemm");
             return;
         };
         use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
@@ -530,6 +539,88 @@ impl CudaBackend {
             &n
         );
         out
+    }
+
+    /// ∂logits of the cross-entropy into `d` (f32 or bf16, by `kernel`): every element written.
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy_grad<T: cudarc::driver::DeviceRepr>(
+        &self,
+        kernel: &str,
+        d: &mut CudaSlice<T>,
+        logits: &CudaSlice<f32>,
+        targets: &[u32],
+        losses: &CudaSlice<f32>,
+        dloss: &CudaSlice<f32>,
+        vocab: usize,
+        row_len: usize,
+    ) {
+        assert!(
+            vocab <= row_len,
+            "cross_entropy_backward: vocab {vocab} > row_len {row_len}"
+        );
+        let rows = logits.len() / row_len;
+        let t = self.up_u32(targets);
+        let (v, rl) = (vocab as i32, row_len as i32);
+        launch!(
+            self,
+            kernel,
+            rows_cfg(rows),
+            d,
+            logits,
+            &t,
+            losses,
+            dloss,
+            &v,
+            &rl
+        );
+    }
+
+    /// The two products of a linear layer's backward, given ∂y as an operand: returns
+    /// ∂x = ∂y·W and adds ∂yᵀ·x into ∂W.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward_products(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dyo: &Operand,
+        cin: usize,
+        cout: usize,
+        dw: &mut CudaSlice<f32>,
+        saved: &LinearSaved,
+    ) -> CudaSlice<f32> {
+        let rows = x.len() / cin;
+        let mut dx = self.alloc(rows * cin);
+        // dx[rows, cin] = dy·W  ⇔  dxᵀ (cin×rows) = W_cm (cin×cout) · dyᵀ (cout×rows)
+        self.gemm(
+            Op::CUBLAS_OP_N,
+            Op::CUBLAS_OP_N,
+            cin,
+            rows,
+            cout,
+            &self.operand(w),
+            cin,
+            dyo,
+            cout,
+            0.0,
+            &mut dx,
+            cin,
+        );
+        // dW[cout, cin] += dyᵀ·x  ⇔  dW_cm (cin×cout) += xᵀ_cm (cin×rows) · dy_cm (rows×cout)
+        self.gemm(
+            Op::CUBLAS_OP_N,
+            Op::CUBLAS_OP_T,
+            cin,
+            cout,
+            rows,
+            &self.saved_operand(x, saved),
+            cin,
+            dyo,
+            cout,
+            1.0,
+            dw,
+            cin,
+        );
+        dx
     }
 
     /// Σx² of each tensor, in double: one launch over all their chunks, one copy back, the
@@ -898,40 +989,8 @@ impl Backend for CudaBackend {
         saved: &LinearSaved,
     ) -> CudaSlice<f32> {
         let _p = self.prof("linear_backward");
-        let rows = x.len() / cin;
-        let mut dx = self.alloc(rows * cin);
-        // dy feeds both products: one bf16 copy (for the LM head, 0.8 G elements)
-        let dyo = self.operand(dy);
-        // dx[rows, cin] = dy·W  ⇔  dxᵀ (cin×rows) = W_cm (cin×cout) · dyᵀ (cout×rows)
-        self.gemm(
-            Op::CUBLAS_OP_N,
-            Op::CUBLAS_OP_N,
-            cin,
-            rows,
-            cout,
-            &self.operand(w),
-            cin,
-            &dyo,
-            cout,
-            0.0,
-            &mut dx,
-            cin,
-        );
-        // dW[cout, cin] += dyᵀ·x  ⇔  dW_cm (cin×cout) += xᵀ_cm (cin×rows) · dy_cm (rows×cout)
-        self.gemm(
-            Op::CUBLAS_OP_N,
-            Op::CUBLAS_OP_T,
-            cin,
-            cout,
-            rows,
-            &self.saved_operand(x, saved),
-            cin,
-            &dyo,
-            cout,
-            1.0,
-            dw,
-            cin,
-        );
+        // dy feeds both products: one bf16 copy
+        let dx = self.linear_backward_products(x, w, &self.operand(dy), cin, cout, dw, saved);
         if let Some(db) = db {
             self.column_sums(dy, cout, db, true);
         }
@@ -1588,6 +1647,37 @@ impl Backend for CudaBackend {
         );
         loss
     }
+    fn classifier_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        logits: &CudaSlice<f32>,
+        targets: &[u32],
+        losses: &CudaSlice<f32>,
+        dloss: &CudaSlice<f32>,
+        (cin, vocab, row_len): (usize, usize, usize),
+        dw: &mut CudaSlice<f32>,
+        saved: &LinearSaved,
+    ) -> CudaSlice<f32> {
+        if self.precision() != MatmulPrecision::Bf16 {
+            let dlogits =
+                self.cross_entropy_backward(logits, targets, losses, dloss, vocab, row_len);
+            return self.linear_backward(x, w, &dlogits, cin, row_len, dw, None, saved);
+        }
+        let _p = self.prof("classifier_backward");
+        // ∂logits straight to the products' bf16: 6.6 GB less traffic a gpt2-124m step at 16k
+        // than writing them in f32 and copying (and 3.3 GB less memory)
+        let mut d16 = crate::device::alloc_output::<u16>(&self.stream, logits.len());
+        let kernel = "cross_entropy_backward_bf16";
+        self.cross_entropy_grad(
+            kernel, &mut d16, logits, targets, losses, dloss, vocab, row_len,
+        );
+        let dyo = Operand {
+            f32: None,
+            bf16: Some(Cow::Owned(d16)),
+        };
+        self.linear_backward_products(x, w, &dyo, cin, row_len, dw, saved)
+    }
     fn cross_entropy_backward(
         &self,
         logits: &CudaSlice<f32>,
@@ -1598,25 +1688,10 @@ impl Backend for CudaBackend {
         row_len: usize,
     ) -> CudaSlice<f32> {
         let _p = self.prof("cross_entropy_backward");
-        assert!(
-            vocab <= row_len,
-            "cross_entropy_backward: vocab {vocab} > row_len {row_len}"
-        );
-        let rows = logits.len() / row_len;
-        let t = self.up_u32(targets);
         let mut d = self.alloc(logits.len());
-        let (v, rl) = (vocab as i32, row_len as i32);
-        launch!(
-            self,
-            "cross_entropy_backward",
-            rows_cfg(rows),
-            &mut d,
-            logits,
-            &t,
-            losses,
-            dloss,
-            &v,
-            &rl
+        let kernel = "cross_entropy_backward";
+        self.cross_entropy_grad(
+            kernel, &mut d, logits, targets, losses, dloss, vocab, row_len,
         );
         d
     }

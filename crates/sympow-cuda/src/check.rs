@@ -471,6 +471,61 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
             ),
             tol: TOL,
         });
+        // the LM head's backward from its loss, fused with bf16 products (∂logits written in
+        // bf16 once): against the CPU, and bit for bit against cross-entropy then linear
+        let cin = 64;
+        let x: Vec<f32> = randn(&mut r, nr * cin, 1.0);
+        let w: Vec<f32> = randn(&mut r, row_len * cin, 0.2);
+        let dw0: Vec<f32> = randn(&mut r, row_len * cin, 0.1);
+        let (xg, wg, dlg) = (up(&x), up(&w), up(&dl));
+        let cl_logits = cpu.linear_forward(&x, &w, None, cin, row_len).0;
+        let gl_logits = up(&cl_logits);
+        let cpu_loss = cpu.cross_entropy_forward(&cl_logits, &targets, vocab, row_len);
+        let gpu_loss = up(&cpu_loss);
+        let mut dw_c = dw0.clone();
+        let dims = (cin, vocab, row_len);
+        let dx_c = cpu.classifier_backward(
+            &x, &w, &cl_logits, &targets, &cpu_loss, &dl, dims, &mut dw_c, &None,
+        );
+        gpu.set_matmul(MatmulPrecision::Bf16);
+        let mut dw_g = up(&dw0);
+        let dx_g = gpu.classifier_backward(
+            &xg, &wg, &gl_logits, &targets, &gpu_loss, &dlg, dims, &mut dw_g, &None,
+        );
+        let mut dw_u = up(&dw0);
+        let dlogits =
+            gpu.cross_entropy_backward(&gl_logits, &targets, &gpu_loss, &dlg, vocab, row_len);
+        let dx_u = gpu.linear_backward(&xg, &wg, &dlogits, cin, row_len, &mut dw_u, None, &None);
+        gpu.set_matmul(MatmulPrecision::F32);
+        let what = format!("classifier backward (bf16) vocab {vocab} rows of {row_len}");
+        push(
+            &mut rows,
+            &format!("{what} dx"),
+            &dn(&dx_g),
+            &dx_c,
+            BF16_TOL,
+        );
+        push(
+            &mut rows,
+            &format!("{what} dW (accumulated)"),
+            &dn(&dw_g),
+            &dw_c,
+            BF16_TOL,
+        );
+        push(
+            &mut rows,
+            &format!("{what} dx = unfused"),
+            &dn(&dx_g),
+            &dn(&dx_u),
+            0.0,
+        );
+        push(
+            &mut rows,
+            &format!("{what} dW = unfused"),
+            &dn(&dw_g),
+            &dn(&dw_u),
+            0.0,
+        );
     }
 
     // AdamW: several tensors in one call (one chunk, several with a partial last, one element),

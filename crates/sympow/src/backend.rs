@@ -255,6 +255,27 @@ pub trait Backend: Send + Sync {
         vocab: usize,
         row_len: usize,
     ) -> Self::Tensor;
+    /// The LM head's backward from its loss: ∂x for x `[rows, cin]` → logits `[rows, row_len]`
+    /// = x Wᵀ → cross-entropy over the first `vocab` columns, adding into ∂W (no bias).
+    /// [`cross_entropy_backward`](Self::cross_entropy_backward) then
+    /// [`linear_backward`](Self::linear_backward); a GPU backend fuses the step between them
+    /// (∂logits, the step's largest tensor, written once in the products' bf16, never in f32).
+    #[allow(clippy::too_many_arguments)]
+    fn classifier_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        logits: &Self::Tensor,
+        targets: &[u32],
+        losses: &Self::Tensor,
+        dloss: &Self::Tensor,
+        (cin, vocab, row_len): (usize, usize, usize),
+        dw: &mut Self::Tensor,
+        saved: &LinearSaved,
+    ) -> Self::Tensor {
+        let dlogits = self.cross_entropy_backward(logits, targets, losses, dloss, vocab, row_len);
+        self.linear_backward(x, w, &dlogits, cin, row_len, dw, None, saved)
+    }
     /// One AdamW step (1-based `step`) of every tensor in `params`, in place, each gradient
     /// multiplied by `grad_scale` first (global-norm clipping; 1 leaves it as it is). A GPU
     /// backend updates them all in one launch.

@@ -707,17 +707,17 @@ impl<B: Backend> Model<B> {
             .as_ref()
             .expect("backward needs a forward with targets");
         let (v, vp) = (dm.vocab, dm.padded_vocab);
-        let dlogits = be.cross_entropy_backward(&tr.logits, &tr.targets, losses, dloss, v, vp);
         let head = self.params.lm_head.as_ref().unwrap_or(&self.params.wte);
         let dhead = grads.lm_head.as_mut().unwrap_or(&mut grads.wte);
-        let dlnf = be.linear_backward(
+        let dlnf = be.classifier_backward(
             &tr.lnf_out,
             head,
-            &dlogits,
-            c,
-            vp,
+            &tr.logits,
+            &tr.targets,
+            losses,
+            dloss,
+            (c, v, vp),
             dhead,
-            None,
             &tr.head_saved,
         );
         let mut dx = self.layer_norm_backward(

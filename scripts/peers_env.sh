@@ -1,0 +1,27 @@
+# Sourced by bench_attention.sh and bench_train.sh: the Python peers' environment on the GPU
+# machine.
+#
+# peers_setup: installs the wheels carried in .whl/ (retention, fla-core, einops) and points
+# Triton at a cache that starts from .triton-autotune.tgz when that file was carried. Triton
+# autotunes retention's and fla's kernels on first use — about 8 minutes for every peer of
+# bench_attention.sh on an H100, most of a 10-minute call — and `peers_save` keeps the results
+# (small JSON files) in $OUT/triton-autotune.tgz; carried back as .triton-autotune.tgz, the next
+# call compiles only the configurations the peers chose and skips the tuning. The timings are
+# the same either way; only the waiting goes.
+peers_setup() {
+  export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
+  mkdir -p "$TRITON_CACHE_DIR"
+  if [ -f .triton-autotune.tgz ]; then
+    tar xzf .triton-autotune.tgz -C "$TRITON_CACHE_DIR"
+    echo "Triton autotuning results: $(tar tzf .triton-autotune.tgz | grep -c autotune.json) from .triton-autotune.tgz"
+  fi
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+}
+
+peers_save() {
+  (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | tar czf "$OUT/triton-autotune.tgz" -T -)
+  echo "saved $(tar tzf "$OUT/triton-autotune.tgz" | wc -l) Triton autotuning results to $OUT/triton-autotune.tgz"
+}
