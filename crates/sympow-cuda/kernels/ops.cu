@@ -81,6 +81,15 @@ struct SquaresChunk {
     long long n;
 };
 
+// every chunk set to 0 (the gradient buffers at each step's start; chunks start 16-byte aligned)
+extern "C" __global__ void zero_chunks(const SquaresChunk* chunks) {
+    SquaresChunk c = chunks[blockIdx.x];
+    float* x = (float*)c.x;
+    long long n4 = c.n >> 2;
+    for (long long i = threadIdx.x; i < n4; i += blockDim.x) ((float4*)x)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (long long i = 4 * n4 + threadIdx.x; i < c.n; i += blockDim.x) x[i] = 0.f;
+}
+
 // per-chunk sums of squares, in double
 extern "C" __global__ void sum_squares(double* partial, const SquaresChunk* chunks) {
     __shared__ double shm[BLOCK];

@@ -168,7 +168,7 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 38] = [
+const KERNELS: [&str; 39] = [
     "f32_to_bf16",
     "sympow_decode_update",
     "sympow_decode_read",
@@ -199,6 +199,7 @@ const KERNELS: [&str; 38] = [
     "cross_entropy_backward",
     "cross_entropy_backward_bf16",
     "adamw_step",
+    "zero_chunks",
     "attention_forward",
     "attention_row_dot",
     "attention_backward_dq",
@@ -625,17 +626,24 @@ impl CudaBackend {
 
     /// Σx² of each tensor, in double: one launch over all their chunks, one copy back, the
     /// chunks' partial sums added on the host in order (deterministic).
-    fn sums_of_squares(&self, xs: &[&CudaSlice<f32>]) -> Vec<f64> {
+    /// The multi-tensor kernels' table (`SquaresChunk`s: address, length) over `ptrs` (device
+    /// address, length of each tensor), and how many chunks each tensor has.
+    fn chunk_table(ptrs: impl Iterator<Item = (u64, usize)>) -> (Vec<u64>, Vec<usize>) {
         let mut table: Vec<u64> = Vec::new();
-        let mut per_tensor = Vec::with_capacity(xs.len());
-        for x in xs {
-            let (ptr, _) = x.device_ptr(&self.stream);
+        let mut per_tensor = Vec::new();
+        for (ptr, n) in ptrs {
             let before = table.len() / 2;
-            for (o, len) in chunks(x.len()) {
+            for (o, len) in chunks(n) {
                 table.extend([ptr + 4 * o as u64, len as u64]);
             }
             per_tensor.push(table.len() / 2 - before);
         }
+        (table, per_tensor)
+    }
+
+    fn sums_of_squares(&self, xs: &[&CudaSlice<f32>]) -> Vec<f64> {
+        let (table, per_tensor) =
+            Self::chunk_table(xs.iter().map(|x| (x.device_ptr(&self.stream).0, x.len())));
         if table.is_empty() {
             return vec![0.0; xs.len()];
         }
@@ -896,6 +904,18 @@ impl Backend for CudaBackend {
     fn sum_squares(&self, x: &CudaSlice<f32>) -> f64 {
         let _p = self.prof("sum_squares");
         self.sums_of_squares(&[x])[0]
+    }
+    fn zero_all(&self, xs: &mut [&mut CudaSlice<f32>]) {
+        let _p = self.prof("zero_all");
+        let (table, _) = Self::chunk_table(xs.iter_mut().map(|x| {
+            let n = x.len();
+            (x.device_ptr_mut(&self.stream).0, n)
+        }));
+        if table.is_empty() {
+            return;
+        }
+        let table_dev = self.stream.clone_htod(&table).expect("host to device copy");
+        launch!(self, "zero_chunks", rows_cfg(table.len() / 2), &table_dev);
     }
     fn sum_squares_each(&self, xs: &[&CudaSlice<f32>]) -> Vec<f64> {
         let _p = self.prof("sum_squares_each");

@@ -528,6 +528,33 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         );
     }
 
+    // zero_all over tensors of one chunk, several chunks with a partial last, one element and an
+    // odd tail; a tensor left out keeps its values
+    let sizes = [4000usize, 200_003, 1, 7];
+    let host: Vec<Vec<f32>> = sizes.iter().map(|&n| randn(&mut r, n, 1.0)).collect();
+    let mut dev: Vec<_> = host.iter().map(|x| up(x)).collect();
+    let (zeroed, kept) = dev.split_at_mut(sizes.len() - 1);
+    gpu.zero_all(&mut zeroed.iter_mut().collect::<Vec<_>>());
+    let nonzero: usize = zeroed
+        .iter()
+        .map(|x| dn(x).iter().filter(|v| **v != 0.0).count())
+        .sum();
+    rows.push(Row {
+        what: format!(
+            "zero_all: non-zero elements left in {} tensors",
+            sizes.len() - 1
+        ),
+        err: nonzero as f64,
+        tol: 0.0,
+    });
+    push(
+        &mut rows,
+        "zero_all: a tensor left out keeps its values",
+        &dn(&kept[0]),
+        &host[3],
+        0.0,
+    );
+
     // AdamW: several tensors in one call (one chunk, several with a partial last, one element),
     // with and without weight decay, the gradients scaled as clipping scales them
     let sizes = [4000usize, 200_000, 1];

@@ -61,6 +61,10 @@ pub trait Backend: Send + Sync {
     fn download(&self, t: &Self::Tensor) -> Vec<Self::Scalar>;
     /// A zero tensor of `len` elements.
     fn zeros(&self, len: usize) -> Self::Tensor;
+    /// Sets every tensor of `xs` to 0 in place (the gradient buffers at each step's start; a
+    /// GPU backend does them all in one launch, where fresh `zeros` cost one allocation and
+    /// one memset each).
+    fn zero_all(&self, xs: &mut [&mut Self::Tensor]);
     /// `dst += src` (residual connections, gradient accumulation).
     fn add_assign(&self, dst: &mut Self::Tensor, src: &Self::Tensor);
     /// Elementwise product `a ⊙ b` (dropout masks).
@@ -327,6 +331,9 @@ impl<F: Float> Backend for CpuBackend<F> {
     }
     fn zeros(&self, len: usize) -> Vec<F> {
         vec![F::zero(); len]
+    }
+    fn zero_all(&self, xs: &mut [&mut Vec<F>]) {
+        xs.iter_mut().for_each(|x| x.fill(F::zero()));
     }
     fn add_assign(&self, dst: &mut Vec<F>, src: &Vec<F>) {
         assert_eq!(dst.len(), src.len(), "add_assign: length mismatch");

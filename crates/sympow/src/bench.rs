@@ -240,9 +240,10 @@ pub fn train_step_ms<B: crate::backend::Backend>(
         weight_decay: 0.1,
     };
     let mut times = Vec::with_capacity(steps);
+    let mut grads = model.zeros_like();
     for step in 0..=steps.max(1) {
         let t0 = Instant::now();
-        let mut grads = model.zeros_like();
+        model.backend.zero_all(&mut grads.refs_mut());
         let tr = model.forward(&ids, Some(&targets), batch, context, None);
         std::hint::black_box(
             model

@@ -486,8 +486,10 @@ pub fn train_with<B: Backend>(
     let mut bad_first = (0u64, String::new(), String::new());
     let mut last_ckpt = start;
     let mut stopped_early = false;
+    // one set of gradient buffers for the whole run, zeroed at each step's start
+    let mut grads = model.zeros_like();
     while step < cfg.train.steps {
-        let mut grads = model.zeros_like();
+        model.backend.zero_all(&mut grads.refs_mut());
         let (mut loss, loss_site) = be_step(&model, step, &mut grads);
         if world > 1 {
             for g in grads.refs_mut() {
