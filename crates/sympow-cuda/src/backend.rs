@@ -32,7 +32,7 @@ use sympow::backend::{
 };
 use sympow::ops::rotary::RotaryParam;
 
-const SOURCE: &str = concat!(
+pub(crate) const SOURCE: &str = concat!(
     include_str!("../kernels/ops.cu"),
     "\n",
     include_str!("../kernels/attention.cu"),

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Kernel, Shape};
 
-const SOURCE: &str = concat!(
+pub(crate) const SOURCE: &str = concat!(
     include_str!("../kernels/mma.cuh"),
     include_str!("../kernels/sympow_chunked.cu")
 );

@@ -114,6 +114,17 @@ pub(crate) fn detect(ordinal: usize) -> Result<GpuInfo, Unavailable> {
     })
 }
 
+/// NVRTC-compiles a tensor-core kernel source (`mma.sync` on bf16 needs compute capability 8.0).
+pub(crate) fn compile_tensor_core(
+    source: &str,
+) -> Result<cudarc::nvrtc::Ptx, cudarc::nvrtc::CompileError> {
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some("compute_80"),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(source, opts)
+}
+
 /// Compiles a fused-kernel source for tensor cores (compute capability ≥ 8.0: `mma.sync` on
 /// bf16), loads it, and runs its shared-memory table kernel `sizes_kernel`, which writes
 /// `n_sizes` ints (bytes per kernel and head dimension). `what` names the source in errors.
@@ -132,12 +143,7 @@ pub(crate) fn load_tensor_core_module(
             "compute capability {major}.x: the {what} kernels need 8.0 or newer"
         ));
     }
-    let opts = cudarc::nvrtc::CompileOptions {
-        arch: Some("compute_80"),
-        ..Default::default()
-    };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts)
-        .map_err(|e| format!("NVRTC ({what}): {e}"))?;
+    let ptx = compile_tensor_core(source).map_err(|e| format!("NVRTC ({what}): {e}"))?;
     let module = ctx.load_module(ptx).map_err(|e| e.to_string())?;
     let f = module
         .load_function(sizes_kernel)

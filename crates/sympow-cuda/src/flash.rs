@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Kernel, Shape};
 
-const SOURCE: &str = concat!(
+pub(crate) const SOURCE: &str = concat!(
     include_str!("../kernels/mma.cuh"),
     include_str!("../kernels/flash_softmax.cu")
 );

@@ -74,6 +74,48 @@ pub fn detect(ordinal: usize) -> Result<GpuInfo, Unavailable> {
 
 #[cfg(test)]
 mod tests {
+    /// Every kernel module compiles under NVRTC with the options it is built with at run time,
+    /// without a GPU: NVRTC needs no driver, so a compile error shows here, not first on the
+    /// GPU machine. `scripts/nvrtc_check.sh` fetches NVRTC (the `nvidia-cuda-nvrtc` wheel) and
+    /// runs this test with `SYMPOW_REQUIRE_NVRTC` set; where no NVRTC loads and that is unset
+    /// (CI's machine has none), the test says so and compiles nothing.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        // SAFETY: only tries to dlopen the NVRTC library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            assert!(
+                std::env::var_os("SYMPOW_REQUIRE_NVRTC").is_none(),
+                "SYMPOW_REQUIRE_NVRTC is set but no NVRTC library loads (LD_LIBRARY_PATH?)"
+            );
+            eprintln!("kernels_compile_with_nvrtc: no NVRTC library found; nothing compiled");
+            return;
+        }
+        let compiled = [
+            (
+                "ops, attention, decode",
+                cudarc::nvrtc::compile_ptx(crate::backend::SOURCE),
+            ),
+            (
+                "fused chunked sympow",
+                crate::device::compile_tensor_core(crate::chunked::SOURCE),
+            ),
+            (
+                "flash softmax",
+                crate::device::compile_tensor_core(crate::flash::SOURCE),
+            ),
+        ];
+        for (what, ptx) in compiled {
+            match ptx {
+                Ok(_) => {}
+                Err(cudarc::nvrtc::CompileError::CompileError { log, .. }) => {
+                    panic!("NVRTC ({what}):\n{}", log.to_string_lossy())
+                }
+                Err(e) => panic!("NVRTC ({what}): {e:?}"),
+            }
+        }
+    }
+
     #[test]
     fn detect_never_panics() {
         // On CI (no GPU) this is an error naming the reason; on a GPU machine, a device.
