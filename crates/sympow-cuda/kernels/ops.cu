@@ -264,10 +264,10 @@ extern "C" __global__ void fixed_rotary_angles(float* out, int batch, int time, 
 
 __device__ double softplus_d(double x) { return x > 20.0 ? x : log1p(exp(x)); }
 
-// The learned rotary's angles are a running sum over time, so both directions are scans. One
-// block per scan: each thread takes a contiguous segment of time, sums it, the block scans the
-// segment sums (in double, thread 0: 256 additions), and each thread walks its segment again
-// writing the results. O(T) work over 256 threads instead of one.
+// The learned rotary's angles are a running sum over time, so both directions are scans, each
+// over time slices a block each (below). In the backward each thread of a block takes a
+// contiguous segment of its slice, sums it, the block scans the segment sums (in double, thread
+// 0: 256 additions), and each thread walks its segment again writing the results.
 #define SCAN_THREADS 256
 
 // exclusive prefix sums of the threads' segment totals, in place in shm (forward or reverse)
@@ -287,27 +287,104 @@ __device__ double scan_offset(double total, double* shm, bool reverse) {
     return shm[threadIdx.x];
 }
 
-// angle_t = (start + Σ_{s≤t} ω_k·softplus(a_s)) mod 2π, one block per (batch, head, frequency)
-extern "C" __global__ void learned_rotary_angles(float* out, const float* logits, const float* start,
-                                                 int batch, int time, int heads, int half, int r, double base) {
-    __shared__ double shm[SCAN_THREADS];
-    long i = blockIdx.x;
-    int k = i % half; int h = (i / half) % heads; int b = i / half / heads;
-    double w = pow(base, -2.0 * k / (2.0 * half));
-    int seg = (time + SCAN_THREADS - 1) / SCAN_THREADS;
-    int t0 = threadIdx.x * seg, t1 = min(time, t0 + seg);
-    double sum = 0.0;
-    for (int t = t0; t < t1; t++) {
-        long row = ((long)b * time + t) * heads + h;
-        sum += w * softplus_d((double)logits[row * r + (r == 1 ? 0 : k)]);
+__device__ void rotary_frequencies(double* w, int half, double base) {
+    // ω_k = base^(−2k/d); pow is slow, so once per block
+    if (threadIdx.x < half) w[threadIdx.x] = pow(base, -2.0 * threadIdx.x / (2.0 * half));
+    __syncthreads();
+}
+
+// angle_t = (start + Σ_{s≤t} ω_k·softplus(a_s)) mod 2π. Block (batch·head, slice of `span` time
+// steps), as the backward: one scan per (batch, head, frequency) is too few blocks and, walking
+// one frequency's column, writes 4 bytes a row. Here lane = frequency (k and k + 32 for half =
+// 64), so each row of angles is written whole, and each of the 8 warps takes a contiguous part
+// of the slice; learned_rotary_angle_slice_sums gives every slice the sums of the slices before
+// it (in double, in a fixed order: deterministic).
+#define ROT_WARPS 8
+#define ROT_KMAX 2  // half ≤ 64 (head_dim ≤ 128)
+struct AngleSlice {
+    int b, h, lane, warp;
+    long t0, t1;  // this warp's part of the block's slice
+    __device__ AngleSlice(int heads, int time, int span) {
+        b = blockIdx.x / heads; h = blockIdx.x % heads;
+        lane = threadIdx.x & 31; warp = threadIdx.x >> 5;
+        long begin = (long)blockIdx.y * span, end = min((long)time, begin + span);
+        long part = (end - begin + ROT_WARPS - 1) / ROT_WARPS;
+        t0 = min(end, begin + warp * part); t1 = min(end, t0 + part);
     }
-    double acc = scan_offset(sum, shm, false);
-    if (start) acc += (double)start[((long)b * heads + h) * half + k];
-    for (int t = t0; t < t1; t++) {
-        long row = ((long)b * time + t) * heads + h;
-        acc += w * softplus_d((double)logits[row * r + (r == 1 ? 0 : k)]);
-        out[row * half + k] = (float)fmod(acc, TAU);
+    __device__ long row(long t, int time, int heads) const { return ((long)b * time + t) * heads + h; }
+};
+
+// Walks this warp's part of the slice in order, calling f(row, k, ω_k·softplus(a)) for each row
+// and each frequency k of the lane. softplus (in double, ~hundreds of instructions) is the cost:
+// a per-head logit is shared by every frequency, so each lane computes it for one of 32 rows and
+// the warp passes the values round.
+template <typename F>
+__device__ __forceinline__ void angle_steps(const AngleSlice& sl, const float* logits, const double* w, int time,
+                                            int heads, int half, int r, F f) {
+    for (long c = sl.t0; c < sl.t1; c += 32) {
+        int n = (int)min(32L, sl.t1 - c);
+        double own = r == 1 && sl.lane < n ? softplus_d((double)logits[sl.row(c + sl.lane, time, heads)]) : 0.0;
+        for (int j = 0; j < n; j++) {
+            long row = sl.row(c + j, time, heads);
+            double shared = __shfl_sync(0xffffffffu, own, j);
+#pragma unroll
+            for (int m = 0; m < ROT_KMAX; m++) {
+                int k = sl.lane + 32 * m;
+                if (k >= half) continue;
+                double sp = r == 1 ? shared : softplus_d((double)logits[row * r + k]);
+                f(row, m, k, w[k] * sp);
+            }
+        }
     }
+}
+
+// each warp's Σ over its part, per frequency, into ws[warp][k]
+__device__ void angle_part_sums(double (*ws)[64], const AngleSlice& sl, const float* logits, const double* w,
+                                int time, int heads, int half, int r) {
+    double s[ROT_KMAX] = {0.0, 0.0};
+    angle_steps(sl, logits, w, time, heads, half, r, [&](long, int m, int, double x) { s[m] += x; });
+#pragma unroll
+    for (int m = 0; m < ROT_KMAX; m++)
+        if (sl.lane + 32 * m < half) ws[sl.warp][sl.lane + 32 * m] = s[m];
+    __syncthreads();
+}
+
+extern "C" __global__ void learned_rotary_angle_slice_sums(double* part, const float* logits, int batch, int time,
+                                                           int heads, int half, int r, double base, int span) {
+    __shared__ double w[64];
+    __shared__ double ws[ROT_WARPS][64];
+    rotary_frequencies(w, half, base);
+    AngleSlice sl(heads, time, span);
+    angle_part_sums(ws, sl, logits, w, time, heads, half, r);
+    if (threadIdx.x < half) {
+        double tot = 0.0;
+        for (int i = 0; i < ROT_WARPS; i++) tot += ws[i][threadIdx.x];
+        part[((long)blockIdx.x * gridDim.y + blockIdx.y) * half + threadIdx.x] = tot;
+    }
+}
+
+extern "C" __global__ void learned_rotary_angles(float* out, const float* logits, const float* start, const double* part,
+                                                 int batch, int time, int heads, int half, int r, double base, int span) {
+    __shared__ double w[64];
+    __shared__ double ws[ROT_WARPS][64];
+    rotary_frequencies(w, half, base);
+    AngleSlice sl(heads, time, span);
+    angle_part_sums(ws, sl, logits, w, time, heads, half, r);
+    // each lane's angles enter its part reduced mod 2π and stay so, as the CPU op keeps them
+    double acc[ROT_KMAX] = {0.0, 0.0};
+#pragma unroll
+    for (int m = 0; m < ROT_KMAX; m++) {
+        int k = sl.lane + 32 * m;
+        if (k >= half) continue;
+        double a = start ? (double)start[((long)sl.b * heads + sl.h) * half + k] : 0.0;
+        for (int s = 0; s < (int)blockIdx.y; s++) a += part[((long)blockIdx.x * gridDim.y + s) * half + k];
+        for (int i = 0; i < sl.warp; i++) a += ws[i][k];
+        acc[m] = fmod(a, TAU);
+    }
+    angle_steps(sl, logits, w, time, heads, half, r, [&](long row, int m, int k, double x) {
+        acc[m] = fmod(acc[m] + x, TAU);
+        out[row * half + k] = (float)acc[m];
+    });
 }
 
 // ∂a_t = sigmoid(a_t)·Σ_{k∈K} ω_k·Σ_{s≥t} ∂angle_{s,k}, K the frequencies logit a drives (one,
@@ -332,12 +409,6 @@ struct RotaryScan {
         t0 = min(t_end, t_begin + threadIdx.x * seg); t1 = min(t_end, t0 + seg);
     }
 };
-
-__device__ void rotary_frequencies(double* w, int half, double base) {
-    // ω_k = base^(−2k/d); pow is slow, so once per block
-    if (threadIdx.x < half) w[threadIdx.x] = pow(base, -2.0 * threadIdx.x / (2.0 * half));
-    __syncthreads();
-}
 
 __device__ __forceinline__ double rotary_u(const float* dang, const double* w, long row, int half, int k0, int k1) {
     double u = 0.0;

@@ -168,7 +168,7 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 39] = [
+const KERNELS: [&str; 40] = [
     "f32_to_bf16",
     "sympow_decode_update",
     "sympow_decode_read",
@@ -191,6 +191,7 @@ const KERNELS: [&str; 39] = [
     "rotary_backward",
     "fixed_rotary_angles",
     "learned_rotary_angles",
+    "learned_rotary_angle_slice_sums",
     "learned_rotary_slice_sums",
     "learned_rotary_angles_backward",
     "log_gate_forward",
@@ -1224,6 +1225,34 @@ impl Backend for CudaBackend {
             half as i32,
             param.logits_per_head(shape.dk) as i32,
         );
+        // time slices: enough blocks to fill the GPU, at least 64 steps each (8 per warp)
+        let bh = shape.batch * shape.heads;
+        let slices = 264usize.div_ceil(bh).min(shape.time.div_ceil(64)).max(1);
+        let span = shape.time.div_ceil(slices);
+        let slices = shape.time.div_ceil(span).max(1);
+        let sp = span as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (bh as u32, slices as u32, 1),
+            ..scan_cfg(bh)
+        };
+        // each slice's Σ per frequency, written by its block (read by the later slices)
+        let mut part = crate::device::alloc_output::<f64>(&self.stream, bh * slices * half);
+        if slices > 1 {
+            launch!(
+                self,
+                "learned_rotary_angle_slice_sums",
+                cfg,
+                &mut part,
+                logits,
+                &b,
+                &t,
+                &h,
+                &hf,
+                &r,
+                &base,
+                &sp
+            );
+        }
         let f = &self.fns["learned_rotary_angles"];
         let mut l = self.stream.launch_builder(f);
         l.arg(&mut out).arg(logits);
@@ -1231,10 +1260,16 @@ impl Backend for CudaBackend {
             Some(s) => l.arg(s),
             None => l.arg(&NULL),
         };
-        l.arg(&b).arg(&t).arg(&h).arg(&hf).arg(&r).arg(&base);
-        // SAFETY: arguments match the declaration; one block per (batch, head, frequency).
-        unsafe { l.launch(scan_cfg(shape.batch * shape.heads * half)) }
-            .expect("learned_rotary_angles");
+        l.arg(&part)
+            .arg(&b)
+            .arg(&t)
+            .arg(&h)
+            .arg(&hf)
+            .arg(&r)
+            .arg(&base)
+            .arg(&sp);
+        // SAFETY: arguments match the declaration; grid (batch·head, slices) of 256 threads.
+        unsafe { l.launch(cfg) }.expect("learned_rotary_angles");
         out
     }
     fn learned_rotary_angles_backward(

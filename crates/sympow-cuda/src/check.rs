@@ -364,32 +364,40 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         &dn(&gpu.fixed_rotary_angles(2, 300, 3, 16, 10000.0, 5)),
         &cpu.fixed_rotary_angles(2, 300, 3, 16, 10000.0, 5),
     );
-    // the scans split time into slices (a block each) of 256 segments: short (2 slices, most
-    // threads idle) and long (20 slices, the last partial)
-    for (time, param) in [
-        (300, RotaryParam::PerHead),
-        (300, RotaryParam::PerFrequency),
-        (4999, RotaryParam::PerHead),
-        (4999, RotaryParam::PerFrequency),
+    // the scans split time into slices (a block each): short (few slices, most threads idle)
+    // and long (many, the last partial); head dimensions with fewer frequencies than a warp's
+    // lanes, as many, and twice as many (the forward's lane per frequency)
+    for (time, param, d) in [
+        (300, RotaryParam::PerHead, 16),
+        (300, RotaryParam::PerFrequency, 16),
+        (4999, RotaryParam::PerHead, 16),
+        (4999, RotaryParam::PerFrequency, 16),
+        (4999, RotaryParam::PerHead, 64),
+        (300, RotaryParam::PerFrequency, 128),
     ] {
-        let shape = Shape { time, ..shape };
-        let nrow = shape.batch * shape.time * shape.heads;
-        let rp = param.logits_per_head(16);
+        let shape = Shape {
+            time,
+            dk: d,
+            dv: d,
+            ..shape
+        };
+        let (nrow, half) = (shape.batch * shape.time * shape.heads, d / 2);
+        let rp = param.logits_per_head(d);
         let lg: Vec<f32> = uniform(&mut r, nrow * rp, -2.0, 3.0);
-        let start: Vec<f32> = uniform(&mut r, shape.batch * shape.heads * 8, 0.0, 6.0);
+        let start: Vec<f32> = uniform(&mut r, shape.batch * shape.heads * half, 0.0, 6.0);
         let ac = cpu.learned_rotary_angles(&lg, &shape, param, 100.0, Some(&start));
         let ag = gpu.learned_rotary_angles(&up(&lg), &shape, param, 100.0, Some(&up(&start)));
         cmp_angles(
             &mut rows,
-            &format!("learned rotary angles ({param:?}, T = {time})"),
+            &format!("learned rotary angles ({param:?}, T = {time}, d = {d})"),
             &dn(&ag),
             &ac,
         );
-        let da: Vec<f32> = randn(&mut r, nrow * 8, 1.0);
+        let da: Vec<f32> = randn(&mut r, nrow * half, 1.0);
         let gc = cpu.learned_rotary_angles_backward(&lg, &da, &shape, param, 100.0);
         let gg = gpu.learned_rotary_angles_backward(&up(&lg), &up(&da), &shape, param, 100.0);
         rows.push(Row {
-            what: format!("learned rotary angles backward ({param:?}, T = {time})"),
+            what: format!("learned rotary angles backward ({param:?}, T = {time}, d = {d})"),
             err: rel_err(&dn(&gg), &gc),
             tol: TOL,
         });
