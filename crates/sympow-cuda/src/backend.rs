@@ -1216,6 +1216,10 @@ impl Backend for CudaBackend {
         start: Option<&CudaSlice<f32>>,
     ) -> CudaSlice<f32> {
         let _p = self.prof("learned_rotary_angles");
+        assert!(
+            shape.dk <= 128,
+            "the CUDA learned-rotary angles support head_dim ≤ 128"
+        );
         let half = shape.dk / 2;
         let mut out = self.alloc(shape.batch * shape.time * shape.heads * half);
         let (b, t, h, hf, r) = (
