@@ -624,8 +624,9 @@ impl<B: Backend> Model<B> {
             if let Some(m) = &proj_mask {
                 o = be.mul(&o, m);
             }
-            let mut x_mid = x.clone();
-            be.add_assign(&mut x_mid, &o);
+            // the residual sum in o's buffer (x is kept for the backward; a + b = b + a exactly)
+            be.add_assign(&mut o, &x);
+            let x_mid = o;
             let (ln2_out, ln2_saved) = self.layer_norm(&x_mid, &p.ln2);
             let (fc_out, fc_saved) =
                 be.linear_forward(&ln2_out, &p.fc_w, Some(&p.fc_b), c, dm.hidden);
@@ -636,8 +637,8 @@ impl<B: Backend> Model<B> {
             if let Some(m) = &mlp_mask {
                 mo = be.mul(&mo, m);
             }
-            let mut x_out = x_mid.clone();
-            be.add_assign(&mut x_out, &mo);
+            be.add_assign(&mut mo, &x_mid);
+            let x_out = mo;
             let x_in = std::mem::replace(&mut x, x_out);
             blocks.push(BlockTrace {
                 x: x_in,
@@ -731,14 +732,11 @@ impl<B: Backend> Model<B> {
         for (l, (p, t)) in self.params.blocks.iter().zip(&tr.blocks).enumerate().rev() {
             let g = &mut grads.blocks[l];
             // x_out = x_mid + dropout(fc2(gelu(fc(ln2(x_mid)))))
-            let mut dmo = dx.clone();
-            if let Some(m) = &t.mlp_mask {
-                dmo = be.mul(&dmo, m);
-            }
+            let masked = t.mlp_mask.as_ref().map(|m| be.mul(&dx, m));
             let dgelu = be.linear_backward(
                 &t.gelu_out,
                 &p.fc2_w,
-                &dmo,
+                masked.as_ref().unwrap_or(&dx),
                 dm.hidden,
                 c,
                 &mut g.fc2_w,
@@ -761,14 +759,11 @@ impl<B: Backend> Model<B> {
                 self.layer_norm_backward(&t.x_mid, &dln2, &p.ln2, &t.ln2_saved, &mut g.ln2);
             be.add_assign(&mut dx_mid, &dx_ln2);
             // x_mid = x + dropout(proj(attention(rotary(q), rotary(k), v, gate)))
-            let mut dout = dx_mid.clone();
-            if let Some(m) = &t.proj_mask {
-                dout = be.mul(&dout, m);
-            }
+            let masked = t.proj_mask.as_ref().map(|m| be.mul(&dx_mid, m));
             let dy = be.linear_backward(
                 &t.att.y,
                 &p.proj_w,
-                &dout,
+                masked.as_ref().unwrap_or(&dx_mid),
                 h * hd,
                 c,
                 &mut g.proj_w,
