@@ -65,10 +65,6 @@ fn bytes(x: &[f32]) -> Vec<u8> {
 
 /// Writes `ckpt` to `path` atomically (temporary file, fsync, rename).
 pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<(), CheckpointError> {
-    let io = |p: &Path, err| CheckpointError::Io {
-        path: p.display().to_string(),
-        err,
-    };
     let infos = layout(&ckpt.config);
     assert_eq!(
         infos.len(),
@@ -90,6 +86,20 @@ pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<(), CheckpointError> {
             }
         }
     }
+    save_named(path, ckpt, &named)
+}
+
+/// Writes the tensors `named` (name, shape, little-endian f32 bytes) with `ckpt`'s config and
+/// counters as a checkpoint file, atomically.
+fn save_named(
+    path: &Path,
+    ckpt: &Checkpoint,
+    named: &[(String, Vec<usize>, Vec<u8>)],
+) -> Result<(), CheckpointError> {
+    let io = |p: &Path, err| CheckpointError::Io {
+        path: p.display().to_string(),
+        err,
+    };
     let mut crc = crc32fast::Hasher::new();
     named.iter().for_each(|(_, _, b)| crc.update(b));
     let fields: BTreeMap<&str, String> = [
@@ -197,7 +207,14 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
         let t = st
             .tensor(name)
             .map_err(|_| corrupt(format!("tensor `{name}` missing")))?;
-        if t.dtype() != Dtype::F32 || t.shape() != shape {
+        // a fused projection saved before its alignment padding (`Dims::qkv_pad`): fewer rows,
+        // to which the padding's rows are added as zeros (their outputs are never read)
+        let unpadded_qkv = (name.ends_with(".qkv.weight") || name.ends_with(".qkv.bias"))
+            && t.shape().len() == shape.len()
+            && t.shape()[1..] == shape[1..]
+            && t.shape()[0] < shape[0]
+            && shape[0] - t.shape()[0] < 8;
+        if t.dtype() != Dtype::F32 || (t.shape() != shape && !unpadded_qkv) {
             return Err(corrupt(format!(
                 "tensor `{name}` is {:?} {:?}, the config needs F32 {shape:?}",
                 t.dtype(),
@@ -205,10 +222,13 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
             )));
         }
         crc.update(t.data());
-        Ok(t.data()
+        let mut x: Vec<f32> = t
+            .data()
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect())
+            .collect();
+        x.resize(shape.iter().product(), 0.0);
+        Ok(x)
     };
     let params = infos
         .iter()
@@ -273,6 +293,55 @@ mod tests {
         }
     }
 
+    /// The parameters as `save` names them, with each tensor's own length as its shape's rows.
+    fn named_of(config: &Config, params: &[Vec<f32>]) -> Vec<(String, Vec<usize>, Vec<u8>)> {
+        layout(config)
+            .iter()
+            .zip(params)
+            .map(|(i, p)| {
+                let mut shape = i.shape.clone();
+                shape[0] = p.len() / shape[1..].iter().product::<usize>();
+                (i.name.clone(), shape, bytes(p))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fused_projection_saved_before_its_padding_loads_with_zero_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.safetensors");
+        let mut c = ckpt();
+        c.config.set("model.gate", "data").unwrap();
+        c.config.set("model.rotary", "fixed").unwrap();
+        c.moments = None;
+        let dims = crate::model::Dims::new(&c.config);
+        assert!(dims.qkv_pad > 0, "this config's projection is padded");
+        let pad = dims.qkv_pad;
+        let params: Vec<Vec<f32>> = layout(&c.config)
+            .iter()
+            .enumerate()
+            .map(|(i, p)| vec![1.0 + i as f32; p.numel()])
+            .collect();
+        // the file as written before the padding: the qkv tensors `pad` rows short
+        let old: Vec<Vec<f32>> = layout(&c.config)
+            .iter()
+            .zip(&params)
+            .map(
+                |(i, p)| match i.name.ends_with(".qkv.weight") || i.name.ends_with(".qkv.bias") {
+                    true => p[..p.len() - pad * i.shape[1..].iter().product::<usize>()].to_vec(),
+                    false => p.clone(),
+                },
+            )
+            .collect();
+        save_named(&path, &c, &named_of(&c.config, &old)).unwrap();
+        let loaded = load(&path).unwrap();
+        for ((i, got), old) in layout(&c.config).iter().zip(&loaded.params).zip(&old) {
+            assert_eq!(got.len(), i.numel(), "{}", i.name);
+            assert_eq!(&got[..old.len()], &old[..], "{}", i.name);
+            assert!(got[old.len()..].iter().all(|x| *x == 0.0), "{}", i.name);
+        }
+    }
+
     #[test]
     fn round_trip_and_corruption_detected() {
         let dir = tempfile::tempdir().unwrap();
@@ -291,6 +360,15 @@ mod tests {
         }
         std::fs::write(&path, &good[..good.len() / 2]).unwrap();
         assert!(load(&path).unwrap_err().to_string().contains("corrupt"));
+        // a wrong shape is corrupt too, however close
+        let mut c2 = c.clone();
+        c2.config.set("model.width", "16").unwrap();
+        let named = named_of(&c2.config, &c.params);
+        save_named(&path, &c2, &named).unwrap();
+        assert!(load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("the config needs"));
         assert!(matches!(
             load(&dir.path().join("none")),
             Err(CheckpointError::Missing(_))
