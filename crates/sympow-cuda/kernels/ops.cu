@@ -314,10 +314,10 @@ struct AngleSlice {
     __device__ long row(long t, int time, int heads) const { return ((long)b * time + t) * heads + h; }
 };
 
-// Walks this warp's part of the slice in order, calling f(row, k, ω_k·softplus(a)) for each row
-// and each frequency k of the lane. softplus (in double, ~hundreds of instructions) is the cost:
-// a per-head logit is shared by every frequency, so each lane computes it for one of 32 rows and
-// the warp passes the values round.
+// Walks this warp's part of the slice in order, calling f(row, m, k, ω_k·softplus(a)) for each
+// row and each frequency k = lane + 32m of the lane. softplus (in double, ~hundreds of
+// instructions) is the cost: a per-head logit is shared by every frequency, so each lane
+// computes it for one of 32 rows and the warp passes the values round.
 template <typename F>
 __device__ __forceinline__ void angle_steps(const AngleSlice& sl, const float* logits, const double* w, int time,
                                             int heads, int half, int r, F f) {

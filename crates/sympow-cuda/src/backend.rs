@@ -257,6 +257,25 @@ fn scan_cfg(scans: usize) -> LaunchConfig {
     }
 }
 
+/// The learned-rotary scans' grid: `scans` blocks in x, and time cut into slices in y (a block
+/// each) so that there are about `target` blocks, each slice `min_span` steps or more. Returns
+/// the launch configuration, the number of slices and the steps per slice.
+fn time_slices(
+    scans: usize,
+    time: usize,
+    target: usize,
+    min_span: usize,
+) -> (LaunchConfig, usize, i32) {
+    let slices = target.div_ceil(scans).min(time.div_ceil(min_span)).max(1);
+    let span = time.div_ceil(slices);
+    let slices = time.div_ceil(span).max(1);
+    let cfg = LaunchConfig {
+        grid_dim: (scans as u32, slices as u32, 1),
+        ..scan_cfg(scans)
+    };
+    (cfg, slices, span as i32)
+}
+
 /// A null device pointer for an absent optional argument.
 const NULL: u64 = 0;
 
@@ -489,9 +508,8 @@ impl CudaBackend {
             ldc: ldc as i32,
         };
         let (Some(a16), Some(b16)) = (&a.bf16, &b.bf16) else {
-            // SAFETY: the dimensions and leading dimensions describe buffers of the sizes given.
             let (a, b) = (a.f32.expect("f32 operand"), b.f32.expect("f32 operand"));
-            // SAFETY: as above.
+            // SAFETY: the dimensions and leading dimensions describe buffers of the sizes given.
             unsafe { self.blas.gemm(cfg, a, b, c) }.expect("cuBLAS sgemm");
             return;
         };
@@ -625,8 +643,6 @@ impl CudaBackend {
         dx
     }
 
-    /// Σx² of each tensor, in double: one launch over all their chunks, one copy back, the
-    /// chunks' partial sums added on the host in order (deterministic).
     /// The multi-tensor kernels' table (`SquaresChunk`s: address, length) over `ptrs` (device
     /// address, length of each tensor), and how many chunks each tensor has.
     fn chunk_table(ptrs: impl Iterator<Item = (u64, usize)>) -> (Vec<u64>, Vec<usize>) {
@@ -642,6 +658,8 @@ impl CudaBackend {
         (table, per_tensor)
     }
 
+    /// Σx² of each tensor, in double: one launch over all their chunks, one copy back, the
+    /// chunks' partial sums added on the host in order (deterministic).
     fn sums_of_squares(&self, xs: &[&CudaSlice<f32>]) -> Vec<f64> {
         let (table, per_tensor) =
             Self::chunk_table(xs.iter().map(|x| (x.device_ptr(&self.stream).0, x.len())));
@@ -1229,16 +1247,9 @@ impl Backend for CudaBackend {
             half as i32,
             param.logits_per_head(shape.dk) as i32,
         );
-        // time slices: enough blocks to fill the GPU, at least 64 steps each (8 per warp)
+        // enough blocks to fill the GPU, at least 64 steps a slice (8 per warp)
         let bh = shape.batch * shape.heads;
-        let slices = 264usize.div_ceil(bh).min(shape.time.div_ceil(64)).max(1);
-        let span = shape.time.div_ceil(slices);
-        let slices = shape.time.div_ceil(span).max(1);
-        let sp = span as i32;
-        let cfg = LaunchConfig {
-            grid_dim: (bh as u32, slices as u32, 1),
-            ..scan_cfg(bh)
-        };
+        let (cfg, slices, sp) = time_slices(bh, shape.time, 264, 64);
         // each slice's Σ per frequency, written by its block (read by the later slices)
         let mut part = crate::device::alloc_output::<f64>(&self.stream, bh * slices * half);
         if slices > 1 {
@@ -1291,27 +1302,17 @@ impl Backend for CudaBackend {
         );
         let r = param.logits_per_head(shape.dk);
         let scans = shape.batch * shape.heads * r;
-        // time slices: enough blocks to fill the GPU, at least a step per thread
-        let slices = 1024usize
-            .div_ceil(scans)
-            .min(shape.time.div_ceil(256))
-            .max(1);
-        let span = shape.time.div_ceil(slices);
-        let slices = shape.time.div_ceil(span).max(1);
-        let cfg = LaunchConfig {
-            grid_dim: (scans as u32, slices as u32, 1),
-            ..scan_cfg(scans)
-        };
+        // enough blocks to fill the GPU, at least a step per thread
+        let (cfg, slices, sp) = time_slices(scans, shape.time, 1024, 256);
         // each slice's Σ u, written by its block
         let mut part = crate::device::alloc_output::<f64>(&self.stream, scans * slices);
         let mut out = self.alloc(logits.len());
-        let (b, t, h, hf, ri, sp) = (
+        let (b, t, h, hf, ri) = (
             shape.batch as i32,
             shape.time as i32,
             shape.heads as i32,
             (shape.dk / 2) as i32,
             r as i32,
-            span as i32,
         );
         launch!(
             self,

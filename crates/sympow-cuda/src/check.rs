@@ -1000,38 +1000,31 @@ fn compare_attention(
         &og,
         &gpu.upload(dy),
     );
-    let mut cmp = |what: &str, g: &cudarc::driver::CudaSlice<f32>, cpu: &[f32]| {
-        push(
-            rows,
-            &format!("{} {what}", c.label),
-            &gpu.download(g),
-            cpu,
-            c.tol,
-        )
+    // Each output as a whole, and (a whole-tensor error can hide one wrong token: the fused
+    // backward once got a first token's ∂q wrong by 1.9× a typical row while the tensor's error
+    // stayed at 1.9e-2) y and the gradients token by token, rows of their width.
+    let mut worst = Vec::new();
+    let mut cmp = |what: &str, g: &cudarc::driver::CudaSlice<f32>, cpu: &[f32], row: usize| {
+        let host = gpu.download(g);
+        push(rows, &format!("{} {what}", c.label), &host, cpu, c.tol);
+        if row > 0 {
+            let name = what.rsplit(' ').next().unwrap_or(what);
+            worst.push(Row {
+                what: format!("{} {name} worst token", c.label),
+                err: worst_row_err(&host, cpu, row),
+                tol: ROW_TOL_FACTOR * c.tol,
+            });
+        }
     };
-    cmp("forward y", &og.y, &oc.y);
-    cmp("forward log-normaliser", &og.log_norm, &oc.log_norm);
-    cmp("backward dq", &bg.dq, &bc.dq);
-    cmp("backward dk", &bg.dk, &bc.dk);
-    cmp("backward dv", &bg.dv, &bc.dv);
+    cmp("forward y", &og.y, &oc.y, shape.dv);
+    cmp("forward log-normaliser", &og.log_norm, &oc.log_norm, 0);
+    cmp("backward dq", &bg.dq, &bc.dq, shape.dk);
+    cmp("backward dk", &bg.dk, &bc.dk, shape.dk);
+    cmp("backward dv", &bg.dv, &bc.dv, shape.dv);
     if let (Some(a), Some(b)) = (&bg.dlog_gates, &bc.dlog_gates) {
-        cmp("backward dlog_gates", a, b);
+        cmp("backward dlog_gates", a, b, 0);
     }
-    // A whole-tensor error can hide one wrong token: the fused backward once got a first
-    // token's ∂q wrong by 1.9× a typical row while the tensor's error stayed at 1.9e-2. So each
-    // token's row is measured too.
-    for (what, g, cpu, width) in [
-        ("y", &og.y, &oc.y, shape.dv),
-        ("dq", &bg.dq, &bc.dq, shape.dk),
-        ("dk", &bg.dk, &bc.dk, shape.dk),
-        ("dv", &bg.dv, &bc.dv, shape.dv),
-    ] {
-        rows.push(Row {
-            what: format!("{} {what} worst token", c.label),
-            err: worst_row_err(&gpu.download(g), cpu, width),
-            tol: ROW_TOL_FACTOR * c.tol,
-        });
-    }
+    rows.append(&mut worst);
 }
 
 /// A token's row error may exceed the tensor's bound by this factor: the worst of thousands of

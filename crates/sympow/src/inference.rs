@@ -141,7 +141,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
             let (w, b) = p.ln1.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
             let (hn, _) = be.layer_norm_forward(&x, c, w, b);
             let qkv = be
-                .linear_forward(&hn, &p.qkv_w, Some(&p.qkv_b), c, dm.qkv_widths.iter().sum())
+                .linear_forward(&hn, &p.qkv_w, Some(&p.qkv_b), c, dm.qkv_out())
                 .0;
             // columns: q, k, v, [gate logits], [rotary logits] — as in `Model::forward`
             let mut parts = be.split_columns(&qkv, &dm.qkv_widths).into_iter();

@@ -112,7 +112,8 @@ impl Dims {
         }
     }
 
-    fn qkv_out(&self) -> usize {
+    /// Columns of the fused projection (the sum of `qkv_widths`).
+    pub fn qkv_out(&self) -> usize {
         self.qkv_widths.iter().sum()
     }
 }
