@@ -158,7 +158,9 @@ enum Command {
     /// Report the compute device that would be used.
     Device,
     /// Check every CUDA op against the CPU op on the GPU, on fresh random inputs (forward,
-    /// backward, and a whole model's gradients); exits non-zero on a mismatch.
+    /// backward, and a whole model's gradients); exits non-zero on a mismatch. On Hopper the
+    /// fused kernels' state products run on wgmma; with SYMPOW_NO_WGMMA=1 set, on the mma.sync
+    /// forms other GPUs run (check both there).
     DeviceCheck {
         /// Seed of the random inputs (default: from the clock, printed).
         #[arg(long)]
@@ -852,6 +854,13 @@ fn device_check(seed: Option<u64>) -> Result<i32> {
     });
     let gpu = sympow_cuda::CudaBackend::new(0)?;
     println!("{} against the CPU backend, seed {seed}", gpu.name());
+    if let Some(k) = gpu.fused_kernels() {
+        // on Hopper, SYMPOW_NO_WGMMA=1 checks the mma.sync forms that other GPUs run
+        println!(
+            "fused sympow state products on {} (SYMPOW_NO_WGMMA=1 selects mma.sync on Hopper)",
+            k.state_products(64)
+        );
+    }
     let rows = sympow_cuda::check::device_check(&gpu, seed);
     let mut failed = 0;
     for r in &rows {

@@ -12,9 +12,14 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
 }
 __device__ __forceinline__ bf16 f2b(float x) { return (bf16)(pack2(x, 0.f) & 0xffffu); }
 __device__ __forceinline__ float b2f(bf16 x) { return __uint_as_float(((u32)x) << 16); }
-__device__ __forceinline__ u32 scale2(u32 v, float lo, float hi) {
-    return pack2(__uint_as_float(v << 16) * lo, __uint_as_float(v & 0xffff0000u) * hi);
+// Two bf16 products in one instruction, v ⊙ s (bf16 pairs), rounded once: the same bits as
+// rounding the exact f32 products (an FMA with −0, as sm_80 has no bf16x2 multiply).
+__device__ __forceinline__ u32 mul_bf16x2(u32 v, u32 s) {
+    u32 r;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(s), "r"(0x80008000u));
+    return r;
 }
+__device__ __forceinline__ u32 bf16_pair(bf16 lo, bf16 hi) { return (u32)lo | ((u32)hi << 16); }
 
 // c += a·b for a 16×16 (row) by 16×8 (col) tile.
 __device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {

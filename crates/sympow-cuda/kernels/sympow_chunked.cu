@@ -2,11 +2,15 @@
 // crates/sympow/src/attention/chunked.rs (SPEC §4), for head dimension D = dk = dv ∈ {32, 64, 128}.
 //
 // Every matrix product is an mma.sync m16n8k16 (bf16 operands, f32 accumulation) on fragments
-// loaded from shared memory by ldmatrix. The degree-2 feature map is never materialised: φ(x) = x ⊗ x, so a
+// loaded from shared memory by ldmatrix — except, on Hopper (compute_90a), the state products
+// of sp_chunk_states and the r-only and dx-only reads, which have wgmma forms (further down).
+// The degree-2 feature map is never materialised: φ(x) = x ⊗ x, so a
 // product with φ(X) is a loop over the first factor's index a of products with diag(x_a)·X —
 // the scaling folded into an operand fragment (states) or into the accumulator (reads).
 // States are kept for the full D×D index pair (symmetric, stored twice): simpler than the
-// D(D+1)/2 packed form at 2× its state FLOPs and bytes (noted in docs/PERFORMANCE.md).
+// D(D+1)/2 packed form at 2× its state FLOPs and bytes (noted in docs/PERFORMANCE.md). A chunk's
+// state is S[a][b][j] (j = the E columns, contiguous) where the wgmma kernels run, S[a][j][b]
+// elsewhere (the mma.sync reads measured faster on it: ∂q's 1.11 against 1.48 ms at T = 4k).
 //
 // Pipeline (one launch each; [BH] = batch·heads, [T] tokens, chunks of L tokens, NC chunks):
 //   sp_prep     g → local cumulative gates G and chunk totals Γ; bf16 staging copies
@@ -16,7 +20,7 @@
 //   sp_discumsum     in place, the discounted cumulative sums S_i = Σ_{j<i} e^{Γ_{j+1}+…} ΔS_j
 //               (forward), or in reverse order R_i = ∂L/∂ΔS_i, plus ∂Γ (backward)
 //   sp_read_{r,dx,rdx}  Σ_a x_a (X S[a]) (the inter-chunk numerator|denominator, or dv'),
-//               2·rowdot(X S[a], W) (∂x), or both
+//               2·rowdot(X S[a], W) (∂x; dx[t, a] = 2 Σ_{b,j} x_tb w_tj S[a][b][j]), or both
 //   sp_intra_fwd  causal (σq·k)² e^{G_t−G_s} inside the chunk, plus the combine
 //               y = (inter + intra)_num / (inter + intra)_den + ε)
 //   sp_bwd_prep, sp_intra_bwd_dkv, sp_intra_bwd_dq, sp_bwd_final, sp_bwd_gates: the backward pass.
@@ -24,6 +28,12 @@
 
 #define THREADS 256
 #define WARPS 8
+// The wgmma forms of the state products need sm_90a (NVRTC's compute_90a defines this macro).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SP_WGMMA 1
+#else
+#define SP_WGMMA 0
+#endif
 #define FULL 0xffffffffu
 
 __device__ __forceinline__ float warp_sum(float x) {
@@ -51,15 +61,32 @@ template <int D> struct Dims {
     static constexpr int RM = D >= 128 ? 1 : 2;
 };
 
-// Shared-memory bytes each kernel needs (one source of truth: the host asks sp_smem_sizes).
+template <int D> struct Wg;
+
+// Shared-memory bytes each kernel needs (one source of truth: the host asks sp_smem_sizes), and
+// the two block shapes the host's grids depend on: tokens per sp_read block, first feature
+// indices per sp_chunk_states block.
 template <int D> struct Smem {
     typedef Dims<D> Dm;
     static constexpr int E = Dm::E;
     static constexpr int prep = 0;  // sized by the host from the chunk length L: L·4 bytes
-    static constexpr int states = 2 * Dm::TT * ((D + 8) + (E + 8)) * 2;
+    // sp_read (mma.sync): tokens per block; r, dx, both
     static constexpr int read_qt = 16 * Dm::RM * WARPS;
-    static constexpr int read_r = (2 * E * (D + 8) + read_qt * (D + 8)) * 2;
+    static constexpr int read_r = (2 * (SP_WGMMA ? D * (E + 8) : E * (D + 8)) + read_qt * (D + 8)) * 2;
     static constexpr int read_dx = read_r + read_qt * (E + 8) * 2 + read_qt * 9 * 4;
+    static constexpr int read_rdx = read_dx;
+#if SP_WGMMA
+    typedef Wg<D> W;
+    static_assert(W::QT == read_qt, "the host sizes every read grid alike");
+    static constexpr int states = W::ST * W::TT * ((D + 8) + E) * 2;
+    static constexpr int wg_read_r = (W::RST * D * E + read_qt * (D + 8)) * 2;
+    static constexpr int wg_read_dx = wg_read_r + read_qt * (E + 8) * 2;
+    static constexpr int states_a = W::A;
+#else
+    static constexpr int states = 2 * Dm::TT * ((D + 8) + (E + 8)) * 2;
+    static constexpr int wg_read_r = read_r, wg_read_dx = read_dx;
+    static constexpr int states_a = Dm::A;
+#endif
     // intra kernels: a fixed 128-row tile, then two stages of the streamed tiles and their G
     static constexpr int intra_fwd = (128 * (D + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + 2 * 64 * 4;
     static constexpr int dkv =
@@ -127,7 +154,8 @@ __device__ void sp_prep(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float*
 }
 
 // ---------------------------------------------------------------------------------------------
-// One chunk's contribution to the state, out[bh][i][a][j][b] = Σ_τ x_τa x_τb y_τj (bf16), for
+// One chunk's contribution to the state, out[bh][i][a][b][j] = Σ_τ x_τa x_τb y_τj (bf16; stored
+// [a][j][b] where the state products run on mma.sync, see the file's head), for
 // x = k̃, y = v' (forward: ΔS_i) or x = q̃, y = ∂N (backward: the state gradient taken directly by
 // chunk i's queries). Block (group of A first indices a, bh, chunk i) — a chunk's groups run side
 // by side, so its tokens come from DRAM once. Each warp owns 16 rows of b for U consecutive a ×
@@ -173,7 +201,7 @@ __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, 
         for (int kk = 0; kk < TT; kk += 16) {
             u32 xb[4], af[U][4];
             lda_kmajor(xb, Xs, LDX, mt * 16, kk);  // A(b, τ) = x_τb
-            float xs[4][U];  // x_τa at the fragment's token rows 2t, 2t+1, 2t+8, 2t+9
+            bf16 xs[4][U];  // x_τa at the fragment's token rows 2t, 2t+1, 2t+8, 2t+9
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const bf16* p = Xs + (kk + 2 * t + (r & 1) + (r >> 1) * 8) * LDX + ab;
@@ -186,15 +214,15 @@ __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, 
                     w[0] = *(const u32*)p;
                 }
 #pragma unroll
-                for (int u = 0; u < U; u++)
-                    xs[r][u] = __uint_as_float((u & 1) ? w[u / 2] & 0xffff0000u : w[u / 2] << 16);
+                for (int u = 0; u < U; u++) xs[r][u] = (bf16)((u & 1) ? w[u / 2] >> 16 : w[u / 2] & 0xffffu);
             }
 #pragma unroll
             for (int u = 0; u < U; u++) {
-                af[u][0] = scale2(xb[0], xs[0][u], xs[1][u]);
-                af[u][1] = scale2(xb[1], xs[0][u], xs[1][u]);
-                af[u][2] = scale2(xb[2], xs[2][u], xs[3][u]);
-                af[u][3] = scale2(xb[3], xs[2][u], xs[3][u]);
+                u32 s01 = bf16_pair(xs[0][u], xs[1][u]), s89 = bf16_pair(xs[2][u], xs[3][u]);
+                af[u][0] = mul_bf16x2(xb[0], s01);
+                af[u][1] = mul_bf16x2(xb[1], s01);
+                af[u][2] = mul_bf16x2(xb[2], s89);
+                af[u][3] = mul_bf16x2(xb[3], s89);
             }
 #pragma unroll
             for (int nt = 0; nt < NT; nt += 2) {  // each B fragment feeds all U units
@@ -211,13 +239,18 @@ __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, 
     }
 #pragma unroll
     for (int u = 0; u < U; u++) {
-        long base = (((long)bh * NC + ci) * D + ab + u) * E * D;
+        long base = (((long)bh * NC + ci) * D + ab + u) * D * E;
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                int row = mt * 16 + g + (i >= 2 ? 8 : 0), col = nt * 8 + 2 * t + (i & 1);
-                out[base + (long)col * D + row] = f2b(acc[u][nt][i]);
+            for (int h = 0; h < 2; h++) {
+                int row = mt * 16 + g + 8 * h, col = nt * 8 + 2 * t;
+                if (SP_WGMMA) {  // [b][j]
+                    *(u32*)(out + base + (long)row * E + col) = pack2(acc[u][nt][2 * h], acc[u][nt][2 * h + 1]);
+                } else {  // [j][b]
+                    out[base + (long)col * D + row] = f2b(acc[u][nt][2 * h]);
+                    out[base + (long)(col + 1) * D + row] = f2b(acc[u][nt][2 * h + 1]);
+                }
             }
     }
 }
@@ -287,7 +320,7 @@ __device__ void sp_discumsum(bf16* st, const float* Gam, long per_chunk, int NC,
 
 // ---------------------------------------------------------------------------------------------
 // For the QT = 16·RM·WARPS tokens of a block (one chunk, one head) and that chunk's state
-// S[a][j][b]: Y_a = X S[a] (tokens × E) for every a; r = Σ_a x_a ⊙ Y_a (R) and/or
+// S[a] (b × j): Y_a = X S[a] (tokens × E) for every a; r = Σ_a x_a ⊙ Y_a (R) and/or
 // dx[:, a] = 2·rowdot(Y_a, W) (DX). r is f32 [BH][T][E], dx f32 [BH][T][D].
 // Each warp owns 16·RM rows: their X fragments stay in registers for the whole loop over a (X is
 // the same for every a), and each B fragment of S[a] (ldmatrix) feeds RM row blocks. Y_a is never
@@ -298,9 +331,11 @@ template <int D, bool R, bool DX>
 __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
     typedef Dims<D> Dm;
     constexpr int E = Dm::E, NT = Dm::NT, RM = Dm::RM, QT = 16 * RM * WARPS, KS = D / 16;
-    constexpr int LDX = D + 8, LDW = E + 8, LDD = 9;
-    bf16* Sbuf = (bf16*)smem;       // two stages of [E][LDX]
-    bf16* Xs = Sbuf + 2 * E * LDX;  // [QT][LDX]
+    // S[a] in shared memory as it is stored: [b][j] (SR = D rows of SC = E) or [j][b]
+    constexpr int SR = SP_WGMMA ? D : E, SC = SP_WGMMA ? E : D;
+    constexpr int LDX = D + 8, LDS = SC + 8, LDW = E + 8, LDD = 9;
+    bf16* Sbuf = (bf16*)smem;        // two stages of S[a], [SR][LDS]
+    bf16* Xs = Sbuf + 2 * SR * LDS;  // [QT][LDX]
     bf16* Ws = Xs + QT * LDX;       // [QT][LDW] (DX)
     float* dXs = (float*)(Ws + QT * LDW);  // [QT][LDD]: columns a − a mod 8 … (DX)
     int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z;
@@ -309,7 +344,7 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
     int nv = min(min(QT, L - tile * QT), T - t0);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, row0 = warp * 16 * RM;
     const bf16* Sc = S + ((long)bh * NC + ci) * D * E * D;
-    load_rows_async(Sbuf, LDX, Sc, E, E, D);
+    load_rows_async(Sbuf, LDS, Sc, SR, SR, SC);
     cp_async_commit();
     load_rows(Xs, LDX, x + ((long)bh * T + t0) * D, nv, QT, D);
     if (DX) load_rows(Ws, LDW, w + ((long)bh * T + t0) * E, nv, QT, E);
@@ -336,11 +371,11 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
 #pragma unroll
             for (int i = 0; i < 4; i++) racc[m][nt][i] = 0.f;
     for (int a = 0; a < D; a++) {
-        if (a + 1 < D) load_rows_async(Sbuf + ((a + 1) & 1) * E * LDX, LDX, Sc + (long)(a + 1) * E * D, E, E, D);
+        if (a + 1 < D) load_rows_async(Sbuf + ((a + 1) & 1) * SR * LDS, LDS, Sc + (long)(a + 1) * D * E, SR, SR, SC);
         cp_async_commit();
         cp_async_wait_prev();
         __syncthreads();
-        const bf16* Ss = Sbuf + (a & 1) * E * LDX;
+        const bf16* Ss = Sbuf + (a & 1) * SR * LDS;
         float xa[RM][2], p[RM][2];
 #pragma unroll
         for (int m = 0; m < RM; m++)
@@ -361,7 +396,10 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
 #pragma unroll
             for (int ks = 0; ks < KS; ks++) {
                 u32 bfr[4];
-                ldb2_nmajor(bfr, Ss, LDX, nt * 8, ks * 16);
+                if (SP_WGMMA)
+                    ldb2_kmajor(bfr, Ss, LDS, ks * 16, nt * 8);
+                else
+                    ldb2_nmajor(bfr, Ss, LDS, nt * 8, ks * 16);
 #pragma unroll
                 for (int m = 0; m < RM; m++) {
                     mma16816(y[m][0], xf[m][ks], bfr);
@@ -408,6 +446,278 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
                             make_float2(racc[m][R ? nt : 0][2 * h], racc[m][R ? nt : 0][2 * h + 1]);
                 }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hopper (sm_90a) forms of sp_chunk_states and sp_read: the same products on wgmma, which reads
+// its B operand from shared memory once for a whole warpgroup (4 warps, 64 rows) and runs
+// asynchronously, where mma.sync has every warp load its own B fragments (the shared-memory
+// bandwidth that bounded the kernels above). A stays in registers, scaled per a as above. Built
+// when NVRTC compiles for compute_90a (see device.rs); the entry points below pick them then.
+#if SP_WGMMA
+// B operands live in shared memory as 8-row core matrices: rows r of an R × E bf16 matrix, their
+// 16-byte pieces (8 columns) at ((r / 8) · E/8 + column / 8) · 64 + (r % 8) · 8. Consecutive
+// threads fill one core matrix (conflict-free) from 8 rows of global memory, 64 bytes a row a
+// warp. `stride`: elements between the source's rows; rows ≥ nvalid are zero-filled.
+template <int E>
+__device__ __forceinline__ void load_core_rows(bf16* dst, const bf16* src, long stride, int rows, int nvalid) {
+    for (int i = threadIdx.x; i < rows * E / 8; i += blockDim.x) {
+        int r8 = i & 7, cg = (i >> 3) % (E / 8), rg = i / E, row = rg * 8 + r8;
+        bool ok = row < nvalid;
+        cp_async16(dst + (rg * (E / 8) + cg) * 64 + r8 * 8, ok ? src + row * stride + cg * 8 : src, ok);
+    }
+}
+// cp.async.wait_group N: all but the N most recent groups of this thread have landed.
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+template <int D> struct Wg {
+    static constexpr int E = Dims<D>::E;
+    // shared-memory stages (loads run ST − 2 ahead): sp_chunk_states, sp_read
+    static constexpr int ST = D >= 128 ? 3 : 4;
+    static constexpr int RST = D >= 128 ? 3 : 6;
+    // sp_read: m64 row tiles per warpgroup, tokens per block (two warpgroups)
+    static constexpr int RW = D >= 128 ? 1 : 2;
+    static constexpr int QT = 128 * RW;
+    // sp_chunk_states: m64 tiles of (a, b) rows per warpgroup; first indices a per block
+    static constexpr int U = D >= 128 ? 2 : 4;
+    static constexpr int A = 2 * U * 64 / D;
+    static constexpr int TT = 64;  // tokens per stage
+};
+
+// sp_chunk_states on wgmma. Rows of the product are the flattened pairs (a, b) of the block's A
+// values of a (a·D + b: one m64 tile is 64/D values of a, or half of one at D = 128), columns
+// the E of y, the contraction over the chunk's tokens, 16 at a time: A(row, τ) = x_τa x_τb,
+// the ldmatrix fragment of x_τb scaled by x_τa (registers, a fresh set per step so the previous
+// step's products can still be reading the other), B = y's 16 × E rows (shared memory).
+template <int D>
+__device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int T, int L) {
+    typedef Wg<D> W;
+    constexpr int E = W::E, U = W::U, TT = W::TT, ST = W::ST, LDX = D + 8;
+    constexpr int XST = TT * LDX, STAGE = XST + TT * E;  // a stage: Xs [TT][LDX], then y in core matrices
+    bf16* buf = (bf16*)smem;
+    int a0 = blockIdx.x * W::A, bh = blockIdx.y, ci = blockIdx.z, NC = gridDim.z;
+    int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, t = lane & 3;
+    int t0 = ci * L, n = min(L, T - t0);
+    const bf16* xh = x + ((long)bh * T + t0) * D;
+    const bf16* yh = y + ((long)bh * T + t0) * E;
+    auto issue = [&](int tile) {
+        int s0 = tile * TT;
+        if (s0 < n) {
+            bf16* st = buf + (tile % ST) * STAGE;
+            load_rows_async(st, LDX, xh + (long)s0 * D, min(TT, n - s0), TT, D);
+            load_core_rows<E>(st + XST, yh + (long)s0 * E, E, TT, n - s0);
+        }
+        cp_async_commit();
+    };
+    // this warp's 16 rows of each tile: first index a (relative to a0) and first b
+    int ua[U], ub[U];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        int row = (wg * U + u) * 64 + warp * 16;
+        ua[u] = a0 + row / D;
+        ub[u] = row % D;
+    }
+    float acc[U][E / 2];
+#pragma unroll
+    for (int u = 0; u < U; u++)
+#pragma unroll
+        for (int i = 0; i < E / 2; i++) acc[u][i] = 0.f;
+    u32 af[2][U][4];  // two sets: step k scales into set k & 1
+    int tiles = (n + TT - 1) / TT;
+#pragma unroll
+    for (int s = 0; s < ST - 2; s++) issue(s);
+    for (int tile = 0; tile < tiles; tile++) {
+        cp_async_wait<ST - 3>();
+        fence_async_smem();
+        __syncthreads();  // tile landed for all; every warpgroup is past the products of tile − 2
+        issue(tile + ST - 2);
+        const bf16* Xs = buf + (tile % ST) * STAGE;
+        const bf16* Ys = Xs + XST;
+#pragma unroll
+        for (int k = 0; k < TT / 16; k++) {
+            u32(&as)[U][4] = af[k & 1];
+            // x_τa at the fragment's token columns, as bf16 pairs (τ = 2t, 2t+1) and (2t+8, 2t+9)
+            u32 s01[U], s89[U];
+            if constexpr (D == 64) {  // the U values of a are consecutive: one 8-byte load a row
+                static_assert(U == 4, "four consecutive a");
+                const bf16* p = Xs + (k * 16 + 2 * t) * LDX + ua[0];
+                uint2 r0 = *(const uint2*)p, r1 = *(const uint2*)(p + LDX);
+                uint2 r8 = *(const uint2*)(p + 8 * LDX), r9 = *(const uint2*)(p + 9 * LDX);
+                s01[0] = __byte_perm(r0.x, r1.x, 0x5410), s01[1] = __byte_perm(r0.x, r1.x, 0x7632);
+                s01[2] = __byte_perm(r0.y, r1.y, 0x5410), s01[3] = __byte_perm(r0.y, r1.y, 0x7632);
+                s89[0] = __byte_perm(r8.x, r9.x, 0x5410), s89[1] = __byte_perm(r8.x, r9.x, 0x7632);
+                s89[2] = __byte_perm(r8.y, r9.y, 0x5410), s89[3] = __byte_perm(r8.y, r9.y, 0x7632);
+            } else {
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    const bf16* p = Xs + (k * 16 + 2 * t) * LDX + ua[u];
+                    s01[u] = bf16_pair(p[0], p[LDX]);
+                    s89[u] = bf16_pair(p[8 * LDX], p[9 * LDX]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                u32 xb[4];
+                lda_kmajor(xb, Xs, LDX, ub[u], k * 16);  // A(b, τ) = x_τb
+                as[u][0] = mul_bf16x2(xb[0], s01[u]);
+                as[u][1] = mul_bf16x2(xb[1], s01[u]);
+                as[u][2] = mul_bf16x2(xb[2], s89[u]);
+                as[u][3] = mul_bf16x2(xb[3], s89[u]);
+            }
+            wg_fence();
+            // y's rows k·16 … k·16 + 15: core matrices along tokens E·16 bytes apart, along E 128
+            unsigned long long desc = wg_desc(Ys + k * 16 * E, E * 16, 128);
+#pragma unroll
+            for (int u = 0; u < U; u++) wgmma<E, 1>(acc[u], as[u], desc, 1);
+            wg_commit();
+            wg_wait<1>();
+        }
+    }
+    wg_wait<0>();
+    // rows (a, b) of a chunk's state are contiguous: out[bh][i][a][b][j]
+    bf16* oc = out + (((long)bh * NC + ci) * D * D + (long)a0 * D) * E;
+    int g = lane >> 2;
+#pragma unroll
+    for (int u = 0; u < U; u++)
+#pragma unroll
+        for (int nt = 0; nt < E / 8; nt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int row = (wg * U + u) * 64 + warp * 16 + g + 8 * h;
+                *(u32*)(oc + (long)row * E + nt * 8 + 2 * t) = pack2(acc[u][4 * nt + 2 * h], acc[u][4 * nt + 2 * h + 1]);
+            }
+}
+
+// sp_read on wgmma, for the 128·RW tokens of a block (two warpgroups of 64·RW rows).
+//   r = Σ_a (diag(x_a) X) S[a]: for each a, KS products of 64 × E with A = X's fragments scaled
+//       by x_a (registers; X is loaded once) and B = S[a] ([b][j], N-major core matrices).
+//   dx = 2 Σ_b (diag(x_b) W) S[·][b]ᵀ: the same contraction regrouped so that it is one
+//       product too (dx[t, a] = 2 Σ_{b,j} x_tb w_tj S[a][b][j]) — for each b, E/16 products of
+//       64 × D with A = W's fragments scaled by x_b and B = S[a][b][j] over (j, a) (K-major).
+//       No per-a row sums, unlike the mma.sync form.
+// Slices of S stream through ST shared-memory stages, ST − 2 ahead of the products.
+template <int D, int KSTEPS, int N, int TB, int RW>
+__device__ __forceinline__ void wg_read_pass(float (*acc)[N / 2], const u32 (*frag)[KSTEPS][4], const bf16* Xs,
+                                              int LDX, int row0, const bf16* Sc, long slice_stride, long row_stride,
+                                              bf16* Sbuf) {
+    typedef Wg<D> W;
+    constexpr int E = W::E, ST = W::RST, SLICE = D * E;
+    int lane = threadIdx.x & 31, g = lane >> 2;
+    auto issue = [&](int i) {
+        if (i < D) load_core_rows<E>(Sbuf + (i % ST) * SLICE, Sc + i * slice_stride, row_stride, D, D);
+        cp_async_commit();
+    };
+    u32 sc[2][RW][KSTEPS][4];  // two sets: slice i scales into set i & 1
+#pragma unroll
+    for (int s = 0; s < ST - 2; s++) issue(s);
+    for (int i0 = 0; i0 < D; i0 += 2) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int i = i0 + h;
+            cp_async_wait<ST - 3>();
+            fence_async_smem();
+            __syncthreads();  // slice i landed for all; every warpgroup is past slice i − 2's products
+            issue(i + ST - 2);
+            const bf16* Ss = Sbuf + (i % ST) * SLICE;
+#pragma unroll
+            for (int m = 0; m < RW; m++) {
+                bf16 x_lo = Xs[(row0 + 64 * m + g) * LDX + i], x_hi = Xs[(row0 + 64 * m + g + 8) * LDX + i];
+                u32 s_lo = bf16_pair(x_lo, x_lo), s_hi = bf16_pair(x_hi, x_hi);
+#pragma unroll
+                for (int k = 0; k < KSTEPS; k++) {
+                    sc[h][m][k][0] = mul_bf16x2(frag[m][k][0], s_lo);
+                    sc[h][m][k][1] = mul_bf16x2(frag[m][k][1], s_hi);
+                    sc[h][m][k][2] = mul_bf16x2(frag[m][k][2], s_lo);
+                    sc[h][m][k][3] = mul_bf16x2(frag[m][k][3], s_hi);
+                }
+            }
+            wg_fence();
+#pragma unroll
+            for (int k = 0; k < KSTEPS; k++) {
+                // TB = 1 (r): 16 rows b of S[a] ([b][j]), core matrices along b E·16 bytes apart,
+                // along j 128. TB = 0 (dx): 16 columns j of S[·][b] ([a][j]), along j 128, along a E·16.
+                unsigned long long desc =
+                    TB ? wg_desc(Ss + k * 16 * E, E * 16, 128) : wg_desc(Ss + k * 128, 128, E * 16);
+#pragma unroll
+                for (int m = 0; m < RW; m++) wgmma<N, TB>(acc[m], sc[h][m][k], desc, 1);
+            }
+            wg_commit();
+            wg_wait<1>();
+        }
+    }
+    wg_wait<0>();
+    __syncthreads();  // the stages are free for the next pass
+}
+
+template <int D, bool R, bool DX>
+__device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
+    static_assert(R != DX, "r and dx together stay on sp_read (see the entry points)");
+    typedef Wg<D> W;
+    constexpr int E = W::E, RW = W::RW, QT = W::QT, ST = W::RST, LDX = D + 8, LDW = E + 8, SLICE = D * E;
+    bf16* Sbuf = (bf16*)smem;          // ST stages of one slice of S (D × E)
+    bf16* Xs = Sbuf + ST * SLICE;      // [QT][LDX]
+    bf16* Ws = Xs + QT * LDX;          // [QT][LDW] (DX)
+    int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z;
+    int t0 = ci * L + tile * QT;
+    if (tile * QT >= L || t0 >= T) return;
+    int nv = min(min(QT, L - tile * QT), T - t0);
+    int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int row0 = wg * 64 * RW + warp * 16;  // this warp's rows in tile m: row0 + 64·m …
+    const bf16* Sc = S + ((long)bh * NC + ci) * D * SLICE;
+    load_rows(Xs, LDX, x + ((long)bh * T + t0) * D, nv, QT, D);
+    if (DX) load_rows(Ws, LDW, w + ((long)bh * T + t0) * E, nv, QT, E);
+    __syncthreads();
+    if (R) {
+        u32 xf[RW][D / 16][4];
+#pragma unroll
+        for (int m = 0; m < RW; m++)
+#pragma unroll
+            for (int k = 0; k < D / 16; k++) lda(xf[m][k], Xs, LDX, row0 + 64 * m, k * 16);
+        float acc[RW][E / 2];
+#pragma unroll
+        for (int m = 0; m < RW; m++)
+#pragma unroll
+            for (int i = 0; i < E / 2; i++) acc[m][i] = 0.f;
+        // slice a = S[a], rows b
+        wg_read_pass<D, D / 16, E, 1, RW>(acc, xf, Xs, LDX, row0, Sc, SLICE, E, Sbuf);
+#pragma unroll
+        for (int m = 0; m < RW; m++)
+#pragma unroll
+            for (int nt = 0; nt < E / 8; nt++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    int row = row0 + 64 * m + g + 8 * h;
+                    if (row < nv)
+                        *(float2*)(r + ((long)bh * T + t0 + row) * E + nt * 8 + 2 * t) =
+                            make_float2(acc[m][4 * nt + 2 * h], acc[m][4 * nt + 2 * h + 1]);
+                }
+    }
+    if (DX) {
+        u32 wf[RW][E / 16][4];
+#pragma unroll
+        for (int m = 0; m < RW; m++)
+#pragma unroll
+            for (int k = 0; k < E / 16; k++) lda(wf[m][k], Ws, LDW, row0 + 64 * m, k * 16);
+        float acc[RW][D / 2];
+#pragma unroll
+        for (int m = 0; m < RW; m++)
+#pragma unroll
+            for (int i = 0; i < D / 2; i++) acc[m][i] = 0.f;
+        // slice b = S[·][b], rows a
+        wg_read_pass<D, E / 16, D, 0, RW>(acc, wf, Xs, LDX, row0, Sc, E, SLICE, Sbuf);
+#pragma unroll
+        for (int m = 0; m < RW; m++)
+#pragma unroll
+            for (int nt = 0; nt < D / 8; nt++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    int row = row0 + 64 * m + g + 8 * h;
+                    if (row < nv)
+                        *(float2*)(dx + ((long)bh * T + t0 + row) * D + nt * 8 + 2 * t) =
+                            make_float2(2.f * acc[m][4 * nt + 2 * h], 2.f * acc[m][4 * nt + 2 * h + 1]);
+                }
+    }
+}
+#endif  // SP_WGMMA
 
 // ---------------------------------------------------------------------------------------------
 // The intra-chunk kernels stream tiles of `rows` rows (r0.. < end) of a D-wide and an E-wide bf16
@@ -808,6 +1118,16 @@ extern "C" __global__ void sp_bwd_gates(float* dg, const float* dGt, const float
 }
 
 // ---------------------------------------------------------------------------------------------
+// On Hopper the chunk states and the r-only and dx-only reads run on wgmma. The read of both r
+// and dx stays on mma.sync there: its wgmma form streams S twice (once per regrouping), and
+// L2 → SM bandwidth bounds these reads (1.73 ms against 1.60 at T = 4k, see PERFORMANCE.md).
+#if SP_WGMMA
+#define SP_STATES sp_chunk_states_wg
+#define SP_READ sp_read_wg
+#else
+#define SP_STATES sp_chunk_states
+#define SP_READ sp_read
+#endif
 #define SP_INSTANCES(D)                                                                                               \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_prep_##D(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float* Gout, float* Gam, const float* q,         \
@@ -816,15 +1136,15 @@ extern "C" __global__ void sp_bwd_gates(float* dg, const float* dGt, const float
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_chunk_states_##D(bf16* out, const bf16* x, const bf16* y, int T, int L) {                                   \
-        sp_chunk_states<D>(out, x, y, T, L);                                                                          \
+        SP_STATES<D>(out, x, y, T, L);                                                                                \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_read_r_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {       \
-        sp_read<D, true, false>(r, dx, x, S, w, T, L, NC);                                                            \
+        SP_READ<D, true, false>(r, dx, x, S, w, T, L, NC);                                                            \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_read_dx_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {      \
-        sp_read<D, false, true>(r, dx, x, S, w, T, L, NC);                                                            \
+        SP_READ<D, false, true>(r, dx, x, S, w, T, L, NC);                                                            \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_read_rdx_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {     \
@@ -878,11 +1198,13 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
 // Shared-memory bytes of each kernel, per head dimension, in the order the host reads them
 // (SMEM_ENTRIES ints for D = 32, then 64, then 128): prep, states, read_r, read_dx, read_rdx,
-// intra_fwd, dkv, dq.
-#define SMEM_ENTRIES 8
+// intra_fwd, dkv, dq; then tokens per sp_read block, first indices a per sp_chunk_states block,
+// and whether the state products run on wgmma.
+#define SMEM_ENTRIES 11
 template <int D> __device__ void smem_sizes(int* o) {
     typedef Smem<D> S;
-    int v[SMEM_ENTRIES] = {S::prep, S::states, S::read_r, S::read_dx, S::read_dx, S::intra_fwd, S::dkv, S::dq};
+    int v[SMEM_ENTRIES] = {S::prep, S::states,  S::wg_read_r, S::wg_read_dx, S::read_rdx, S::intra_fwd,
+                           S::dkv,  S::dq,      S::read_qt,   S::states_a,   SP_WGMMA};
     for (int i = 0; i < SMEM_ENTRIES; i++) o[i] = v[i];
 }
 extern "C" __global__ void sp_smem_sizes(int* out) {

@@ -131,7 +131,11 @@ pub fn attention_gpu(
                 fwd_bwd_ms,
             });
         };
-        run("sympow fused chunked p=2 gated", &sym, true, true);
+        let fused = match gpu.fused_kernels() {
+            Some(k) => format!("sympow fused chunked p=2 gated ({})", k.state_products(d)),
+            None => "sympow fused chunked p=2 gated".to_string(),
+        };
+        run(&fused, &sym, true, true);
         run("softmax flash (bf16 tensor cores)", &soft, false, true);
         gpu.set_flash_softmax(false);
         run("softmax cuBLAS (scores in memory)", &soft, false, true);

@@ -19,6 +19,7 @@ use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Kernel, Sha
 
 pub(crate) const SOURCE: &str = concat!(
     include_str!("../kernels/mma.cuh"),
+    include_str!("../kernels/wgmma.cuh"),
     include_str!("../kernels/sympow_chunked.cu")
 );
 /// Each kernel (instantiated per head dimension as `{name}_{d}`) with its entry in the
@@ -35,8 +36,9 @@ const KERNELS: [(&str, Option<usize>); 10] = [
     ("sp_bwd_final", None),
     ("sp_bwd_prep", None),
 ];
-/// Entries per head dimension of the `sp_smem_sizes` table (SMEM_ENTRIES in the kernel source).
-const SMEM_ENTRIES: usize = 8;
+/// Entries per head dimension of the `sp_smem_sizes` table (SMEM_ENTRIES in the kernel source):
+/// the kernels' shared-memory bytes, then [`BlockShape`]'s three.
+const SMEM_ENTRIES: usize = 11;
 /// Head dimensions the kernels are instantiated for (SP_INSTANCES in the kernel source).
 pub const HEAD_DIMS: [usize; 3] = crate::FUSED_HEAD_DIMS;
 /// Default chunk length (on the H100, d = 64, forward+backward of 65,536 tokens: chunk 256 →
@@ -48,16 +50,19 @@ pub const MAX_CHUNK: usize = 4096;
 const THREADS: u32 = 256;
 /// bf16 elements per thread of `sp_discumsum_all` (DISC_VEC in the kernel source).
 const DISC_VEC: usize = 8;
-/// Rows per block of `sp_read` (16·RM·WARPS in the kernel source: RM = 2 row blocks per warp
-/// below head dimension 128, else 1).
-fn read_rows(d: usize) -> usize {
-    if d >= 128 {
-        128
-    } else {
-        256
-    }
-}
 const NULL: u64 = 0;
+
+/// How the compiled kernels tile the state products, per head dimension (the last entries of
+/// the kernel's `sp_smem_sizes` table: they differ between the `mma.sync` and `wgmma` forms).
+#[derive(Clone, Copy, Debug)]
+struct BlockShape {
+    /// Tokens per `sp_read` block.
+    read_rows: usize,
+    /// First feature indices a per `sp_chunk_states` block.
+    states_a: usize,
+    /// Whether the state products run on Hopper's `wgmma`.
+    wgmma: bool,
+}
 
 /// The compiled kernels and their shared-memory needs.
 pub struct ChunkedSympow {
@@ -66,6 +71,8 @@ pub struct ChunkedSympow {
     /// Dynamic shared-memory bytes per kernel instance (`{name}_{d}`); prep is absent: it
     /// scales with the chunk and is sized at launch.
     smem: HashMap<String, u32>,
+    /// Per head dimension.
+    shapes: HashMap<usize, BlockShape>,
     /// When on, each stage synchronises and its wall time is recorded (for `bench attention
     /// --stages`); off in normal runs.
     profile: Mutex<Option<Vec<(&'static str, f64)>>>,
@@ -146,15 +153,26 @@ impl ChunkedSympow {
             stream,
             SOURCE,
             "fused chunked sympow",
+            true,
             "sp_smem_sizes",
             SMEM_ENTRIES * HEAD_DIMS.len(),
         )?;
         let mut fns = HashMap::new();
         let mut smem = HashMap::new();
+        let mut shapes = HashMap::new();
         for (i, &d) in HEAD_DIMS.iter().enumerate() {
+            let row = &sizes[i * SMEM_ENTRIES..(i + 1) * SMEM_ENTRIES];
+            shapes.insert(
+                d,
+                BlockShape {
+                    read_rows: row[8] as usize,
+                    states_a: row[9] as usize,
+                    wgmma: row[10] != 0,
+                },
+            );
             for (k, entry) in KERNELS {
                 let name = format!("{k}_{d}");
-                let bytes = entry.map_or(0, |j| sizes[i * SMEM_ENTRIES + j] as u32);
+                let bytes = entry.map_or(0, |j| row[j] as u32);
                 let f = crate::device::load_with_shared_memory(&module, &name, bytes)?;
                 if bytes > 0 {
                     smem.insert(name.clone(), bytes);
@@ -170,8 +188,18 @@ impl ChunkedSympow {
             _module: module,
             fns,
             smem,
+            shapes,
             profile: Mutex::new(None),
         })
+    }
+
+    /// Which instructions run the state products (chunk states and reads) for head dimension
+    /// `d`: `"wgmma"` (Hopper) or `"mma.sync"`.
+    pub fn state_products(&self, d: usize) -> &'static str {
+        match self.shapes.get(&d) {
+            Some(s) if s.wgmma => "wgmma",
+            _ => "mma.sync",
+        }
     }
 
     /// Starts recording per-stage times (each stage then synchronises the stream).
@@ -276,12 +304,7 @@ impl ChunkedSympow {
         // sp_chunk_states writes every element before anything reads it
         let mut out = alloc_output::<u16>(stream, g.state_len());
         let (t, l, nc, rev) = (g.t as i32, g.l as i32, g.nc as i32, i32::from(reverse));
-        // values of the first feature index per block (Dims<D>::A in the kernel source)
-        let a = match g.d {
-            32 => 16,
-            64 => 8,
-            _ => 2,
-        };
+        let a = self.shapes[&g.d].states_a;
         {
             let mut b = stream.launch_builder(self.f("sp_chunk_states", g.d));
             b.arg(&mut out).arg(x).arg(y).arg(&t).arg(&l);
@@ -359,8 +382,8 @@ impl ChunkedSympow {
             None => b.arg(&NULL),
         };
         b.arg(&t).arg(&l).arg(&nc);
-        // SAFETY: as declared in sp_read; one block per read_rows(d) tokens of a chunk.
-        let tiles = g.l.div_ceil(read_rows(g.d));
+        // SAFETY: as declared in sp_read; one block per read_rows tokens of a chunk.
+        let tiles = g.l.div_ceil(self.shapes[&g.d].read_rows);
         unsafe { b.launch(self.cfg(name, g.d, (tiles, g.bh, g.nc))) }.expect(name);
         (r, dx)
     }

@@ -114,36 +114,58 @@ pub(crate) fn detect(ordinal: usize) -> Result<GpuInfo, Unavailable> {
     })
 }
 
-/// NVRTC-compiles a tensor-core kernel source (`mma.sync` on bf16 needs compute capability 8.0).
+/// NVRTC-compiles a tensor-core kernel source for `arch`: `compute_80` (`mma.sync` on bf16
+/// needs compute capability 8.0) or `compute_90a` (Hopper's `wgmma` too: a source sees
+/// `__CUDA_ARCH_FEAT_SM90_ALL` defined and may use it).
 pub(crate) fn compile_tensor_core(
     source: &str,
+    arch: &'static str,
 ) -> Result<cudarc::nvrtc::Ptx, cudarc::nvrtc::CompileError> {
     let opts = cudarc::nvrtc::CompileOptions {
-        arch: Some("compute_80"),
+        arch: Some(arch),
         ..Default::default()
     };
     cudarc::nvrtc::compile_ptx_with_opts(source, opts)
 }
 
+/// The architecture the tensor-core kernels compile for on a GPU of compute capability
+/// `(major, minor)`: `compute_90a` on Hopper (9.0) unless `SYMPOW_NO_WGMMA` is set (to run
+/// and check the `mma.sync` kernels there too), else `compute_80`.
+pub(crate) fn tensor_core_arch(cc: (i32, i32)) -> &'static str {
+    if cc == (9, 0) && std::env::var_os("SYMPOW_NO_WGMMA").is_none() {
+        "compute_90a"
+    } else {
+        "compute_80"
+    }
+}
+
 /// Compiles a fused-kernel source for tensor cores (compute capability ≥ 8.0: `mma.sync` on
-/// bf16), loads it, and runs its shared-memory table kernel `sizes_kernel`, which writes
-/// `n_sizes` ints (bytes per kernel and head dimension). `what` names the source in errors.
+/// bf16; for a source with `wgmma` forms, `hopper`, those on Hopper: see [`tensor_core_arch`]),
+/// loads it, and runs its shared-memory table kernel `sizes_kernel`, which writes `n_sizes`
+/// ints (bytes per kernel and head dimension). `what` names the source in errors.
 pub(crate) fn load_tensor_core_module(
     ctx: &Arc<CudaContext>,
     stream: &Arc<CudaStream>,
     source: &str,
     what: &str,
+    hopper: bool,
     sizes_kernel: &str,
     n_sizes: usize,
 ) -> Result<(Arc<CudaModule>, Vec<i32>), String> {
     use cudarc::driver::{LaunchConfig, PushKernelArg};
-    let (major, _) = ctx.compute_capability().map_err(|e| e.to_string())?;
-    if major < 8 {
+    let cc = ctx.compute_capability().map_err(|e| e.to_string())?;
+    if cc.0 < 8 {
         return Err(format!(
-            "compute capability {major}.x: the {what} kernels need 8.0 or newer"
+            "compute capability {}.{}: the {what} kernels need 8.0 or newer",
+            cc.0, cc.1
         ));
     }
-    let ptx = compile_tensor_core(source).map_err(|e| format!("NVRTC ({what}): {e}"))?;
+    let arch = if hopper {
+        tensor_core_arch(cc)
+    } else {
+        "compute_80"
+    };
+    let ptx = compile_tensor_core(source, arch).map_err(|e| format!("NVRTC ({what}): {e}"))?;
     let module = ctx.load_module(ptx).map_err(|e| e.to_string())?;
     let f = module
         .load_function(sizes_kernel)

@@ -47,6 +47,7 @@ impl FlashSoftmax {
             stream,
             SOURCE,
             "flash softmax",
+            false,
             "flash_smem_sizes",
             9,
         )?;

@@ -97,12 +97,16 @@ mod tests {
                 cudarc::nvrtc::compile_ptx(crate::backend::SOURCE),
             ),
             (
-                "fused chunked sympow",
-                crate::device::compile_tensor_core(crate::chunked::SOURCE),
+                "fused chunked sympow (mma.sync)",
+                crate::device::compile_tensor_core(crate::chunked::SOURCE, "compute_80"),
+            ),
+            (
+                "fused chunked sympow (wgmma)",
+                crate::device::compile_tensor_core(crate::chunked::SOURCE, "compute_90a"),
             ),
             (
                 "flash softmax",
-                crate::device::compile_tensor_core(crate::flash::SOURCE),
+                crate::device::compile_tensor_core(crate::flash::SOURCE, "compute_80"),
             ),
         ];
         for (what, ptx) in compiled {
