@@ -120,5 +120,14 @@ __device__ __forceinline__ void load_rows_async(bf16* dst, int ld, const bf16* s
         cp_async16(dst + r * ld + c, ok ? src + (long)r * cols + c : src, ok);
     }
 }
+// load_rows_async with each row's source given by row_src(r) (a gather of whole rows).
+template <class RowSrc>
+__device__ __forceinline__ void gather_rows_async(bf16* dst, int ld, RowSrc row_src, int rows, int cols) {
+    int vec = cols / 8;
+    for (int i = threadIdx.x; i < rows * vec; i += blockDim.x) {
+        int r = i / vec, c = (i % vec) * 8;
+        cp_async16(dst + r * ld + c, row_src(r) + c, true);
+    }
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_prev() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }

@@ -63,6 +63,26 @@ template <int D> struct Dims {
 
 template <int D> struct Wg;
 
+// Tile-packed states (where the state products run on wgmma): the state is symmetric in its
+// index pair, S[a][b] = S[b][a], so only the pairs whose 16-wide index tiles have tile(a) ≤
+// tile(b) are kept — for each a the rows b = 16·tile(a) … D−1, E wide, a after a (D = 64:
+// 2,560 of 4,096 rows; 128: 9,216 of 16,384). A row in an off-diagonal tile stands for two
+// entries of the full state, one in a diagonal tile for one.
+__host__ __device__ constexpr int packed_before(int D, int a) {  // rows of all a' < a
+    return 16 * ((a / 16) * D - 8 * (a / 16) * (a / 16 - 1)) + (a % 16) * (D - (a & ~15));
+}
+__device__ __forceinline__ int packed_row(int D, int a, int b) {  // tile(a) ≤ tile(b)
+    return packed_before(D, a) + b - (a & ~15);
+}
+__device__ __forceinline__ int sym_row(int D, int a, int b) {  // the row holding S[a][b]
+    return (a >> 4) <= (b >> 4) ? packed_row(D, a, b) : packed_row(D, b, a);
+}
+__device__ __forceinline__ bool packed_row_diagonal(int D, int row) {
+    int T = 0;
+    while (T + 1 < D / 16 && packed_before(D, 16 * (T + 1)) <= row) T++;
+    return (row - packed_before(D, 16 * T)) % (D - 16 * T) < 16;
+}
+
 // Shared-memory bytes each kernel needs (one source of truth: the host asks sp_smem_sizes), and
 // the two block shapes the host's grids depend on: tokens per sp_read block, first feature
 // indices per sp_chunk_states block.
@@ -81,11 +101,13 @@ template <int D> struct Smem {
     static constexpr int states = W::ST * W::TT * ((D + 8) + E) * 2;
     static constexpr int wg_read_r = (W::RST * D * E + read_qt * (D + 8)) * 2;
     static constexpr int wg_read_dx = wg_read_r + read_qt * (E + 8) * 2;
-    static constexpr int states_a = W::A;
+    static constexpr int states_blocks = W::BLOCKS;
+    static constexpr int state_rows = packed_before(D, D);
 #else
     static constexpr int states = 2 * Dm::TT * ((D + 8) + (E + 8)) * 2;
     static constexpr int wg_read_r = read_r, wg_read_dx = read_dx;
-    static constexpr int states_a = Dm::A;
+    static constexpr int states_blocks = D / Dm::A;
+    static constexpr int state_rows = D * D;
 #endif
     // intra kernels: a fixed 128-row tile, then two stages of the streamed tiles and their G
     static constexpr int intra_fwd = (128 * (D + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + 2 * 64 * 4;
@@ -274,12 +296,16 @@ __device__ __forceinline__ void unpack8(float* f, uint4 v) {
         f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
+// With tile-packed states (pd = D; 0 for full ones) the inner product ⟨R_i, S_i⟩ counts each
+// off-diagonal row twice.
 __device__ void sp_discumsum(bf16* st, const float* Gam, long per_chunk, int NC, int reverse, const bf16* Sfwd,
-                             float* dGam) {
+                             float* dGam, int pd) {
     __shared__ float red[WARPS];
     int bh = blockIdx.x;
     long e0 = ((long)blockIdx.y * THREADS + threadIdx.x) * DISC_VEC;
     bool live = e0 < per_chunk;  // per_chunk is a multiple of DISC_VEC
+    // a vector lies in one row (E is a multiple of 16)
+    float weight = pd && live && !packed_row_diagonal(pd, (int)(e0 / (((pd + 2 + 15) / 16) * 16))) ? 2.f : 1.f;
     bf16* head = st + (long)bh * NC * per_chunk + e0;
     const bf16* fhead = Sfwd ? Sfwd + (long)bh * NC * per_chunk + e0 : nullptr;
     float run[DISC_VEC];
@@ -300,7 +326,7 @@ __device__ void sp_discumsum(bf16* st, const float* Gam, long per_chunk, int NC,
                                                                 pack2(run[4], run[5]), pack2(run[6], run[7]));
 #pragma unroll
         for (int i = 0; i < DISC_VEC; i++) {
-            dot += run[i] * f[i];
+            dot += weight * run[i] * f[i];
             run[i] = run[i] * decay + d[i];
         }
         cur = next;
@@ -343,8 +369,16 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
     if (tile * QT >= L || t0 >= T) return;
     int nv = min(min(QT, L - tile * QT), T - t0);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, row0 = warp * 16 * RM;
-    const bf16* Sc = S + ((long)bh * NC + ci) * D * E * D;
-    load_rows_async(Sbuf, LDS, Sc, SR, SR, SC);
+    // S[a] of this chunk into stage st: rows b of the tile-packed state (wgmma builds), else contiguous
+    auto load_slice = [&](int a, bf16* st) {
+        if (SP_WGMMA) {
+            const bf16* Sc = S + ((long)bh * NC + ci) * packed_before(D, D) * E;
+            gather_rows_async(st, LDS, [&](int b) { return Sc + (long)sym_row(D, a, b) * E; }, SR, SC);
+        } else {
+            load_rows_async(st, LDS, S + (((long)bh * NC + ci) * D + a) * D * E, SR, SR, SC);
+        }
+    };
+    load_slice(0, Sbuf);
     cp_async_commit();
     load_rows(Xs, LDX, x + ((long)bh * T + t0) * D, nv, QT, D);
     if (DX) load_rows(Ws, LDW, w + ((long)bh * T + t0) * E, nv, QT, E);
@@ -371,7 +405,7 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
 #pragma unroll
             for (int i = 0; i < 4; i++) racc[m][nt][i] = 0.f;
     for (int a = 0; a < D; a++) {
-        if (a + 1 < D) load_rows_async(Sbuf + ((a + 1) & 1) * SR * LDS, LDS, Sc + (long)(a + 1) * D * E, SR, SR, SC);
+        if (a + 1 < D) load_slice(a + 1, Sbuf + ((a + 1) & 1) * SR * LDS);
         cp_async_commit();
         cp_async_wait_prev();
         __syncthreads();
@@ -457,13 +491,13 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
 // B operands live in shared memory as 8-row core matrices: rows r of an R × E bf16 matrix, their
 // 16-byte pieces (8 columns) at ((r / 8) · E/8 + column / 8) · 64 + (r % 8) · 8. Consecutive
 // threads fill one core matrix (conflict-free) from 8 rows of global memory, 64 bytes a row a
-// warp. `stride`: elements between the source's rows; rows ≥ nvalid are zero-filled.
-template <int E>
-__device__ __forceinline__ void load_core_rows(bf16* dst, const bf16* src, long stride, int rows, int nvalid) {
+// warp. Row r comes from row_src(r); rows ≥ nvalid are zero-filled.
+template <int E, class RowSrc>
+__device__ __forceinline__ void load_core_rows(bf16* dst, RowSrc row_src, int rows, int nvalid) {
     for (int i = threadIdx.x; i < rows * E / 8; i += blockDim.x) {
         int r8 = i & 7, cg = (i >> 3) % (E / 8), rg = i / E, row = rg * 8 + r8;
         bool ok = row < nvalid;
-        cp_async16(dst + (rg * (E / 8) + cg) * 64 + r8 * 8, ok ? src + row * stride + cg * 8 : src, ok);
+        cp_async16(dst + (rg * (E / 8) + cg) * 64 + r8 * 8, row_src(ok ? row : 0) + cg * 8, ok);
     }
 }
 // cp.async.wait_group N: all but the N most recent groups of this thread have landed.
@@ -477,25 +511,36 @@ template <int D> struct Wg {
     // sp_read: m64 row tiles per warpgroup, tokens per block (two warpgroups)
     static constexpr int RW = D >= 128 ? 1 : 2;
     static constexpr int QT = 128 * RW;
-    // sp_chunk_states: m64 tiles of (a, b) rows per warpgroup; first indices a per block
+    // sp_chunk_states: a warpgroup's task is 4·U values of a (U per warp, consecutive) of one
+    // 16-wide tile of a against one tile of b at or after it; two tasks a block.
     static constexpr int U = D >= 128 ? 2 : 4;
-    static constexpr int A = 2 * U * 64 / D;
+    static constexpr int SUBS = 16 / (4 * U);  // tasks per pair of tiles
+    static constexpr int TILES = D / 16;
+    static constexpr int TASKS = TILES * (TILES + 1) / 2 * SUBS;
+    static constexpr int BLOCKS = (TASKS + 1) / 2;
     static constexpr int TT = 64;  // tokens per stage
 };
 
-// sp_chunk_states on wgmma. Rows of the product are the flattened pairs (a, b) of the block's A
-// values of a (a·D + b: one m64 tile is 64/D values of a, or half of one at D = 128), columns
-// the E of y, the contraction over the chunk's tokens, 16 at a time: A(row, τ) = x_τa x_τb,
-// the ldmatrix fragment of x_τb scaled by x_τa (registers, a fresh set per step so the previous
-// step's products can still be reading the other), B = y's 16 × E rows (shared memory).
+// sp_chunk_states on wgmma, writing the tile-packed state. A warpgroup's product has the 64 rows
+// (a, b) of its U units — unit u of warp w: a = a_w + u, b in its tile — the E columns of y, and
+// contracts over the chunk's tokens, 16 at a time: A(row, τ) = x_τa x_τb, the ldmatrix fragment
+// of x_τb scaled by x_τa (registers, a fresh set per step so the previous step's products can
+// still be reading the other), B = y's 16 × E rows (shared memory).
 template <int D>
 __device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int T, int L) {
     typedef Wg<D> W;
     constexpr int E = W::E, U = W::U, TT = W::TT, ST = W::ST, LDX = D + 8;
     constexpr int XST = TT * LDX, STAGE = XST + TT * E;  // a stage: Xs [TT][LDX], then y in core matrices
     bf16* buf = (bf16*)smem;
-    int a0 = blockIdx.x * W::A, bh = blockIdx.y, ci = blockIdx.z, NC = gridDim.z;
+    int bh = blockIdx.y, ci = blockIdx.z, NC = gridDim.z;
     int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, t = lane & 3;
+    // this warpgroup's task: tile ta of a, tile tb ≥ ta of b, part sub of ta's 16 values
+    int task = blockIdx.x * 2 + wg;
+    bool live = task < W::TASKS;  // an odd count leaves a second warpgroup idle (it still syncs)
+    task = min(task, W::TASKS - 1);
+    int pair = task / W::SUBS, ta = 0;
+    while (pair >= W::TILES - ta) pair -= W::TILES - ta++;
+    int tb = ta + pair, a_w = 16 * ta + (task % W::SUBS) * 4 * U + warp * U;
     int t0 = ci * L, n = min(L, T - t0);
     const bf16* xh = x + ((long)bh * T + t0) * D;
     const bf16* yh = y + ((long)bh * T + t0) * E;
@@ -504,18 +549,10 @@ __device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int 
         if (s0 < n) {
             bf16* st = buf + (tile % ST) * STAGE;
             load_rows_async(st, LDX, xh + (long)s0 * D, min(TT, n - s0), TT, D);
-            load_core_rows<E>(st + XST, yh + (long)s0 * E, E, TT, n - s0);
+            load_core_rows<E>(st + XST, [&](int r) { return yh + (long)(s0 + r) * E; }, TT, n - s0);
         }
         cp_async_commit();
     };
-    // this warp's 16 rows of each tile: first index a (relative to a0) and first b
-    int ua[U], ub[U];
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-        int row = (wg * U + u) * 64 + warp * 16;
-        ua[u] = a0 + row / D;
-        ub[u] = row % D;
-    }
     float acc[U][E / 2];
 #pragma unroll
     for (int u = 0; u < U; u++)
@@ -535,11 +572,11 @@ __device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int 
 #pragma unroll
         for (int k = 0; k < TT / 16; k++) {
             u32(&as)[U][4] = af[k & 1];
-            // x_τa at the fragment's token columns, as bf16 pairs (τ = 2t, 2t+1) and (2t+8, 2t+9)
+            // x_τa of the U values of a (one vector load a token row) as bf16 pairs over the
+            // fragment's token columns (2t, 2t+1) and (2t+8, 2t+9)
+            const bf16* p = Xs + (k * 16 + 2 * t) * LDX + a_w;
             u32 s01[U], s89[U];
-            if constexpr (D == 64) {  // the U values of a are consecutive: one 8-byte load a row
-                static_assert(U == 4, "four consecutive a");
-                const bf16* p = Xs + (k * 16 + 2 * t) * LDX + ua[0];
+            if constexpr (U == 4) {
                 uint2 r0 = *(const uint2*)p, r1 = *(const uint2*)(p + LDX);
                 uint2 r8 = *(const uint2*)(p + 8 * LDX), r9 = *(const uint2*)(p + 9 * LDX);
                 s01[0] = __byte_perm(r0.x, r1.x, 0x5410), s01[1] = __byte_perm(r0.x, r1.x, 0x7632);
@@ -547,17 +584,16 @@ __device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int 
                 s89[0] = __byte_perm(r8.x, r9.x, 0x5410), s89[1] = __byte_perm(r8.x, r9.x, 0x7632);
                 s89[2] = __byte_perm(r8.y, r9.y, 0x5410), s89[3] = __byte_perm(r8.y, r9.y, 0x7632);
             } else {
-#pragma unroll
-                for (int u = 0; u < U; u++) {
-                    const bf16* p = Xs + (k * 16 + 2 * t) * LDX + ua[u];
-                    s01[u] = bf16_pair(p[0], p[LDX]);
-                    s89[u] = bf16_pair(p[8 * LDX], p[9 * LDX]);
-                }
+                static_assert(U == 2, "two or four values of a a warp");
+                u32 r0 = *(const u32*)p, r1 = *(const u32*)(p + LDX);
+                u32 r8 = *(const u32*)(p + 8 * LDX), r9 = *(const u32*)(p + 9 * LDX);
+                s01[0] = __byte_perm(r0, r1, 0x5410), s01[1] = __byte_perm(r0, r1, 0x7632);
+                s89[0] = __byte_perm(r8, r9, 0x5410), s89[1] = __byte_perm(r8, r9, 0x7632);
             }
+            u32 xb[4];
+            lda_kmajor(xb, Xs, LDX, 16 * tb, k * 16);  // A(b, τ) = x_τb
 #pragma unroll
             for (int u = 0; u < U; u++) {
-                u32 xb[4];
-                lda_kmajor(xb, Xs, LDX, ub[u], k * 16);  // A(b, τ) = x_τb
                 as[u][0] = mul_bf16x2(xb[0], s01[u]);
                 as[u][1] = mul_bf16x2(xb[1], s01[u]);
                 as[u][2] = mul_bf16x2(xb[2], s89[u]);
@@ -573,37 +609,46 @@ __device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int 
         }
     }
     wg_wait<0>();
-    // rows (a, b) of a chunk's state are contiguous: out[bh][i][a][b][j]
-    bf16* oc = out + (((long)bh * NC + ci) * D * D + (long)a0 * D) * E;
+    if (!live) return;
+    bf16* oc = out + ((long)bh * NC + ci) * packed_before(D, D) * E;
     int g = lane >> 2;
 #pragma unroll
     for (int u = 0; u < U; u++)
 #pragma unroll
-        for (int nt = 0; nt < E / 8; nt++)
+        for (int h = 0; h < 2; h++) {
+            bf16* orow = oc + (long)packed_row(D, a_w + u, 16 * tb + g + 8 * h) * E + 2 * t;
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                int row = (wg * U + u) * 64 + warp * 16 + g + 8 * h;
-                *(u32*)(oc + (long)row * E + nt * 8 + 2 * t) = pack2(acc[u][4 * nt + 2 * h], acc[u][4 * nt + 2 * h + 1]);
-            }
+            for (int nt = 0; nt < E / 8; nt++)
+                *(u32*)(orow + nt * 8) = pack2(acc[u][4 * nt + 2 * h], acc[u][4 * nt + 2 * h + 1]);
+        }
 }
 
-// sp_read on wgmma, for the 128·RW tokens of a block (two warpgroups of 64·RW rows).
-//   r = Σ_a (diag(x_a) X) S[a]: for each a, KS products of 64 × E with A = X's fragments scaled
-//       by x_a (registers; X is loaded once) and B = S[a] ([b][j], N-major core matrices).
+// sp_read on wgmma, for the 128·RW tokens of a block (two warpgroups of 64·RW rows), over the
+// tile-packed state:
+//   r = Σ_a (diag(x_a) X) S[a]: for each a, products of 64 × E with A = X's fragments scaled by
+//       x_a (registers; X is loaded once) and B = the packed rows of a (b ≥ 16·tile(a), [b][j],
+//       N-major core matrices); the A fragments of b-tiles after a's are scaled by 2·x_a, as each
+//       of their rows stands for S[a][b] and S[b][a].
 //   dx = 2 Σ_b (diag(x_b) W) S[·][b]ᵀ: the same contraction regrouped so that it is one
 //       product too (dx[t, a] = 2 Σ_{b,j} x_tb w_tj S[a][b][j]) — for each b, E/16 products of
-//       64 × D with A = W's fragments scaled by x_b and B = S[a][b][j] over (j, a) (K-major).
-//       No per-a row sums, unlike the mma.sync form.
+//       64 × D with A = W's fragments scaled by x_b and B = S[a][b][j] over (j, a) (K-major),
+//       its D rows gathered from the packed state. No per-a row sums, unlike the mma.sync form.
 // Slices of S stream through ST shared-memory stages, ST − 2 ahead of the products.
-template <int D, int KSTEPS, int N, int TB, int RW>
+template <int D, bool DXPASS, int KSTEPS, int N, int RW>
 __device__ __forceinline__ void wg_read_pass(float (*acc)[N / 2], const u32 (*frag)[KSTEPS][4], const bf16* Xs,
-                                              int LDX, int row0, const bf16* Sc, long slice_stride, long row_stride,
-                                              bf16* Sbuf) {
+                                              int LDX, int row0, const bf16* Sc, bf16* Sbuf) {
     typedef Wg<D> W;
     constexpr int E = W::E, ST = W::RST, SLICE = D * E;
     int lane = threadIdx.x & 31, g = lane >> 2;
     auto issue = [&](int i) {
-        if (i < D) load_core_rows<E>(Sbuf + (i % ST) * SLICE, Sc + i * slice_stride, row_stride, D, D);
+        bf16* st = Sbuf + (i % ST) * SLICE;
+        if (i < D) {
+            if (DXPASS)  // slice b = i: rows a
+                load_core_rows<E>(st, [&](int a) { return Sc + (long)sym_row(D, a, i) * E; }, D, D);
+            else  // slice a = i: its packed rows b
+                load_core_rows<E>(st, [&](int r) { return Sc + (long)(packed_before(D, i) + r) * E; },
+                                  D - (i & ~15), D);
+        }
         cp_async_commit();
     };
     u32 sc[2][RW][KSTEPS][4];  // two sets: slice i scales into set i & 1
@@ -612,7 +657,7 @@ __device__ __forceinline__ void wg_read_pass(float (*acc)[N / 2], const u32 (*fr
     for (int i0 = 0; i0 < D; i0 += 2) {
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            int i = i0 + h;
+            int i = i0 + h, first = DXPASS ? 0 : i >> 4;  // r: the k-steps of b-tiles ≥ tile(a)
             cp_async_wait<ST - 3>();
             fence_async_smem();
             __syncthreads();  // slice i landed for all; every warpgroup is past slice i − 2's products
@@ -622,30 +667,32 @@ __device__ __forceinline__ void wg_read_pass(float (*acc)[N / 2], const u32 (*fr
             for (int m = 0; m < RW; m++) {
                 bf16 x_lo = Xs[(row0 + 64 * m + g) * LDX + i], x_hi = Xs[(row0 + 64 * m + g + 8) * LDX + i];
                 u32 s_lo = bf16_pair(x_lo, x_lo), s_hi = bf16_pair(x_hi, x_hi);
+                u32 d_lo = mul_bf16x2(s_lo, 0x40004000u), d_hi = mul_bf16x2(s_hi, 0x40004000u);  // × 2, exact
 #pragma unroll
                 for (int k = 0; k < KSTEPS; k++) {
-                    sc[h][m][k][0] = mul_bf16x2(frag[m][k][0], s_lo);
-                    sc[h][m][k][1] = mul_bf16x2(frag[m][k][1], s_hi);
-                    sc[h][m][k][2] = mul_bf16x2(frag[m][k][2], s_lo);
-                    sc[h][m][k][3] = mul_bf16x2(frag[m][k][3], s_hi);
+                    u32 lo = DXPASS || k == first ? s_lo : d_lo, hi = DXPASS || k == first ? s_hi : d_hi;
+                    sc[h][m][k][0] = mul_bf16x2(frag[m][k][0], lo);
+                    sc[h][m][k][1] = mul_bf16x2(frag[m][k][1], hi);
+                    sc[h][m][k][2] = mul_bf16x2(frag[m][k][2], lo);
+                    sc[h][m][k][3] = mul_bf16x2(frag[m][k][3], hi);
                 }
             }
             wg_fence();
 #pragma unroll
             for (int k = 0; k < KSTEPS; k++) {
-                // TB = 1 (r): 16 rows b of S[a] ([b][j]), core matrices along b E·16 bytes apart,
-                // along j 128. TB = 0 (dx): 16 columns j of S[·][b] ([a][j]), along j 128, along a E·16.
+                if (k < first) continue;
+                // r: 16 packed rows b of S[a] ([b][j]), core matrices along b E·16 bytes apart,
+                // along j 128. dx: 16 columns j of S[·][b] ([a][j]), along j 128, along a E·16.
                 unsigned long long desc =
-                    TB ? wg_desc(Ss + k * 16 * E, E * 16, 128) : wg_desc(Ss + k * 128, 128, E * 16);
+                    DXPASS ? wg_desc(Ss + k * 128, 128, E * 16) : wg_desc(Ss + (k - first) * 16 * E, E * 16, 128);
 #pragma unroll
-                for (int m = 0; m < RW; m++) wgmma<N, TB>(acc[m], sc[h][m][k], desc, 1);
+                for (int m = 0; m < RW; m++) wgmma<N, DXPASS ? 0 : 1>(acc[m], sc[h][m][k], desc, 1);
             }
             wg_commit();
             wg_wait<1>();
         }
     }
     wg_wait<0>();
-    __syncthreads();  // the stages are free for the next pass
 }
 
 template <int D, bool R, bool DX>
@@ -653,7 +700,7 @@ __device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, co
     static_assert(R != DX, "r and dx together stay on sp_read (see the entry points)");
     typedef Wg<D> W;
     constexpr int E = W::E, RW = W::RW, QT = W::QT, ST = W::RST, LDX = D + 8, LDW = E + 8, SLICE = D * E;
-    bf16* Sbuf = (bf16*)smem;          // ST stages of one slice of S (D × E)
+    bf16* Sbuf = (bf16*)smem;          // ST stages of one slice of S (at most D × E)
     bf16* Xs = Sbuf + ST * SLICE;      // [QT][LDX]
     bf16* Ws = Xs + QT * LDX;          // [QT][LDW] (DX)
     int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z;
@@ -662,7 +709,7 @@ __device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, co
     int nv = min(min(QT, L - tile * QT), T - t0);
     int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int row0 = wg * 64 * RW + warp * 16;  // this warp's rows in tile m: row0 + 64·m …
-    const bf16* Sc = S + ((long)bh * NC + ci) * D * SLICE;
+    const bf16* Sc = S + ((long)bh * NC + ci) * packed_before(D, D) * E;
     load_rows(Xs, LDX, x + ((long)bh * T + t0) * D, nv, QT, D);
     if (DX) load_rows(Ws, LDW, w + ((long)bh * T + t0) * E, nv, QT, E);
     __syncthreads();
@@ -677,8 +724,7 @@ __device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, co
         for (int m = 0; m < RW; m++)
 #pragma unroll
             for (int i = 0; i < E / 2; i++) acc[m][i] = 0.f;
-        // slice a = S[a], rows b
-        wg_read_pass<D, D / 16, E, 1, RW>(acc, xf, Xs, LDX, row0, Sc, SLICE, E, Sbuf);
+        wg_read_pass<D, false, D / 16, E, RW>(acc, xf, Xs, LDX, row0, Sc, Sbuf);
 #pragma unroll
         for (int m = 0; m < RW; m++)
 #pragma unroll
@@ -702,8 +748,7 @@ __device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, co
         for (int m = 0; m < RW; m++)
 #pragma unroll
             for (int i = 0; i < D / 2; i++) acc[m][i] = 0.f;
-        // slice b = S[·][b], rows a
-        wg_read_pass<D, E / 16, D, 0, RW>(acc, wf, Xs, LDX, row0, Sc, E, SLICE, Sbuf);
+        wg_read_pass<D, true, E / 16, D, RW>(acc, wf, Xs, LDX, row0, Sc, Sbuf);
 #pragma unroll
         for (int m = 0; m < RW; m++)
 #pragma unroll
@@ -1192,19 +1237,20 @@ extern "C" __global__ void sp_fold_slices(float* out, const float* part, long n,
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
-    sp_discumsum_all(bf16* st, const float* Gam, long per_chunk, int NC, int reverse, const bf16* Sfwd, float* dGam) {
-    sp_discumsum(st, Gam, per_chunk, NC, reverse, Sfwd, dGam);
+    sp_discumsum_all(bf16* st, const float* Gam, long per_chunk, int NC, int reverse, const bf16* Sfwd, float* dGam,
+                     int pd) {
+    sp_discumsum(st, Gam, per_chunk, NC, reverse, Sfwd, dGam, pd);
 }
 
 // Shared-memory bytes of each kernel, per head dimension, in the order the host reads them
 // (SMEM_ENTRIES ints for D = 32, then 64, then 128): prep, states, read_r, read_dx, read_rdx,
-// intra_fwd, dkv, dq; then tokens per sp_read block, first indices a per sp_chunk_states block,
-// and whether the state products run on wgmma.
-#define SMEM_ENTRIES 11
+// intra_fwd, dkv, dq; then tokens per sp_read block, sp_chunk_states blocks per chunk, whether
+// the state products run on wgmma, and rows (E wide) of a chunk's state.
+#define SMEM_ENTRIES 12
 template <int D> __device__ void smem_sizes(int* o) {
     typedef Smem<D> S;
     int v[SMEM_ENTRIES] = {S::prep, S::states,  S::wg_read_r, S::wg_read_dx, S::read_rdx, S::intra_fwd,
-                           S::dkv,  S::dq,      S::read_qt,   S::states_a,   SP_WGMMA};
+                           S::dkv,  S::dq,      S::read_qt,   S::states_blocks, SP_WGMMA, S::state_rows};
     for (int i = 0; i < SMEM_ENTRIES; i++) o[i] = v[i];
 }
 extern "C" __global__ void sp_smem_sizes(int* out) {

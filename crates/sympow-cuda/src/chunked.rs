@@ -6,7 +6,12 @@
 //! intra (attention inside each chunk, plus the combine) — and the backward nine, each the GPU
 //! twin of a step of `sympow::attention::chunked` (SPEC §4). The forward hands its bf16 operands
 //! and chunk states to the backward through [`AttentionOut::saved`]. Memory is linear in T: one
-//! D×D×E bf16 state per chunk of `chunk` tokens.
+//! D×D×E bf16 state per chunk of `chunk` tokens (on Hopper tile-packed: the symmetric state's
+//! index pairs with tile(a) ≤ tile(b) of 16-wide tiles, 5/8 of that at D = 64).
+//!
+//! On Hopper (compute capability 9.0) the state products — chunk states and the reads of r or
+//! dx alone — run on `wgmma` (kernels compiled for `compute_90a`); elsewhere, or with
+//! `SYMPOW_NO_WGMMA` set, on `mma.sync`.
 
 use crate::device::alloc_output;
 use cudarc::driver::{
@@ -37,8 +42,8 @@ const KERNELS: [(&str, Option<usize>); 10] = [
     ("sp_bwd_prep", None),
 ];
 /// Entries per head dimension of the `sp_smem_sizes` table (SMEM_ENTRIES in the kernel source):
-/// the kernels' shared-memory bytes, then [`BlockShape`]'s three.
-const SMEM_ENTRIES: usize = 11;
+/// the kernels' shared-memory bytes, then [`BlockShape`]'s four.
+const SMEM_ENTRIES: usize = 12;
 /// Head dimensions the kernels are instantiated for (SP_INSTANCES in the kernel source).
 pub const HEAD_DIMS: [usize; 3] = crate::FUSED_HEAD_DIMS;
 /// Default chunk length (on the H100, d = 64, forward+backward of 65,536 tokens: chunk 256 →
@@ -58,10 +63,13 @@ const NULL: u64 = 0;
 struct BlockShape {
     /// Tokens per `sp_read` block.
     read_rows: usize,
-    /// First feature indices a per `sp_chunk_states` block.
-    states_a: usize,
+    /// `sp_chunk_states` blocks per chunk.
+    states_blocks: usize,
     /// Whether the state products run on Hopper's `wgmma`.
     wgmma: bool,
+    /// Rows (E wide) of a chunk's state: D² in full, fewer tile-packed (the `wgmma` forms keep
+    /// only the index pairs whose 16-wide tiles have tile(a) ≤ tile(b); S is symmetric).
+    state_rows: usize,
 }
 
 /// The compiled kernels and their shared-memory needs.
@@ -91,9 +99,9 @@ struct Staged {
 
 /// What the forward keeps for the backward (in [`AttentionOut::saved`]): the bf16 operands and
 /// the discounted chunk states, which the backward would otherwise recompute (prep, chunk
-/// states and cumsum: about 15 % of a forward+backward). Memory: the states are D·(D+16)·D
-/// bf16 numbers per chunk and head; with the operands ≈ 1.3 KiB per token and head at d = 64
-/// (c = 1024: 0.6 KiB of state, 0.7 KiB of bf16 operands).
+/// states and cumsum: about 15 % of a forward+backward). Memory: the states are D·D·E bf16
+/// numbers per chunk and head (5/8 of that tile-packed at D = 64); with the operands ≈ 1.3 KiB
+/// per token and head at d = 64 (c = 1024: 0.6 KiB of state, 0.7 KiB of bf16 operands).
 struct FusedSaved {
     staged: Staged,
     states: CudaSlice<u16>,
@@ -126,9 +134,6 @@ impl Geo {
             l,
             nc: s.time.div_ceil(l),
         }
-    }
-    fn state_len(&self) -> usize {
-        self.bh * self.nc * self.d * self.e * self.d
     }
     /// Blocks per (bh, chunk) of the 128-row tile kernels.
     fn tiles(&self) -> usize {
@@ -166,8 +171,9 @@ impl ChunkedSympow {
                 d,
                 BlockShape {
                     read_rows: row[8] as usize,
-                    states_a: row[9] as usize,
+                    states_blocks: row[9] as usize,
                     wgmma: row[10] != 0,
+                    state_rows: row[11] as usize,
                 },
             );
             for (k, entry) in KERNELS {
@@ -228,6 +234,11 @@ impl ChunkedSympow {
     /// Whether the fused kernels take this problem: p = 2 and dk = dv ∈ {32, 64, 128}.
     pub fn supports(spec: &AttentionSpec, s: &Shape) -> bool {
         spec.kernel == Kernel::Power(2) && s.dk == s.dv && HEAD_DIMS.contains(&s.dk)
+    }
+
+    /// Elements of one call's chunk states (all heads and chunks).
+    fn state_len(&self, g: &Geo) -> usize {
+        g.bh * g.nc * self.shapes[&g.d].state_rows * g.e
     }
 
     fn f(&self, name: &str, d: usize) -> &CudaFunction {
@@ -302,18 +313,20 @@ impl ChunkedSympow {
         fwd: Option<(&CudaSlice<u16>, &mut CudaSlice<f32>)>,
     ) -> CudaSlice<u16> {
         // sp_chunk_states writes every element before anything reads it
-        let mut out = alloc_output::<u16>(stream, g.state_len());
+        let mut out = alloc_output::<u16>(stream, self.state_len(g));
         let (t, l, nc, rev) = (g.t as i32, g.l as i32, g.nc as i32, i32::from(reverse));
-        let a = self.shapes[&g.d].states_a;
+        let shape = self.shapes[&g.d];
         {
             let mut b = stream.launch_builder(self.f("sp_chunk_states", g.d));
             b.arg(&mut out).arg(x).arg(y).arg(&t).arg(&l);
-            // SAFETY: as declared in sp_chunk_states; grid (D/A, bh, chunks), A the kernel's
-            // group of first feature indices; every element of `out` is written.
-            unsafe { b.launch(self.cfg("sp_chunk_states", g.d, (g.d / a, g.bh, g.nc))) }
-                .expect("sp_chunk_states");
+            // SAFETY: as declared in sp_chunk_states; grid (blocks a chunk per the kernel's
+            // table, bh, chunks); every element of `out` is written.
+            let grid = (shape.states_blocks, g.bh, g.nc);
+            unsafe { b.launch(self.cfg("sp_chunk_states", g.d, grid)) }.expect("sp_chunk_states");
         }
-        let per_chunk = (g.d * g.e * g.d) as i64;
+        let per_chunk = (shape.state_rows * g.e) as i64;
+        // the cumsum weighs tile-packed rows in its ∂Γ inner product (0: full states)
+        let packed_d = if shape.wgmma { g.d as i32 } else { 0 };
         let slices = (per_chunk as usize).div_ceil(THREADS as usize * DISC_VEC);
         // per-slice parts of ∂Γ, folded below in a fixed order (deterministic)
         let mut parts = fwd.as_ref().map(|_| {
@@ -331,6 +344,7 @@ impl ChunkedSympow {
                 b.arg(&NULL).arg(&NULL);
             }
         }
+        b.arg(&packed_d);
         // SAFETY: as declared in sp_discumsum_all; each thread owns DISC_VEC elements of
         // every chunk's state, bounded by per_chunk; the parts buffer has a slot per
         // (bh, chunk, slice).
@@ -465,7 +479,7 @@ impl ChunkedSympow {
             .saved
             .as_ref()
             .and_then(|s| s.downcast_ref::<FusedSaved>())
-            .filter(|s| s.l == g.l && s.states.len() == g.state_len());
+            .filter(|s| s.l == g.l && s.states.len() == self.state_len(&g));
         let recomputed;
         let (st, s_fwd) = match saved {
             Some(s) => (&s.staged, &s.states),
