@@ -714,54 +714,32 @@ __device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, co
     load_rows(Xs, LDX, x + ((long)bh * T + t0) * D, nv, QT, D);
     if (DX) load_rows(Ws, LDW, w + ((long)bh * T + t0) * E, nv, QT, E);
     __syncthreads();
-    if (R) {
-        u32 xf[RW][D / 16][4];
+    // the A operand, in registers for the whole pass: X's fragments (r) or W's (dx)
+    constexpr int KA = DX ? E : D, N = DX ? D : E;
+    u32 af[RW][KA / 16][4];
 #pragma unroll
-        for (int m = 0; m < RW; m++)
+    for (int m = 0; m < RW; m++)
 #pragma unroll
-            for (int k = 0; k < D / 16; k++) lda(xf[m][k], Xs, LDX, row0 + 64 * m, k * 16);
-        float acc[RW][E / 2];
+        for (int k = 0; k < KA / 16; k++) lda(af[m][k], DX ? Ws : Xs, DX ? LDW : LDX, row0 + 64 * m, k * 16);
+    float acc[RW][N / 2];
 #pragma unroll
-        for (int m = 0; m < RW; m++)
+    for (int m = 0; m < RW; m++)
 #pragma unroll
-            for (int i = 0; i < E / 2; i++) acc[m][i] = 0.f;
-        wg_read_pass<D, false, D / 16, E, RW>(acc, xf, Xs, LDX, row0, Sc, Sbuf);
+        for (int i = 0; i < N / 2; i++) acc[m][i] = 0.f;
+    wg_read_pass<D, DX, KA / 16, N, RW>(acc, af, Xs, LDX, row0, Sc, Sbuf);
+    float* out = DX ? dx : r;
+    const float scale = DX ? 2.f : 1.f;
 #pragma unroll
-        for (int m = 0; m < RW; m++)
+    for (int m = 0; m < RW; m++)
 #pragma unroll
-            for (int nt = 0; nt < E / 8; nt++)
+        for (int nt = 0; nt < N / 8; nt++)
 #pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    int row = row0 + 64 * m + g + 8 * h;
-                    if (row < nv)
-                        *(float2*)(r + ((long)bh * T + t0 + row) * E + nt * 8 + 2 * t) =
-                            make_float2(acc[m][4 * nt + 2 * h], acc[m][4 * nt + 2 * h + 1]);
-                }
-    }
-    if (DX) {
-        u32 wf[RW][E / 16][4];
-#pragma unroll
-        for (int m = 0; m < RW; m++)
-#pragma unroll
-            for (int k = 0; k < E / 16; k++) lda(wf[m][k], Ws, LDW, row0 + 64 * m, k * 16);
-        float acc[RW][D / 2];
-#pragma unroll
-        for (int m = 0; m < RW; m++)
-#pragma unroll
-            for (int i = 0; i < D / 2; i++) acc[m][i] = 0.f;
-        wg_read_pass<D, true, E / 16, D, RW>(acc, wf, Xs, LDX, row0, Sc, Sbuf);
-#pragma unroll
-        for (int m = 0; m < RW; m++)
-#pragma unroll
-            for (int nt = 0; nt < D / 8; nt++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    int row = row0 + 64 * m + g + 8 * h;
-                    if (row < nv)
-                        *(float2*)(dx + ((long)bh * T + t0 + row) * D + nt * 8 + 2 * t) =
-                            make_float2(2.f * acc[m][4 * nt + 2 * h], 2.f * acc[m][4 * nt + 2 * h + 1]);
-                }
-    }
+            for (int h = 0; h < 2; h++) {
+                int row = row0 + 64 * m + g + 8 * h;
+                if (row < nv)
+                    *(float2*)(out + ((long)bh * T + t0 + row) * N + nt * 8 + 2 * t) =
+                        make_float2(scale * acc[m][4 * nt + 2 * h], scale * acc[m][4 * nt + 2 * h + 1]);
+            }
 }
 #endif  // SP_WGMMA
 
