@@ -609,3 +609,39 @@ impl ChunkedSympow {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of `#define name value` in the kernel source.
+    fn define(name: &str) -> usize {
+        let key = format!("#define {name} ");
+        let line = SOURCE
+            .lines()
+            .find(|l| l.starts_with(&key))
+            .unwrap_or_else(|| panic!("no {key} in the kernel source"));
+        line[key.len()..].trim().parse().expect("a number")
+    }
+
+    /// The host's copies of the kernel source's constants (a launch shaped by a stale one reads
+    /// past a buffer on the GPU; here it fails on any machine).
+    #[test]
+    fn host_constants_match_the_kernel_source() {
+        assert_eq!(SMEM_ENTRIES, define("SMEM_ENTRIES"));
+        assert_eq!(DISC_VEC, define("DISC_VEC"));
+        assert_eq!(THREADS as usize, define("THREADS"));
+        for d in HEAD_DIMS {
+            assert!(
+                SOURCE.contains(&format!("SP_INSTANCES({d})")),
+                "head dimension {d} is not instantiated"
+            );
+        }
+        for (name, _) in KERNELS {
+            assert!(
+                SOURCE.contains(&format!("{name}_##D(")),
+                "kernel {name} is not declared"
+            );
+        }
+    }
+}
