@@ -7,10 +7,11 @@
 // The degree-2 feature map is never materialised: φ(x) = x ⊗ x, so a
 // product with φ(X) is a loop over the first factor's index a of products with diag(x_a)·X —
 // the scaling folded into an operand fragment (states) or into the accumulator (reads).
-// States are kept for the full D×D index pair (symmetric, stored twice): simpler than the
-// D(D+1)/2 packed form at 2× its state FLOPs and bytes (noted in docs/PERFORMANCE.md). A chunk's
-// state is S[a][b][j] (j = the E columns, contiguous) where the wgmma kernels run, S[a][j][b]
-// elsewhere (the mma.sync reads measured faster on it: ∂q's 1.11 against 1.48 ms at T = 4k).
+// The state S[a][b] is symmetric in its index pair. Where the wgmma kernels run it is
+// tile-packed — only the pairs whose 16-wide tiles have tile(a) ≤ tile(b), rows [a][b][j] with j
+// (the E columns) contiguous (see packed_before) — and the mma.sync kernels there read it
+// through sym_row. Elsewhere it is kept for the full D×D pair, [a][j][b] (the mma.sync reads
+// measured faster on that layout: ∂q's 1.11 against 1.48 ms at T = 4k).
 //
 // Pipeline (one launch each; [BH] = batch·heads, [T] tokens, chunks of L tokens, NC chunks):
 //   sp_prep     g → local cumulative gates G and chunk totals Γ; bf16 staging copies
