@@ -112,22 +112,19 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
     int bytes = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(bytes));
 }
-__device__ __forceinline__ void load_rows_async(bf16* dst, int ld, const bf16* src, int nvalid, int rows, int cols) {
+// Row r (< nvalid) comes from row_src(r), so rows can be gathered from anywhere.
+template <class RowSrc>
+__device__ __forceinline__ void gather_rows_async(bf16* dst, int ld, RowSrc row_src, int nvalid, int rows, int cols) {
     int vec = cols / 8;
     for (int i = threadIdx.x; i < rows * vec; i += blockDim.x) {
         int r = i / vec, c = (i % vec) * 8;
         bool ok = r < nvalid;
-        cp_async16(dst + r * ld + c, ok ? src + (long)r * cols + c : src, ok);
+        cp_async16(dst + r * ld + c, ok ? row_src(r) + c : row_src(0), ok);
     }
 }
-// load_rows_async with each row's source given by row_src(r) (a gather of whole rows).
-template <class RowSrc>
-__device__ __forceinline__ void gather_rows_async(bf16* dst, int ld, RowSrc row_src, int rows, int cols) {
-    int vec = cols / 8;
-    for (int i = threadIdx.x; i < rows * vec; i += blockDim.x) {
-        int r = i / vec, c = (i % vec) * 8;
-        cp_async16(dst + r * ld + c, row_src(r) + c, true);
-    }
+// The rows of a contiguous [rows][cols] source.
+__device__ __forceinline__ void load_rows_async(bf16* dst, int ld, const bf16* src, int nvalid, int rows, int cols) {
+    gather_rows_async(dst, ld, [=](int r) { return src + (long)r * cols; }, nvalid, rows, cols);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_prev() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }

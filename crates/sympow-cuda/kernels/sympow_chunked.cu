@@ -85,8 +85,8 @@ __device__ __forceinline__ bool packed_row_diagonal(int D, int row) {
 }
 
 // Shared-memory bytes each kernel needs (one source of truth: the host asks sp_smem_sizes), and
-// the two block shapes the host's grids depend on: tokens per sp_read block, first feature
-// indices per sp_chunk_states block.
+// what the host's grids and buffers depend on: tokens per sp_read block, sp_chunk_states blocks
+// per chunk, rows of a chunk's state.
 template <int D> struct Smem {
     typedef Dims<D> Dm;
     static constexpr int E = Dm::E;
@@ -178,8 +178,8 @@ __device__ void sp_prep(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float*
 }
 
 // ---------------------------------------------------------------------------------------------
-// One chunk's contribution to the state, out[bh][i][a][b][j] = Σ_τ x_τa x_τb y_τj (bf16; stored
-// [a][j][b] where the state products run on mma.sync, see the file's head), for
+// One chunk's contribution to the state, out[bh][i][a][j][b] = Σ_τ x_τa x_τb y_τj (bf16; the
+// full layout of the file's head — on Hopper sp_chunk_states_wg writes the packed one), for
 // x = k̃, y = v' (forward: ΔS_i) or x = q̃, y = ∂N (backward: the state gradient taken directly by
 // chunk i's queries). Block (group of A first indices a, bh, chunk i) — a chunk's groups run side
 // by side, so its tokens come from DRAM once. Each warp owns 16 rows of b for U consecutive a ×
@@ -267,14 +267,9 @@ __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, 
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                int row = mt * 16 + g + 8 * h, col = nt * 8 + 2 * t;
-                if (SP_WGMMA) {  // [b][j]
-                    *(u32*)(out + base + (long)row * E + col) = pack2(acc[u][nt][2 * h], acc[u][nt][2 * h + 1]);
-                } else {  // [j][b]
-                    out[base + (long)col * D + row] = f2b(acc[u][nt][2 * h]);
-                    out[base + (long)(col + 1) * D + row] = f2b(acc[u][nt][2 * h + 1]);
-                }
+            for (int i = 0; i < 4; i++) {
+                int row = mt * 16 + g + (i >= 2 ? 8 : 0), col = nt * 8 + 2 * t + (i & 1);
+                out[base + (long)col * D + row] = f2b(acc[u][nt][i]);
             }
     }
 }
@@ -375,7 +370,7 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
     auto load_slice = [&](int a, bf16* st) {
         if (SP_WGMMA) {
             const bf16* Sc = S + ((long)bh * NC + ci) * packed_before(D, D) * E;
-            gather_rows_async(st, LDS, [&](int b) { return Sc + (long)sym_row(D, a, b) * E; }, SR, SC);
+            gather_rows_async(st, LDS, [&](int b) { return Sc + (long)sym_row(D, a, b) * E; }, SR, SR, SC);
         } else {
             load_rows_async(st, LDS, S + (((long)bh * NC + ci) * D + a) * D * E, SR, SR, SC);
         }
