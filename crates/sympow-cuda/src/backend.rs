@@ -15,7 +15,7 @@
 
 use crate::chunked::{ChunkedSympow, DEFAULT_CHUNK, MAX_CHUNK};
 use crate::flash::FlashSoftmax;
-use crate::lt::BiasGemm;
+use crate::lt::{BiasGemm, Epilogue};
 use crate::profile::{OpTimer, Profiler};
 use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
@@ -598,6 +598,9 @@ impl CudaBackend {
     /// The two products of a linear layer's backward, given ∂y as an operand: returns
     /// ∂x = ∂y·W and adds ∂yᵀ·x into ∂W.
     #[allow(clippy::too_many_arguments)]
+    /// ∂x of a linear layer; adds ∂W, and ∂b (given with ∂y in f32) — in the ∂W product's
+    /// epilogue where cuBLASLt offers it, else by a column-sum pass over ∂y.
+    #[allow(clippy::too_many_arguments)]
     fn linear_backward_products(
         &self,
         x: &CudaSlice<f32>,
@@ -606,6 +609,7 @@ impl CudaBackend {
         cin: usize,
         cout: usize,
         dw: &mut CudaSlice<f32>,
+        db: Option<(&mut CudaSlice<f32>, &CudaSlice<f32>)>,
         saved: &LinearSaved,
     ) -> CudaSlice<f32> {
         let rows = x.len() / cin;
@@ -626,13 +630,46 @@ impl CudaBackend {
             cin,
         );
         // dW[cout, cin] += dyᵀ·x  ⇔  dW_cm (cin×cout) += xᵀ_cm (cin×rows) · dy_cm (rows×cout)
+        let xo = self.saved_operand(x, saved);
+        let db = match (db, &self.bias_gemm) {
+            (Some((db, dy)), Some(lt)) => {
+                // ∂b = Σ_rows dy, written by the epilogue: through a scratch vector and added,
+                // as gradients accumulate over micro-batches
+                let mut sums = self.alloc(cout);
+                let fused = {
+                    let (ps, _gs) = sums.device_ptr_mut(&self.stream);
+                    let (pw, _gw) = dw.device_ptr_mut(&self.stream);
+                    // SAFETY: x is rows×cin and dy rows×cout (row-major), dW cout×cin, the
+                    // sums cout.
+                    unsafe {
+                        lt.run(
+                            &self.stream,
+                            self.precision(),
+                            (false, true),
+                            (cin, cout, rows),
+                            (xo.ptr(&self.stream), cin),
+                            (dyo.ptr(&self.stream), cout),
+                            (Epilogue::BiasGrad, ps),
+                            (pw, cin),
+                        )
+                    }
+                    .is_ok()
+                };
+                if fused {
+                    self.add_assign(db, &sums);
+                    return dx;
+                }
+                Some((db, dy))
+            }
+            (db, _) => db,
+        };
         self.gemm(
             Op::CUBLAS_OP_N,
             Op::CUBLAS_OP_T,
             cin,
             cout,
             rows,
-            &self.saved_operand(x, saved),
+            &xo,
             cin,
             dyo,
             cout,
@@ -640,6 +677,9 @@ impl CudaBackend {
             dw,
             cin,
         );
+        if let Some((db, dy)) = db {
+            self.column_sums(dy, cout, db, true);
+        }
         dx
     }
 
@@ -993,7 +1033,7 @@ impl Backend for CudaBackend {
                         (cout, rows, cin),
                         (wo.ptr(&self.stream), cin),
                         (xo.ptr(&self.stream), cin),
-                        pb,
+                        (Epilogue::Bias, pb),
                         (py, cout),
                     )
                 }
@@ -1029,11 +1069,8 @@ impl Backend for CudaBackend {
     ) -> CudaSlice<f32> {
         let _p = self.prof("linear_backward");
         // dy feeds both products: one bf16 copy
-        let dx = self.linear_backward_products(x, w, &self.operand(dy), cin, cout, dw, saved);
-        if let Some(db) = db {
-            self.column_sums(dy, cout, db, true);
-        }
-        dx
+        let db = db.map(|db| (db, dy));
+        self.linear_backward_products(x, w, &self.operand(dy), cin, cout, dw, db, saved)
     }
     fn layer_norm_forward(
         &self,
@@ -1736,7 +1773,7 @@ impl Backend for CudaBackend {
             f32: None,
             bf16: Some(Cow::Owned(d16)),
         };
-        self.linear_backward_products(x, w, &dyo, cin, row_len, dw, saved)
+        self.linear_backward_products(x, w, &dyo, cin, row_len, dw, None, saved)
     }
     fn cross_entropy_backward(
         &self,

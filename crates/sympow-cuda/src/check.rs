@@ -88,8 +88,9 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
             &saved,
         );
         // without the forward's bf16 copy of x, the backward rounds x itself: the same bits
-        let mut dw_bare = up(&dw0);
-        gpu.linear_backward(&xg, &wg, &dyg, cin, cout, &mut dw_bare, None, &None);
+        // (with a bias, as above: with one, ∂W may come from another cuBLASLt kernel)
+        let (mut dw_bare, mut db_bare) = (up(&dw0), up(&b));
+        gpu.linear_backward(&xg, &wg, &dyg, cin, cout, &mut dw_bare, Some(&mut db_bare), &None);
         push(
             &mut rows,
             &format!("linear backward dW without the forward's copy of x = with it{label}"),

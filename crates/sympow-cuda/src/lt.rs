@@ -1,6 +1,8 @@
-//! The linear layers' forward product with the bias added in cuBLASLt's epilogue, D =
+//! The linear layers' products with their bias in cuBLASLt's epilogue: forward, D =
 //! op(A)·op(B) + bias written once — instead of filling D with the bias and accumulating the
-//! product onto it, two more passes over the layer's output (≈ 3 % of a gpt2-124m step).
+//! product onto it, two more passes over the layer's output (≈ 3 % of a gpt2-124m step);
+//! backward, ∂b = the column sums of ∂y taken while the ∂W product reads ∂y anyway, instead of
+//! a pass of its own over ∂y in f32.
 
 use crate::MatmulPrecision;
 use cudarc::cublaslt::{result, sys};
@@ -27,6 +29,16 @@ impl Drop for BiasGemm {
         // SAFETY: created in `new`, destroyed once.
         unsafe { result::destroy_handle(self.handle) }.ok();
     }
+}
+
+/// What the product does with the bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Epilogue {
+    /// D = op(A)·op(B) + bias, the bias (m elements) added to every column.
+    Bias,
+    /// D += op(A)·op(B), and the bias pointer receives (is overwritten with) the sums of op(B)
+    /// over k, one per column of D (n elements): a linear layer's ∂b beside its ∂W.
+    BiasGrad,
 }
 
 /// Descriptors destroyed on every path out of [`BiasGemm::run`].
@@ -61,9 +73,9 @@ impl BiasGemm {
         Ok(BiasGemm { handle, workspace })
     }
 
-    /// D (col-major m×n, f32, leading dimension ldd) = op(A)·op(B) + bias, the bias (f32, m
-    /// elements) added to every column; A and B as in BLAS, bf16 under
-    /// [`MatmulPrecision::Bf16`], else f32.
+    /// D (col-major m×n, f32, leading dimension ldd) = op(A)·op(B) + bias, or D += op(A)·op(B)
+    /// with the bias gradient written ([`Epilogue`]); the bias f32; A and B as in BLAS, bf16
+    /// under [`MatmulPrecision::Bf16`], else f32.
     ///
     /// # Safety
     /// The pointers must hold matrices of the sizes the dimensions describe, on `stream`.
@@ -76,7 +88,7 @@ impl BiasGemm {
         (m, n, k): (usize, usize, usize),
         (a, lda): (CUdeviceptr, usize),
         (b, ldb): (CUdeviceptr, usize),
-        bias: CUdeviceptr,
+        (epilogue, bias): (Epilogue, CUdeviceptr),
         (d, ldd): (CUdeviceptr, usize),
     ) -> Result<(), String> {
         use sys::cublasComputeType_t as C;
@@ -99,7 +111,11 @@ impl BiasGemm {
         };
         use sys::cublasLtMatmulDescAttributes_t as A;
         let (ta, tb) = (i32::from(transa), i32::from(transb));
-        let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+        use sys::cublasLtEpilogue_t as Ep;
+        let (epilogue, beta) = match epilogue {
+            Epilogue::Bias => (Ep::CUBLASLT_EPILOGUE_BIAS, 0.0f32),
+            Epilogue::BiasGrad => (Ep::CUBLASLT_EPILOGUE_BGRADB, 1.0f32),
+        };
         let bias_type = T::CUDA_R_32F;
         set(A::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const i32 as _, 4)?;
         set(A::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const i32 as _, 4)?;
@@ -141,9 +157,9 @@ impl BiasGemm {
         let heuristic =
             result::get_matmul_algo_heuristic(self.handle, ds.desc, la, lb, ld, ld, ds.pref)
                 .map_err(err)?;
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let alpha = 1.0f32;
         let (w, _w) = self.workspace.device_ptr(stream);
-        // beta = 0: C (= D) is not read, so D may be uninitialised
+        // C = D: read only with beta = 1 (Bias leaves D uninitialised until written)
         result::matmul(
             self.handle,
             ds.desc,
