@@ -112,6 +112,12 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
     int bytes = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(bytes));
 }
+// One 4-byte element (zero-filled when !valid; src must still be a valid address).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+    u32 d = (u32)__cvta_generic_to_shared(dst);
+    int bytes = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(d), "l"(src), "r"(bytes));
+}
 // Row r (< nvalid) comes from row_src(r), so rows can be gathered from anywhere.
 template <class RowSrc>
 __device__ __forceinline__ void gather_rows_async(bf16* dst, int ld, RowSrc row_src, int nvalid, int rows, int cols) {

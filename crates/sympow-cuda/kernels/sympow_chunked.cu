@@ -742,11 +742,13 @@ __device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, co
 // ---------------------------------------------------------------------------------------------
 // The intra-chunk kernels stream tiles of `rows` rows (r0.. < end) of a D-wide and an E-wide bf16
 // operand and their G values through two shared-memory stages: while one tile is multiplied,
-// the next is copied asynchronously (rows past T zero-filled). With each G, its decay factor
-// against the tile's reference G_ref — the last valid row of a key tile (keys_last), else the
-// first: F = e^{G_ref − G} for keys, e^{G − G_ref} for queries, both ≤ 1 as G never increases.
-// A pair (query t, key s) of a tile that lies wholly on one side of the other's rows then has
-// e^{G_t − G_s} = (row factor against G_ref) · F without an exp per element.
+// the next is copied asynchronously (rows past T zero-filled) — G too, so that no warp waits on
+// a global load inside the loop (a synchronous G load there held every warp at the next
+// barrier). Once a tile has landed, its decay factors against the tile's reference G_ref — the
+// last valid row of a key tile (keys_last), else the first: F = e^{G_ref − G} for keys,
+// e^{G − G_ref} for queries, both ≤ 1 as G never increases. A pair (query t, key s) of a tile
+// that lies wholly on one side of the other's rows then has e^{G_t − G_s} = (row factor
+// against G_ref) · F without an exp per element.
 template <int D> struct TileStream {
     static constexpr int E = Dims<D>::E;
     bf16 *A, *B;  // two stages each: [rows][D + 8], [rows][E + 8]
@@ -763,22 +765,28 @@ template <int D> struct TileStream {
             int n = min(rows, T - r0);
             load_rows_async(A + s * rows * (D + 8), D + 8, a + (base + r0) * D, n, rows, D);
             load_rows_async(B + s * rows * (E + 8), E + 8, b + (base + r0) * E, n, rows, E);
-            float gref = G[base + r0 + (keys_last ? n - 1 : 0)];
-            for (int i = threadIdx.x; i < rows; i += blockDim.x) {
-                float gi = i < n ? G[base + r0 + i] : 0.f;
-                Gs[s * rows + i] = gi;
-                if (Fs) Fs[s * rows + i] = i < n ? expf(keys_last ? gref - gi : gi - gref) : 0.f;
-            }
+            for (int i = threadIdx.x; i < rows; i += blockDim.x)
+                cp_async4(Gs + s * rows + i, G + base + r0 + min(i, n - 1), i < n);
         }
         cp_async_commit();
     }
-    // At iteration `it` (tile r): issues the next tile and waits until tile r is in shared
-    // memory; returns its stage. The caller ends each iteration with __syncthreads().
+    // At iteration `it` (tile r): issues the next tile, waits until tile r is in shared memory
+    // and has its decay factors; returns its stage. The caller ends each iteration with
+    // __syncthreads() (so stage it & 1 is no longer read when it is refilled or rewritten).
     __device__ __forceinline__ int advance(int r, int it) {
-        issue(r + rows, (it + 1) & 1);
+        int s = it & 1;
+        issue(r + rows, s ^ 1);
         cp_async_wait_prev();
         __syncthreads();
-        return it & 1;
+        if (Fs) {
+            const float* g = Gs + s * rows;
+            int n = min(rows, T - r);
+            float gref = g[keys_last ? n - 1 : 0];
+            for (int i = threadIdx.x; i < rows; i += blockDim.x)
+                Fs[s * rows + i] = i < n ? expf(keys_last ? gref - g[i] : g[i] - gref) : 0.f;
+            __syncthreads();
+        }
+        return s;
     }
     __device__ __forceinline__ const bf16* a_tile(int s) const { return A + s * rows * (D + 8); }
     __device__ __forceinline__ const bf16* b_tile(int s) const { return B + s * rows * (E + 8); }
