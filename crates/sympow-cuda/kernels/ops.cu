@@ -126,20 +126,23 @@ extern "C" __global__ void fill_rows(float* out, const float* bias, long rows, i
 #define GELU_K 0.7978845608028654f
 __device__ float tanh_exp(float u) { return 1.f - 2.f / (1.f + __expf(2.f * u)); }
 
+__device__ __forceinline__ float gelu_value(float v) {
+    return 0.5f * v * (1.f + tanh_exp(GELU_K * (v + 0.044715f * v * v * v)));
+}
+__device__ __forceinline__ float gelu_grad(float v, float dy) {
+    float th = tanh_exp(GELU_K * (v + 0.044715f * v * v * v));
+    float du = GELU_K * (1.f + 3.f * 0.044715f * v * v);
+    return dy * (0.5f * (1.f + th) + 0.5f * v * (1.f - th * th) * du);
+}
+
 extern "C" __global__ void gelu_forward(float* y, const float* x, long n) {
     long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float v = x[i];
-    y[i] = 0.5f * v * (1.f + tanh_exp(GELU_K * (v + 0.044715f * v * v * v)));
+    if (i < n) y[i] = gelu_value(x[i]);
 }
 
 extern "C" __global__ void gelu_backward(float* dx, const float* x, const float* dy, long n) {
     long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float v = x[i];
-    float th = tanh_exp(GELU_K * (v + 0.044715f * v * v * v));
-    float du = GELU_K * (1.f + 3.f * 0.044715f * v * v);
-    dx[i] = dy[i] * (0.5f * (1.f + th) + 0.5f * v * (1.f - th * th) * du);
+    if (i < n) dx[i] = gelu_grad(x[i], dy[i]);
 }
 
 // ---- layer norm: one block per row ----------------------------------------------------------
@@ -586,5 +589,30 @@ extern "C" __global__ void f32_to_bf16(unsigned short* out, const float* in, lon
         *(uint2*)(out + i) = make_uint2(bf16_bits(v.x) | (bf16_bits(v.y) << 16), bf16_bits(v.z) | (bf16_bits(v.w) << 16));
     } else {
         for (; i < n; i++) out[i] = (unsigned short)bf16_bits(in[i]);
+    }
+}
+
+// ---- GELU on bf16 (the MLP's hidden layer under bf16 products): f32 arithmetic as above, the
+// result rounded as f32_to_bf16 rounds; two elements a thread ----------------------------------
+__device__ __forceinline__ float bf16_value(unsigned int bits) { return __uint_as_float(bits << 16); }
+extern "C" __global__ void gelu_forward_bf16(unsigned short* y, const unsigned short* x, long n) {
+    long i = (blockIdx.x * (long)blockDim.x + threadIdx.x) * 2;
+    if (i + 1 < n) {
+        unsigned int v = *(const unsigned int*)(x + i);
+        *(unsigned int*)(y + i) = bf16_bits(gelu_value(bf16_value(v & 0xffffu))) |
+                                  (bf16_bits(gelu_value(bf16_value(v >> 16))) << 16);
+    } else if (i < n) {
+        y[i] = (unsigned short)bf16_bits(gelu_value(bf16_value(x[i])));
+    }
+}
+extern "C" __global__ void gelu_backward_bf16(unsigned short* dx, const unsigned short* x, const unsigned short* dy,
+                                              long n) {
+    long i = (blockIdx.x * (long)blockDim.x + threadIdx.x) * 2;
+    if (i + 1 < n) {
+        unsigned int v = *(const unsigned int*)(x + i), d = *(const unsigned int*)(dy + i);
+        *(unsigned int*)(dx + i) = bf16_bits(gelu_grad(bf16_value(v & 0xffffu), bf16_value(d & 0xffffu))) |
+                                   (bf16_bits(gelu_grad(bf16_value(v >> 16), bf16_value(d >> 16))) << 16);
+    } else if (i < n) {
+        dx[i] = (unsigned short)bf16_bits(gelu_grad(bf16_value(x[i]), bf16_value(dy[i])));
     }
 }

@@ -15,7 +15,7 @@
 
 use crate::chunked::{ChunkedSympow, DEFAULT_CHUNK, MAX_CHUNK};
 use crate::flash::FlashSoftmax;
-use crate::lt::{BiasGemm, Epilogue};
+use crate::lt::{BiasGemm, Epilogue, Out};
 use crate::profile::{OpTimer, Profiler};
 use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
@@ -28,7 +28,8 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Form, Shape};
 use sympow::backend::{
-    AdamWParam, Backend, CpuBackend, LayerNormSaved, LinearSaved, ProfileRow, Saved,
+    mlp_backward_ops, mlp_forward_ops, AdamWParam, Backend, CpuBackend, LayerNormSaved,
+    LinearSaved, MlpGrads, MlpSaved, MlpWeights, ProfileRow, Saved,
 };
 use sympow::ops::rotary::RotaryParam;
 
@@ -107,6 +108,13 @@ impl Operand<'_> {
     }
 }
 
+/// The MLP's hidden layer under bf16 products ([`CudaBackend`]'s `mlp_forward`): fc's output
+/// and the GELU's, each written once in bf16 and never in f32.
+struct Bf16Hidden {
+    h: CudaSlice<u16>,
+    g: CudaSlice<u16>,
+}
+
 fn precision_from(v: u8) -> MatmulPrecision {
     [
         MatmulPrecision::F32,
@@ -168,8 +176,10 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 40] = [
+const KERNELS: [&str; 42] = [
     "f32_to_bf16",
+    "gelu_forward_bf16",
+    "gelu_backward_bf16",
     "sympow_decode_update",
     "sympow_decode_read",
     "add_assign",
@@ -513,12 +523,61 @@ impl CudaBackend {
             unsafe { self.blas.gemm(cfg, a, b, c) }.expect("cuBLAS sgemm");
             return;
         };
+        let (pc, _gc) = c.device_ptr_mut(&self.stream);
+        // SAFETY: as above, with bf16 copies of a and b (same shapes); c stays f32.
+        unsafe { self.gemm_bf16(cfg, a16, b16, pc, false) };
+    }
+
+    /// C (col-major m×n, bf16) = op(A)·op(B), A and B in bf16 (f32 accumulation, C rounded
+    /// once): a product whose only consumer reads bf16.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_to_bf16(
+        &self,
+        (ta, tb): (Op, Op),
+        (m, n, k): (usize, usize, usize),
+        (a, lda): (&CudaSlice<u16>, usize),
+        (b, ldb): (&CudaSlice<u16>, usize),
+        c: &mut CudaSlice<u16>,
+        ldc: usize,
+    ) {
+        let cfg = GemmConfig {
+            transa: ta,
+            transb: tb,
+            m: m as i32,
+            n: n as i32,
+            k: k as i32,
+            alpha: 1.0f32,
+            lda: lda as i32,
+            ldb: ldb as i32,
+            beta: 0.0f32,
+            ldc: ldc as i32,
+        };
+        let (pc, _gc) = c.device_ptr_mut(&self.stream);
+        // SAFETY: the dimensions and leading dimensions describe buffers of the sizes given.
+        unsafe { self.gemm_bf16(cfg, a, b, pc, true) };
+    }
+
+    /// cuBLAS's gemm_ex on bf16 A and B with f32 accumulation, C at `pc` in f32 or bf16.
+    ///
+    /// # Safety
+    /// `cfg` must describe A, B and C (at `pc`, of the type `c_bf16` says) on this stream.
+    unsafe fn gemm_bf16(
+        &self,
+        cfg: GemmConfig<f32>,
+        a16: &CudaSlice<u16>,
+        b16: &CudaSlice<u16>,
+        pc: cudarc::driver::sys::CUdeviceptr,
+        c_bf16: bool,
+    ) {
         use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
         let (pa, _ga) = a16.device_ptr(&self.stream);
         let (pb, _gb) = b16.device_ptr(&self.stream);
-        let (pc, _gc) = c.device_ptr_mut(&self.stream);
-        // SAFETY: as above, with bf16 copies of a and b (same shapes); c stays f32; the
-        // scalars are f32 for CUBLAS_COMPUTE_32F.
+        let c_type = if c_bf16 {
+            cudaDataType::CUDA_R_16BF
+        } else {
+            cudaDataType::CUDA_R_32F
+        };
+        // SAFETY: by the caller; the scalars are f32 for CUBLAS_COMPUTE_32F.
         unsafe {
             cudarc::cublas::result::gemm_ex(
                 *self.blas.handle(),
@@ -536,7 +595,7 @@ impl CudaBackend {
                 cfg.ldb,
                 &cfg.beta as *const f32 as *const _,
                 pc as *mut _,
-                cudaDataType::CUDA_R_32F,
+                c_type,
                 cfg.ldc,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -595,46 +654,143 @@ impl CudaBackend {
         );
     }
 
-    /// The two products of a linear layer's backward, given ∂y as an operand: returns
-    /// ∂x = ∂y·W and adds ∂yᵀ·x into ∂W.
-    #[allow(clippy::too_many_arguments)]
-    /// ∂x of a linear layer; adds ∂W, and ∂b (given with ∂y in f32) — in the ∂W product's
-    /// epilogue where cuBLASLt offers it, else by a column-sum pass over ∂y.
-    #[allow(clippy::too_many_arguments)]
-    fn linear_backward_products(
+    /// y (f32 `[rows, cout]`) = x·Wᵀ + b, x as an operand: the bias in cuBLASLt's epilogue where
+    /// it runs, else filled in first and the product accumulated onto it.
+    fn linear_product(
         &self,
-        x: &CudaSlice<f32>,
+        xo: &Operand,
+        rows: usize,
+        w: &CudaSlice<f32>,
+        b: Option<&CudaSlice<f32>>,
+        cin: usize,
+        cout: usize,
+    ) -> CudaSlice<f32> {
+        let mut y = self.alloc(rows * cout);
+        // row-major y[rows, cout] = x·Wᵀ  ⇔  col-major yᵀ (cout×rows) = Wᵀ(cout×cin)·xᵀ(cin×rows)
+        let wo = self.operand(w);
+        let fused = match (b, &self.bias_gemm) {
+            (Some(b), Some(lt)) => {
+                let (pb, _gb) = b.device_ptr(&self.stream);
+                let (py, _gy) = y.device_ptr_mut(&self.stream);
+                // SAFETY: W is cout×cin and x rows×cin (row-major), y rows×cout, the bias cout.
+                unsafe {
+                    lt.run(
+                        &self.stream,
+                        self.precision(),
+                        (true, false),
+                        (cout, rows, cin),
+                        (wo.ptr(&self.stream), cin),
+                        (xo.ptr(&self.stream), cin),
+                        (Epilogue::Bias, pb),
+                        (py, cout, Out::F32),
+                    )
+                }
+                .is_ok()
+            }
+            _ => false,
+        };
+        if !fused {
+            if let Some(b) = b {
+                let (r, c) = (rows as i64, cout as i32);
+                launch!(self, "fill_rows", grid(rows * cout), &mut y, b, &r, &c);
+            }
+            let beta = if b.is_some() { 1.0 } else { 0.0 };
+            let (ta, tb) = (Op::CUBLAS_OP_T, Op::CUBLAS_OP_N);
+            self.gemm(
+                ta, tb, cout, rows, cin, &wo, cin, xo, cin, beta, &mut y, cout,
+            );
+        }
+        y
+    }
+
+    /// y = x·Wᵀ + b written once in bf16 (`[rows, cout]`; the bias rounded to bf16 too, as
+    /// under PyTorch's autocast): a layer whose output only feeds bf16 consumers.
+    fn linear_to_bf16(
+        &self,
+        xo: &Operand,
+        rows: usize,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        cin: usize,
+        cout: usize,
+    ) -> CudaSlice<u16> {
+        if let Some(lt) = &self.bias_gemm {
+            let mut y = crate::device::alloc_output::<u16>(&self.stream, rows * cout);
+            let (wo, b16) = (self.operand(w), self.to_bf16(b));
+            let ok = {
+                let (pb, _gb) = b16.device_ptr(&self.stream);
+                let (py, _gy) = y.device_ptr_mut(&self.stream);
+                // SAFETY: W is cout×cin and x rows×cin (row-major), y rows×cout, the bias cout.
+                unsafe {
+                    lt.run(
+                        &self.stream,
+                        self.precision(),
+                        (true, false),
+                        (cout, rows, cin),
+                        (wo.ptr(&self.stream), cin),
+                        (xo.ptr(&self.stream), cin),
+                        (Epilogue::Bias, pb),
+                        (py, cout, Out::Bf16),
+                    )
+                }
+                .is_ok()
+            };
+            if ok {
+                return y;
+            }
+        }
+        self.to_bf16(&self.linear_product(xo, rows, w, Some(b), cin, cout))
+    }
+
+    /// The GELU of bf16 `x`, or with `dy` its backward, in bf16.
+    fn gelu_bf16(&self, x: &CudaSlice<u16>, dy: Option<&CudaSlice<u16>>) -> CudaSlice<u16> {
+        // both kernels write every element, two a thread
+        let mut out = crate::device::alloc_output::<u16>(&self.stream, x.len());
+        let (n, cfg) = (x.len() as i64, grid(x.len().div_ceil(2)));
+        match dy {
+            None => launch!(self, "gelu_forward_bf16", cfg, &mut out, x, &n),
+            Some(dy) => launch!(self, "gelu_backward_bf16", cfg, &mut out, x, dy, &n),
+        }
+        out
+    }
+
+    /// ∂x = ∂y·W of a linear layer (x `[rows, cin]`, W `[cout, cin]`), ∂y as an operand.
+    fn input_grad(
+        &self,
         w: &CudaSlice<f32>,
         dyo: &Operand,
+        rows: usize,
+        cin: usize,
+        cout: usize,
+    ) -> CudaSlice<f32> {
+        let mut dx = self.alloc(rows * cin);
+        // dx[rows, cin] = dy·W  ⇔  dxᵀ (cin×rows) = W_cm (cin×cout) · dyᵀ (cout×rows)
+        let (wo, n) = (self.operand(w), Op::CUBLAS_OP_N);
+        self.gemm(
+            n, n, cin, rows, cout, &wo, cin, dyo, cout, 0.0, &mut dx, cin,
+        );
+        dx
+    }
+
+    /// Adds ∂W += ∂yᵀ·x, and ∂b += Σ_rows ∂y — in the product's epilogue where cuBLASLt offers
+    /// it, else by a column-sum pass over ∂y in f32 (or, for a ∂y only in bf16, a product
+    /// with ones).
+    #[allow(clippy::too_many_arguments)]
+    fn weight_grads(
+        &self,
+        xo: &Operand,
+        dyo: &Operand,
+        rows: usize,
         cin: usize,
         cout: usize,
         dw: &mut CudaSlice<f32>,
-        db: Option<(&mut CudaSlice<f32>, &CudaSlice<f32>)>,
-        saved: &LinearSaved,
-    ) -> CudaSlice<f32> {
-        let rows = x.len() / cin;
-        let mut dx = self.alloc(rows * cin);
-        // dx[rows, cin] = dy·W  ⇔  dxᵀ (cin×rows) = W_cm (cin×cout) · dyᵀ (cout×rows)
-        self.gemm(
-            Op::CUBLAS_OP_N,
-            Op::CUBLAS_OP_N,
-            cin,
-            rows,
-            cout,
-            &self.operand(w),
-            cin,
-            dyo,
-            cout,
-            0.0,
-            &mut dx,
-            cin,
-        );
+        db: Option<&mut CudaSlice<f32>>,
+    ) {
         // dW[cout, cin] += dyᵀ·x  ⇔  dW_cm (cin×cout) += xᵀ_cm (cin×rows) · dy_cm (rows×cout)
-        let xo = self.saved_operand(x, saved);
         let db = match (db, &self.bias_gemm) {
-            (Some((db, dy)), Some(lt)) => {
-                // ∂b = Σ_rows dy, written by the epilogue: through a scratch vector and added,
-                // as gradients accumulate over micro-batches
+            (Some(db), Some(lt)) => {
+                // written by the epilogue: through a scratch vector and added, as gradients
+                // accumulate over micro-batches
                 let mut sums = self.alloc(cout);
                 let fused = {
                     let (ps, _gs) = sums.device_ptr_mut(&self.stream);
@@ -650,36 +806,70 @@ impl CudaBackend {
                             (xo.ptr(&self.stream), cin),
                             (dyo.ptr(&self.stream), cout),
                             (Epilogue::BiasGrad, ps),
-                            (pw, cin),
+                            (pw, cin, Out::F32),
                         )
                     }
                     .is_ok()
                 };
                 if fused {
                     self.add_assign(db, &sums);
-                    return dx;
+                    return;
                 }
-                Some((db, dy))
+                Some(db)
             }
             (db, _) => db,
         };
-        self.gemm(
-            Op::CUBLAS_OP_N,
-            Op::CUBLAS_OP_T,
-            cin,
-            cout,
-            rows,
-            &xo,
-            cin,
-            dyo,
-            cout,
-            1.0,
-            dw,
-            cin,
-        );
-        if let Some((db, dy)) = db {
-            self.column_sums(dy, cout, db, true);
+        let (n, t) = (Op::CUBLAS_OP_N, Op::CUBLAS_OP_T);
+        self.gemm(n, t, cin, cout, rows, xo, cin, dyo, cout, 1.0, dw, cin);
+        match (db, dyo.f32) {
+            (Some(db), Some(dy)) => self.column_sums(dy, cout, db, true),
+            (Some(db), None) => {
+                // db (cout×1) += dy_cm (cout×rows) · 1 (rows×1)
+                let ones = self
+                    .stream
+                    .clone_htod(&vec![0x3f80u16; rows])
+                    .expect("host to device copy");
+                let onesb = Operand {
+                    f32: None,
+                    bf16: Some(Cow::Owned(ones)),
+                };
+                self.gemm(
+                    Op::CUBLAS_OP_N,
+                    Op::CUBLAS_OP_N,
+                    cout,
+                    1,
+                    rows,
+                    dyo,
+                    cout,
+                    &onesb,
+                    rows,
+                    1.0,
+                    db,
+                    cout,
+                );
+            }
+            (None, _) => {}
         }
+    }
+
+    /// The two products of a linear layer's backward, given ∂y as an operand: returns
+    /// ∂x = ∂y·W and adds ∂yᵀ·x into ∂W (and Σ_rows ∂y into ∂b).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward_products(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dyo: &Operand,
+        cin: usize,
+        cout: usize,
+        dw: &mut CudaSlice<f32>,
+        db: Option<&mut CudaSlice<f32>>,
+        saved: &LinearSaved,
+    ) -> CudaSlice<f32> {
+        let rows = x.len() / cin;
+        let dx = self.input_grad(w, dyo, rows, cin, cout);
+        let xo = self.saved_operand(x, saved);
+        self.weight_grads(&xo, dyo, rows, cin, cout, dw, db);
         dx
     }
 
@@ -1016,42 +1206,8 @@ impl Backend for CudaBackend {
         cout: usize,
     ) -> (CudaSlice<f32>, LinearSaved) {
         let _p = self.prof("linear_forward");
-        let rows = x.len() / cin;
-        let mut y = self.alloc(rows * cout);
-        // row-major y[rows, cout] = x·Wᵀ  ⇔  col-major yᵀ (cout×rows) = Wᵀ(cout×cin)·xᵀ(cin×rows)
-        let (xo, wo) = (self.operand(x), self.operand(w));
-        let fused = match (b, &self.bias_gemm) {
-            (Some(b), Some(lt)) => {
-                let (pb, _gb) = b.device_ptr(&self.stream);
-                let (py, _gy) = y.device_ptr_mut(&self.stream);
-                // SAFETY: W is cout×cin and x rows×cin (row-major), y rows×cout, the bias cout.
-                unsafe {
-                    lt.run(
-                        &self.stream,
-                        self.precision(),
-                        (true, false),
-                        (cout, rows, cin),
-                        (wo.ptr(&self.stream), cin),
-                        (xo.ptr(&self.stream), cin),
-                        (Epilogue::Bias, pb),
-                        (py, cout),
-                    )
-                }
-                .is_ok()
-            }
-            _ => false,
-        };
-        if !fused {
-            if let Some(b) = b {
-                let (r, c) = (rows as i64, cout as i32);
-                launch!(self, "fill_rows", grid(rows * cout), &mut y, b, &r, &c);
-            }
-            let beta = if b.is_some() { 1.0 } else { 0.0 };
-            let (ta, tb) = (Op::CUBLAS_OP_T, Op::CUBLAS_OP_N);
-            self.gemm(
-                ta, tb, cout, rows, cin, &wo, cin, &xo, cin, beta, &mut y, cout,
-            );
-        }
+        let xo = self.operand(x);
+        let y = self.linear_product(&xo, x.len() / cin, w, b, cin, cout);
         // the bf16 copy of x goes to the backward (its ∂W product)
         let saved = xo.bf16.map(|x16| Arc::new(x16.into_owned()) as Saved);
         (y, saved)
@@ -1069,7 +1225,6 @@ impl Backend for CudaBackend {
     ) -> CudaSlice<f32> {
         let _p = self.prof("linear_backward");
         // dy feeds both products: one bf16 copy
-        let db = db.map(|db| (db, dy));
         self.linear_backward_products(x, w, &self.operand(dy), cin, cout, dw, db, saved)
     }
     fn layer_norm_forward(
@@ -1161,6 +1316,80 @@ impl Backend for CudaBackend {
         let n = x.len() as i64;
         let mut dx = self.alloc(x.len());
         launch!(self, "gelu_backward", grid(x.len()), &mut dx, x, dy, &n);
+        dx
+    }
+    fn mlp_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: MlpWeights<'_, CudaSlice<f32>>,
+        c: usize,
+        hidden: usize,
+    ) -> (CudaSlice<f32>, MlpSaved<CudaSlice<f32>>) {
+        if self.precision() != MatmulPrecision::Bf16 {
+            return mlp_forward_ops(self, x, w, c, hidden);
+        }
+        let _p = self.prof("mlp_forward");
+        let rows = x.len() / c;
+        let xo = self.operand(x);
+        let h = self.linear_to_bf16(&xo, rows, w.fc_w, w.fc_b, c, hidden);
+        let g = self.gelu_bf16(&h, None);
+        let go = Operand {
+            f32: None,
+            bf16: Some(Cow::Borrowed(&g)),
+        };
+        let y = self.linear_product(&go, rows, w.fc2_w, Some(w.fc2_b), hidden, c);
+        drop(go);
+        let saved = MlpSaved {
+            hidden: None,
+            fc_saved: xo.bf16.map(|x16| Arc::new(x16.into_owned()) as Saved),
+            fc2_saved: Some(Arc::new(Bf16Hidden { h, g })),
+        };
+        (y, saved)
+    }
+    fn mlp_backward(
+        &self,
+        x: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        w: MlpWeights<'_, CudaSlice<f32>>,
+        c: usize,
+        hidden: usize,
+        saved: &MlpSaved<CudaSlice<f32>>,
+        g: MlpGrads<'_, CudaSlice<f32>>,
+    ) -> CudaSlice<f32> {
+        let hid = saved
+            .fc2_saved
+            .as_ref()
+            .and_then(|s| s.downcast_ref::<Bf16Hidden>());
+        let (Some(hid), MatmulPrecision::Bf16) = (hid, self.precision()) else {
+            return mlp_backward_ops(self, x, dy, w, c, hidden, saved, g);
+        };
+        let _p = self.prof("mlp_backward");
+        let rows = x.len() / c;
+        let dyo = self.operand(dy);
+        let dy16 = dyo.bf16.as_deref().expect("bf16 operands");
+        // ∂g = ∂y·W2 (as input_grad), written in bf16 for the GELU's backward only
+        let mut dg = crate::device::alloc_output::<u16>(&self.stream, rows * hidden);
+        let (n, w2) = (Op::CUBLAS_OP_N, self.to_bf16(w.fc2_w));
+        self.gemm_to_bf16(
+            (n, n),
+            (hidden, rows, c),
+            (&w2, hidden),
+            (dy16, c),
+            &mut dg,
+            hidden,
+        );
+        let go = Operand {
+            f32: None,
+            bf16: Some(Cow::Borrowed(&hid.g)),
+        };
+        self.weight_grads(&go, &dyo, rows, hidden, c, g.fc2_w, Some(g.fc2_b));
+        let dho = Operand {
+            f32: None,
+            bf16: Some(Cow::Owned(self.gelu_bf16(&hid.h, Some(&dg)))),
+        };
+        let dx = self.input_grad(w.fc_w, &dho, rows, c, hidden);
+        let xo = self.saved_operand(x, &saved.fc_saved);
+        self.weight_grads(&xo, &dho, rows, c, hidden, g.fc_w, Some(g.fc_b));
         dx
     }
     fn embedding_forward(&self, table: &CudaSlice<f32>, ids: &[u32], c: usize) -> CudaSlice<f32> {

@@ -90,7 +90,16 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         // without the forward's bf16 copy of x, the backward rounds x itself: the same bits
         // (with a bias, as above: with one, ∂W may come from another cuBLASLt kernel)
         let (mut dw_bare, mut db_bare) = (up(&dw0), up(&b));
-        gpu.linear_backward(&xg, &wg, &dyg, cin, cout, &mut dw_bare, Some(&mut db_bare), &None);
+        gpu.linear_backward(
+            &xg,
+            &wg,
+            &dyg,
+            cin,
+            cout,
+            &mut dw_bare,
+            Some(&mut db_bare),
+            &None,
+        );
         push(
             &mut rows,
             &format!("linear backward dW without the forward's copy of x = with it{label}"),
@@ -119,6 +128,86 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
             &db_c,
             tol,
         );
+    }
+    gpu.set_matmul(MatmulPrecision::F32);
+
+    // MLP: fc, GELU, fc2 (under bf16 products the GPU keeps the hidden layer in bf16 only); an
+    // odd hidden width leaves the bf16 GELU a last single element and cuBLASLt an odd stride
+    for (precision, label, tol, hidden) in [
+        (MatmulPrecision::F32, "", TOL, 96),
+        (MatmulPrecision::Bf16, " (bf16 hidden)", BF16_TOL, 96),
+        (
+            MatmulPrecision::Bf16,
+            " (bf16 hidden, odd width)",
+            BF16_TOL,
+            45,
+        ),
+    ] {
+        gpu.set_matmul(precision);
+        let c = cin;
+        let ws: Vec<Vec<f32>> = [
+            (hidden * c, 0.2),
+            (hidden, 0.5),
+            (c * hidden, 0.2),
+            (c, 0.5),
+        ]
+        .iter()
+        .map(|&(len, s)| randn(&mut r, len, s))
+        .collect();
+        let dy: Vec<f32> = randn(&mut r, n * c, 1.0);
+        fn weights<T>(t: &[T]) -> sympow::backend::MlpWeights<'_, T> {
+            sympow::backend::MlpWeights {
+                fc_w: &t[0],
+                fc_b: &t[1],
+                fc2_w: &t[2],
+                fc2_b: &t[3],
+            }
+        }
+        fn grads<T>(t: &mut [T]) -> sympow::backend::MlpGrads<'_, T> {
+            let [fc_w, fc_b, fc2_w, fc2_b] = t else {
+                unreachable!("four tensors")
+            };
+            sympow::backend::MlpGrads {
+                fc_w,
+                fc_b,
+                fc2_w,
+                fc2_b,
+            }
+        }
+        let (y_c, saved_c) = cpu.mlp_forward(&x, weights(&ws), c, hidden);
+        let mut g_c = ws.clone(); // gradients accumulate onto non-zero buffers
+        let dx_c = cpu.mlp_backward(&x, &dy, weights(&ws), c, hidden, &saved_c, grads(&mut g_c));
+        let (wg, xg) = (ws.iter().map(|t| up(t)).collect::<Vec<_>>(), up(&x));
+        let (y_g, saved_g) = gpu.mlp_forward(&xg, weights(&wg), c, hidden);
+        let mut g_g: Vec<_> = ws.iter().map(|t| up(t)).collect();
+        let dyg = up(&dy);
+        let dx_g = gpu.mlp_backward(
+            &xg,
+            &dyg,
+            weights(&wg),
+            c,
+            hidden,
+            &saved_g,
+            grads(&mut g_g),
+        );
+        push(
+            &mut rows,
+            &format!("mlp forward{label}"),
+            &dn(&y_g),
+            &y_c,
+            tol,
+        );
+        push(
+            &mut rows,
+            &format!("mlp backward dx{label}"),
+            &dn(&dx_g),
+            &dx_c,
+            tol,
+        );
+        for (i, what) in ["fc dW", "fc db", "fc2 dW", "fc2 db"].iter().enumerate() {
+            let what = format!("mlp backward {what} (accumulated){label}");
+            push(&mut rows, &what, &dn(&g_g[i]), &g_c[i], tol);
+        }
     }
     gpu.set_matmul(MatmulPrecision::F32);
 

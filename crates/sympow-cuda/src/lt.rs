@@ -41,6 +41,13 @@ pub(crate) enum Epilogue {
     BiasGrad,
 }
 
+/// The element type of D (and of the bias the epilogue adds: the same).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Out {
+    F32,
+    Bf16,
+}
+
 /// Descriptors destroyed on every path out of [`BiasGemm::run`].
 struct Descriptors {
     desc: sys::cublasLtMatmulDesc_t,
@@ -73,9 +80,9 @@ impl BiasGemm {
         Ok(BiasGemm { handle, workspace })
     }
 
-    /// D (col-major m×n, f32, leading dimension ldd) = op(A)·op(B) + bias, or D += op(A)·op(B)
-    /// with the bias gradient written ([`Epilogue`]); the bias f32; A and B as in BLAS, bf16
-    /// under [`MatmulPrecision::Bf16`], else f32.
+    /// D (col-major m×n, leading dimension ldd) = op(A)·op(B) + bias, or D += op(A)·op(B)
+    /// with the bias gradient written ([`Epilogue`]); D and the bias f32 or bf16 ([`Out`]; a
+    /// bias gradient f32); A and B as in BLAS, bf16 under [`MatmulPrecision::Bf16`], else f32.
     ///
     /// # Safety
     /// The pointers must hold matrices of the sizes the dimensions describe, on `stream`.
@@ -89,7 +96,7 @@ impl BiasGemm {
         (a, lda): (CUdeviceptr, usize),
         (b, ldb): (CUdeviceptr, usize),
         (epilogue, bias): (Epilogue, CUdeviceptr),
-        (d, ldd): (CUdeviceptr, usize),
+        (d, ldd, out): (CUdeviceptr, usize, Out),
     ) -> Result<(), String> {
         use sys::cublasComputeType_t as C;
         use sys::cudaDataType_t as T;
@@ -116,7 +123,11 @@ impl BiasGemm {
             Epilogue::Bias => (Ep::CUBLASLT_EPILOGUE_BIAS, 0.0f32),
             Epilogue::BiasGrad => (Ep::CUBLASLT_EPILOGUE_BGRADB, 1.0f32),
         };
-        let bias_type = T::CUDA_R_32F;
+        let d_type = match out {
+            Out::F32 => T::CUDA_R_32F,
+            Out::Bf16 => T::CUDA_R_16BF,
+        };
+        let bias_type = d_type;
         set(A::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const i32 as _, 4)?;
         set(A::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const i32 as _, 4)?;
         set(
@@ -139,7 +150,7 @@ impl BiasGemm {
         for (ty, r, c, ld) in [
             (elem, ar, ac, lda),
             (elem, br, bc, ldb),
-            (T::CUDA_R_32F, m, n, ldd),
+            (d_type, m, n, ldd),
         ] {
             let l = result::create_matrix_layout(ty, r as u64, c as u64, ld as i64).map_err(err)?;
             ds.layouts.push(l);

@@ -20,6 +20,85 @@ use crate::ops::rotary::RotaryParam;
 use crate::ops::*;
 use std::marker::PhantomData;
 
+/// An MLP's parameters ([`Backend::mlp_forward`]): fc `[hidden, c]` and its bias, fc2
+/// `[c, hidden]` and its bias.
+pub struct MlpWeights<'a, T> {
+    pub fc_w: &'a T,
+    pub fc_b: &'a T,
+    pub fc2_w: &'a T,
+    pub fc2_b: &'a T,
+}
+
+// by hand: derived, they would ask T to be Copy too
+impl<T> Clone for MlpWeights<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for MlpWeights<'_, T> {}
+
+/// Where [`Backend::mlp_backward`] adds an MLP's gradients.
+pub struct MlpGrads<'a, T> {
+    pub fc_w: &'a mut T,
+    pub fc_b: &'a mut T,
+    pub fc2_w: &'a mut T,
+    pub fc2_b: &'a mut T,
+}
+
+/// What an MLP's forward hands its backward.
+pub struct MlpSaved<T> {
+    /// fc's output and the GELU's, where the backend keeps them as tensors (None: a GPU
+    /// backend's bf16 copies in `fc_saved`/`fc2_saved` stand for them).
+    pub hidden: Option<(T, T)>,
+    /// fc's [`LinearSaved`] (its input's operand copy).
+    pub fc_saved: LinearSaved,
+    /// fc2's (its input's operand copy: the GELU's output), or a backend's own record of the
+    /// hidden layer.
+    pub fc2_saved: LinearSaved,
+}
+
+/// [`Backend::mlp_forward`] as its linear and GELU ops (what a backend without a fused form
+/// runs).
+pub fn mlp_forward_ops<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Tensor,
+    w: MlpWeights<'_, B::Tensor>,
+    c: usize,
+    hidden: usize,
+) -> (B::Tensor, MlpSaved<B::Tensor>) {
+    let (h, fc_saved) = be.linear_forward(x, w.fc_w, Some(w.fc_b), c, hidden);
+    let g = be.gelu_forward(&h);
+    let (y, fc2_saved) = be.linear_forward(&g, w.fc2_w, Some(w.fc2_b), hidden, c);
+    let saved = MlpSaved {
+        hidden: Some((h, g)),
+        fc_saved,
+        fc2_saved,
+    };
+    (y, saved)
+}
+
+/// [`Backend::mlp_backward`] as its ops, after [`mlp_forward_ops`].
+#[allow(clippy::too_many_arguments)]
+pub fn mlp_backward_ops<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Tensor,
+    dy: &B::Tensor,
+    w: MlpWeights<'_, B::Tensor>,
+    c: usize,
+    hidden: usize,
+    saved: &MlpSaved<B::Tensor>,
+    g: MlpGrads<'_, B::Tensor>,
+) -> B::Tensor {
+    let (h, gl) = saved
+        .hidden
+        .as_ref()
+        .expect("mlp_forward_ops keeps the hidden tensors");
+    let (fc2, fc) = (&saved.fc2_saved, &saved.fc_saved);
+    let dg = be.linear_backward(gl, w.fc2_w, dy, hidden, c, g.fc2_w, Some(g.fc2_b), fc2);
+    let dh = be.gelu_backward(h, &dg);
+    be.linear_backward(x, w.fc_w, &dh, c, hidden, g.fc_w, Some(g.fc_b), fc)
+}
+
 /// Time spent in one op while profiling ([`Backend::set_profiling`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProfileRow {
@@ -279,6 +358,33 @@ pub trait Backend: Send + Sync {
     ) -> Self::Tensor {
         let dlogits = self.cross_entropy_backward(logits, targets, losses, dloss, vocab, row_len);
         self.linear_backward(x, w, &dlogits, cin, row_len, dw, None, saved)
+    }
+    /// The MLP of a block, y = fc2(GELU(fc(x))) with biases; x `[rows, c]`, the hidden layer
+    /// `[rows, hidden]`. The linear and GELU ops in turn; a GPU backend under bf16 products
+    /// keeps the hidden activations (the block's largest) in bf16 only — the products' operand
+    /// copies, written once — instead of f32 tensors rounded again for every product.
+    fn mlp_forward(
+        &self,
+        x: &Self::Tensor,
+        w: MlpWeights<'_, Self::Tensor>,
+        c: usize,
+        hidden: usize,
+    ) -> (Self::Tensor, MlpSaved<Self::Tensor>) {
+        mlp_forward_ops(self, x, w, c, hidden)
+    }
+    /// Its backward: returns ∂x; adds into the four gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_backward(
+        &self,
+        x: &Self::Tensor,
+        dy: &Self::Tensor,
+        w: MlpWeights<'_, Self::Tensor>,
+        c: usize,
+        hidden: usize,
+        saved: &MlpSaved<Self::Tensor>,
+        g: MlpGrads<'_, Self::Tensor>,
+    ) -> Self::Tensor {
+        mlp_backward_ops(self, x, dy, w, c, hidden, saved, g)
     }
     /// One AdamW step (1-based `step`) of every tensor in `params`, in place, each gradient
     /// multiplied by `grad_scale` first (global-norm clipping; 1 leaves it as it is). A GPU

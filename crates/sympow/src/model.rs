@@ -7,7 +7,7 @@
 
 use crate::attention::phi::sympow_dim;
 use crate::attention::{AttentionOut, AttentionSpec, Form, Shape};
-use crate::backend::{Backend, LayerNormSaved, LinearSaved};
+use crate::backend::{Backend, LayerNormSaved, LinearSaved, MlpGrads, MlpSaved, MlpWeights};
 use crate::config::{AttentionKind, Config, FormKind, GateKind, LayerNormKind, RotaryKind};
 use crate::ops::gate::GATE_INIT_BIAS;
 use crate::ops::rotary::{learned_rotary_init_bias, RotaryParam};
@@ -152,6 +152,18 @@ pub struct Block<T> {
     pub fc2_w: T,
     /// Its bias.
     pub fc2_b: T,
+}
+
+impl<T> Block<T> {
+    /// The MLP's four tensors.
+    pub fn mlp_weights(&self) -> MlpWeights<'_, T> {
+        MlpWeights {
+            fc_w: &self.fc_w,
+            fc_b: &self.fc_b,
+            fc2_w: &self.fc2_w,
+            fc2_b: &self.fc2_b,
+        }
+    }
 }
 
 /// All parameters (or gradients, or optimizer moments: anything shaped like them).
@@ -408,10 +420,7 @@ pub struct BlockTrace<T> {
     pub(crate) x_mid: T,
     pub(crate) ln2_out: T,
     pub(crate) ln2_saved: LayerNormSaved<T>,
-    pub(crate) fc_saved: LinearSaved,
-    pub(crate) fc_out: T,
-    pub(crate) gelu_out: T,
-    pub(crate) fc2_saved: LinearSaved,
+    pub(crate) mlp: MlpSaved<T>,
     pub(crate) mlp_mask: Option<T>,
 }
 
@@ -642,11 +651,7 @@ impl<B: Backend> Model<B> {
             be.add_assign(&mut o, &x);
             let x_mid = o;
             let (ln2_out, ln2_saved) = self.layer_norm(&x_mid, &p.ln2);
-            let (fc_out, fc_saved) =
-                be.linear_forward(&ln2_out, &p.fc_w, Some(&p.fc_b), c, dm.hidden);
-            let gelu_out = be.gelu_forward(&fc_out);
-            let (mut mo, fc2_saved) =
-                be.linear_forward(&gelu_out, &p.fc2_w, Some(&p.fc2_b), dm.hidden, c);
+            let (mut mo, mlp) = be.mlp_forward(&ln2_out, p.mlp_weights(), c, dm.hidden);
             let mlp_mask = self.dropout_mask(dropout, l, 1, n * c);
             if let Some(m) = &mlp_mask {
                 mo = be.mul(&mo, m);
@@ -672,10 +677,7 @@ impl<B: Backend> Model<B> {
                 x_mid,
                 ln2_out,
                 ln2_saved,
-                fc_saved,
-                fc_out,
-                gelu_out,
-                fc2_saved,
+                mlp,
                 mlp_mask,
             });
         }
@@ -747,26 +749,20 @@ impl<B: Backend> Model<B> {
             let g = &mut grads.blocks[l];
             // x_out = x_mid + dropout(fc2(gelu(fc(ln2(x_mid)))))
             let masked = t.mlp_mask.as_ref().map(|m| be.mul(&dx, m));
-            let dgelu = be.linear_backward(
-                &t.gelu_out,
-                &p.fc2_w,
-                masked.as_ref().unwrap_or(&dx),
-                dm.hidden,
-                c,
-                &mut g.fc2_w,
-                Some(&mut g.fc2_b),
-                &t.fc2_saved,
-            );
-            let dfc = be.gelu_backward(&t.fc_out, &dgelu);
-            let dln2 = be.linear_backward(
+            let grads = MlpGrads {
+                fc_w: &mut g.fc_w,
+                fc_b: &mut g.fc_b,
+                fc2_w: &mut g.fc2_w,
+                fc2_b: &mut g.fc2_b,
+            };
+            let dln2 = be.mlp_backward(
                 &t.ln2_out,
-                &p.fc_w,
-                &dfc,
+                masked.as_ref().unwrap_or(&dx),
+                p.mlp_weights(),
                 c,
                 dm.hidden,
-                &mut g.fc_w,
-                Some(&mut g.fc_b),
-                &t.fc_saved,
+                &t.mlp,
+                grads,
             );
             let mut dx_mid = dx;
             let dx_ln2 =
@@ -853,13 +849,14 @@ impl<B: Backend> Model<B> {
     pub fn locate_non_finite(&self, tr: &Trace<B::Tensor>) -> Option<String> {
         let bad = |t: &B::Tensor| !self.backend.sum_squares(t).is_finite();
         for (l, b) in tr.blocks.iter().enumerate() {
+            let hidden = b.mlp.hidden.as_ref().map(|(_, g)| g);
             for (what, t) in [
-                ("input", &b.x),
-                ("attention output", &b.att.y),
-                ("residual after attention", &b.x_mid),
-                ("MLP hidden", &b.gelu_out),
+                ("input", Some(&b.x)),
+                ("attention output", Some(&b.att.y)),
+                ("residual after attention", Some(&b.x_mid)),
+                ("MLP hidden", hidden),
             ] {
-                if bad(t) {
+                if t.is_some_and(bad) {
                     return Some(format!("blocks.{l} {what}"));
                 }
             }
