@@ -654,6 +654,39 @@ impl CudaBackend {
         );
     }
 
+    /// y = x·Wᵀ + b (x `[rows, cin]`, W `[cout, cin]`, y `[rows, cout]` at `py`) by cuBLASLt's
+    /// bias epilogue, y and the bias f32 or bf16 ([`Out`]); false where cuBLASLt is absent or
+    /// refuses the shape (nothing written then).
+    ///
+    /// # Safety
+    /// `bias` must hold cout elements and `py` rows·cout, of the type `out` names.
+    unsafe fn bias_epilogue(
+        &self,
+        (xo, wo): (&Operand, &Operand),
+        (rows, cin, cout): (usize, usize, usize),
+        bias: cudarc::driver::sys::CUdeviceptr,
+        (py, out): (cudarc::driver::sys::CUdeviceptr, Out),
+    ) -> bool {
+        let Some(lt) = &self.bias_gemm else {
+            return false;
+        };
+        // row-major y[rows, cout] = x·Wᵀ  ⇔  col-major yᵀ (cout×rows) = Wᵀ(cout×cin)·xᵀ(cin×rows)
+        // SAFETY: by the caller, and x, W are operands of the sizes named.
+        unsafe {
+            lt.run(
+                &self.stream,
+                self.precision(),
+                (true, false),
+                (cout, rows, cin),
+                (wo.ptr(&self.stream), cin),
+                (xo.ptr(&self.stream), cin),
+                (Epilogue::Bias, bias),
+                (py, cout, out),
+            )
+        }
+        .is_ok()
+    }
+
     /// y (f32 `[rows, cout]`) = x·Wᵀ + b, x as an operand: the bias in cuBLASLt's epilogue where
     /// it runs, else filled in first and the product accumulated onto it.
     fn linear_product(
@@ -668,27 +701,12 @@ impl CudaBackend {
         let mut y = self.alloc(rows * cout);
         // row-major y[rows, cout] = x·Wᵀ  ⇔  col-major yᵀ (cout×rows) = Wᵀ(cout×cin)·xᵀ(cin×rows)
         let wo = self.operand(w);
-        let fused = match (b, &self.bias_gemm) {
-            (Some(b), Some(lt)) => {
-                let (pb, _gb) = b.device_ptr(&self.stream);
-                let (py, _gy) = y.device_ptr_mut(&self.stream);
-                // SAFETY: W is cout×cin and x rows×cin (row-major), y rows×cout, the bias cout.
-                unsafe {
-                    lt.run(
-                        &self.stream,
-                        self.precision(),
-                        (true, false),
-                        (cout, rows, cin),
-                        (wo.ptr(&self.stream), cin),
-                        (xo.ptr(&self.stream), cin),
-                        (Epilogue::Bias, pb),
-                        (py, cout, Out::F32),
-                    )
-                }
-                .is_ok()
-            }
-            _ => false,
-        };
+        let fused = b.is_some_and(|b| {
+            let (pb, _gb) = b.device_ptr(&self.stream);
+            let (py, _gy) = y.device_ptr_mut(&self.stream);
+            // SAFETY: the bias has cout elements, y rows×cout f32.
+            unsafe { self.bias_epilogue((xo, &wo), (rows, cin, cout), pb, (py, Out::F32)) }
+        });
         if !fused {
             if let Some(b) = b {
                 let (r, c) = (rows as i64, cout as i32);
@@ -714,30 +732,16 @@ impl CudaBackend {
         cin: usize,
         cout: usize,
     ) -> CudaSlice<u16> {
-        if let Some(lt) = &self.bias_gemm {
-            let mut y = crate::device::alloc_output::<u16>(&self.stream, rows * cout);
-            let (wo, b16) = (self.operand(w), self.to_bf16(b));
-            let ok = {
-                let (pb, _gb) = b16.device_ptr(&self.stream);
-                let (py, _gy) = y.device_ptr_mut(&self.stream);
-                // SAFETY: W is cout×cin and x rows×cin (row-major), y rows×cout, the bias cout.
-                unsafe {
-                    lt.run(
-                        &self.stream,
-                        self.precision(),
-                        (true, false),
-                        (cout, rows, cin),
-                        (wo.ptr(&self.stream), cin),
-                        (xo.ptr(&self.stream), cin),
-                        (Epilogue::Bias, pb),
-                        (py, cout, Out::Bf16),
-                    )
-                }
-                .is_ok()
-            };
-            if ok {
-                return y;
-            }
+        let mut y = crate::device::alloc_output::<u16>(&self.stream, rows * cout);
+        let (wo, b16) = (self.operand(w), self.to_bf16(b));
+        let ok = {
+            let (pb, _gb) = b16.device_ptr(&self.stream);
+            let (py, _gy) = y.device_ptr_mut(&self.stream);
+            // SAFETY: the bias has cout elements, y rows×cout bf16.
+            unsafe { self.bias_epilogue((xo, &wo), (rows, cin, cout), pb, (py, Out::Bf16)) }
+        };
+        if ok {
+            return y;
         }
         self.to_bf16(&self.linear_product(xo, rows, w, Some(b), cin, cout))
     }
