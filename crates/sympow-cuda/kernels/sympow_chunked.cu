@@ -1192,8 +1192,8 @@ extern "C" __global__ void sp_bwd_gates(float* dg, const float* dGt, const float
 
 // ---------------------------------------------------------------------------------------------
 // On Hopper the chunk states and the r-only and dx-only reads run on wgmma. The read of both r
-// and dx stays on mma.sync there: its wgmma form streams S twice (once per regrouping), and
-// L2 → SM bandwidth bounds these reads (1.73 ms against 1.60 at T = 4k, see PERFORMANCE.md).
+// and dx stays on mma.sync there: its wgmma form streams S twice (once per regrouping) and
+// measured slower (1.73 ms against 1.60 at T = 4k; 1.78 against 1.72 later, PERFORMANCE.md).
 #if SP_WGMMA
 #define SP_STATES sp_chunk_states_wg
 #define SP_READ sp_read_wg
