@@ -92,7 +92,7 @@ pub fn mlp_backward_ops<B: Backend + ?Sized>(
     let (h, gl) = saved
         .hidden
         .as_ref()
-        .expect("mlp_forward_ops keeps the hidden tensors");
+        .expect("an MLP's backward runs under the forward's matmul precision");
     let (fc2, fc) = (&saved.fc2_saved, &saved.fc_saved);
     let dg = be.linear_backward(gl, w.fc2_w, dy, hidden, c, g.fc2_w, Some(g.fc2_b), fc2);
     let dh = be.gelu_backward(h, &dg);
