@@ -49,16 +49,18 @@ const BLOCK: u32 = 256;
 
 /// How cuBLAS runs the backend's f32 matrix products (linear layers and LM head: `gemm`; the
 /// cuBLAS softmax path's batched products run in TF32 under `Tf32` and `Bf16`). Weights,
-/// activations, gradients and optimizer state stay f32 in memory in every mode.
+/// gradients and optimizer state stay f32 in memory in every mode, and so do the activations
+/// but for the MLP's hidden layer, which `Bf16` keeps in bf16 only (`mlp_forward`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum MatmulPrecision {
     /// Full f32 products.
     F32,
     /// f32 operands on TF32 tensor cores (10-bit mantissa, f32 accumulation).
     Tf32,
-    /// Operands rounded to bf16 (8-bit mantissa) on the fly, f32 accumulation and output — the
-    /// mixed precision of PyTorch's bf16 autocast; twice TF32's peak rate (gpt2-124m's training
-    /// step at 16k on the H100: 146 → 136 ms). The default.
+    /// Operands rounded to bf16 (8-bit mantissa) on the fly, f32 accumulation and output (bf16
+    /// output where the only consumer reads bf16: the MLP's hidden layer) — the mixed precision
+    /// of PyTorch's bf16 autocast; twice TF32's peak rate (gpt2-124m's training step at 16k on
+    /// the H100: 146 → 136 ms). The default.
     Bf16,
 }
 
