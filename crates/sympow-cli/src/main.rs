@@ -31,8 +31,9 @@ struct Cli {
     cpu: bool,
     /// On the GPU, how the matrix products of the linear layers and the LM head run: bf16
     /// operands with f32 accumulation (as PyTorch's bf16 autocast; weights and optimizer state
-    /// stay f32, the MLP's hidden layer is kept in bf16), f32 operands on TF32 tensor cores (10-bit mantissa, f32
-    /// accumulation; about half the bf16 rate), or full f32 (about an eighth of the TF32 rate).
+    /// stay f32, the MLP's hidden layer is kept in bf16), f32 operands on TF32 tensor cores
+    /// (10-bit mantissa, f32 accumulation; about half the bf16 rate), or full f32 (about an
+    /// eighth of the TF32 rate).
     #[arg(long, global = true, default_value = "bf16", value_parser = ["bf16", "tf32", "f32"])]
     matmul: String,
     #[command(subcommand)]
