@@ -223,6 +223,27 @@ const KERNELS: [&str; 42] = [
     "softmax_rows_grad",
 ];
 
+/// cuBLAS's description of C = op(A)·op(B) + beta·C (alpha 1), column-major as BLAS.
+fn gemm_config(
+    (transa, transb): (Op, Op),
+    (m, n, k): (usize, usize, usize),
+    (lda, ldb, ldc): (usize, usize, usize),
+    beta: f32,
+) -> GemmConfig<f32> {
+    GemmConfig {
+        transa,
+        transb,
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        alpha: 1.0,
+        lda: lda as i32,
+        ldb: ldb as i32,
+        beta,
+        ldc: ldc as i32,
+    }
+}
+
 fn grid(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(BLOCK as usize).max(1) as u32, 1, 1),
@@ -507,18 +528,7 @@ impl CudaBackend {
         c: &mut CudaSlice<f32>,
         ldc: usize,
     ) {
-        let cfg = GemmConfig {
-            transa: ta,
-            transb: tb,
-            m: m as i32,
-            n: n as i32,
-            k: k as i32,
-            alpha: 1.0f32,
-            lda: lda as i32,
-            ldb: ldb as i32,
-            beta,
-            ldc: ldc as i32,
-        };
+        let cfg = gemm_config((ta, tb), (m, n, k), (lda, ldb, ldc), beta);
         let (Some(a16), Some(b16)) = (&a.bf16, &b.bf16) else {
             let (a, b) = (a.f32.expect("f32 operand"), b.f32.expect("f32 operand"));
             // SAFETY: the dimensions and leading dimensions describe buffers of the sizes given.
@@ -542,18 +552,7 @@ impl CudaBackend {
         c: &mut CudaSlice<u16>,
         ldc: usize,
     ) {
-        let cfg = GemmConfig {
-            transa: ta,
-            transb: tb,
-            m: m as i32,
-            n: n as i32,
-            k: k as i32,
-            alpha: 1.0f32,
-            lda: lda as i32,
-            ldb: ldb as i32,
-            beta: 0.0f32,
-            ldc: ldc as i32,
-        };
+        let cfg = gemm_config((ta, tb), (m, n, k), (lda, ldb, ldc), 0.0);
         let (pc, _gc) = c.device_ptr_mut(&self.stream);
         // SAFETY: the dimensions and leading dimensions describe buffers of the sizes given.
         unsafe { self.gemm_bf16(cfg, a, b, pc, true) };
