@@ -90,12 +90,20 @@ pub fn set_default_matmul(p: MatmulPrecision) {
 /// A matrix-product operand of the linear layers (see [`CudaBackend::operand`]): f32, and
 /// under bf16 products its bf16 copy, made here or borrowed from a forward's [`LinearSaved`].
 struct Operand<'a> {
-    /// None only for an operand made in bf16 in the first place (the LM head's ∂logits).
+    /// None only for an operand made in bf16 in the first place ([`Operand::bf16_only`]).
     f32: Option<&'a CudaSlice<f32>>,
     bf16: Option<Cow<'a, CudaSlice<u16>>>,
 }
 
-impl Operand<'_> {
+impl<'a> Operand<'a> {
+    /// An operand that exists only in bf16 (the LM head's ∂logits, the MLP's hidden layer and
+    /// its gradient, a vector of ones).
+    fn bf16_only(x: Cow<'a, CudaSlice<u16>>) -> Self {
+        Operand {
+            f32: None,
+            bf16: Some(x),
+        }
+    }
     /// The device address of the copy the products read (bf16 if there is one).
     fn ptr(&self, stream: &Arc<CudaStream>) -> cudarc::driver::sys::CUdeviceptr {
         match &self.bf16 {
@@ -537,12 +545,11 @@ impl CudaBackend {
         };
         let (pc, _gc) = c.device_ptr_mut(&self.stream);
         // SAFETY: as above, with bf16 copies of a and b (same shapes); c stays f32.
-        unsafe { self.gemm_bf16(cfg, a16, b16, pc, false) };
+        unsafe { self.gemm_bf16(cfg, a16, b16, (pc, Out::F32)) };
     }
 
     /// C (col-major m×n, bf16) = op(A)·op(B), A and B in bf16 (f32 accumulation, C rounded
     /// once): a product whose only consumer reads bf16.
-    #[allow(clippy::too_many_arguments)]
     fn gemm_to_bf16(
         &self,
         (ta, tb): (Op, Op),
@@ -555,28 +562,26 @@ impl CudaBackend {
         let cfg = gemm_config((ta, tb), (m, n, k), (lda, ldb, ldc), 0.0);
         let (pc, _gc) = c.device_ptr_mut(&self.stream);
         // SAFETY: the dimensions and leading dimensions describe buffers of the sizes given.
-        unsafe { self.gemm_bf16(cfg, a, b, pc, true) };
+        unsafe { self.gemm_bf16(cfg, a, b, (pc, Out::Bf16)) };
     }
 
     /// cuBLAS's gemm_ex on bf16 A and B with f32 accumulation, C at `pc` in f32 or bf16.
     ///
     /// # Safety
-    /// `cfg` must describe A, B and C (at `pc`, of the type `c_bf16` says) on this stream.
+    /// `cfg` must describe A, B and C (at `pc`, of the type `out` names) on this stream.
     unsafe fn gemm_bf16(
         &self,
         cfg: GemmConfig<f32>,
         a16: &CudaSlice<u16>,
         b16: &CudaSlice<u16>,
-        pc: cudarc::driver::sys::CUdeviceptr,
-        c_bf16: bool,
+        (pc, out): (cudarc::driver::sys::CUdeviceptr, Out),
     ) {
         use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
         let (pa, _ga) = a16.device_ptr(&self.stream);
         let (pb, _gb) = b16.device_ptr(&self.stream);
-        let c_type = if c_bf16 {
-            cudaDataType::CUDA_R_16BF
-        } else {
-            cudaDataType::CUDA_R_32F
+        let c_type = match out {
+            Out::F32 => cudaDataType::CUDA_R_32F,
+            Out::Bf16 => cudaDataType::CUDA_R_16BF,
         };
         // SAFETY: by the caller; the scalars are f32 for CUBLAS_COMPUTE_32F.
         unsafe {
@@ -834,10 +839,7 @@ impl CudaBackend {
                     .stream
                     .clone_htod(&vec![0x3f80u16; rows])
                     .expect("host to device copy");
-                let onesb = Operand {
-                    f32: None,
-                    bf16: Some(Cow::Owned(ones)),
-                };
+                let onesb = Operand::bf16_only(Cow::Owned(ones));
                 self.gemm(
                     Op::CUBLAS_OP_N,
                     Op::CUBLAS_OP_N,
@@ -1338,10 +1340,7 @@ impl Backend for CudaBackend {
         let xo = self.operand(x);
         let h = self.linear_to_bf16(&xo, rows, w.fc_w, w.fc_b, c, hidden);
         let g = self.gelu_bf16(&h, None);
-        let go = Operand {
-            f32: None,
-            bf16: Some(Cow::Borrowed(&g)),
-        };
+        let go = Operand::bf16_only(Cow::Borrowed(&g));
         let y = self.linear_product(&go, rows, w.fc2_w, Some(w.fc2_b), hidden, c);
         drop(go);
         let saved = MlpSaved {
@@ -1383,15 +1382,9 @@ impl Backend for CudaBackend {
             &mut dg,
             hidden,
         );
-        let go = Operand {
-            f32: None,
-            bf16: Some(Cow::Borrowed(&hid.g)),
-        };
+        let go = Operand::bf16_only(Cow::Borrowed(&hid.g));
         self.weight_grads(&go, &dyo, rows, hidden, c, g.fc2_w, Some(g.fc2_b));
-        let dho = Operand {
-            f32: None,
-            bf16: Some(Cow::Owned(self.gelu_bf16(&hid.h, Some(&dg)))),
-        };
+        let dho = Operand::bf16_only(Cow::Owned(self.gelu_bf16(&hid.h, Some(&dg))));
         let dx = self.input_grad(w.fc_w, &dho, rows, c, hidden);
         let xo = self.saved_operand(x, &saved.fc_saved);
         self.weight_grads(&xo, &dho, rows, c, hidden, g.fc_w, Some(g.fc_b));
@@ -2003,10 +1996,7 @@ impl Backend for CudaBackend {
         self.cross_entropy_grad(
             kernel, &mut d16, logits, targets, losses, dloss, vocab, row_len,
         );
-        let dyo = Operand {
-            f32: None,
-            bf16: Some(Cow::Owned(d16)),
-        };
+        let dyo = Operand::bf16_only(Cow::Owned(d16));
         self.linear_backward_products(x, w, &dyo, cin, row_len, dw, None, saved)
     }
     fn cross_entropy_backward(

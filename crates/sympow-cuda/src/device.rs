@@ -165,18 +165,15 @@ pub(crate) fn load_tensor_core_module(
     } else {
         "compute_80"
     };
+    let build = |arch| -> Result<Arc<CudaModule>, String> {
+        let ptx = compile_tensor_core(source, arch).map_err(|e| e.to_string())?;
+        ctx.load_module(ptx).map_err(|e| e.to_string())
+    };
     // an NVRTC or driver too old for compute_90a keeps the mma.sync forms rather than no kernels
-    let module = compile_tensor_core(source, arch)
-        .map_err(|e| e.to_string())
-        .and_then(|ptx| ctx.load_module(ptx).map_err(|e| e.to_string()))
-        .or_else(|e| {
-            if arch == "compute_80" {
-                return Err(e);
-            }
-            let ptx = compile_tensor_core(source, "compute_80")
-                .map_err(|e80| format!("{arch}: {e}; compute_80: {e80}"))?;
-            ctx.load_module(ptx)
-                .map_err(|e80| format!("{arch}: {e}; compute_80: {e80}"))
+    let module = build(arch)
+        .or_else(|e| match arch {
+            "compute_80" => Err(e),
+            _ => build("compute_80").map_err(|e80| format!("{arch}: {e}; compute_80: {e80}")),
         })
         .map_err(|e| format!("NVRTC ({what}): {e}"))?;
     let f = module

@@ -164,6 +164,15 @@ impl<T> Block<T> {
             fc2_b: &self.fc2_b,
         }
     }
+    /// The same four, to add gradients into (a `Block` of gradients).
+    pub fn mlp_grads(&mut self) -> MlpGrads<'_, T> {
+        MlpGrads {
+            fc_w: &mut self.fc_w,
+            fc_b: &mut self.fc_b,
+            fc2_w: &mut self.fc2_w,
+            fc2_b: &mut self.fc2_b,
+        }
+    }
 }
 
 /// All parameters (or gradients, or optimizer moments: anything shaped like them).
@@ -749,12 +758,6 @@ impl<B: Backend> Model<B> {
             let g = &mut grads.blocks[l];
             // x_out = x_mid + dropout(fc2(gelu(fc(ln2(x_mid)))))
             let masked = t.mlp_mask.as_ref().map(|m| be.mul(&dx, m));
-            let grads = MlpGrads {
-                fc_w: &mut g.fc_w,
-                fc_b: &mut g.fc_b,
-                fc2_w: &mut g.fc2_w,
-                fc2_b: &mut g.fc2_b,
-            };
             let dln2 = be.mlp_backward(
                 &t.ln2_out,
                 masked.as_ref().unwrap_or(&dx),
@@ -762,7 +765,7 @@ impl<B: Backend> Model<B> {
                 c,
                 dm.hidden,
                 &t.mlp,
-                grads,
+                g.mlp_grads(),
             );
             let mut dx_mid = dx;
             let dx_ln2 =
