@@ -108,6 +108,14 @@ extern "C" __global__ void sum_squares(double* partial, const SquaresChunk* chun
     if (threadIdx.x == 0) partial[blockIdx.x] = shm[0];
 }
 
+// bf16 copies of matrix-product operands (round to nearest even, in integer arithmetic: this
+// module is compiled for every architecture, and cvt to bf16 needs sm_80).
+__device__ unsigned int bf16_bits(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;  // NaN stays NaN
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
 // copy a column block [col0, col0+w) of x [rows, total] into out [rows, w], or back (dir = 1)
 extern "C" __global__ void copy_columns(float* out, const float* x, long rows, int total, int col0, int w, int dir) {
     long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
@@ -115,6 +123,16 @@ extern "C" __global__ void copy_columns(float* out, const float* x, long rows, i
     long r = i / w; int j = i % w;
     if (dir == 0) out[i] = x[r * total + col0 + j];
     else out[r * total + col0 + j] = x[i];
+}
+
+// column block [col0, col0+w) of the bf16 out [rows, total] from x [rows, w], rounded as
+// f32_to_bf16 rounds
+extern "C" __global__ void copy_columns_to_bf16(unsigned short* out, const float* x, long rows, int total, int col0,
+                                                int w) {
+    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (i >= rows * w) return;
+    long r = i / w; int j = i % w;
+    out[r * total + col0 + j] = (unsigned short)bf16_bits(x[i]);
 }
 
 extern "C" __global__ void fill_rows(float* out, const float* bias, long rows, int c) {
@@ -504,14 +522,6 @@ extern "C" __global__ void cross_entropy_forward(float* loss, const float* logit
     const float* row = logits + r * row_len;
     float lse = row_logsumexp(row, vocab, row_len, shm);
     if (threadIdx.x == 0) loss[r] = t == 0xffffffffu ? 0.f : lse - row[t];
-}
-
-// bf16 copies of matrix-product operands (round to nearest even, in integer arithmetic: this
-// module is compiled for every architecture, and cvt to bf16 needs sm_80).
-__device__ unsigned int bf16_bits(float f) {
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;  // NaN stays NaN
-    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
 // Stores of a row of ∂logits: f32, or bf16 for the LM head's products (classifier_backward).

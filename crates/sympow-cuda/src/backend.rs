@@ -186,8 +186,9 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 42] = [
+const KERNELS: [&str; 43] = [
     "f32_to_bf16",
+    "copy_columns_to_bf16",
     "gelu_forward_bf16",
     "gelu_backward_bf16",
     "sympow_decode_update",
@@ -1203,6 +1204,46 @@ impl Backend for CudaBackend {
             col0 += w;
         }
         out
+    }
+    fn linear_backward_columns(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        dy_parts: &[&CudaSlice<f32>],
+        widths: &[usize],
+        cin: usize,
+        dw: &mut CudaSlice<f32>,
+        db: Option<&mut CudaSlice<f32>>,
+        saved: &LinearSaved,
+    ) -> CudaSlice<f32> {
+        let cout: usize = widths.iter().sum();
+        if self.precision() != MatmulPrecision::Bf16 {
+            let dy = self.concat_columns(dy_parts, widths);
+            return self.linear_backward(x, w, &dy, cin, cout, dw, db, saved);
+        }
+        let _p = self.prof("linear_backward");
+        let rows = x.len() / cin;
+        // every column block written: the whole operand
+        let mut dy16 = crate::device::alloc_output::<u16>(&self.stream, rows * cout);
+        let mut col0 = 0;
+        for (p, &w) in dy_parts.iter().zip(widths) {
+            let (r, t, c0, wi) = (rows as i64, cout as i32, col0 as i32, w as i32);
+            let cfg = grid(rows * w);
+            launch!(
+                self,
+                "copy_columns_to_bf16",
+                cfg,
+                &mut dy16,
+                *p,
+                &r,
+                &t,
+                &c0,
+                &wi
+            );
+            col0 += w;
+        }
+        let dyo = Operand::bf16_only(Cow::Owned(dy16));
+        self.linear_backward_products(x, w, &dyo, cin, cout, dw, db, saved)
     }
     fn linear_forward(
         &self,

@@ -131,6 +131,48 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
     }
     gpu.set_matmul(MatmulPrecision::F32);
 
+    // a linear backward whose ∂y comes as column blocks (the fused projection's parts)
+    let widths = [10, 13, 10];
+    let dy_parts: Vec<Vec<f32>> = widths
+        .iter()
+        .scan(0, |c0, &w| {
+            let part = (0..n)
+                .flat_map(|r| dy[r * cout + *c0..r * cout + *c0 + w].to_vec())
+                .collect();
+            *c0 += w;
+            Some(part)
+        })
+        .collect();
+    for (precision, label, tol) in [
+        (MatmulPrecision::F32, "", TOL),
+        (MatmulPrecision::Bf16, " (bf16)", BF16_TOL),
+    ] {
+        gpu.set_matmul(precision);
+        let (mut dw_c, mut db_c) = (w.clone(), b.clone());
+        let dx_c = cpu.linear_backward(&x, &w, &dy, cin, cout, &mut dw_c, Some(&mut db_c), &None);
+        let (mut dw_g, mut db_g) = (up(&w), up(&b));
+        let parts: Vec<_> = dy_parts.iter().map(|p| up(p)).collect();
+        let dx_g = gpu.linear_backward_columns(
+            &up(&x),
+            &up(&w),
+            &parts.iter().collect::<Vec<_>>(),
+            &widths,
+            cin,
+            &mut dw_g,
+            Some(&mut db_g),
+            &None,
+        );
+        for (what, g, c) in [
+            ("dx", &dx_g, &dx_c),
+            ("dW", &dw_g, &dw_c),
+            ("db", &db_g, &db_c),
+        ] {
+            let what = format!("linear backward from column blocks {what}{label}");
+            push(&mut rows, &what, &dn(g), c, tol);
+        }
+    }
+    gpu.set_matmul(MatmulPrecision::F32);
+
     // MLP: fc, GELU, fc2 (under bf16 products the GPU keeps the hidden layer in bf16 only); an
     // odd hidden width leaves the bf16 GELU a last single element and cuBLASLt an odd stride
     for (precision, label, tol, hidden) in [

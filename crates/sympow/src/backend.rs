@@ -188,6 +188,26 @@ pub trait Backend: Send + Sync {
         db: Option<&mut Self::Tensor>,
         saved: &LinearSaved,
     ) -> Self::Tensor;
+    /// [`linear_backward`](Self::linear_backward) of a layer whose ∂y arrives as column blocks
+    /// (the fused q/k/v/gate/rotary projection's parts): [`concat_columns`](Self::concat_columns)
+    /// first; a GPU backend under bf16 products writes the blocks straight into the products'
+    /// bf16 operand, never forming ∂y in f32.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward_columns(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        dy_parts: &[&Self::Tensor],
+        widths: &[usize],
+        cin: usize,
+        dw: &mut Self::Tensor,
+        db: Option<&mut Self::Tensor>,
+        saved: &LinearSaved,
+    ) -> Self::Tensor {
+        let dy = self.concat_columns(dy_parts, widths);
+        let cout = widths.iter().sum();
+        self.linear_backward(x, w, &dy, cin, cout, dw, db, saved)
+    }
     /// Layer norm over rows of `c`, with optional affine.
     fn layer_norm_forward(
         &self,

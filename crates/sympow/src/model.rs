@@ -828,13 +828,12 @@ impl<B: Backend> Model<B> {
             if dm.qkv_pad > 0 {
                 dparts.push(be.zeros(n * dm.qkv_pad));
             }
-            let dqkv = be.concat_columns(&dparts.iter().collect::<Vec<_>>(), &dm.qkv_widths);
-            let dln1 = be.linear_backward(
+            let dln1 = be.linear_backward_columns(
                 &t.ln1_out,
                 &p.qkv_w,
-                &dqkv,
+                &dparts.iter().collect::<Vec<_>>(),
+                &dm.qkv_widths,
                 c,
-                dm.qkv_out(),
                 &mut g.qkv_w,
                 Some(&mut g.qkv_b),
                 &t.qkv_saved,
