@@ -8,9 +8,9 @@
 // product with φ(X) is a loop over the first factor's index a of products with diag(x_a)·X —
 // the scaling folded into an operand fragment (states) or into the accumulator (reads).
 // The state S[a][b] is symmetric in its index pair. Where the wgmma kernels run it is
-// tile-packed — only the pairs whose 16-wide tiles have tile(a) ≤ tile(b), rows [a][b][j] with j
-// (the E columns) contiguous (see packed_before) — and the mma.sync kernels there read it
-// through sym_row. Elsewhere it is kept for the full D×D pair, [a][j][b] (the mma.sync reads
+// tile-packed — only the pairs whose 16-wide tiles have tile(a) ≤ tile(b), rows [a][b][j] (see
+// packed_before), stored in core-matrix order (core_row): the reads take slice a's own rows
+// (b ≥ 16·tile(a)) as they are stored and S[a][b] for the b before them from b's rows. Elsewhere it is kept for the full D×D pair, [a][j][b] (the mma.sync reads
 // measured faster on that layout: ∂q's 1.11 against 1.48 ms at T = 4k).
 //
 // Pipeline (one launch each; [BH] = batch·heads, [T] tokens, chunks of L tokens, NC chunks):
@@ -75,9 +75,46 @@ __host__ __device__ constexpr int packed_before(int D, int a) {  // rows of all 
 __device__ __forceinline__ int packed_row(int D, int a, int b) {  // tile(a) ≤ tile(b)
     return packed_before(D, a) + b - (a & ~15);
 }
-__device__ __forceinline__ int sym_row(int D, int a, int b) {  // the row holding S[a][b]
-    return (a >> 4) <= (b >> 4) ? packed_row(D, a, b) : packed_row(D, b, a);
+// The tile-packed state is stored in core-matrix order: its rows in groups of 8, a group as E/8
+// pieces of 8 rows × 8 columns (128 bytes: the unit in which wgmma reads B from shared memory),
+// the order the reads' shared-memory stages use — so a run of whole groups (a slice of the r
+// read) lands in its stage as one bulk copy. Row r's piece c (columns 8c … 8c + 7) is at
+// core_row(E, r) + CORE_PIECE·c.
+#define CORE_PIECE 64
+__device__ __forceinline__ long core_row(int E, int r) { return (long)(r >> 3) * 8 * E + (r & 7) * 8; }
+// ldb2_kmajor's fragments (tiles n0, n0 + 8; rows k0 … k0 + 15) from a [k][n] tile in
+// core-matrix order, n E wide: each 8 × 8 matrix is one contiguous 128-byte unit.
+template <int E> __device__ __forceinline__ void ldb2_kmajor_core(u32* b, const bf16* s, int k0, int n0) {
+    int lane = threadIdx.x & 31, m = lane >> 3, r = lane & 7;
+    ldsm_x4_t(b, s + ((k0 >> 3) + (m & 1)) * 8 * E + ((n0 >> 3) + (m >> 1)) * CORE_PIECE + r * 8);
 }
+#if SP_WGMMA
+// Bulk copies (Hopper's TMA engine, one instruction for a contiguous run of bytes, multiples of
+// 16) completing on an mbarrier in shared memory: the issuing thread arms the barrier with the
+// bytes to come (expect_tx), the copy's completion counts them off, and the barrier's phase
+// completes when both have happened; waiters spin on the phase's parity.
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(unsigned long long* b, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(b)), "r"(count));
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* b, u32 parity) {
+    asm volatile(
+        "{\n.reg .pred p;\nWAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WAIT_%=;\n}" ::"r"(smem_addr(b)),
+        "r"(parity)
+        : "memory");
+}
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, u32 bytes, unsigned long long* bar) {
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}" ::"r"(smem_addr(bar)),
+                 "r"(bytes)
+                 : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     smem_addr(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_addr(bar))
+                 : "memory");
+}
+#endif
 __device__ __forceinline__ bool packed_row_diagonal(int D, int row) {
     int T = 0;
     while (T + 1 < D / 16 && packed_before(D, 16 * (T + 1)) <= row) T++;
@@ -93,7 +130,9 @@ template <int D> struct Smem {
     static constexpr int prep = 0;  // sized by the host from the chunk length L: L·4 bytes
     // sp_read (mma.sync): tokens per block; r, dx, both
     static constexpr int read_qt = 16 * Dm::RM * WARPS;
-    static constexpr int read_r = (2 * (SP_WGMMA ? D * (E + 8) : E * (D + 8)) + read_qt * (D + 8)) * 2;
+    // a stage of S[a]: [b][j] in core-matrix order on Hopper (as stored), else [j][b] padded
+    static constexpr int read_stage = SP_WGMMA ? D * E : E * (D + 8);
+    static constexpr int read_r = (2 * read_stage + read_qt * (D + 8)) * 2;
     static constexpr int read_dx = read_r + read_qt * (E + 8) * 2 + read_qt * 9 * 4;
     static constexpr int read_rdx = read_dx;
 #if SP_WGMMA
@@ -301,8 +340,9 @@ __device__ void sp_discumsum(bf16* st, const float* Gam, long per_chunk, int NC,
     int bh = blockIdx.x;
     long e0 = ((long)blockIdx.y * THREADS + threadIdx.x) * DISC_VEC;
     bool live = e0 < per_chunk;  // per_chunk is a multiple of DISC_VEC
-    // a vector lies in one row (E is a multiple of 16)
-    float weight = pd && live && !packed_row_diagonal(pd, (int)(e0 / (((pd + 2 + 15) / 16) * 16))) ? 2.f : 1.f;
+    // a vector is one 8-column piece of a row: row 8·(e0 / 8E) + (e0 mod 64) / 8 (core_row)
+    long pe = 8 * (((pd + 2 + 15) / 16) * 16);
+    float weight = pd && live && !packed_row_diagonal(pd, (int)(e0 / pe * 8 + (e0 % 64) / 8)) ? 2.f : 1.f;
     bf16* head = st + (long)bh * NC * per_chunk + e0;
     const bf16* fhead = Sfwd ? Sfwd + (long)bh * NC * per_chunk + e0 : nullptr;
     float run[DISC_VEC];
@@ -354,11 +394,11 @@ template <int D, bool R, bool DX>
 __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
     typedef Dims<D> Dm;
     constexpr int E = Dm::E, NT = Dm::NT, RM = Dm::RM, QT = 16 * RM * WARPS, KS = D / 16;
-    // S[a] in shared memory as it is stored: [b][j] (SR = D rows of SC = E) or [j][b]
-    constexpr int SR = SP_WGMMA ? D : E, SC = SP_WGMMA ? E : D;
+    // S[a] in shared memory as it is stored: [b][j] in core-matrix order (Hopper) or [j][b]
+    constexpr int SC = SP_WGMMA ? E : D, STG = Smem<D>::read_stage;
     constexpr int LDX = D + 8, LDS = SC + 8, LDW = E + 8, LDD = 9;
-    bf16* Sbuf = (bf16*)smem;        // two stages of S[a], [SR][LDS]
-    bf16* Xs = Sbuf + 2 * SR * LDS;  // [QT][LDX]
+    bf16* Sbuf = (bf16*)smem;   // two stages of S[a]
+    bf16* Xs = Sbuf + 2 * STG;  // [QT][LDX]
     bf16* Ws = Xs + QT * LDX;       // [QT][LDW] (DX)
     float* dXs = (float*)(Ws + QT * LDW);  // [QT][LDD]: columns a − a mod 8 … (DX)
     int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z;
@@ -366,14 +406,31 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
     if (tile * QT >= L || t0 >= T) return;
     int nv = min(min(QT, L - tile * QT), T - t0);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, row0 = warp * 16 * RM;
-    // S[a] of this chunk into stage st: rows b of the tile-packed state (wgmma builds), else contiguous
+    // S[a] of this chunk into stage st. Tile-packed (Hopper): rows b ≥ 16·tile(a) are a's own,
+    // contiguous — one bulk copy, completing on the stage's mbarrier — and each row b before
+    // them is S[b][a], in b's rows: its pieces by cp.async. Full states: contiguous, by cp.async.
+#if SP_WGMMA
+    __shared__ unsigned long long full[2];
+    if (threadIdx.x == 0) mbar_init(full, 1), mbar_init(full + 1, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncthreads();
+#endif
     auto load_slice = [&](int a, bf16* st) {
-        if (SP_WGMMA) {
-            const bf16* Sc = S + ((long)bh * NC + ci) * packed_before(D, D) * E;
-            gather_rows_async(st, LDS, [&](int b) { return Sc + (long)sym_row(D, a, b) * E; }, SR, SR, SC);
-        } else {
-            load_rows_async(st, LDS, S + (((long)bh * NC + ci) * D + a) * D * E, SR, SR, SC);
+#if SP_WGMMA
+        const bf16* Sc = S + ((long)bh * NC + ci) * packed_before(D, D) * E;
+        int own = a & ~15;
+        if (threadIdx.x == 0) {
+            fence_async_smem();  // the stage's last readers (ldmatrix) are ordered before the copy
+            bulk_copy(st + own * E, Sc + (long)packed_before(D, a) * E, (D - own) * E * 2, full + (a & 1));
         }
+        for (int i = threadIdx.x; i < own * E / 8; i += blockDim.x) {
+            int r8 = i & 7, cg = (i >> 3) % (E / 8), b = i / E * 8 + r8;
+            cp_async16(st + core_row(E, b) + cg * CORE_PIECE, Sc + core_row(E, packed_row(D, b, a)) + cg * CORE_PIECE,
+                       true);
+        }
+#else
+        load_rows_async(st, LDS, S + (((long)bh * NC + ci) * D + a) * D * E, E, E, D);
+#endif
     };
     load_slice(0, Sbuf);
     cp_async_commit();
@@ -402,11 +459,14 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
 #pragma unroll
             for (int i = 0; i < 4; i++) racc[m][nt][i] = 0.f;
     for (int a = 0; a < D; a++) {
-        if (a + 1 < D) load_slice(a + 1, Sbuf + ((a + 1) & 1) * SR * LDS);
+        if (a + 1 < D) load_slice(a + 1, Sbuf + ((a + 1) & 1) * STG);
         cp_async_commit();
         cp_async_wait_prev();
+#if SP_WGMMA
+        mbar_wait(full + (a & 1), (a >> 1) & 1);
+#endif
         __syncthreads();
-        const bf16* Ss = Sbuf + (a & 1) * SR * LDS;
+        const bf16* Ss = Sbuf + (a & 1) * STG;
         float xa[RM][2], p[RM][2];
 #pragma unroll
         for (int m = 0; m < RM; m++)
@@ -428,7 +488,7 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
             for (int ks = 0; ks < KS; ks++) {
                 u32 bfr[4];
                 if (SP_WGMMA)
-                    ldb2_kmajor(bfr, Ss, LDS, ks * 16, nt * 8);
+                    ldb2_kmajor_core<E>(bfr, Ss, ks * 16, nt * 8);
                 else
                     ldb2_nmajor(bfr, Ss, LDS, nt * 8, ks * 16);
 #pragma unroll
@@ -488,13 +548,14 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
 // B operands live in shared memory as 8-row core matrices: rows r of an R × E bf16 matrix, their
 // 16-byte pieces (8 columns) at ((r / 8) · E/8 + column / 8) · 64 + (r % 8) · 8. Consecutive
 // threads fill one core matrix (conflict-free) from 8 rows of global memory, 64 bytes a row a
-// warp. Row r comes from row_src(r); rows ≥ nvalid are zero-filled.
-template <int E, class RowSrc>
+// warp. Row r comes from row_src(r), its pieces PIECE elements apart there; rows ≥ nvalid are
+// zero-filled.
+template <int E, int PIECE = 8, class RowSrc>
 __device__ __forceinline__ void load_core_rows(bf16* dst, RowSrc row_src, int rows, int nvalid) {
     for (int i = threadIdx.x; i < rows * E / 8; i += blockDim.x) {
         int r8 = i & 7, cg = (i >> 3) % (E / 8), rg = i / E, row = rg * 8 + r8;
         bool ok = row < nvalid;
-        cp_async16(dst + (rg * (E / 8) + cg) * 64 + r8 * 8, row_src(ok ? row : 0) + cg * 8, ok);
+        cp_async16(dst + (rg * (E / 8) + cg) * 64 + r8 * 8, row_src(ok ? row : 0) + cg * PIECE, ok);
     }
 }
 // cp.async.wait_group N: all but the N most recent groups of this thread have landed.
@@ -613,10 +674,10 @@ __device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int 
     for (int u = 0; u < U; u++)
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            bf16* orow = oc + (long)packed_row(D, a_w + u, 16 * tb + g + 8 * h) * E + 2 * t;
+            bf16* orow = oc + core_row(E, packed_row(D, a_w + u, 16 * tb + g + 8 * h)) + 2 * t;
 #pragma unroll
             for (int nt = 0; nt < E / 8; nt++)
-                *(u32*)(orow + nt * 8) = pack2(acc[u][4 * nt + 2 * h], acc[u][4 * nt + 2 * h + 1]);
+                *(u32*)(orow + nt * CORE_PIECE) = pack2(acc[u][4 * nt + 2 * h], acc[u][4 * nt + 2 * h + 1]);
         }
 }
 
@@ -630,24 +691,35 @@ __device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int 
 //       product too (dx[t, a] = 2 Σ_{b,j} x_tb w_tj S[a][b][j]) — for each b, E/16 products of
 //       64 × D with A = W's fragments scaled by x_b and B = S[a][b][j] over (j, a) (K-major),
 //       its D rows gathered from the packed state. No per-a row sums, unlike the mma.sync form.
-// Slices of S stream through ST shared-memory stages, ST − 2 ahead of the products.
+// Slices of S stream through ST shared-memory stages, ST − 2 ahead of the products. Slice i's
+// rows ≥ 16·tile(i) are i's own packed rows, contiguous in the stored state (r: S[a = i][b];
+// dx: S[b = i][a] = S[a][b]): one bulk copy, completing on the stage's mbarrier — measured
+// against 16-byte cp.async pieces by bench/wgmma_stream.cu, the streaming loop 2.31 → 1.59 ms
+// (1.49 without streaming). The r read needs no others; dx's rows a before them are S[a][b],
+// in a's rows: by cp.async.
 template <int D, bool DXPASS, int KSTEPS, int N, int RW>
 __device__ __forceinline__ void wg_read_pass(float (*acc)[N / 2], const u32 (*frag)[KSTEPS][4], const bf16* Xs,
                                               int LDX, int row0, const bf16* Sc, bf16* Sbuf) {
     typedef Wg<D> W;
     constexpr int E = W::E, ST = W::RST, SLICE = D * E;
     int lane = threadIdx.x & 31, g = lane >> 2;
+    __shared__ unsigned long long full[ST];  // stage s's bulk copy has landed
     auto issue = [&](int i) {
         bf16* st = Sbuf + (i % ST) * SLICE;
-        if (i < D) {
-            if (DXPASS)  // slice b = i: rows a
-                load_core_rows<E>(st, [&](int a) { return Sc + (long)sym_row(D, a, i) * E; }, D, D);
-            else  // slice a = i: its packed rows b
-                load_core_rows<E>(st, [&](int r) { return Sc + (long)(packed_before(D, i) + r) * E; },
-                                  D - (i & ~15), D);
+        int own = i & ~15;
+        if (i < D && threadIdx.x == 0)
+            bulk_copy(st + own * E, Sc + (long)packed_before(D, i) * E, (D - own) * E * 2, full + i % ST);
+        if (DXPASS) {
+            if (i < D)
+                load_core_rows<E, CORE_PIECE>(st, [&](int a) { return Sc + core_row(E, packed_row(D, a, i)); }, own,
+                                              own);
+            cp_async_commit();
         }
-        cp_async_commit();
     };
+    if (threadIdx.x == 0)
+        for (int s = 0; s < ST; s++) mbar_init(full + s, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncthreads();
     u32 sc[2][RW][KSTEPS][4];  // two sets: slice i scales into set i & 1
 #pragma unroll
     for (int s = 0; s < ST - 2; s++) issue(s);
@@ -655,8 +727,11 @@ __device__ __forceinline__ void wg_read_pass(float (*acc)[N / 2], const u32 (*fr
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             int i = i0 + h, first = DXPASS ? 0 : i >> 4;  // r: the k-steps of b-tiles ≥ tile(a)
-            cp_async_wait<ST - 3>();
-            fence_async_smem();
+            if (DXPASS) {
+                cp_async_wait<ST - 3>();
+                fence_async_smem();
+            }
+            mbar_wait(full + i % ST, (i / ST) & 1);
             __syncthreads();  // slice i landed for all; every warpgroup is past slice i − 2's products
             issue(i + ST - 2);
             const bf16* Ss = Sbuf + (i % ST) * SLICE;
@@ -678,10 +753,11 @@ __device__ __forceinline__ void wg_read_pass(float (*acc)[N / 2], const u32 (*fr
 #pragma unroll
             for (int k = 0; k < KSTEPS; k++) {
                 if (k < first) continue;
-                // r: 16 packed rows b of S[a] ([b][j]), core matrices along b E·16 bytes apart,
+                // r: rows b = 16k … of S[a] ([b][j]; a stage keeps rows at their index, those before
+                // 16·tile(a) unused), core matrices along b E·16 bytes apart,
                 // along j 128. dx: 16 columns j of S[·][b] ([a][j]), along j 128, along a E·16.
                 unsigned long long desc =
-                    DXPASS ? wg_desc(Ss + k * 128, 128, E * 16) : wg_desc(Ss + (k - first) * 16 * E, E * 16, 128);
+                    DXPASS ? wg_desc(Ss + k * 128, 128, E * 16) : wg_desc(Ss + k * 16 * E, E * 16, 128);
 #pragma unroll
                 for (int m = 0; m < RW; m++) wgmma<N, DXPASS ? 0 : 1>(acc[m], sc[h][m][k], desc, 1);
             }
