@@ -10,8 +10,9 @@
 // The state S[a][b] is symmetric in its index pair. Where the wgmma kernels run it is
 // tile-packed — only the pairs whose 16-wide tiles have tile(a) ≤ tile(b), rows [a][b][j] (see
 // packed_before), stored in core-matrix order (core_row): the reads take slice a's own rows
-// (b ≥ 16·tile(a)) as they are stored and S[a][b] for the b before them from b's rows. Elsewhere it is kept for the full D×D pair, [a][j][b] (the mma.sync reads
-// measured faster on that layout: ∂q's 1.11 against 1.48 ms at T = 4k).
+// (b ≥ 16·tile(a)) as they are stored and S[a][b] for the b before them from b's rows.
+// Elsewhere it is kept for the full D×D pair, [a][j][b] (the mma.sync reads measured faster on
+// that layout: ∂q's 1.11 against 1.48 ms at T = 4k).
 //
 // Pipeline (one launch each; [BH] = batch·heads, [T] tokens, chunks of L tokens, NC chunks):
 //   sp_prep     g → local cumulative gates G and chunk totals Γ; bf16 staging copies
