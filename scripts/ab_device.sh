@@ -4,7 +4,8 @@
 # that drift between runs shows. Builds come from scripts/build_for_device.sh.
 #   bash scripts/ab_device.sh .carry/base .carry/new [...]
 # Environment: ROUNDS (2), CHECK (1: run device-check first, each under a timeout), ATTN (1),
-# TRAIN (1), TRAIN_ARGS (the bench train arguments), SEED (7).
+# TRAIN (1), TRAIN_ARGS (the bench train arguments), SEED (7), STAGES (0; 1: each binary's
+# fused attention at T = 4k by stage, synchronised, after the rounds).
 set -uo pipefail
 [ $# -ge 1 ] || { echo "usage: $0 BINARY [BINARY...]" >&2; exit 2; }
 ROUNDS=${ROUNDS:-2}
@@ -34,4 +35,10 @@ for round in $(seq "$ROUNDS"); do
     fi
   done
 done
+if [ "${STAGES:-0}" = 1 ]; then
+  for b in "$@"; do
+    echo "== $b: attention stages"
+    "$b" bench attention --time 4096 --naive-max-t 0 --reps 5 --stages 2>&1 | sed -n '/in stages/,$p'
+  done
+fi
 exit $status
