@@ -771,7 +771,7 @@ __device__ __forceinline__ void wg_read_pass(float (*acc)[N / 2], const u32 (*fr
 
 template <int D, bool R, bool DX>
 __device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
-    static_assert(R != DX, "r and dx together stay on sp_read (see the entry points)");
+    static_assert(R != DX, "r and dx together are two passes here (see the entry points)");
     typedef Wg<D> W;
     constexpr int E = W::E, RW = W::RW, QT = W::QT, ST = W::RST, LDX = D + 8, LDW = E + 8, SLICE = D * E;
     bf16* Sbuf = (bf16*)smem;          // ST stages of one slice of S (at most D × E)
@@ -1268,9 +1268,10 @@ extern "C" __global__ void sp_bwd_gates(float* dg, const float* dGt, const float
 }
 
 // ---------------------------------------------------------------------------------------------
-// On Hopper the chunk states and the r-only and dx-only reads run on wgmma. The read of both r
-// and dx stays on mma.sync there: its wgmma form streams S twice (once per regrouping) and
-// measured slower (1.73 ms against 1.60 at T = 4k; 1.78 against 1.72 later, PERFORMANCE.md).
+// On Hopper the chunk states and the r-only and dx-only reads run on wgmma, and the host forms
+// r and dx together as those two passes: each streams S once, but by bulk copies, and the two
+// take 1.41 ms at T = 4k against the single mma.sync pass's 1.73 (PERFORMANCE.md; before the
+// bulk copies the two passes were the slower, 1.78 against 1.72). sp_read_rdx is mma.sync's.
 #if SP_WGMMA
 #define SP_STATES sp_chunk_states_wg
 #define SP_READ sp_read_wg

@@ -10,8 +10,8 @@
 //! index pairs with tile(a) ≤ tile(b) of 16-wide tiles, 5/8 of that at D = 64).
 //!
 //! On Hopper (compute capability 9.0) the state products — chunk states and the reads of r or
-//! dx alone — run on `wgmma` (kernels compiled for `compute_90a`); elsewhere, or with
-//! `SYMPOW_NO_WGMMA` set, on `mma.sync`.
+//! dx (both: one pass each) — run on `wgmma` (kernels compiled for `compute_90a`); elsewhere, or
+//! with `SYMPOW_NO_WGMMA` set, on `mma.sync`.
 
 use crate::device::alloc_output;
 use cudarc::driver::{
@@ -359,7 +359,9 @@ impl ChunkedSympow {
         out
     }
 
-    /// `r = Σ_a x_a (X S[a])` and/or `dx = 2·rowdot(X S[a], W)` per chunk (at least one).
+    /// `r = Σ_a x_a (X S[a])` and/or `dx = 2·rowdot(X S[a], W)` per chunk (at least one). On
+    /// `wgmma` both are two passes, r's and dx's (each streams S once more, by bulk copies);
+    /// elsewhere one `mma.sync` pass can form both.
     #[allow(clippy::too_many_arguments)]
     fn read(
         &self,
@@ -374,31 +376,34 @@ impl ChunkedSympow {
         // every token's row of each, written once by the block that owns it
         let mut r = want_r.then(|| alloc_output::<f32>(stream, n * g.e));
         let mut dx = w.map(|_| alloc_output::<f32>(stream, n * g.d));
-        let (t, l, nc) = (g.t as i32, g.l as i32, g.nc as i32);
-        let name = match (want_r, w.is_some()) {
-            (true, false) => "sp_read_r",
-            (false, true) => "sp_read_dx",
-            (true, true) => "sp_read_rdx",
+        let passes: &[&str] = match (want_r, w.is_some()) {
+            (true, false) => &["sp_read_r"],
+            (false, true) => &["sp_read_dx"],
+            (true, true) if self.shapes[&g.d].wgmma => &["sp_read_r", "sp_read_dx"],
+            (true, true) => &["sp_read_rdx"],
             (false, false) => unreachable!("read wants r, dx or both"),
         };
-        let mut b = stream.launch_builder(self.f(name, g.d));
-        match r.as_mut() {
-            Some(x) => b.arg(x),
-            None => b.arg(&NULL),
-        };
-        match dx.as_mut() {
-            Some(x) => b.arg(x),
-            None => b.arg(&NULL),
-        };
-        b.arg(x).arg(s);
-        match w {
-            Some(x) => b.arg(x),
-            None => b.arg(&NULL),
-        };
-        b.arg(&t).arg(&l).arg(&nc);
-        // SAFETY: as declared in sp_read; one block per read_rows tokens of a chunk.
-        let tiles = g.l.div_ceil(self.shapes[&g.d].read_rows);
-        unsafe { b.launch(self.cfg(name, g.d, (tiles, g.bh, g.nc))) }.expect(name);
+        let (t, l, nc) = (g.t as i32, g.l as i32, g.nc as i32);
+        for &name in passes {
+            let mut b = stream.launch_builder(self.f(name, g.d));
+            match r.as_mut().filter(|_| name != "sp_read_dx") {
+                Some(x) => b.arg(x),
+                None => b.arg(&NULL),
+            };
+            match dx.as_mut().filter(|_| name != "sp_read_r") {
+                Some(x) => b.arg(x),
+                None => b.arg(&NULL),
+            };
+            b.arg(x).arg(s);
+            match w {
+                Some(x) => b.arg(x),
+                None => b.arg(&NULL),
+            };
+            b.arg(&t).arg(&l).arg(&nc);
+            // SAFETY: as declared in sp_read; one block per read_rows tokens of a chunk.
+            let tiles = g.l.div_ceil(self.shapes[&g.d].read_rows);
+            unsafe { b.launch(self.cfg(name, g.d, (tiles, g.bh, g.nc))) }.expect(name);
+        }
         (r, dx)
     }
 
