@@ -9,8 +9,9 @@
 // the scaling folded into an operand fragment (states) or into the accumulator (reads).
 // The state S[a][b] is symmetric in its index pair. Where the wgmma kernels run it is
 // tile-packed — only the pairs whose 16-wide tiles have tile(a) ≤ tile(b), rows [a][b][j] (see
-// packed_before), stored in core-matrix order (core_row): the reads take slice a's own rows
-// (b ≥ 16·tile(a)) as they are stored and S[a][b] for the b before them from b's rows.
+// packed_before), stored in core-matrix order (core_row): the reads take each slice's own rows
+// as they are stored (slice a: b ≥ 16·tile(a)), the dx read the rest of its slice from the
+// earlier slices' rows.
 // Elsewhere it is kept for the full D×D pair, [a][j][b] (the mma.sync reads measured faster on
 // that layout: ∂q's 1.11 against 1.48 ms at T = 4k).
 //
@@ -83,12 +84,6 @@ __device__ __forceinline__ int packed_row(int D, int a, int b) {  // tile(a) ≤
 // core_row(E, r) + CORE_PIECE·c.
 #define CORE_PIECE 64
 __device__ __forceinline__ long core_row(int E, int r) { return (long)(r >> 3) * 8 * E + (r & 7) * 8; }
-// ldb2_kmajor's fragments (tiles n0, n0 + 8; rows k0 … k0 + 15) from a [k][n] tile in
-// core-matrix order, n E wide: each 8 × 8 matrix is one contiguous 128-byte unit.
-template <int E> __device__ __forceinline__ void ldb2_kmajor_core(u32* b, const bf16* s, int k0, int n0) {
-    int lane = threadIdx.x & 31, m = lane >> 3, r = lane & 7;
-    ldsm_x4_t(b, s + ((k0 >> 3) + (m & 1)) * 8 * E + ((n0 >> 3) + (m >> 1)) * CORE_PIECE + r * 8);
-}
 #if SP_WGMMA
 // Bulk copies (Hopper's TMA engine, one instruction for a contiguous run of bytes, multiples of
 // 16) completing on an mbarrier in shared memory: the issuing thread arms the barrier with the
@@ -131,9 +126,7 @@ template <int D> struct Smem {
     static constexpr int prep = 0;  // sized by the host from the chunk length L: L·4 bytes
     // sp_read (mma.sync): tokens per block; r, dx, both
     static constexpr int read_qt = 16 * Dm::RM * WARPS;
-    // a stage of S[a]: [b][j] in core-matrix order on Hopper (as stored), else [j][b] padded
-    static constexpr int read_stage = SP_WGMMA ? D * E : E * (D + 8);
-    static constexpr int read_r = (2 * read_stage + read_qt * (D + 8)) * 2;
+    static constexpr int read_r = (2 * E * (D + 8) + read_qt * (D + 8)) * 2;
     static constexpr int read_dx = read_r + read_qt * (E + 8) * 2 + read_qt * 9 * 4;
     static constexpr int read_rdx = read_dx;
 #if SP_WGMMA
@@ -395,11 +388,11 @@ template <int D, bool R, bool DX>
 __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
     typedef Dims<D> Dm;
     constexpr int E = Dm::E, NT = Dm::NT, RM = Dm::RM, QT = 16 * RM * WARPS, KS = D / 16;
-    // S[a] in shared memory as it is stored: [b][j] in core-matrix order (Hopper) or [j][b]
-    constexpr int SC = SP_WGMMA ? E : D, STG = Smem<D>::read_stage;
-    constexpr int LDX = D + 8, LDS = SC + 8, LDW = E + 8, LDD = 9;
-    bf16* Sbuf = (bf16*)smem;   // two stages of S[a]
-    bf16* Xs = Sbuf + 2 * STG;  // [QT][LDX]
+    // S[a] in shared memory as it is stored, [j][b] (full states: on Hopper, whose states are
+    // tile-packed, r and dx run as the two wgmma passes instead — see the entry points)
+    constexpr int LDX = D + 8, LDS = D + 8, LDW = E + 8, LDD = 9;
+    bf16* Sbuf = (bf16*)smem;       // two stages of S[a], [E][LDS]
+    bf16* Xs = Sbuf + 2 * E * LDS;  // [QT][LDX]
     bf16* Ws = Xs + QT * LDX;       // [QT][LDW] (DX)
     float* dXs = (float*)(Ws + QT * LDW);  // [QT][LDD]: columns a − a mod 8 … (DX)
     int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z;
@@ -407,31 +400,9 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
     if (tile * QT >= L || t0 >= T) return;
     int nv = min(min(QT, L - tile * QT), T - t0);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, row0 = warp * 16 * RM;
-    // S[a] of this chunk into stage st. Tile-packed (Hopper): rows b ≥ 16·tile(a) are a's own,
-    // contiguous — one bulk copy, completing on the stage's mbarrier — and each row b before
-    // them is S[b][a], in b's rows: its pieces by cp.async. Full states: contiguous, by cp.async.
-#if SP_WGMMA
-    __shared__ unsigned long long full[2];
-    if (threadIdx.x == 0) mbar_init(full, 1), mbar_init(full + 1, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    __syncthreads();
-#endif
+    // S[a] of this chunk into stage st (contiguous)
     auto load_slice = [&](int a, bf16* st) {
-#if SP_WGMMA
-        const bf16* Sc = S + ((long)bh * NC + ci) * packed_before(D, D) * E;
-        int own = a & ~15;
-        if (threadIdx.x == 0) {
-            fence_async_smem();  // the stage's last readers (ldmatrix) are ordered before the copy
-            bulk_copy(st + own * E, Sc + (long)packed_before(D, a) * E, (D - own) * E * 2, full + (a & 1));
-        }
-        for (int i = threadIdx.x; i < own * E / 8; i += blockDim.x) {
-            int r8 = i & 7, cg = (i >> 3) % (E / 8), b = i / E * 8 + r8;
-            cp_async16(st + core_row(E, b) + cg * CORE_PIECE, Sc + core_row(E, packed_row(D, b, a)) + cg * CORE_PIECE,
-                       true);
-        }
-#else
         load_rows_async(st, LDS, S + (((long)bh * NC + ci) * D + a) * D * E, E, E, D);
-#endif
     };
     load_slice(0, Sbuf);
     cp_async_commit();
@@ -460,14 +431,11 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
 #pragma unroll
             for (int i = 0; i < 4; i++) racc[m][nt][i] = 0.f;
     for (int a = 0; a < D; a++) {
-        if (a + 1 < D) load_slice(a + 1, Sbuf + ((a + 1) & 1) * STG);
+        if (a + 1 < D) load_slice(a + 1, Sbuf + ((a + 1) & 1) * E * LDS);
         cp_async_commit();
         cp_async_wait_prev();
-#if SP_WGMMA
-        mbar_wait(full + (a & 1), (a >> 1) & 1);
-#endif
         __syncthreads();
-        const bf16* Ss = Sbuf + (a & 1) * STG;
+        const bf16* Ss = Sbuf + (a & 1) * E * LDS;
         float xa[RM][2], p[RM][2];
 #pragma unroll
         for (int m = 0; m < RM; m++)
@@ -488,10 +456,7 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
 #pragma unroll
             for (int ks = 0; ks < KS; ks++) {
                 u32 bfr[4];
-                if (SP_WGMMA)
-                    ldb2_kmajor_core<E>(bfr, Ss, ks * 16, nt * 8);
-                else
-                    ldb2_nmajor(bfr, Ss, LDS, nt * 8, ks * 16);
+                ldb2_nmajor(bfr, Ss, LDS, nt * 8, ks * 16);
 #pragma unroll
                 for (int m = 0; m < RM; m++) {
                     mma16816(y[m][0], xf[m][ks], bfr);
@@ -1275,9 +1240,17 @@ extern "C" __global__ void sp_bwd_gates(float* dg, const float* dGt, const float
 #if SP_WGMMA
 #define SP_STATES sp_chunk_states_wg
 #define SP_READ sp_read_wg
+template <int D>
+__device__ void sp_read_rdx(float*, float*, const bf16*, const bf16*, const bf16*, int, int, int) {
+    __trap();  // never launched: the host runs sp_read_r and sp_read_dx (chunked.rs, read)
+}
 #else
 #define SP_STATES sp_chunk_states
 #define SP_READ sp_read
+template <int D>
+__device__ void sp_read_rdx(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
+    sp_read<D, true, true>(r, dx, x, S, w, T, L, NC);
+}
 #endif
 #define SP_INSTANCES(D)                                                                                               \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
@@ -1299,7 +1272,7 @@ extern "C" __global__ void sp_bwd_gates(float* dg, const float* dGt, const float
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_read_rdx_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {     \
-        sp_read<D, true, true>(r, dx, x, S, w, T, L, NC);                                                             \
+        sp_read_rdx<D>(r, dx, x, S, w, T, L, NC);                                                                     \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_intra_fwd_##D(float* y, float* log_norm, const bf16* qs, const bf16* kr, const bf16* vp, const float* G,   \
