@@ -3,7 +3,7 @@
 #
 # On the GPU machine, from the repository root, with the release binary (built with
 # `--features sympow-cli/cuda`) at $SYMPOW (default .carry/sympow) and the peers' wheels in .whl/
-# (retention, fla-core, einops: see docs/PERFORMANCE.md for the pip download line):
+# (retention, fla-core, einops: scripts/peers_env.sh has the pip download line):
 #   bash scripts/bench_attention.sh [T list, default 1024,4096,16384,65536]
 # On a fresh machine the peers' Triton autotuning takes most of the call (the peers are cut
 # after PEERS_TIMEOUT seconds); carry the $OUT/triton-autotune.tgz it leaves back as

@@ -5,7 +5,7 @@
 #
 # On the GPU machine, from the repository root, with the release binary (built with
 # `--features sympow-cli/cuda`) at $SYMPOW (default .carry/sympow) and the retention wheel in .whl/
-# (Triton autotuning results carried as in scripts/peers_env.sh):
+# (the pip download line and the Triton autotuning results: scripts/peers_env.sh):
 #   CONTEXT=4096,16384 TOKENS=16384 bash scripts/bench_train.sh [--compile]
 set -euo pipefail
 CONTEXT=${CONTEXT:-4096,16384}

@@ -1,6 +1,10 @@
 # Sourced by bench_attention.sh and bench_train.sh: the Python peers' environment on the GPU
 # machine.
 #
+# The wheels, fetched once on a machine with PyPI (the GPU machine has no network; .whl/ is
+# ignored by git and travels with the working tree):
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl retention==1.0.7 fla-core==0.6.0 einops==0.8.2
+#
 # peers_setup: installs the wheels carried in .whl/ (retention, fla-core, einops) and points
 # Triton at a cache that starts from .triton-autotune.tgz when that file was carried. Triton
 # autotunes retention's and fla's kernels on first use — about 8 minutes for every peer of
