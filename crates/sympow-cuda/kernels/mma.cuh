@@ -118,19 +118,14 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid
     int bytes = valid ? 4 : 0;
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(d), "l"(src), "r"(bytes));
 }
-// Row r (< nvalid) comes from row_src(r), so rows can be gathered from anywhere.
-template <class RowSrc>
-__device__ __forceinline__ void gather_rows_async(bf16* dst, int ld, RowSrc row_src, int nvalid, int rows, int cols) {
+// The rows of a contiguous [rows][cols] source (rows ≥ nvalid zero-filled).
+__device__ __forceinline__ void load_rows_async(bf16* dst, int ld, const bf16* src, int nvalid, int rows, int cols) {
     int vec = cols / 8;
     for (int i = threadIdx.x; i < rows * vec; i += blockDim.x) {
         int r = i / vec, c = (i % vec) * 8;
         bool ok = r < nvalid;
-        cp_async16(dst + r * ld + c, ok ? row_src(r) + c : row_src(0), ok);
+        cp_async16(dst + r * ld + c, ok ? src + (long)r * cols + c : src, ok);
     }
-}
-// The rows of a contiguous [rows][cols] source.
-__device__ __forceinline__ void load_rows_async(bf16* dst, int ld, const bf16* src, int nvalid, int rows, int cols) {
-    gather_rows_async(dst, ld, [=](int r) { return src + (long)r * cols; }, nvalid, rows, cols);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_prev() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
