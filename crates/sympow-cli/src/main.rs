@@ -237,7 +237,7 @@ struct AttentionBench {
     #[arg(long, default_value_t = 64)]
     head_dim: usize,
     /// Chunk length of the fused kernels (multiple of 128, ≤ 4096).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = sympow_cuda::DEFAULT_CHUNK)]
     chunk: usize,
     /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 10)]
@@ -707,9 +707,12 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
         Command::Bench {
             what: BenchCommand::Attention(args),
         } => {
-            if !args.chunk.is_multiple_of(128) || !(128..=4096).contains(&args.chunk) {
+            if !args.chunk.is_multiple_of(128)
+                || !(128..=sympow_cuda::MAX_CHUNK).contains(&args.chunk)
+            {
                 bail!(
-                    "--chunk must be a multiple of 128 between 128 and 4096, got {}",
+                    "--chunk must be a multiple of 128 between 128 and {}, got {}",
+                    sympow_cuda::MAX_CHUNK,
                     args.chunk
                 );
             }

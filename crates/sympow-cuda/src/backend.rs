@@ -458,8 +458,8 @@ impl CudaBackend {
         .then_some(f)
     }
 
-    /// Chunk length of the fused kernels: a multiple of 128, at most 4096 (default 1024;
-    /// shorter sequences use one chunk).
+    /// Chunk length of the fused kernels: a multiple of 128, at most [`MAX_CHUNK`] (default
+    /// [`DEFAULT_CHUNK`]; shorter sequences use one chunk).
     pub fn set_attention_chunk(&self, chunk: usize) {
         assert!(
             chunk.is_multiple_of(128) && (128..=MAX_CHUNK).contains(&chunk),

@@ -46,12 +46,7 @@ const KERNELS: [(&str, Option<usize>); 10] = [
 const SMEM_ENTRIES: usize = 12;
 /// Head dimensions the kernels are instantiated for (SP_INSTANCES in the kernel source).
 pub const HEAD_DIMS: [usize; 3] = crate::FUSED_HEAD_DIMS;
-/// Default chunk length (on the H100, d = 64, forward+backward of 65,536 tokens: chunk 256 →
-/// 52 ms, 512 → 32, 1024 → 25–26, 2048 → 26, 4096 → 34); any multiple of 128 up to
-/// [`MAX_CHUNK`].
-pub const DEFAULT_CHUNK: usize = 1024;
-/// Largest chunk length (shared memory of the gate scans: 4 bytes a token).
-pub const MAX_CHUNK: usize = 4096;
+pub use crate::{DEFAULT_CHUNK, MAX_CHUNK};
 const THREADS: u32 = 256;
 /// bf16 elements per thread of `sp_discumsum_all` (DISC_VEC in the kernel source).
 const DISC_VEC: usize = 8;

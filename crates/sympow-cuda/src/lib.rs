@@ -31,6 +31,14 @@ pub use device::CudaGpu;
 /// Head dimensions (dk = dv) the fused chunked-sympow kernels are built for.
 pub const FUSED_HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
+/// Default chunk length: on the H100, d = 64, gated, forward+backward of 65,536 tokens at
+/// T = 4k / 64k — chunk 256 → 8.19 / 8.24 ms, 512 → 7.38 / 7.49, 768 → 7.47 / 7.59, 1024 →
+/// 7.69 / 7.77, 1536 → 8.18 / 8.36 (shorter chunks: less intra-chunk work, more states to
+/// sum; docs/PERFORMANCE.md). Any multiple of 128 up to [`MAX_CHUNK`].
+pub const DEFAULT_CHUNK: usize = 512;
+/// Largest chunk length (shared memory of the gate scans: 4 bytes a token).
+pub const MAX_CHUNK: usize = 4096;
+
 /// Why the CUDA backend is not available.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum Unavailable {
