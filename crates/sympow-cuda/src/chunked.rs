@@ -95,8 +95,9 @@ struct Staged {
 /// What the forward keeps for the backward (in [`AttentionOut::saved`]): the bf16 operands and
 /// the discounted chunk states, which the backward would otherwise recompute (prep, chunk
 /// states and cumsum: about 15 % of a forward+backward). Memory: the states are D·D·E bf16
-/// numbers per chunk and head (5/8 of that tile-packed at D = 64); with the operands ≈ 1.3 KiB
-/// per token and head at d = 64 (c = 1024: 0.6 KiB of state, 0.7 KiB of bf16 operands).
+/// numbers per chunk and head (5/8 of that tile-packed at D = 64); with the operands ≈ 1.5 KiB
+/// per token and head at d = 64 on Hopper (c = 512: 0.8 KiB of state, 0.7 KiB of bf16
+/// operands).
 struct FusedSaved {
     staged: Staged,
     states: CudaSlice<u16>,
