@@ -602,6 +602,15 @@ extern "C" __global__ void f32_to_bf16(unsigned short* out, const float* in, lon
     }
 }
 
+// How many of n bf16 values are not finite (exponent bits all ones: ±inf or NaN), into *count.
+extern "C" __global__ void count_non_finite_bf16(unsigned int* count, const unsigned short* x, long n) {
+    unsigned int bad = 0;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        bad += (x[i] & 0x7f80u) == 0x7f80u;
+    for (int o = 16; o > 0; o >>= 1) bad += __shfl_xor_sync(0xffffffffu, bad, o);
+    if ((threadIdx.x & 31) == 0 && bad) atomicAdd(count, bad);
+}
+
 // ---- GELU on bf16 (the MLP's hidden layer under bf16 products): f32 arithmetic as above, the
 // result rounded as f32_to_bf16 rounds; two elements a thread ----------------------------------
 __device__ __forceinline__ float bf16_value(unsigned int bits) { return __uint_as_float(bits << 16); }

@@ -186,8 +186,9 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 43] = [
+const KERNELS: [&str; 44] = [
     "f32_to_bf16",
+    "count_non_finite_bf16",
     "copy_columns_to_bf16",
     "gelu_forward_bf16",
     "gelu_backward_bf16",
@@ -625,6 +626,29 @@ impl CudaBackend {
             &n
         );
         out
+    }
+
+    /// Whether every value of a bf16 tensor is finite (one launch, one 4-byte read back).
+    fn bf16_finite(&self, x: &CudaSlice<u16>) -> bool {
+        let mut count = self
+            .stream
+            .alloc_zeros::<u32>(1)
+            .expect("device allocation");
+        let n = x.len() as i64;
+        let blocks = x.len().div_ceil(256).clamp(1, 1024) as u32;
+        launch!(
+            self,
+            "count_non_finite_bf16",
+            LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &mut count,
+            x,
+            &n
+        );
+        self.stream.clone_dtoh(&count).expect("device to host copy")[0] == 0
     }
 
     /// ∂logits of the cross-entropy into `d` (f32 or bf16, by `kernel`): every element written.
@@ -1365,6 +1389,18 @@ impl Backend for CudaBackend {
         let mut dx = self.alloc(x.len());
         launch!(self, "gelu_backward", grid(x.len()), &mut dx, x, dy, &n);
         dx
+    }
+    fn mlp_hidden_finite(&self, saved: &MlpSaved<CudaSlice<f32>>) -> bool {
+        let _p = self.prof("mlp_hidden_finite");
+        let bf16 = saved
+            .fc2_saved
+            .as_ref()
+            .and_then(|s| s.downcast_ref::<Bf16Hidden>());
+        match (&saved.hidden, bf16) {
+            (Some((h, g)), _) => self.sum_squares_each(&[h, g]).iter().all(|s| s.is_finite()),
+            (None, Some(hid)) => self.bf16_finite(&hid.h) && self.bf16_finite(&hid.g),
+            (None, None) => true,
+        }
     }
     fn mlp_forward(
         &self,

@@ -250,6 +250,22 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
             let what = format!("mlp backward {what} (accumulated){label}");
             push(&mut rows, &what, &dn(&g_g[i]), &g_c[i], tol);
         }
+        // the hidden layer's finiteness, wherever it is kept: a NaN in one input row
+        let mut x_nan = x.clone();
+        x_nan[c + 3] = f32::NAN;
+        let (_, saved_nan) = gpu.mlp_forward(&up(&x_nan), weights(&wg), c, hidden);
+        let (_, saved_nan_c) = cpu.mlp_forward(&x_nan, weights(&ws), c, hidden);
+        for (what, saved, saved_c) in [
+            ("finite input", &saved_g, &saved_c),
+            ("a NaN input", &saved_nan, &saved_nan_c),
+        ] {
+            let (g, c) = (gpu.mlp_hidden_finite(saved), cpu.mlp_hidden_finite(saved_c));
+            push_agreement(
+                &mut rows,
+                &format!("mlp hidden finite, {what}{label}"),
+                g == c,
+            );
+        }
     }
     gpu.set_matmul(MatmulPrecision::F32);
 
@@ -1193,6 +1209,15 @@ fn push(rows: &mut Vec<Row>, what: &str, gpu: &[f32], cpu: &[f32], tol: f64) {
         what: what.into(),
         err: rel_err(gpu, cpu),
         tol,
+    });
+}
+
+/// A yes/no answer of the GPU against the CPU's: error 0 when they agree, infinite otherwise.
+fn push_agreement(rows: &mut Vec<Row>, what: &str, agree: bool) {
+    rows.push(Row {
+        what: what.into(),
+        err: if agree { 0.0 } else { f64::INFINITY },
+        tol: 0.5,
     });
 }
 

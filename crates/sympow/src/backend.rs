@@ -392,6 +392,15 @@ pub trait Backend: Send + Sync {
     ) -> (Self::Tensor, MlpSaved<Self::Tensor>) {
         mlp_forward_ops(self, x, w, c, hidden)
     }
+    /// Whether the hidden activations an MLP's forward kept (fc's output and the GELU's, in
+    /// whatever form the backend keeps them) are all finite: where a diverging run first went
+    /// wrong ([`crate::model::Model::locate_non_finite`]).
+    fn mlp_hidden_finite(&self, saved: &MlpSaved<Self::Tensor>) -> bool {
+        saved
+            .hidden
+            .as_ref()
+            .is_none_or(|(h, g)| self.sum_squares_each(&[h, g]).iter().all(|s| s.is_finite()))
+    }
     /// Its backward: returns ∂x; adds into the four gradients.
     #[allow(clippy::too_many_arguments)]
     fn mlp_backward(

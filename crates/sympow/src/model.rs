@@ -851,16 +851,17 @@ impl<B: Backend> Model<B> {
     pub fn locate_non_finite(&self, tr: &Trace<B::Tensor>) -> Option<String> {
         let bad = |t: &B::Tensor| !self.backend.sum_squares(t).is_finite();
         for (l, b) in tr.blocks.iter().enumerate() {
-            let hidden = b.mlp.hidden.as_ref().map(|(_, g)| g);
             for (what, t) in [
-                ("input", Some(&b.x)),
-                ("attention output", Some(&b.att.y)),
-                ("residual after attention", Some(&b.x_mid)),
-                ("MLP hidden", hidden),
+                ("input", &b.x),
+                ("attention output", &b.att.y),
+                ("residual after attention", &b.x_mid),
             ] {
-                if t.is_some_and(bad) {
+                if bad(t) {
                     return Some(format!("blocks.{l} {what}"));
                 }
+            }
+            if !self.backend.mlp_hidden_finite(&b.mlp) {
+                return Some(format!("blocks.{l} MLP hidden"));
             }
         }
         [("final residual", &tr.x_final), ("logits", &tr.logits)]

@@ -189,3 +189,39 @@ fn decoding_token_by_token_matches_full_forward() {
         }
     }
 }
+
+/// A NaN planted in one parameter is reported at the first activation it reaches: the MLP's
+/// hidden layer (through the backend's own check of what its forward kept), the attention
+/// output, the residual after attention, the next block's input, the logits.
+#[test]
+fn locate_non_finite_names_the_first_bad_activation() {
+    let cfg = tiny_config(&[("model.attention", "conformal")]);
+    let ids: Vec<u32> = (0..12).map(|i| (i * 37 % 256) as u32).collect();
+    let clean = Model::init(CpuBackend::<f32>::new(), &cfg, 3);
+    let tr = clean.forward(&ids, Some(&ids), 2, 6, None);
+    assert_eq!(clean.locate_non_finite(&tr), None);
+    type Plant = fn(&mut sympow::model::Params<Vec<f32>>);
+    let cases: [(Plant, &str); 6] = [
+        (|p| p.blocks[0].fc_b[1] = f32::NAN, "blocks.0 MLP hidden"),
+        (
+            |p| p.blocks[1].fc_w[0] = f32::INFINITY,
+            "blocks.1 MLP hidden",
+        ),
+        (
+            |p| p.blocks[0].qkv_w[2] = f32::NAN,
+            "blocks.0 attention output",
+        ),
+        (
+            |p| p.blocks[1].proj_w[0] = f32::NAN,
+            "blocks.1 residual after attention",
+        ),
+        (|p| p.blocks[0].fc2_b[0] = f32::NAN, "blocks.1 input"),
+        (|p| p.lnf.as_mut().unwrap().bias[0] = f32::NAN, "logits"),
+    ];
+    for (plant, expected) in cases {
+        let mut model = Model::init(CpuBackend::<f32>::new(), &cfg, 3);
+        plant(&mut model.params);
+        let tr = model.forward(&ids, Some(&ids), 2, 6, None);
+        assert_eq!(model.locate_non_finite(&tr).as_deref(), Some(expected));
+    }
+}
