@@ -165,7 +165,9 @@ pub struct ModelConfig {
     pub rotary_param: RotaryParamKind,
     /// RoPE base: ω_i = base^(−2i/head_dim).
     pub rotary_base: f64,
-    /// Chunk size of the chunked form.
+    /// Chunk size of the chunked form on the CPU (and of the form choice under `auto`). The
+    /// GPU's fused kernels keep their own chunk, tuned for them (`sympow_cuda::DEFAULT_CHUNK`):
+    /// the CPU's best chunk is far shorter than a tensor-core kernel's.
     pub chunk: usize,
     /// auto | chunked | quadratic: the attention form used in training.
     pub form: FormKind,
@@ -256,7 +258,7 @@ const FIELD_DOCS: &[(&str, &str, &str)] = &[
     ("model", "rotary", "none | fixed (RoPE) | learned (data-dependent angles)"),
     ("model", "rotary_param", "per-head | per-frequency: parameterisation of the learned rotary step"),
     ("model", "rotary_base", "RoPE base: ω_i = base^(−2i/head_dim)"),
-    ("model", "chunk", "chunk size of the chunked attention form"),
+    ("model", "chunk", "chunk size of the chunked attention form on the CPU (the GPU's fused kernels use their own)"),
     ("model", "form", "auto | chunked | quadratic: attention form in training (auto: fewer FLOPs)"),
     ("model", "tie_weights", "share the token embedding with the LM head"),
     ("model", "layer_norm", "learned | parameter-free"),
