@@ -182,8 +182,9 @@ extern "C" __global__ void layer_norm_forward(float* y, float* mean, float* rstd
     if (threadIdx.x == 0) { mean[r] = mu; rstd[r] = rs; }
 }
 
+// ∂x written, or (accumulate) added to dx: the residual stream's gradient, as add_assign adds
 extern "C" __global__ void layer_norm_backward(float* dx, const float* x, const float* dy, const float* w,
-                                               const float* mean, const float* rstd, int c) {
+                                               const float* mean, const float* rstd, int c, int accumulate) {
     __shared__ float shm[32];
     long r = blockIdx.x;
     float mu = mean[r], rs = rstd[r];
@@ -198,7 +199,8 @@ extern "C" __global__ void layer_norm_backward(float* dx, const float* x, const 
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
         float n = (x[r * c + j] - mu) * rs;
         float g = dy[r * c + j] * (w ? w[j] : 1.f);
-        dx[r * c + j] = rs * (g - sg / c - n * sgn / c);
+        float v = rs * (g - sg / c - n * sgn / c);
+        dx[r * c + j] = accumulate ? dx[r * c + j] + v : v;
     }
 }
 

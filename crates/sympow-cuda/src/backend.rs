@@ -628,6 +628,59 @@ impl CudaBackend {
         out
     }
 
+    /// The layer norm's backward: ∂x into `dx` (written, or added when `accumulate`), ∂w and
+    /// ∂b added into theirs.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward_into(
+        &self,
+        x: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        c: usize,
+        w: Option<&CudaSlice<f32>>,
+        saved: &LayerNormSaved<CudaSlice<f32>>,
+        dw: Option<&mut CudaSlice<f32>>,
+        db: Option<&mut CudaSlice<f32>>,
+        dx: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) {
+        let rows = x.len() / c;
+        let (ci, acc) = (c as i32, i32::from(accumulate));
+        {
+            let f = &self.fns["layer_norm_backward"];
+            let mut l = self.stream.launch_builder(f);
+            l.arg(dx).arg(x).arg(dy);
+            match w {
+                Some(w) => l.arg(w),
+                None => l.arg(&NULL),
+            };
+            l.arg(&saved.mean).arg(&saved.rstd).arg(&ci).arg(&acc);
+            // SAFETY: arguments match the kernel's declaration; one block per row of c.
+            unsafe { l.launch(rows_cfg(rows)) }.expect("layer_norm_backward");
+        }
+        if dw.is_some() || db.is_some() {
+            let (cols, split) = column_split(rows, c);
+            let splits = cols.grid_dim.1 as usize;
+            let (mut pw, mut pb) = (self.alloc(splits * c), self.alloc(splits * c));
+            let r = rows as i64;
+            launch!(
+                self,
+                "layer_norm_param_partials",
+                cols,
+                &mut pw,
+                &mut pb,
+                x,
+                dy,
+                &saved.mean,
+                &saved.rstd,
+                &r,
+                &ci,
+                &split
+            );
+            self.fold_partials(dw, &pw, c, true);
+            self.fold_partials(db, &pb, c, true);
+        }
+    }
+
     /// Whether every value of a bf16 tensor is finite (one launch, one 4-byte read back).
     fn bf16_finite(&self, x: &CudaSlice<u16>) -> bool {
         let mut count = self
@@ -1337,44 +1390,24 @@ impl Backend for CudaBackend {
         db: Option<&mut CudaSlice<f32>>,
     ) -> CudaSlice<f32> {
         let _p = self.prof("layer_norm_backward");
-        let rows = x.len() / c;
+        // the kernel writes every element
         let mut dx = self.alloc(x.len());
-        let ci = c as i32;
-        {
-            let f = &self.fns["layer_norm_backward"];
-            let mut l = self.stream.launch_builder(f);
-            l.arg(&mut dx).arg(x).arg(dy);
-            match w {
-                Some(w) => l.arg(w),
-                None => l.arg(&NULL),
-            };
-            l.arg(&saved.mean).arg(&saved.rstd).arg(&ci);
-            // SAFETY: as above.
-            unsafe { l.launch(rows_cfg(rows)) }.expect("layer_norm_backward");
-        }
-        if dw.is_some() || db.is_some() {
-            let (cols, split) = column_split(rows, c);
-            let splits = cols.grid_dim.1 as usize;
-            let (mut pw, mut pb) = (self.alloc(splits * c), self.alloc(splits * c));
-            let r = rows as i64;
-            launch!(
-                self,
-                "layer_norm_param_partials",
-                cols,
-                &mut pw,
-                &mut pb,
-                x,
-                dy,
-                &saved.mean,
-                &saved.rstd,
-                &r,
-                &ci,
-                &split
-            );
-            self.fold_partials(dw, &pw, c, true);
-            self.fold_partials(db, &pb, c, true);
-        }
+        self.layer_norm_backward_into(x, dy, c, w, saved, dw, db, &mut dx, false);
         dx
+    }
+    fn layer_norm_backward_add(
+        &self,
+        x: &CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        c: usize,
+        w: Option<&CudaSlice<f32>>,
+        saved: &LayerNormSaved<CudaSlice<f32>>,
+        dw: Option<&mut CudaSlice<f32>>,
+        db: Option<&mut CudaSlice<f32>>,
+        dx: &mut CudaSlice<f32>,
+    ) {
+        let _p = self.prof("layer_norm_backward");
+        self.layer_norm_backward_into(x, dy, c, w, saved, dw, db, dx, true);
     }
     fn gelu_forward(&self, x: &CudaSlice<f32>) -> CudaSlice<f32> {
         let _p = self.prof("gelu_forward");

@@ -328,6 +328,19 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
             &dbc,
             TOL,
         );
+        // ∂x added into the residual stream's gradient, as the model's blocks call it
+        let grad: Vec<f32> = randn(&mut r, x.len(), 1.0);
+        let mut sum_c = grad.clone();
+        cpu.layer_norm_backward_add(&x, &dy, c, wc, &sc, None, None, &mut sum_c);
+        let mut sum_g = up(&grad);
+        gpu.layer_norm_backward_add(&up(&x), &up(&dy), c, wg, &sg, None, None, &mut sum_g);
+        push(
+            &mut rows,
+            &format!("layer norm backward dx added into a gradient (affine {affine})"),
+            &dn(&sum_g),
+            &sum_c,
+            TOL,
+        );
     }
 
     // parameter gradients over many rows: several splits of rows, two blocks of columns

@@ -227,6 +227,24 @@ pub trait Backend: Send + Sync {
         dw: Option<&mut Self::Tensor>,
         db: Option<&mut Self::Tensor>,
     ) -> Self::Tensor;
+    /// [`layer_norm_backward`](Self::layer_norm_backward) with ∂x added into `dx` (the
+    /// residual stream's gradient, where a pre-norm block's input gradient goes) instead of
+    /// returned: a GPU backend adds it in the same kernel, the same f32 sum as `add_assign`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward_add(
+        &self,
+        x: &Self::Tensor,
+        dy: &Self::Tensor,
+        c: usize,
+        w: Option<&Self::Tensor>,
+        saved: &LayerNormSaved<Self::Tensor>,
+        dw: Option<&mut Self::Tensor>,
+        db: Option<&mut Self::Tensor>,
+        dx: &mut Self::Tensor,
+    ) {
+        let d = self.layer_norm_backward(x, dy, c, w, saved, dw, db);
+        self.add_assign(dx, &d);
+    }
     /// GELU (tanh approximation).
     fn gelu_forward(&self, x: &Self::Tensor) -> Self::Tensor;
     /// ∂x from ∂y.

@@ -468,6 +468,18 @@ pub struct Model<B: Backend> {
     pub params: Params<B::Tensor>,
 }
 
+/// A layer norm's weight and where its gradients go (none when it has no parameters).
+fn layer_norm_grads<'a, T>(
+    p: &'a Option<LayerNormParams<T>>,
+    g: &'a mut Option<LayerNormParams<T>>,
+) -> (Option<&'a T>, Option<&'a mut T>, Option<&'a mut T>) {
+    let w = p.as_ref().map(|p| &p.weight);
+    match g {
+        Some(g) => (w, Some(&mut g.weight), Some(&mut g.bias)),
+        None => (w, None, None),
+    }
+}
+
 impl<B: Backend> Model<B> {
     /// A freshly initialised model (deterministic in `seed`).
     pub fn init(backend: B, cfg: &Config, seed: u64) -> Self {
@@ -768,9 +780,14 @@ impl<B: Backend> Model<B> {
                 g.mlp_grads(),
             );
             let mut dx_mid = dx;
-            let dx_ln2 =
-                self.layer_norm_backward(&t.x_mid, &dln2, &p.ln2, &t.ln2_saved, &mut g.ln2);
-            be.add_assign(&mut dx_mid, &dx_ln2);
+            self.layer_norm_backward_add(
+                &t.x_mid,
+                &dln2,
+                &p.ln2,
+                &t.ln2_saved,
+                &mut g.ln2,
+                &mut dx_mid,
+            );
             // x_mid = x + dropout(proj(attention(rotary(q), rotary(k), v, gate)))
             let masked = t.proj_mask.as_ref().map(|m| be.mul(&dx_mid, m));
             let dy = be.linear_backward(
@@ -838,9 +855,8 @@ impl<B: Backend> Model<B> {
                 Some(&mut g.qkv_b),
                 &t.qkv_saved,
             );
-            let dx_ln1 = self.layer_norm_backward(&t.x, &dln1, &p.ln1, &t.ln1_saved, &mut g.ln1);
             dx = dx_mid;
-            be.add_assign(&mut dx, &dx_ln1);
+            self.layer_norm_backward_add(&t.x, &dln1, &p.ln1, &t.ln1_saved, &mut g.ln1, &mut dx);
         }
         debug_assert_eq!(tr.ids.len(), n);
         be.embedding_backward(&mut grads.wte, &tr.ids, &dx, c);
@@ -886,12 +902,23 @@ impl<B: Backend> Model<B> {
         saved: &LayerNormSaved<B::Tensor>,
         g: &mut Option<LayerNormParams<B::Tensor>>,
     ) -> B::Tensor {
-        let w = p.as_ref().map(|p| &p.weight);
-        let (dw, db) = match g {
-            Some(g) => (Some(&mut g.weight), Some(&mut g.bias)),
-            None => (None, None),
-        };
+        let (w, dw, db) = layer_norm_grads(p, g);
         self.backend
             .layer_norm_backward(x, dy, self.dims.width, w, saved, dw, db)
+    }
+
+    /// [`layer_norm_backward`](Self::layer_norm_backward), ∂x added into `dx`.
+    fn layer_norm_backward_add(
+        &self,
+        x: &B::Tensor,
+        dy: &B::Tensor,
+        p: &Option<LayerNormParams<B::Tensor>>,
+        saved: &LayerNormSaved<B::Tensor>,
+        g: &mut Option<LayerNormParams<B::Tensor>>,
+        dx: &mut B::Tensor,
+    ) {
+        let (w, dw, db) = layer_norm_grads(p, g);
+        self.backend
+            .layer_norm_backward_add(x, dy, self.dims.width, w, saved, dw, db, dx)
     }
 }
