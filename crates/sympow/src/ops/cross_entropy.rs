@@ -11,7 +11,7 @@ use rayon::prelude::*;
 /// Target id that contributes no loss (padding).
 pub const IGNORE: u32 = u32::MAX;
 
-/// Per-row losses −ln softmax(logits[.., ..vocab])[target] (0 for [`IGNORE`]d rows); `logits`
+/// Per-row losses `−ln softmax(logits[.., ..vocab])[target]` (0 for [`IGNORE`]d rows); `logits`
 /// is `[rows, row_len]`.
 pub fn cross_entropy_forward<F: Float>(
     logits: &[F],
@@ -44,8 +44,8 @@ fn row_lse<F: Float>(row: &[F]) -> F {
     mx + row.iter().map(|&x| (x - mx).exp()).sum::<F>().ln()
 }
 
-/// ∂L/∂logits for L = Σ_rows dloss[row] · loss[row]: dloss · (softmax − onehot), 0 in the
-/// padding columns. `losses` are the forward's: the row's log-sum-exp is loss + logit[target],
+/// ∂L/∂logits for `L = Σ_rows dloss[row] · loss[row]`: dloss · (softmax − onehot), 0 in the
+/// padding columns. `losses` are the forward's: the row's log-sum-exp is `loss + logit[target]`,
 /// so the backward reads the logits once instead of twice.
 pub fn cross_entropy_backward<F: Float>(
     logits: &[F],
