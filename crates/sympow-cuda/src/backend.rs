@@ -13,10 +13,11 @@
 //! `kernels/attention.cu` (one thread per query or key, CUDA cores, f32) for sequences of up to
 //! [`GPU_ATTENTION_MAX_T`] tokens, and through the CPU implementation beyond.
 
-use crate::chunked::{ChunkedSympow, DEFAULT_CHUNK, MAX_CHUNK};
+use crate::chunked::ChunkedSympow;
 use crate::flash::FlashSoftmax;
 use crate::lt::{BiasGemm, Epilogue, Out};
 use crate::profile::{OpTimer, Profiler};
+use crate::{DEFAULT_CHUNK, MAX_CHUNK};
 use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,

@@ -1085,7 +1085,7 @@ fn fused_attention_checks(
                     let case = (&spec, Form::Chunked(64), &shape);
                     recompute_check(gpu, rows, &label, case, [&q, &k, &v], Some(&lg), &dy);
                 }
-                gpu.set_attention_chunk(crate::chunked::DEFAULT_CHUNK);
+                gpu.set_attention_chunk(crate::DEFAULT_CHUNK);
             }
         }
     }

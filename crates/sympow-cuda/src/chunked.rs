@@ -46,7 +46,6 @@ const KERNELS: [(&str, Option<usize>); 10] = [
 const SMEM_ENTRIES: usize = 12;
 /// Head dimensions the kernels are instantiated for (SP_INSTANCES in the kernel source).
 pub const HEAD_DIMS: [usize; 3] = crate::FUSED_HEAD_DIMS;
-pub use crate::{DEFAULT_CHUNK, MAX_CHUNK};
 const THREADS: u32 = 256;
 /// bf16 elements per thread of `sp_discumsum_all` (DISC_VEC in the kernel source).
 const DISC_VEC: usize = 8;
