@@ -21,12 +21,13 @@
 //               the second 1 carries ∂Z's low half, see sp_bwd_prep)
 //   sp_chunk_states  per chunk (in parallel), ΔS_i = φ(K̃_i)ᵀV'_i (or φ(Q̃_i)ᵀ∂N_i backward)
 //   sp_discumsum     in place, the discounted cumulative sums S_i = Σ_{j<i} e^{Γ_{j+1}+…} ΔS_j
-//               (forward), or in reverse order R_i = ∂L/∂ΔS_i, plus ∂Γ (backward)
+//               (forward), or in reverse order R_i = ∂L/∂ΔS_i (backward)
 //   sp_read_{r,dx,rdx}  Σ_a x_a (X S[a]) (the inter-chunk numerator|denominator, or dv'),
 //               2·rowdot(X S[a], W) (∂x; dx[t, a] = 2 Σ_{b,j} x_tb w_tj S[a][b][j]), or both
 //   sp_intra_fwd  causal (σq·k)² e^{G_t−G_s} inside the chunk, plus the combine
 //               y = (inter + intra)_num / (inter + intra)_den + ε)
-//   sp_bwd_prep, sp_intra_bwd_dkv, sp_intra_bwd_dq, sp_bwd_final, sp_bwd_gates: the backward pass.
+//   sp_bwd_prep, sp_intra_bwd_dkv, sp_intra_bwd_dq (each with the chain rule back to the model's
+//               tensors for its tokens), sp_bwd_gates: the backward pass.
 // Layout of the model's tensors: q, k, v, y, dy [B, T, H, D]; g, log_norm [B, T, H].
 
 #define THREADS 256
@@ -111,11 +112,6 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, u32 bytes,
                  : "memory");
 }
 #endif
-__device__ __forceinline__ bool packed_row_diagonal(int D, int row) {
-    int T = 0;
-    while (T + 1 < D / 16 && packed_before(D, 16 * (T + 1)) <= row) T++;
-    return (row - packed_before(D, 16 * T)) % (D - 16 * T) < 16;
-}
 
 // Shared-memory bytes each kernel needs (one source of truth: the host asks sp_smem_sizes), and
 // what the host's grids and buffers depend on: tokens per sp_read block, sp_chunk_states blocks
@@ -310,9 +306,8 @@ __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, 
 // In place over the chunks of each head: the per-chunk contributions Δ_i become the discounted
 // cumulative sums that enter each chunk. Forward (reverse = 0): S_i = Σ_{j<i} e^{Γ_{j+1}+…+Γ_{i−1}} Δ_j,
 // i.e. run = 0; S_i = run; run = e^{Γ_i} run + Δ_i. Reverse: the same from the last chunk down,
-// giving R_i = ∂L/∂ΔS_i, and ∂Γ_i = e^{Γ_i} ⟨R_i, S_i⟩ when Sfwd is given (f32 running sums):
-// each block writes its slice's part, dGam[(bh·NC + i)·slices + slice], and sp_fold_slices adds
-// them in order (no atomics, so the gate gradient is the same on every run).
+// giving R_i = ∂L/∂ΔS_i (f32 running sums). The gates' gradient needs no inner product with the
+// forward states here: sp_bwd_gates takes it from per-token terms.
 // Block (bh, slice of THREADS·8 elements); memory-bound: each thread owns one 16-byte vector
 // (8 bf16) of every chunk's state, so a warp moves 512 contiguous bytes per access, and the next
 // chunk's vector is loaded before this one is written (the loop over chunks is sequential, so
@@ -326,52 +321,28 @@ __device__ __forceinline__ void unpack8(float* f, uint4 v) {
         f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
-// With tile-packed states (pd = D; 0 for full ones) the inner product ⟨R_i, S_i⟩ counts each
-// off-diagonal row twice.
-__device__ void sp_discumsum(bf16* st, const float* Gam, long per_chunk, int NC, int reverse, const bf16* Sfwd,
-                             float* dGam, int pd) {
-    __shared__ float red[WARPS];
+__device__ void sp_discumsum(bf16* st, const float* Gam, long per_chunk, int NC, int reverse) {
     int bh = blockIdx.x;
     long e0 = ((long)blockIdx.y * THREADS + threadIdx.x) * DISC_VEC;
-    bool live = e0 < per_chunk;  // per_chunk is a multiple of DISC_VEC
-    // a vector is one 8-column piece of a row: row 8·(e0 / 8E) + (e0 mod 64) / 8 (core_row)
-    long pe = 8 * (((pd + 2 + 15) / 16) * 16);
-    float weight = pd && live && !packed_row_diagonal(pd, (int)(e0 / pe * 8 + (e0 % 64) / 8)) ? 2.f : 1.f;
+    if (e0 >= per_chunk) return;  // per_chunk is a multiple of DISC_VEC
     bf16* head = st + (long)bh * NC * per_chunk + e0;
-    const bf16* fhead = Sfwd ? Sfwd + (long)bh * NC * per_chunk + e0 : nullptr;
     float run[DISC_VEC];
 #pragma unroll
     for (int i = 0; i < DISC_VEC; i++) run[i] = 0.f;
-    uint4 cur = make_uint4(0, 0, 0, 0);
-    if (live) cur = *(const uint4*)(head + (long)(reverse ? NC - 1 : 0) * per_chunk);
+    uint4 cur = *(const uint4*)(head + (long)(reverse ? NC - 1 : 0) * per_chunk);
+#pragma unroll 1
     for (int step = 0; step < NC; step++) {
         int ci = reverse ? NC - 1 - step : step;
-        uint4 next = make_uint4(0, 0, 0, 0), fv = make_uint4(0, 0, 0, 0);
-        if (live && step + 1 < NC) next = *(const uint4*)(head + (long)(reverse ? ci - 1 : ci + 1) * per_chunk);
-        if (live && fhead) fv = *(const uint4*)(fhead + (long)ci * per_chunk);
-        float decay = expf(Gam[bh * NC + ci]), d[DISC_VEC], f[DISC_VEC], dot = 0.f;
+        uint4 next = make_uint4(0, 0, 0, 0);
+        if (step + 1 < NC) next = *(const uint4*)(head + (long)(reverse ? ci - 1 : ci + 1) * per_chunk);
+        float decay = expf(Gam[bh * NC + ci]), d[DISC_VEC];
         unpack8(d, cur);
-        unpack8(f, fv);
-        if (live)
-            *(uint4*)(head + (long)ci * per_chunk) = make_uint4(pack2(run[0], run[1]), pack2(run[2], run[3]),
-                                                                pack2(run[4], run[5]), pack2(run[6], run[7]));
+        // one 16-byte store (a plain uint4 assignment compiles to four 4-byte ones)
+        __stcg((uint4*)(head + (long)ci * per_chunk),
+               make_uint4(pack2(run[0], run[1]), pack2(run[2], run[3]), pack2(run[4], run[5]), pack2(run[6], run[7])));
 #pragma unroll
-        for (int i = 0; i < DISC_VEC; i++) {
-            dot += weight * run[i] * f[i];
-            run[i] = run[i] * decay + d[i];
-        }
+        for (int i = 0; i < DISC_VEC; i++) run[i] = run[i] * decay + d[i];
         cur = next;
-        if (dGam) {
-            dot = warp_sum(dot);
-            if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = dot;
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                float tot = 0.f;
-                for (int w = 0; w < WARPS; w++) tot += red[w];
-                dGam[((long)bh * NC + ci) * gridDim.y + blockIdx.y] = decay * tot;  // this slice's part
-            }
-            __syncthreads();
-        }
     }
 }
 
@@ -964,10 +935,15 @@ __device__ void sp_bwd_prep(bf16* dN, const float* dy, const float* y, const flo
 
 // ---------------------------------------------------------------------------------------------
 // Intra-chunk backward, key side: 128 keys (8 warps × 16) against the chunk's later queries, QB
-// at a time. ∂k (raw, f32 [BH][T][D]), ∂v' (first D columns, f32 [BH][T][D]), ∂G of the keys.
+// at a time, then the chain rule back to the model's ∂k and ∂v for those keys (folded in here: a
+// separate pass over the f32 gradients measured 0.54 ms at T = 4k):
+//   ∂k = e^{(Γ−G)/2} ∂k̃ + ∂k_intra, ∂v = ∂v'_inter + ∂v_intra,
+// with gates ∂G_τ's key part −½ k̃·∂k̃ + ∂G_intra (dGk).
+// dkt and dvp are the inter-chunk read's ∂k̃ ([BH][T][D]) and ∂v' ([BH][T][E]), f32.
 template <int D>
-__device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* qs, const bf16* kr, const bf16* vp,
-                                 const bf16* dN, const float* G, int T, int L) {
+__device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* qs, const bf16* kr,
+                                 const bf16* vp, const bf16* dN, const float* G, const float* Gam, const float* k,
+                                 const float* dkt, const float* dvp, int T, int H, int L) {
     typedef Dims<D> Dm;
     constexpr int E = Dm::E, NT = Dm::NT, QB = Dm::QB, KB = 128, LDK = D + 8, LDV = E + 8;
     bf16* Ks = (bf16*)smem;        // [KB][LDK]
@@ -1063,29 +1039,62 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
         }
         __syncthreads();  // this stage is refilled by the next iteration's issue
     }
+    // every load of a row before any store (the compiler cannot move a load past a store to a
+    // pointer that might alias it, and with one block an SM nothing else hides a round trip per
+    // row piece); both rows at once, or one at a time at D = 128, where both spill
+    constexpr int RA = D >= 128 ? 1 : 2;
+    int b = bh / H, h = bh % H;
+    float gam = Gam[bh * ((T + L - 1) / L) + ci], kd[2] = {0.f, 0.f};
 #pragma unroll
-    for (int nt = 0; nt < D / 8; nt++)
+    for (int h0 = 0; h0 < 2; h0 += RA) {  // rows g and g + 8 of the warp's 16
+        float2 c[RA][D / 8], vo[RA][D / 8], kv[RA][D / 8];
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            int row = row0 + g + (i >= 2 ? 8 : 0), col = nt * 8 + 2 * t + (i & 1);
-            if (row >= nk) continue;
-            long o = ((long)bh * T + k0 + row) * D + col;
-            dk[o] = dka[nt][i];
-            dv[o] = dva[nt][i];
+        for (int u = 0; u < RA; u++) {
+            int row = min(row0 + g + 8 * (h0 + u), nk - 1);  // (rows ≥ nk: loaded, not stored)
+            long tok = (long)bh * T + k0 + row, m = ((long)b * T + k0 + row) * H + h;
+#pragma unroll
+            for (int nt = 0; nt < D / 8; nt++) {
+                int col = nt * 8 + 2 * t;
+                c[u][nt] = *(const float2*)(dkt + tok * D + col);
+                vo[u][nt] = *(const float2*)(dvp + tok * E + col);
+                kv[u][nt] = *(const float2*)(k + m * D + col);
+            }
         }
+#pragma unroll
+        for (int u = 0; u < RA; u++) {
+            int hr = h0 + u, row = row0 + g + 8 * hr;
+            if (row >= nk) continue;
+            long m = ((long)b * T + k0 + row) * H + h;
+            float ek = expf(0.5f * (gam - (hr ? Gk1 : Gk0)));
+#pragma unroll
+            for (int nt = 0; nt < D / 8; nt++) {
+                int col = nt * 8 + 2 * t;
+                float2 ki = make_float2(dka[nt][2 * hr], dka[nt][2 * hr + 1]);
+                float2 vi = make_float2(dva[nt][2 * hr], dva[nt][2 * hr + 1]);
+                *(float2*)(dk + m * D + col) = make_float2(ek * c[u][nt].x + ki.x, ek * c[u][nt].y + ki.y);
+                *(float2*)(dv + m * D + col) = make_float2(vo[u][nt].x + vi.x, vo[u][nt].y + vi.y);
+                kd[hr] += ek * kv[u][nt].x * c[u][nt].x + ek * kv[u][nt].y * c[u][nt].y;
+            }
+        }
+    }
+    if (!dGk) return;
     dg0 = quad_sum(dg0);
     dg1 = quad_sum(dg1);
+    kd[0] = quad_sum(kd[0]);
+    kd[1] = quad_sum(kd[1]);
     if (t == 0) {
-        if (row0 + g < nk) dGk[(long)bh * T + kj0] = dg0;
-        if (row0 + g + 8 < nk) dGk[(long)bh * T + kj1] = dg1;
+        if (row0 + g < nk) dGk[(long)bh * T + kj0] = dg0 - 0.5f * kd[0];
+        if (row0 + g + 8 < nk) dGk[(long)bh * T + kj1] = dg1 - 0.5f * kd[1];
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Intra-chunk backward, query side: ∂(σq) (f32 [BH][T][D]) and ∂G of the queries.
+// Intra-chunk backward, query side, then the chain rule of its queries: the model's
+// ∂q = σ(e^{G/2} ∂q̃ + ∂qs) (dqt: the inter-chunk read's ∂q̃, f32 [BH][T][D]), and with gates ∂G_τ's
+// query part ½ q̃·∂q̃ + ∂G_intra (dGq).
 template <int D>
-__device__ void sp_intra_bwd_dq(float* dqs, float* dGq, const bf16* qs, const bf16* kr, const bf16* vp, const bf16* dN,
-                                const float* G, int T, int L) {
+__device__ void sp_intra_bwd_dq(float* dq, float* dGq, const bf16* qs, const bf16* kr, const bf16* vp, const bf16* dN,
+                                const float* G, const float* q, const float* dqt, int T, int H, int L, float scale) {
     typedef Dims<D> Dm;
     constexpr int E = Dm::E, QB = 128, KT = 64, LDK = D + 8, LDV = E + 8;
     bf16* Qs = (bf16*)smem;        // [QB][LDK]
@@ -1153,81 +1162,80 @@ __device__ void sp_intra_bwd_dq(float* dqs, float* dGq, const bf16* qs, const bf
         }
         __syncthreads();  // this stage is refilled by the next iteration's issue
     }
+    // every load before any store (as in sp_intra_bwd_dkv)
+    int b = bh / H, h = bh % H;
+    float qd[2] = {0.f, 0.f};
+    float2 a[2][D / 8], qv[2][D / 8];
 #pragma unroll
-    for (int nt = 0; nt < D / 8; nt++)
+    for (int hr = 0; hr < 2; hr++) {  // rows g and g + 8 of the warp's 16
+        int row = min(row0 + g + 8 * hr, nq - 1);  // (rows ≥ nq: loaded, not stored)
+        long tok = (long)bh * T + q0 + row, m = ((long)b * T + q0 + row) * H + h;
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            int row = row0 + g + (i >= 2 ? 8 : 0), col = nt * 8 + 2 * t + (i & 1);
-            if (row < nq) dqs[((long)bh * T + q0 + row) * D + col] = dqa[nt][i];
+        for (int nt = 0; nt < D / 8; nt++) {
+            a[hr][nt] = *(const float2*)(dqt + tok * D + nt * 8 + 2 * t);
+            qv[hr][nt] = *(const float2*)(q + m * D + nt * 8 + 2 * t);
         }
-    dg0 = quad_sum(dg0);
-    dg1 = quad_sum(dg1);
+    }
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        int row = row0 + g + 8 * hr;
+        if (row >= nq) continue;
+        long m = ((long)b * T + q0 + row) * H + h;
+        float eq = scale * expf(0.5f * (hr ? Gq1 : Gq0));
+#pragma unroll
+        for (int nt = 0; nt < D / 8; nt++) {
+            int col = nt * 8 + 2 * t;
+            float2 ai = make_float2(dqa[nt][2 * hr], dqa[nt][2 * hr + 1]);
+            *(float2*)(dq + m * D + col) = make_float2(eq * a[hr][nt].x + scale * ai.x, eq * a[hr][nt].y + scale * ai.y);
+            qd[hr] += eq * qv[hr][nt].x * a[hr][nt].x + eq * qv[hr][nt].y * a[hr][nt].y;
+        }
+    }
+    if (!dGq) return;
+    dg0 = quad_sum(dg0) + 0.5f * quad_sum(qd[0]);
+    dg1 = quad_sum(dg1) + 0.5f * quad_sum(qd[1]);
     if (t == 0) {
         if (row0 + g < nq) dGq[(long)bh * T + qi0] = dg0;
         if (row0 + g + 8 < nq) dGq[(long)bh * T + qi1] = dg1;
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Chain rule back to the model's q, k, v and log-gates, one warp a token (all tokens in parallel):
-//   ∂q = σ(e^{G/2} ∂q̃ + ∂qs), ∂k = e^{(Γ−G)/2} ∂k̃ + ∂k_intra, ∂v = ∂v'_inter + ∂v_intra,
-// and with gates the token's ∂G_τ = ½ q̃·∂q̃ − ½ k̃·∂k̃ + ∂G_intra and its share ½ k̃·∂k̃ of ∂Γ,
-// which sp_bwd_gates scans per chunk.
-template <int D>
-__device__ void sp_bwd_final(float* dq, float* dk, float* dv, float* dGt, float* dGamt, const float* q,
-                             const float* k, const float* G, const float* Gam, const float* dqt, const float* dkt,
-                             const float* dvp, const float* dqi, const float* dki, const float* dvi, const float* dGq,
-                             const float* dGk, long n, int T, int H, int L, float scale) {
-    constexpr int E = Dims<D>::E;
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    long tok = (long)blockIdx.x * WARPS + warp;
-    if (tok >= n) return;
-    int bh = tok / T, t = tok % T, b = bh / H, h = bh % H, NC = (T + L - 1) / L;
-    long row = ((long)b * T + t) * H + h;
-    float Gt = G[tok], eq = scale * expf(0.5f * Gt), ek = expf(0.5f * (Gam[bh * NC + t / L] - Gt));
-    float qd = 0.f, kd = 0.f;
-    for (int j = 2 * lane; j < D; j += 64) {
-        float2 a = *(const float2*)(dqt + tok * D + j), c = *(const float2*)(dkt + tok * D + j);
-        float2 ai = *(const float2*)(dqi + tok * D + j), ci = *(const float2*)(dki + tok * D + j);
-        float2 vi = *(const float2*)(dvi + tok * D + j), vo = *(const float2*)(dvp + tok * E + j);
-        float2 qv = *(const float2*)(q + row * D + j), kv = *(const float2*)(k + row * D + j);
-        *(float2*)(dq + row * D + j) = make_float2(eq * a.x + scale * ai.x, eq * a.y + scale * ai.y);
-        *(float2*)(dk + row * D + j) = make_float2(ek * c.x + ci.x, ek * c.y + ci.y);
-        *(float2*)(dv + row * D + j) = make_float2(vo.x + vi.x, vo.y + vi.y);
-        qd += eq * qv.x * a.x + eq * qv.y * a.y;
-        kd += ek * kv.x * c.x + ek * kv.y * c.y;
-    }
-    if (!dGt) return;
-    qd = warp_sum(qd);
-    kd = warp_sum(kd);
-    if (lane == 0) {
-        dGt[tok] = 0.5f * qd - 0.5f * kd + dGq[tok] + dGk[tok];
-        dGamt[tok] = 0.5f * kd;
-    }
+// The log-gates' gradient. A pair (key s, query t ≥ s) is weighted by e^{G_t − G_s} through the
+// chunk cumulative gates, the states' decays and k̃'s and q̃'s factors alike: by
+// e^{g_{s+1} + … + g_t}. So ∂g_r is the sum of the pairs' terms ⟨∂L/∂weight, weight⟩ over the
+// pairs with s < r ≤ t — Σ_{τ ≥ r} ∂G_τ over the whole sequence, where ∂G_τ = (τ's terms as a
+// query) − (τ's terms as a key) = dGq_τ + dGk_τ, which the intra-chunk kernels write (the
+// inter-chunk terms by Euler's identity for φ of degree 2: ½ q̃·∂q̃ and ½ k̃·∂k̃). No inner
+// product with the forward states is needed (fla computes its gates' gradient the same way).
+// Two launches, one warp per (bh, chunk) each: the chunks' sums of ∂G, then each token's suffix
+// (every lane a contiguous segment; in a fixed order, so the result is the same on every run).
+extern "C" __global__ void sp_gate_chunk_sums(float* sums, const float* dGq, const float* dGk, int T, int L) {
+    int bh = blockIdx.x, ci = blockIdx.y, NC = gridDim.y, lane = threadIdx.x;
+    int t0 = ci * L, n = min(L, T - t0);
+    long c0 = (long)bh * T + t0;
+    float s = 0.f;
+    for (int i = lane; i < n; i += 32) s += dGq[c0 + i] + dGk[c0 + i];
+    s = warp_sum(s);
+    if (lane == 0) sums[bh * NC + ci] = s;
 }
-
-// ∂g_r = ∂Γ + Σ_{τ ≥ r} ∂G_τ (G is the inclusive cumulative sum of g inside the chunk), with
-// ∂Γ = ∂Γ_discumsum + Σ_τ ½ k̃·∂k̃: one warp per (bh, chunk), each lane a contiguous segment.
-extern "C" __global__ void sp_bwd_gates(float* dg, const float* dGt, const float* dGamt, const float* dGam, int T,
-                                        int H, int L) {
+extern "C" __global__ void sp_bwd_gates(float* dg, const float* dGq, const float* dGk, const float* sums, int T, int H,
+                                        int L) {
     int bh = blockIdx.x, ci = blockIdx.y, NC = gridDim.y, b = bh / H, h = bh % H, lane = threadIdx.x;
     int t0 = ci * L, n = min(L, T - t0);
-    const float* dG = dGt + (long)bh * T + t0;
+    long c0 = (long)bh * T + t0;
+    float later = 0.f;  // the later chunks' ∂G
+    for (int i = ci + 1 + lane; i < NC; i += 32) later += sums[bh * NC + i];
+    later = warp_sum(later);
     int per = (n + 31) / 32, s0 = min(lane * per, n), s1 = min(s0 + per, n);
-    float seg = 0.f, kseg = 0.f;
-    for (int s = s0; s < s1; s++) {
-        seg += dG[s];
-        kseg += dGamt[(long)bh * T + t0 + s];
-    }
-    float dgam = dGam[bh * NC + ci] + warp_sum(kseg);
+    float seg = 0.f;
+    for (int s = s0; s < s1; s++) seg += dGq[c0 + s] + dGk[c0 + s];
     float suf = seg;  // inclusive suffix over lanes
     for (int o = 1; o < 32; o <<= 1) {
         float y = __shfl_down_sync(FULL, suf, o);
         if (lane + o < 32) suf += y;
     }
-    float run = suf - seg + dgam;
+    float run = suf - seg + later;
     for (int s = s1 - 1; s >= s0; s--) {
-        run += dG[s];
+        run += dGq[c0 + s] + dGk[c0 + s];
         dg[(long)(b * T + t0 + s) * H + h] = run;
     }
 }
@@ -1284,41 +1292,24 @@ __device__ void sp_read_rdx(float* r, float* dx, const bf16* x, const bf16* S, c
         sp_bwd_prep<D>(dN, dy, y, log_norm, B, T, H);                                                                 \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
-        sp_intra_bwd_dkv_##D(float* dk, float* dv, float* dGk, const bf16* qs, const bf16* kr, const bf16* vp,        \
-                             const bf16* dN, const float* G, int T, int L) {                                          \
-        sp_intra_bwd_dkv<D>(dk, dv, dGk, qs, kr, vp, dN, G, T, L);                                                    \
+        sp_intra_bwd_dkv_##D(float* dk, float* dv, float* dGk, const bf16* qs, const bf16* kr,                       \
+                             const bf16* vp, const bf16* dN, const float* G, const float* Gam, const float* k,        \
+                             const float* dkt, const float* dvp, int T, int H, int L) {                               \
+        sp_intra_bwd_dkv<D>(dk, dv, dGk, qs, kr, vp, dN, G, Gam, k, dkt, dvp, T, H, L);                                \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
-        sp_intra_bwd_dq_##D(float* dqs, float* dGq, const bf16* qs, const bf16* kr, const bf16* vp, const bf16* dN,   \
-                            const float* G, int T, int L) {                                                           \
-        sp_intra_bwd_dq<D>(dqs, dGq, qs, kr, vp, dN, G, T, L);                                                        \
-    }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
-        sp_bwd_final_##D(float* dq, float* dk, float* dv, float* dGt, float* dGamt, const float* q, const float* k, \
-                         const float* G, const float* Gam, const float* dqt, const float* dkt, const float* dvp,      \
-                         const float* dqi, const float* dki, const float* dvi, const float* dGq, const float* dGk,    \
-                         long n, int T, int H, int L, float scale) {                                                  \
-        sp_bwd_final<D>(dq, dk, dv, dGt, dGamt, q, k, G, Gam, dqt, dkt, dvp, dqi, dki, dvi, dGq, dGk, n, T, H, L,     \
-                        scale);                                                                                       \
+        sp_intra_bwd_dq_##D(float* dq, float* dGq, const bf16* qs, const bf16* kr, const bf16* vp, const bf16* dN,    \
+                            const float* G, const float* q, const float* dqt, int T, int H, int L, float scale) {     \
+        sp_intra_bwd_dq<D>(dq, dGq, qs, kr, vp, dN, G, q, dqt, T, H, L, scale);                                       \
     }
 
 SP_INSTANCES(32)
 SP_INSTANCES(64)
 SP_INSTANCES(128)
 
-// out[i] += Σ_s part[i·slices + s], in order
-extern "C" __global__ void sp_fold_slices(float* out, const float* part, long n, int slices) {
-    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float t = 0.f;
-    for (int s = 0; s < slices; s++) t += part[i * slices + s];
-    out[i] += t;
-}
-
 extern "C" __global__ void __launch_bounds__(THREADS)
-    sp_discumsum_all(bf16* st, const float* Gam, long per_chunk, int NC, int reverse, const bf16* Sfwd, float* dGam,
-                     int pd) {
-    sp_discumsum(st, Gam, per_chunk, NC, reverse, Sfwd, dGam, pd);
+    sp_discumsum_all(bf16* st, const float* Gam, long per_chunk, int NC, int reverse) {
+    sp_discumsum(st, Gam, per_chunk, NC, reverse);
 }
 
 // Shared-memory bytes of each kernel, per head dimension, in the order the host reads them

@@ -3,8 +3,10 @@
 //!
 //! The forward is five launches — prep (cumulative gates, bf16 staging), chunk states (each
 //! chunk's φ(K̃)ᵀV′, in parallel), discounted cumsum (in place), read (the inter-chunk part),
-//! intra (attention inside each chunk, plus the combine) — and the backward nine, each the GPU
-//! twin of a step of `sympow::attention::chunked` (SPEC §4). The forward hands its bf16 operands
+//! intra (attention inside each chunk, plus the combine) — and the backward eight to ten (output
+//! gradients, state gradients and their reverse cumsum, the reads of ∂q and of ∂k and ∂v, the
+//! intra-chunk ∂k∂v and ∂q, each ending in the chain rule to the model's tensors, and with gates
+//! their scan), each the GPU twin of a step of `sympow::attention::chunked` (SPEC §4). The forward hands its bf16 operands
 //! and chunk states to the backward through [`AttentionOut::saved`]. Memory is linear in T: one
 //! D×D×E bf16 state per chunk of `chunk` tokens (on Hopper tile-packed: the symmetric state's
 //! index pairs with tile(a) ≤ tile(b) of 16-wide tiles, 5/8 of that at D = 64).
@@ -29,7 +31,7 @@ pub(crate) const SOURCE: &str = concat!(
 );
 /// Each kernel (instantiated per head dimension as `{name}_{d}`) with its entry in the
 /// `sp_smem_sizes` table (None: no dynamic shared memory).
-const KERNELS: [(&str, Option<usize>); 10] = [
+const KERNELS: [(&str, Option<usize>); 9] = [
     ("sp_prep", Some(0)),
     ("sp_chunk_states", Some(1)),
     ("sp_read_r", Some(2)),
@@ -38,7 +40,6 @@ const KERNELS: [(&str, Option<usize>); 10] = [
     ("sp_intra_fwd", Some(5)),
     ("sp_intra_bwd_dkv", Some(6)),
     ("sp_intra_bwd_dq", Some(7)),
-    ("sp_bwd_final", None),
     ("sp_bwd_prep", None),
 ];
 /// Entries per head dimension of the `sp_smem_sizes` table (SMEM_ENTRIES in the kernel source):
@@ -181,7 +182,7 @@ impl ChunkedSympow {
                 fns.insert(name, f);
             }
         }
-        for name in ["sp_discumsum_all", "sp_fold_slices", "sp_bwd_gates"] {
+        for name in ["sp_discumsum_all", "sp_gate_chunk_sums", "sp_bwd_gates"] {
             let f = crate::device::load_with_shared_memory(&module, name, 0)?;
             fns.insert(name.to_string(), f);
         }
@@ -294,8 +295,8 @@ impl ChunkedSympow {
         st
     }
 
-    /// Discounted cumulative chunk states of φ(x)ᵀy (forward order) or their gradient
-    /// (reverse order, with ∂Γ accumulated into `dgam` given the forward states).
+    /// Discounted cumulative chunk states of φ(x)ᵀy (forward order) or their gradient (reverse
+    /// order).
     #[allow(clippy::too_many_arguments)]
     fn states(
         &self,
@@ -305,7 +306,6 @@ impl ChunkedSympow {
         y: &CudaSlice<u16>,
         gam: &CudaSlice<f32>,
         reverse: bool,
-        fwd: Option<(&CudaSlice<u16>, &mut CudaSlice<f32>)>,
     ) -> CudaSlice<u16> {
         // sp_chunk_states writes every element before anything reads it
         let mut out = alloc_output::<u16>(stream, self.state_len(g));
@@ -320,37 +320,12 @@ impl ChunkedSympow {
             unsafe { b.launch(self.cfg("sp_chunk_states", g.d, grid)) }.expect("sp_chunk_states");
         }
         let per_chunk = (shape.state_rows * g.e) as i64;
-        // the cumsum weighs tile-packed rows in its ∂Γ inner product (0: full states)
-        let packed_d = if shape.wgmma { g.d as i32 } else { 0 };
         let slices = (per_chunk as usize).div_ceil(THREADS as usize * DISC_VEC);
-        // per-slice parts of ∂Γ, folded below in a fixed order (deterministic)
-        let mut parts = fwd.as_ref().map(|_| {
-            stream
-                .alloc_zeros::<f32>(g.bh * g.nc * slices)
-                .expect("device allocation")
-        });
         let mut b = stream.launch_builder(&self.fns["sp_discumsum_all"]);
         b.arg(&mut out).arg(gam).arg(&per_chunk).arg(&nc).arg(&rev);
-        match (&fwd, &mut parts) {
-            (Some((s, _)), Some(p)) => {
-                b.arg(*s).arg(p);
-            }
-            _ => {
-                b.arg(&NULL).arg(&NULL);
-            }
-        }
-        b.arg(&packed_d);
         // SAFETY: as declared in sp_discumsum_all; each thread owns DISC_VEC elements of
-        // every chunk's state, bounded by per_chunk; the parts buffer has a slot per
-        // (bh, chunk, slice).
+        // every chunk's state, bounded by per_chunk.
         unsafe { b.launch(cfg((g.bh, slices, 1), 0)) }.expect("sp_discumsum_all");
-        if let (Some((_, dgam)), Some(p)) = (fwd, parts) {
-            let (n, sl) = ((g.bh * g.nc) as i64, slices as i32);
-            let mut b = stream.launch_builder(&self.fns["sp_fold_slices"]);
-            b.arg(dgam).arg(&p).arg(&n).arg(&sl);
-            // SAFETY: dgam has bh·nc elements, p bh·nc·slices.
-            unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.expect("sp_fold_slices");
-        }
         out
     }
 
@@ -419,7 +394,7 @@ impl ChunkedSympow {
         let t0 = self.mark(stream, "", Instant::now());
         let st = self.stage(stream, &g, spec, q, k, v, log_gates);
         let t0 = self.mark(stream, "fwd prep", t0);
-        let states = self.states(stream, &g, &st.kt, &st.vp, &st.gam, false, None);
+        let states = self.states(stream, &g, &st.kt, &st.vp, &st.gam, false);
         let t0 = self.mark(stream, "fwd states", t0);
         let (inter, _) = self.read(stream, &g, true, &st.qt, &states, None);
         let t0 = self.mark(stream, "fwd read (inter)", t0);
@@ -485,7 +460,7 @@ impl ChunkedSympow {
             Some(s) => (&s.staged, &s.states),
             None => {
                 let st = self.stage(stream, &g, spec, q, k, v, log_gates);
-                let states = self.states(stream, &g, &st.kt, &st.vp, &st.gam, false, None);
+                let states = self.states(stream, &g, &st.kt, &st.vp, &st.gam, false);
                 recomputed = (st, states);
                 (&recomputed.0, &recomputed.1)
             }
@@ -504,19 +479,7 @@ impl ChunkedSympow {
         }
         let t0 = self.mark(stream, "bwd output grads", t0);
         // inter-chunk part: the state gradients in reverse, then the reads
-        // zeroed: the reverse cumsum's slices are folded into it
-        let mut dgam = stream
-            .alloc_zeros::<f32>(g.bh * g.nc)
-            .expect("device allocation");
-        let r_bwd = self.states(
-            stream,
-            &g,
-            &st.qt,
-            &dn,
-            &st.gam,
-            true,
-            Some((s_fwd, &mut dgam)),
-        );
+        let r_bwd = self.states(stream, &g, &st.qt, &dn, &st.gam, true);
         let t0 = self.mark(stream, "bwd state grads (reverse)", t0);
         let (_, dqt) = self.read(stream, &g, false, &st.qt, s_fwd, Some(&dn));
         let t0 = self.mark(stream, "bwd read dq", t0);
@@ -525,82 +488,65 @@ impl ChunkedSympow {
         drop(r_bwd);
         let (dqt, dkt, dvp) = (dqt.unwrap(), dkt.unwrap(), dvp.unwrap());
 
-        // intra-chunk part
+        // intra-chunk part, each kernel ending in the chain rule back to the model's tensors for
+        // its tokens: ∂k, ∂v and the keys' parts of the gate gradient, then ∂q and the queries'
         let out32 = |len: usize| alloc_output::<f32>(stream, len);
-        let (mut dki, mut dvi, mut dgk) = (out32(n * g.d), out32(n * g.d), out32(n));
+        let (mut dq, mut dk, mut dv) = (out32(n * g.d), out32(n * g.d), out32(n * g.d));
+        // with gates, per token: ∂G_τ's query and key parts
+        let mut dgt = log_gates.map(|_| (out32(n), out32(n)));
+        let scale = spec.scale as f32;
         {
             let mut b = stream.launch_builder(self.f("sp_intra_bwd_dkv", g.d));
-            b.arg(&mut dki).arg(&mut dvi).arg(&mut dgk);
+            b.arg(&mut dk).arg(&mut dv);
+            match dgt.as_mut() {
+                Some((_, dgk)) => b.arg(dgk),
+                None => b.arg(&NULL),
+            };
             b.arg(&st.qs).arg(&st.kr).arg(&st.vp).arg(&dn).arg(&st.g);
-            b.arg(&t).arg(&l);
+            b.arg(&st.gam).arg(k).arg(&dkt).arg(&dvp);
+            b.arg(&t).arg(&h).arg(&l);
             // SAFETY: as declared in sp_intra_bwd_dkv; one block per 128 keys of a chunk.
             unsafe { b.launch(self.cfg("sp_intra_bwd_dkv", g.d, (g.tiles(), g.bh, g.nc))) }
                 .expect("sp_intra_bwd_dkv");
         }
         let t0 = self.mark(stream, "bwd intra dk dv", t0);
-        let (mut dqi, mut dgq) = (out32(n * g.d), out32(n));
         {
             let mut b = stream.launch_builder(self.f("sp_intra_bwd_dq", g.d));
-            b.arg(&mut dqi).arg(&mut dgq);
+            b.arg(&mut dq);
+            match dgt.as_mut() {
+                Some((dgq, _)) => b.arg(dgq),
+                None => b.arg(&NULL),
+            };
             b.arg(&st.qs).arg(&st.kr).arg(&st.vp).arg(&dn).arg(&st.g);
-            b.arg(&t).arg(&l);
+            b.arg(q).arg(&dqt);
+            b.arg(&t).arg(&h).arg(&l).arg(&scale);
             // SAFETY: as declared in sp_intra_bwd_dq; one block per 128 queries of a chunk.
             unsafe { b.launch(self.cfg("sp_intra_bwd_dq", g.d, (g.tiles(), g.bh, g.nc))) }
                 .expect("sp_intra_bwd_dq");
         }
         let t0 = self.mark(stream, "bwd intra dq", t0);
+        drop((dqt, dkt, dvp));
 
-        // chain rule back to q, k, v, g: per token, then (gated) the gates' scan per chunk
-        let (mut dq, mut dk, mut dv) = (out32(n * g.d), out32(n * g.d), out32(n * g.d));
+        // with gates, ∂g_r = Σ_{τ ≥ r} ∂G_τ over the sequence: the chunks' sums, then the suffixes
         let mut dg = log_gates.map(|_| out32(n));
-        // per token: ∂G_τ and its share of ∂Γ
-        let mut dgt = log_gates.map(|_| (out32(n), out32(n)));
-        let (scale, nl) = (spec.scale as f32, n as i64);
-        {
-            let mut b = stream.launch_builder(self.f("sp_bwd_final", g.d));
-            b.arg(&mut dq).arg(&mut dk).arg(&mut dv);
-            match dgt.as_mut() {
-                Some((x, y)) => {
-                    b.arg(x).arg(y);
-                }
-                None => {
-                    b.arg(&NULL).arg(&NULL);
-                }
-            };
-            b.arg(q).arg(k).arg(&st.g).arg(&st.gam);
-            b.arg(&dqt)
-                .arg(&dkt)
-                .arg(&dvp)
-                .arg(&dqi)
-                .arg(&dki)
-                .arg(&dvi);
-            b.arg(&dgq)
-                .arg(&dgk)
-                .arg(&nl)
-                .arg(&t)
-                .arg(&h)
-                .arg(&l)
-                .arg(&scale);
-            // SAFETY: as declared in sp_bwd_final; one warp per token, 8 a block.
-            unsafe { b.launch(cfg((n.div_ceil(8), 1, 1), 0)) }.expect("sp_bwd_final");
-        }
-        if let (Some(dg), Some((dgt, dgamt))) = (dg.as_mut(), dgt.as_ref()) {
-            let mut b = stream.launch_builder(&self.fns["sp_bwd_gates"]);
-            b.arg(dg)
-                .arg(dgt)
-                .arg(dgamt)
-                .arg(&dgam)
-                .arg(&t)
-                .arg(&h)
-                .arg(&l);
-            // SAFETY: as declared in sp_bwd_gates; one warp per (bh, chunk).
-            let c = LaunchConfig {
+        if let (Some(dg), Some((dgq, dgk))) = (dg.as_mut(), dgt.as_ref()) {
+            // one warp per (bh, chunk) in both
+            let per_chunk = LaunchConfig {
                 block_dim: (32, 1, 1),
                 ..cfg((g.bh, g.nc, 1), 0)
             };
-            unsafe { b.launch(c) }.expect("sp_bwd_gates");
+            let mut sums = out32(g.bh * g.nc);
+            let mut b = stream.launch_builder(&self.fns["sp_gate_chunk_sums"]);
+            b.arg(&mut sums).arg(dgq).arg(dgk).arg(&t).arg(&l);
+            // SAFETY: as declared in sp_gate_chunk_sums; it writes sums[bh·nc + chunk].
+            unsafe { b.launch(per_chunk) }.expect("sp_gate_chunk_sums");
+            let mut b = stream.launch_builder(&self.fns["sp_bwd_gates"]);
+            b.arg(dg).arg(dgq).arg(dgk).arg(&sums);
+            b.arg(&t).arg(&h).arg(&l);
+            // SAFETY: as declared in sp_bwd_gates.
+            unsafe { b.launch(per_chunk) }.expect("sp_bwd_gates");
         }
-        self.mark(stream, "bwd chain rule", t0);
+        self.mark(stream, "bwd gates", t0);
         AttentionGrads {
             dq,
             dk,
