@@ -185,23 +185,45 @@ __device__ void sp_prep(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float*
     __syncthreads();
     float Gm = total;
     if (threadIdx.x == 0 && blockIdx.z == 0) Gam[bh * NC + ci] = Gm;
-    for (int i = threadIdx.x; i < m * D2; i += blockDim.x) {
-        int s = p0 + i / D2, j = 2 * (i % D2);
-        long src = ((long)(b * T + t0 + s) * H + h) * D + j, dst = ((long)bh * T + t0 + s) * D + j;
-        float2 qv = *(const float2*)(q + src), kv = *(const float2*)(k + src);
-        qv.x *= scale;
-        qv.y *= scale;
-        float G = Gs[s], eq = expf(0.5f * G), ek = expf(0.5f * (Gm - G));
-        *(u32*)(qs + dst) = pack2(qv.x, qv.y);
-        *(u32*)(kr + dst) = pack2(kv.x, kv.y);
-        *(u32*)(qt + dst) = pack2(qv.x * eq, qv.y * eq);
-        *(u32*)(kt + dst) = pack2(kv.x * ek, kv.y * ek);
+    // PU elements a thread per step, every load of a step before its stores: a load that follows
+    // a store waits for nothing, but the compiler keeps loads behind earlier stores (aliasing)
+    constexpr int PU = 4;
+    for (int i0 = threadIdx.x; i0 < m * D2; i0 += PU * blockDim.x) {
+        float2 qv[PU], kv[PU];
+#pragma unroll
+        for (int u = 0; u < PU; u++) {
+            int i = min(i0 + u * (int)blockDim.x, m * D2 - 1), s = p0 + i / D2, j = 2 * (i % D2);
+            long src = ((long)(b * T + t0 + s) * H + h) * D + j;
+            qv[u] = *(const float2*)(q + src);
+            kv[u] = *(const float2*)(k + src);
+        }
+#pragma unroll
+        for (int u = 0; u < PU; u++) {
+            int i = i0 + u * blockDim.x, s = p0 + i / D2, j = 2 * (i % D2);
+            if (i >= m * D2) break;
+            long dst = ((long)bh * T + t0 + s) * D + j;
+            float2 qx = make_float2(qv[u].x * scale, qv[u].y * scale);
+            float G = Gs[s], eq = expf(0.5f * G), ek = expf(0.5f * (Gm - G));
+            *(u32*)(qs + dst) = pack2(qx.x, qx.y);
+            *(u32*)(kr + dst) = pack2(kv[u].x, kv[u].y);
+            *(u32*)(qt + dst) = pack2(qx.x * eq, qx.y * eq);
+            *(u32*)(kt + dst) = pack2(kv[u].x * ek, kv[u].y * ek);
+        }
     }
-    for (int i = threadIdx.x; i < m * E2; i += blockDim.x) {
-        int s = p0 + i / E2, j = 2 * (i % E2);
-        float2 x = j < D ? *(const float2*)(v + ((long)(b * T + t0 + s) * H + h) * D + j)
+    for (int i0 = threadIdx.x; i0 < m * E2; i0 += PU * blockDim.x) {
+        float2 x[PU];
+#pragma unroll
+        for (int u = 0; u < PU; u++) {
+            int i = min(i0 + u * (int)blockDim.x, m * E2 - 1), s = p0 + i / E2, j = 2 * (i % E2);
+            x[u] = j < D ? *(const float2*)(v + ((long)(b * T + t0 + s) * H + h) * D + j)
                          : make_float2(j == D ? 1.f : 0.f, j == D ? 1.f : 0.f);
-        *(u32*)(vp + ((long)bh * T + t0 + s) * E + j) = pack2(x.x, x.y);
+        }
+#pragma unroll
+        for (int u = 0; u < PU; u++) {
+            int i = i0 + u * blockDim.x, s = p0 + i / E2, j = 2 * (i % E2);
+            if (i >= m * E2) break;
+            *(u32*)(vp + ((long)bh * T + t0 + s) * E + j) = pack2(x[u].x, x[u].y);
+        }
     }
     for (int s = p0 + threadIdx.x; s < p1; s += blockDim.x) Gout[(long)bh * T + t0 + s] = Gs[s];
 }
@@ -887,19 +909,29 @@ __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf
     int src = lane & ~3;
     float den0 = __shfl_sync(FULL, acc[D / 8][0], src), den1 = __shfl_sync(FULL, acc[D / 8][2], src);
     int r0 = row0 + g, r1 = r0 + 8;
-    if (r0 < nq) den0 += inter[((long)bh * T + q0 + r0) * E + D];
-    if (r1 < nq) den1 += inter[((long)bh * T + q0 + r1) * E + D];
+    // every load of inter before any store of y (a store might alias a later load, so the
+    // compiler would keep each load behind the stores before it)
+    long i0 = ((long)bh * T + q0 + min(r0, nq - 1)) * E, i1 = ((long)bh * T + q0 + min(r1, nq - 1)) * E;
+    float2 in0[D / 8], in1[D / 8];
+#pragma unroll
+    for (int nt = 0; nt < D / 8; nt++) {
+        in0[nt] = *(const float2*)(inter + i0 + nt * 8 + 2 * t);
+        in1[nt] = *(const float2*)(inter + i1 + nt * 8 + 2 * t);
+    }
+    den0 += inter[i0 + D];
+    den1 += inter[i1 + D];
     den0 += eps;
     den1 += eps;
 #pragma unroll
     for (int nt = 0; nt < D / 8; nt++)
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            int row = i >= 2 ? r1 : r0, col = nt * 8 + 2 * t + (i & 1);
+        for (int hr = 0; hr < 2; hr++) {
+            int row = hr ? r1 : r0;
             if (row >= nq) continue;
-            long tok = (long)bh * T + q0 + row;
-            float num = acc[nt][i] + inter[tok * E + col];
-            y[((long)(b * T + q0 + row) * H + h) * D + col] = num / (i >= 2 ? den1 : den0);
+            float2 in = hr ? in1[nt] : in0[nt];
+            float den = hr ? den1 : den0;
+            float2 num = make_float2(acc[nt][2 * hr] + in.x, acc[nt][2 * hr + 1] + in.y);
+            *(float2*)(y + ((long)(b * T + q0 + row) * H + h) * D + nt * 8 + 2 * t) = make_float2(num.x / den, num.y / den);
         }
     if (t == 0) {
         if (r0 < nq) log_norm[(long)(b * T + q0 + r0) * H + h] = logf(den0);
@@ -922,11 +954,22 @@ __device__ void sp_bwd_prep(bf16* dN, const float* dy, const float* y, const flo
     if (tok >= (long)B * T * H) return;
     int h = tok % H, tt = (tok / H) % T, b = tok / H / T;
     long bht = ((long)(b * H + h) * T + tt) * E;
+    constexpr int P = (D + 63) / 64;  // column pairs a lane: j = 2·lane + 64·p
+    float2 dyv[P], yv[P];
+#pragma unroll
+    for (int p = 0; p < P; p++) {  // loads first: each would otherwise wait behind the last store
+        int j = min(2 * lane + 64 * p, D - 2);
+        dyv[p] = *(const float2*)(dy + tok * D + j);
+        yv[p] = *(const float2*)(y + tok * D + j);
+    }
     float inv = expf(-log_norm[tok]), dot = 0.f;
-    for (int j = lane; j < D; j += 32) {
-        bf16 n = f2b(dy[tok * D + j] * inv);
-        dot += b2f(n) * y[tok * D + j];
-        dN[bht + j] = n;
+#pragma unroll
+    for (int p = 0; p < P; p++) {
+        int j = 2 * lane + 64 * p;
+        if (j >= D) break;
+        u32 n = pack2(dyv[p].x * inv, dyv[p].y * inv);
+        dot += __uint_as_float(n << 16) * yv[p].x + __uint_as_float(n & 0xffff0000u) * yv[p].y;
+        *(u32*)(dN + bht + j) = n;
     }
     float dz = -warp_sum(dot);
     bf16 hi = f2b(dz), lo = f2b(dz - b2f(hi));
