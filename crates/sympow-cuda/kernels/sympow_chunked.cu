@@ -351,12 +351,14 @@ __device__ void sp_discumsum(bf16* st, const float* Gam, long per_chunk, int NC,
     float run[DISC_VEC];
 #pragma unroll
     for (int i = 0; i < DISC_VEC; i++) run[i] = 0.f;
-    uint4 cur = *(const uint4*)(head + (long)(reverse ? NC - 1 : 0) * per_chunk);
+    // the last chunk's contribution in this order enters no state (sp_chunk_states skips it)
+    uint4 cur = make_uint4(0, 0, 0, 0);
+    if (NC > 1) cur = *(const uint4*)(head + (long)(reverse ? NC - 1 : 0) * per_chunk);
 #pragma unroll 1
     for (int step = 0; step < NC; step++) {
         int ci = reverse ? NC - 1 - step : step;
         uint4 next = make_uint4(0, 0, 0, 0);
-        if (step + 1 < NC) next = *(const uint4*)(head + (long)(reverse ? ci - 1 : ci + 1) * per_chunk);
+        if (step + 2 < NC) next = *(const uint4*)(head + (long)(reverse ? ci - 1 : ci + 1) * per_chunk);
         float decay = expf(Gam[bh * NC + ci]), d[DISC_VEC];
         unpack8(d, cur);
         // one 16-byte store (a plain uint4 assignment compiles to four 4-byte ones)
@@ -1303,6 +1305,23 @@ __device__ void sp_read_rdx(float* r, float* dx, const bf16* x, const bf16* S, c
     sp_read<D, true, true>(r, dx, x, S, w, T, L, NC);
 }
 #endif
+// The chunk whose state is zero — the first in the cumsum's order: S_0 (forward, and the
+// backward's ∂q read), R_{NC−1} (the backward's ∂k∂v read) — has nothing to read: its blocks
+// write zeros (1/8 of the reads' work at T = 4k, chunk 512). Likewise the last chunk's
+// contribution in that order is never summed into a state, so sp_chunk_states skips it.
+template <int D> __device__ bool read_of_zero_state(float* r, float* dx, int T, int L, int zero_ci) {
+    if ((int)blockIdx.z != zero_ci) return false;
+    constexpr int QT = Smem<D>::read_qt, E = Dims<D>::E;
+    int tile = blockIdx.x, bh = blockIdx.y, t0 = blockIdx.z * L + tile * QT;
+    if (tile * QT >= L || t0 >= T) return true;
+    int nv = min(min(QT, L - tile * QT), T - t0);
+    const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r)
+        for (int i = threadIdx.x; i < nv * E / 4; i += blockDim.x) ((float4*)(r + ((long)bh * T + t0) * E))[i] = z;
+    if (dx)
+        for (int i = threadIdx.x; i < nv * D / 4; i += blockDim.x) ((float4*)(dx + ((long)bh * T + t0) * D))[i] = z;
+    return true;
+}
 #define SP_INSTANCES(D)                                                                                               \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_prep_##D(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float* Gout, float* Gam, const float* q,         \
@@ -1310,20 +1329,23 @@ __device__ void sp_read_rdx(float* r, float* dx, const bf16* x, const bf16* S, c
         sp_prep<D>(qs, kr, qt, kt, vp, Gout, Gam, q, k, v, g, T, H, L, scale);                                        \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
-        sp_chunk_states_##D(bf16* out, const bf16* x, const bf16* y, int T, int L) {                                   \
-        SP_STATES<D>(out, x, y, T, L);                                                                                \
+        sp_chunk_states_##D(bf16* out, const bf16* x, const bf16* y, int T, int L, int skip_ci) {                      \
+        if ((int)blockIdx.z != skip_ci) SP_STATES<D>(out, x, y, T, L);                                                \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
-        sp_read_r_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {       \
-        SP_READ<D, true, false>(r, dx, x, S, w, T, L, NC);                                                            \
+        sp_read_r_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,         \
+                      int zero_ci) {                                                                                  \
+        if (!read_of_zero_state<D>(r, dx, T, L, zero_ci)) SP_READ<D, true, false>(r, dx, x, S, w, T, L, NC);         \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
-        sp_read_dx_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {      \
-        SP_READ<D, false, true>(r, dx, x, S, w, T, L, NC);                                                            \
+        sp_read_dx_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,        \
+                       int zero_ci) {                                                                                 \
+        if (!read_of_zero_state<D>(r, dx, T, L, zero_ci)) SP_READ<D, false, true>(r, dx, x, S, w, T, L, NC);         \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
-        sp_read_rdx_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {     \
-        sp_read_rdx<D>(r, dx, x, S, w, T, L, NC);                                                                     \
+        sp_read_rdx_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,       \
+                        int zero_ci) {                                                                                \
+        if (!read_of_zero_state<D>(r, dx, T, L, zero_ci)) sp_read_rdx<D>(r, dx, x, S, w, T, L, NC);                   \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_intra_fwd_##D(float* y, float* log_norm, const bf16* qs, const bf16* kr, const bf16* vp, const float* G,   \

@@ -312,8 +312,10 @@ impl ChunkedSympow {
         let (t, l, nc, rev) = (g.t as i32, g.l as i32, g.nc as i32, i32::from(reverse));
         let shape = self.shapes[&g.d];
         {
+            // the last chunk in the cumsum's order enters no state: not computed
+            let skip = if reverse { 0 } else { nc - 1 };
             let mut b = stream.launch_builder(self.f("sp_chunk_states", g.d));
-            b.arg(&mut out).arg(x).arg(y).arg(&t).arg(&l);
+            b.arg(&mut out).arg(x).arg(y).arg(&t).arg(&l).arg(&skip);
             // SAFETY: as declared in sp_chunk_states; grid (blocks a chunk per the kernel's
             // table, bh, chunks); every element of `out` is written.
             let grid = (shape.states_blocks, g.bh, g.nc);
@@ -329,9 +331,10 @@ impl ChunkedSympow {
         out
     }
 
-    /// `r = Σ_a x_a (X S[a])` and/or `dx = 2·rowdot(X S[a], W)` per chunk (at least one). On
-    /// `wgmma` both are two passes, r's and dx's (each streams S once more, by bulk copies);
-    /// elsewhere one `mma.sync` pass can form both.
+    /// `r = Σ_a x_a (X S[a])` and/or `dx = 2·rowdot(X S[a], W)` per chunk (at least one), the
+    /// states `s` made in the cumsum's forward order (`reverse` false: chunk 0's is zero) or
+    /// reverse order (the last chunk's is zero). On `wgmma` both are two passes, r's and dx's
+    /// (each streams S once more, by bulk copies); elsewhere one `mma.sync` pass can form both.
     #[allow(clippy::too_many_arguments)]
     fn read(
         &self,
@@ -340,6 +343,7 @@ impl ChunkedSympow {
         want_r: bool,
         x: &CudaSlice<u16>,
         s: &CudaSlice<u16>,
+        reverse: bool,
         w: Option<&CudaSlice<u16>>,
     ) -> (Option<CudaSlice<f32>>, Option<CudaSlice<f32>>) {
         let n = g.bh * g.t;
@@ -354,6 +358,8 @@ impl ChunkedSympow {
             (false, false) => unreachable!("read wants r, dx or both"),
         };
         let (t, l, nc) = (g.t as i32, g.l as i32, g.nc as i32);
+        // the chunk whose state is zero: its blocks write zeros and read nothing
+        let zero = if reverse { nc - 1 } else { 0 };
         for &name in passes {
             let mut b = stream.launch_builder(self.f(name, g.d));
             match r.as_mut().filter(|_| name != "sp_read_dx") {
@@ -369,7 +375,7 @@ impl ChunkedSympow {
                 Some(x) => b.arg(x),
                 None => b.arg(&NULL),
             };
-            b.arg(&t).arg(&l).arg(&nc);
+            b.arg(&t).arg(&l).arg(&nc).arg(&zero);
             // SAFETY: as declared in sp_read; one block per read_rows tokens of a chunk.
             let tiles = g.l.div_ceil(self.shapes[&g.d].read_rows);
             unsafe { b.launch(self.cfg(name, g.d, (tiles, g.bh, g.nc))) }.expect(name);
@@ -396,7 +402,7 @@ impl ChunkedSympow {
         let t0 = self.mark(stream, "fwd prep", t0);
         let states = self.states(stream, &g, &st.kt, &st.vp, &st.gam, false);
         let t0 = self.mark(stream, "fwd states", t0);
-        let (inter, _) = self.read(stream, &g, true, &st.qt, &states, None);
+        let (inter, _) = self.read(stream, &g, true, &st.qt, &states, false, None);
         let t0 = self.mark(stream, "fwd read (inter)", t0);
         let inter = inter.expect("inter part");
         let rows = g.bh * g.t;
@@ -481,9 +487,9 @@ impl ChunkedSympow {
         // inter-chunk part: the state gradients in reverse, then the reads
         let r_bwd = self.states(stream, &g, &st.qt, &dn, &st.gam, true);
         let t0 = self.mark(stream, "bwd state grads (reverse)", t0);
-        let (_, dqt) = self.read(stream, &g, false, &st.qt, s_fwd, Some(&dn));
+        let (_, dqt) = self.read(stream, &g, false, &st.qt, s_fwd, false, Some(&dn));
         let t0 = self.mark(stream, "bwd read dq", t0);
-        let (dvp, dkt) = self.read(stream, &g, true, &st.kt, &r_bwd, Some(&st.vp));
+        let (dvp, dkt) = self.read(stream, &g, true, &st.kt, &r_bwd, true, Some(&st.vp));
         let t0 = self.mark(stream, "bwd read dk dv", t0);
         drop(r_bwd);
         let (dqt, dkt, dvp) = (dqt.unwrap(), dkt.unwrap(), dvp.unwrap());
