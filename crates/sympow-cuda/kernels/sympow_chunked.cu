@@ -59,8 +59,9 @@ template <int D> struct Dims {
     static constexpr int U = D >= 128 ? 2 : 4;
     static constexpr int A = WARPS / (D / 16) * U;
     static constexpr int TT = 64;  // tokens per staged tile
-    // intra backward: queries per tile of the key-side kernel
-    static constexpr int QB = D >= 128 ? 32 : 64;
+    // intra backward: queries per tile of the key-side kernel (32: with it the kernel fits two
+    // blocks an SM at D ≤ 64, see its entry point; 64 measured slower at one block)
+    static constexpr int QB = 32;
     // sp_read: 16-row blocks per warp (each B fragment of the state feeds RM of them)
     static constexpr int RM = D >= 128 ? 1 : 2;
 };
@@ -1085,9 +1086,9 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
         __syncthreads();  // this stage is refilled by the next iteration's issue
     }
     // every load of a row before any store (the compiler cannot move a load past a store to a
-    // pointer that might alias it, and with one block an SM nothing else hides a round trip per
-    // row piece); both rows at once, or one at a time at D = 128, where both spill
-    constexpr int RA = D >= 128 ? 1 : 2;
+    // pointer that might alias it: a round trip per row piece); both rows at once at D = 32, one
+    // at a time above (the second block an SM hides the second trip; both at once spill more)
+    constexpr int RA = D >= 64 ? 1 : 2;
     int b = bh / H, h = bh % H;
     float gam = Gam[bh * ((T + L - 1) / L) + ci], kd[2] = {0.f, 0.f};
 #pragma unroll
@@ -1322,6 +1323,8 @@ template <int D> __device__ bool read_of_zero_state(float* r, float* dx, int T, 
         for (int i = threadIdx.x; i < nv * D / 4; i += blockDim.x) ((float4*)(dx + ((long)bh * T + t0) * D))[i] = z;
     return true;
 }
+// sp_intra_bwd_dkv is held to 128 registers at D ≤ 64 so that two blocks share an SM: with one,
+// nothing hid its mma.sync latencies (0.85 → 0.64 ms at T = 4k, against 28–76 bytes of spills).
 #define SP_INSTANCES(D)                                                                                               \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_prep_##D(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float* Gout, float* Gam, const float* q,         \
@@ -1356,7 +1359,7 @@ template <int D> __device__ bool read_of_zero_state(float* r, float* dx, int T, 
         sp_bwd_prep_##D(bf16* dN, const float* dy, const float* y, const float* log_norm, int B, int T, int H) {     \
         sp_bwd_prep<D>(dN, dy, y, log_norm, B, T, H);                                                                 \
     }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
+    extern "C" __global__ void __launch_bounds__(THREADS, (D) <= 64 ? 2 : 1)                                          \
         sp_intra_bwd_dkv_##D(float* dk, float* dv, float* dGk, const bf16* qs, const bf16* kr,                       \
                              const bf16* vp, const bf16* dN, const float* G, const float* Gam, const float* k,        \
                              const float* dkt, const float* dvp, int T, int H, int L) {                               \
