@@ -186,8 +186,9 @@ __device__ void sp_prep(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float*
     __syncthreads();
     float Gm = total;
     if (threadIdx.x == 0 && blockIdx.z == 0) Gam[bh * NC + ci] = Gm;
-    // PU elements a thread per step, every load of a step before its stores: a load that follows
-    // a store waits for nothing, but the compiler keeps loads behind earlier stores (aliasing)
+    // PU elements a thread per step, every load of a step issued before its stores (the compiler
+    // keeps a load behind any earlier store that might alias it, so a load-compute-store loop
+    // pays a memory round trip per element)
     constexpr int PU = 4;
     for (int i0 = threadIdx.x; i0 < m * D2; i0 += PU * blockDim.x) {
         float2 qv[PU], kv[PU];
@@ -1245,9 +1246,9 @@ __device__ void sp_intra_bwd_dq(float* dq, float* dGq, const bf16* qs, const bf1
     }
 }
 
-// The log-gates' gradient. A pair (key s, query t ≥ s) is weighted by e^{G_t − G_s} through the
-// chunk cumulative gates, the states' decays and k̃'s and q̃'s factors alike: by
-// e^{g_{s+1} + … + g_t}. So ∂g_r is the sum of the pairs' terms ⟨∂L/∂weight, weight⟩ over the
+// The log-gates' gradient. A pair (key s, query t ≥ s) is weighted by e^{g_{s+1} + … + g_t},
+// whether through the chunk-local cumulative gates G (s and t in one chunk) or through k̃'s
+// factor, the states' decays and q̃'s factor (different chunks). So ∂g_r is the sum of the pairs' terms ⟨∂L/∂weight, weight⟩ over the
 // pairs with s < r ≤ t — Σ_{τ ≥ r} ∂G_τ over the whole sequence, where ∂G_τ = (τ's terms as a
 // query) − (τ's terms as a key) = dGq_τ + dGk_τ, which the intra-chunk kernels write (the
 // inter-chunk terms by Euler's identity for φ of degree 2: ½ q̃·∂q̃ and ½ k̃·∂k̃). No inner
