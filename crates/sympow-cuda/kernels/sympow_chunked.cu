@@ -1252,7 +1252,8 @@ __device__ void sp_intra_bwd_dq(float* dq, float* dGq, const bf16* qs, const bf1
 // pairs with s < r ≤ t — Σ_{τ ≥ r} ∂G_τ over the whole sequence, where ∂G_τ = (τ's terms as a
 // query) − (τ's terms as a key) = dGq_τ + dGk_τ, which the intra-chunk kernels write (the
 // inter-chunk terms by Euler's identity for φ of degree 2: ½ q̃·∂q̃ and ½ k̃·∂k̃). No inner
-// product with the forward states is needed (fla computes its gates' gradient the same way).
+// product with the forward states is needed. The CPU's quadratic form takes its gates' gradient
+// the same way (quadratic.rs, reverse_cumsum), as does fla.
 // Two launches, one warp per (bh, chunk) each: the chunks' sums of ∂G, then each token's suffix
 // (every lane a contiguous segment; in a fixed order, so the result is the same on every run).
 extern "C" __global__ void sp_gate_chunk_sums(float* sums, const float* dGq, const float* dGk, int T, int L) {
