@@ -43,6 +43,8 @@ const KERNELS: [(&str, Option<usize>); 9] = [
     ("sp_intra_bwd_dq", Some(7)),
     ("sp_bwd_prep", None),
 ];
+/// The kernels with one instance for every head dimension (no dynamic shared memory).
+const SHARED_KERNELS: [&str; 3] = ["sp_discumsum_all", "sp_gate_chunk_sums", "sp_bwd_gates"];
 /// Entries per head dimension of the `sp_smem_sizes` table (SMEM_ENTRIES in the kernel source):
 /// the kernels' shared-memory bytes, then [`BlockShape`]'s four.
 const SMEM_ENTRIES: usize = 12;
@@ -183,7 +185,7 @@ impl ChunkedSympow {
                 fns.insert(name, f);
             }
         }
-        for name in ["sp_discumsum_all", "sp_gate_chunk_sums", "sp_bwd_gates"] {
+        for name in SHARED_KERNELS {
             let f = crate::device::load_with_shared_memory(&module, name, 0)?;
             fns.insert(name.to_string(), f);
         }
@@ -595,6 +597,15 @@ mod tests {
                 SOURCE.contains(&format!("{name}_##D(")),
                 "kernel {name} is not declared"
             );
+        }
+        for name in SHARED_KERNELS {
+            // `{name}(` right after an `extern "C" __global__` (its launch bounds may sit between)
+            let declared = SOURCE.match_indices(&format!("{name}(")).any(|(i, _)| {
+                SOURCE[..i]
+                    .rsplit_once("extern \"C\" __global__")
+                    .is_some_and(|(_, between)| !between.contains([';', '{', '}']))
+            });
+            assert!(declared, "kernel {name} is not declared");
         }
     }
 }
