@@ -555,7 +555,7 @@ impl ChunkedSympow {
             // SAFETY: as declared in sp_bwd_gates.
             unsafe { b.launch(per_chunk) }.expect("sp_bwd_gates");
         }
-        self.mark(stream, "bwd gates", t0);
+        self.mark(stream, "bwd gates (none if ungated)", t0);
         AttentionGrads {
             dq,
             dk,
