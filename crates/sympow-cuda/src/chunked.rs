@@ -140,6 +140,28 @@ impl Geo {
     }
 }
 
+/// The kernels' source: the one built in, or — for trying a kernel change on the GPU machine,
+/// which has no cargo — `sympow_chunked.cu` replaced by the file that `SYMPOW_CHUNKED_CU` names
+/// (the headers stay the built-in ones; the host reads every shape from the source's
+/// `sp_smem_sizes` table, so a variant may change its tiles). Said on stderr when used.
+fn kernel_source() -> Result<std::borrow::Cow<'static, str>, String> {
+    let Some(path) = std::env::var_os("SYMPOW_CHUNKED_CU") else {
+        return Ok(SOURCE.into());
+    };
+    let file = std::fs::read_to_string(&path)
+        .map_err(|e| format!("SYMPOW_CHUNKED_CU={}: {e}", path.to_string_lossy()))?;
+    eprintln!(
+        "fused chunked sympow: kernels from {} (SYMPOW_CHUNKED_CU)",
+        path.to_string_lossy()
+    );
+    Ok(format!(
+        "{}{}{file}",
+        include_str!("../kernels/mma.cuh"),
+        include_str!("../kernels/wgmma.cuh")
+    )
+    .into())
+}
+
 fn cfg(grid: (usize, usize, usize), smem: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
@@ -152,10 +174,11 @@ impl ChunkedSympow {
     /// Compiles the kernels for compute capability ≥ 8.0 (mma.sync bf16) and sizes their
     /// shared memory. An error (old GPU, NVRTC failure) means the caller keeps its other path.
     pub fn new(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>) -> Result<Self, String> {
+        let source = kernel_source()?;
         let (module, sizes) = crate::device::load_tensor_core_module(
             ctx,
             stream,
-            SOURCE,
+            &source,
             "fused chunked sympow",
             true,
             "sp_smem_sizes",
