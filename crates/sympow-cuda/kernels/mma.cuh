@@ -95,16 +95,6 @@ __device__ __forceinline__ void mma_rows(float (*acc)[4], const bf16* a, int lda
     }
 }
 
-// dst[r][c] = src[r][c] for r < nvalid, 0 beyond; cols and ld multiples of 8 (16-byte vectors).
-__device__ __forceinline__ void load_rows(bf16* dst, int ld, const bf16* src, int nvalid, int rows, int cols) {
-    int vec = cols / 8;
-    for (int i = threadIdx.x; i < rows * vec; i += blockDim.x) {
-        int r = i / vec, c = (i % vec) * 8;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r < nvalid) v = *(const uint4*)(src + (long)r * cols + c);
-        *(uint4*)(dst + r * ld + c) = v;
-    }
-}
 // Asynchronous copy of rows (as load_rows; rows ≥ nvalid zero-filled): issue now, wait later, so
 // the next tile streams in while this one is multiplied (double buffering).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
@@ -128,4 +118,14 @@ __device__ __forceinline__ void load_rows_async(bf16* dst, int ld, const bf16* s
     }
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+// dst[r][c] = src[r][c] for r < nvalid, 0 beyond, on return (the caller syncs the block before
+// other threads read it); cols and ld multiples of 8 (16-byte vectors). By cp.async, so that all
+// of a thread's pieces are in flight at once: as a load-store loop, each load waited for the
+// previous piece's store (the compiler cannot tell that they don't alias), a memory round trip
+// per piece — 8 to 10 of them at the start of every read and intra-chunk block. Waits for every
+// cp.async this thread has issued: call it before a block's streaming starts.
+__device__ __forceinline__ void load_rows(bf16* dst, int ld, const bf16* src, int nvalid, int rows, int cols) {
+    load_rows_async(dst, ld, src, nvalid, rows, cols);
+    asm volatile("cp.async.wait_all;" ::: "memory");
+}
 __device__ __forceinline__ void cp_async_wait_prev() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
