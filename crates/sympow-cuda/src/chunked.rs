@@ -145,21 +145,29 @@ impl Geo {
 /// (the headers stay the built-in ones; the host reads every shape from the source's
 /// `sp_smem_sizes` table, so a variant may change its tiles). Said on stderr when used.
 fn kernel_source() -> Result<std::borrow::Cow<'static, str>, String> {
-    let Some(path) = std::env::var_os("SYMPOW_CHUNKED_CU") else {
+    let path = std::env::var_os("SYMPOW_CHUNKED_CU");
+    let source = kernel_source_from(path.as_deref())?;
+    if let Some(path) = path {
+        eprintln!(
+            "fused chunked sympow: kernels from {} (SYMPOW_CHUNKED_CU)",
+            path.to_string_lossy()
+        );
+    }
+    Ok(source)
+}
+
+fn kernel_source_from(
+    chunked_cu: Option<&std::ffi::OsStr>,
+) -> Result<std::borrow::Cow<'static, str>, String> {
+    let Some(path) = chunked_cu else {
         return Ok(SOURCE.into());
     };
-    let file = std::fs::read_to_string(&path)
+    let file = std::fs::read_to_string(path)
         .map_err(|e| format!("SYMPOW_CHUNKED_CU={}: {e}", path.to_string_lossy()))?;
-    eprintln!(
-        "fused chunked sympow: kernels from {} (SYMPOW_CHUNKED_CU)",
-        path.to_string_lossy()
-    );
-    Ok(format!(
-        "{}{}{file}",
-        include_str!("../kernels/mma.cuh"),
-        include_str!("../kernels/wgmma.cuh")
-    )
-    .into())
+    let headers = SOURCE
+        .strip_suffix(include_str!("../kernels/sympow_chunked.cu"))
+        .expect("SOURCE ends with sympow_chunked.cu");
+    Ok(format!("{headers}{file}").into())
 }
 
 fn cfg(grid: (usize, usize, usize), smem: u32) -> LaunchConfig {
@@ -591,6 +599,29 @@ impl ChunkedSympow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_source_variant_replaces_only_the_kernels_file() {
+        assert_eq!(kernel_source_from(None).unwrap(), SOURCE);
+        let dir = std::env::temp_dir().join(format!("sympow-variant-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("variant.cu");
+        std::fs::write(&file, "// a variant\n").unwrap();
+        let src = kernel_source_from(Some(file.as_os_str())).unwrap();
+        assert!(src.ends_with("// a variant\n"));
+        assert!(src.starts_with(include_str!("../kernels/mma.cuh")));
+        assert!(src.contains(include_str!("../kernels/wgmma.cuh")));
+        assert!(
+            !src.contains("sp_smem_sizes"),
+            "the built-in kernels are gone"
+        );
+        let err = kernel_source_from(Some(dir.join("missing.cu").as_os_str())).unwrap_err();
+        assert!(
+            err.starts_with("SYMPOW_CHUNKED_CU=") && err.contains("missing.cu"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// The value of `#define name value` in the kernel source.
     fn define(name: &str) -> usize {
