@@ -1025,8 +1025,9 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
 pub const BF16_TOL: f64 = 1e-2;
 
 /// The fused kernels for every head dimension, gated and not, one partial chunk, several chunks
-/// with a partial last one, and chunks of 384 tokens (the inter-chunk read takes 256 rows a
-/// block, so a chunk's last block is half full); forward and every gradient.
+/// with a partial last one, chunks of 384 tokens (the inter-chunk read takes 256 rows a block,
+/// so a chunk's last block is half full), and 8 chunks of 128 (the discounted cumulative sum
+/// over several chunks); forward and every gradient.
 fn fused_attention_checks(
     gpu: &CudaBackend,
     cpu: &CpuBackend<f32>,
@@ -1035,7 +1036,13 @@ fn fused_attention_checks(
 ) {
     let r = &mut rng(seed ^ 0xf05e_d000);
     for d in crate::chunked::HEAD_DIMS {
-        for (time, chunk) in [(200, 1024), (700, 256), (1000, 384), (2500, 2048)] {
+        for (time, chunk) in [
+            (200, 1024),
+            (700, 256),
+            (1000, 384),
+            (2500, 2048),
+            (1000, 128),
+        ] {
             for gated in [true, false] {
                 let shape = Shape {
                     batch: 2,

@@ -6,7 +6,7 @@
 //! intra (attention inside each chunk, plus the combine) — and the backward eight to ten (output
 //! gradients, state gradients and their reverse cumsum, the reads of ∂q and of ∂k and ∂v, the
 //! intra-chunk ∂k∂v and ∂q, each ending in the chain rule to the model's tensors, and with gates
-//! their scan), each the GPU twin of a step of `sympow::attention::chunked` (SPEC §4). The
+//! their scan; the ∂q read and intra-chunk ∂q on a second stream), each the GPU twin of a step of `sympow::attention::chunked` (SPEC §4). The
 //! forward hands its bf16 operands and chunk states to the backward through
 //! [`AttentionOut::saved`]. Memory is linear in T: one D×D×E bf16 state per chunk of `chunk`
 //! tokens (on Hopper tile-packed: the symmetric state's index pairs with tile(a) ≤ tile(b) of
@@ -82,6 +82,8 @@ pub struct ChunkedSympow {
     /// When on, each stage synchronises and its wall time is recorded (for `bench attention
     /// --stages`); off in normal runs.
     profile: Mutex<Option<Vec<(&'static str, f64)>>>,
+    /// A second stream, for the backward's ∂q half beside its ∂k∂v half.
+    side: Arc<CudaStream>,
 }
 
 /// bf16 staging copies of one call's inputs (see `sp_prep`).
@@ -220,12 +222,16 @@ impl ChunkedSympow {
             let f = crate::device::load_with_shared_memory(&module, name, 0)?;
             fns.insert(name.to_string(), f);
         }
+        let side = ctx
+            .new_stream()
+            .map_err(|e| format!("a second stream: {e}"))?;
         Ok(ChunkedSympow {
             _module: module,
             fns,
             smem,
             shapes,
             profile: Mutex::new(None),
+            side,
         })
     }
 
@@ -248,6 +254,10 @@ impl ChunkedSympow {
         let mut v = self.profile.lock().unwrap().take().unwrap_or_default();
         v.retain(|(name, _)| !name.is_empty());
         v
+    }
+
+    fn profiling(&self) -> bool {
+        self.profile.lock().unwrap().is_some()
     }
 
     /// Records the stage that ran since `t0` when profiling; returns the new start time.
@@ -369,22 +379,22 @@ impl ChunkedSympow {
     /// states `s` made in the cumsum's forward order (`reverse` false: chunk 0's is zero) or
     /// reverse order (the last chunk's is zero). On `wgmma` both are two passes, r's and dx's
     /// (each streams S once more, by bulk copies); elsewhere one `mma.sync` pass can form both.
+    /// Into `r` ([BH][T][E]) and `dx` ([BH][T][D], given with `w`: every token's row of each is
+    /// written once, by the block that owns it), launched on `on`.
     #[allow(clippy::too_many_arguments)]
     fn read(
         &self,
-        stream: &Arc<CudaStream>,
+        on: &CudaStream,
         g: &Geo,
-        want_r: bool,
+        mut r: Option<&mut CudaSlice<f32>>,
+        mut dx: Option<&mut CudaSlice<f32>>,
         x: &CudaSlice<u16>,
         s: &CudaSlice<u16>,
         reverse: bool,
         w: Option<&CudaSlice<u16>>,
-    ) -> (Option<CudaSlice<f32>>, Option<CudaSlice<f32>>) {
-        let n = g.bh * g.t;
-        // every token's row of each, written once by the block that owns it
-        let mut r = want_r.then(|| alloc_output::<f32>(stream, n * g.e));
-        let mut dx = w.map(|_| alloc_output::<f32>(stream, n * g.d));
-        let passes: &[&str] = match (want_r, w.is_some()) {
+    ) {
+        assert_eq!(dx.is_some(), w.is_some(), "dx is read with w");
+        let passes: &[&str] = match (r.is_some(), w.is_some()) {
             (true, false) => &["sp_read_r"],
             (false, true) => &["sp_read_dx"],
             (true, true) if self.shapes[&g.d].wgmma => &["sp_read_r", "sp_read_dx"],
@@ -395,12 +405,12 @@ impl ChunkedSympow {
         // the chunk whose state is zero: its blocks write zeros and read nothing
         let zero = if reverse { nc - 1 } else { 0 };
         for &name in passes {
-            let mut b = stream.launch_builder(self.f(name, g.d));
-            match r.as_mut().filter(|_| name != "sp_read_dx") {
+            let mut b = on.launch_builder(self.f(name, g.d));
+            match r.as_deref_mut().filter(|_| name != "sp_read_dx") {
                 Some(x) => b.arg(x),
                 None => b.arg(&NULL),
             };
-            match dx.as_mut().filter(|_| name != "sp_read_r") {
+            match dx.as_deref_mut().filter(|_| name != "sp_read_r") {
                 Some(x) => b.arg(x),
                 None => b.arg(&NULL),
             };
@@ -410,11 +420,11 @@ impl ChunkedSympow {
                 None => b.arg(&NULL),
             };
             b.arg(&t).arg(&l).arg(&nc).arg(&zero);
-            // SAFETY: as declared in sp_read; one block per read_rows tokens of a chunk.
+            // SAFETY: as declared in sp_read; one block per read_rows tokens of a chunk; r and
+            // dx hold [BH][T][E] and [BH][T][D] elements.
             let tiles = g.l.div_ceil(self.shapes[&g.d].read_rows);
             unsafe { b.launch(self.cfg(name, g.d, (tiles, g.bh, g.nc))) }.expect(name);
         }
-        (r, dx)
     }
 
     /// Forward: y `[B, T, H, D]` and log-normalisers `[B, T, H]`.
@@ -436,10 +446,19 @@ impl ChunkedSympow {
         let t0 = self.mark(stream, "fwd prep", t0);
         let states = self.states(stream, &g, &st.kt, &st.vp, &st.gam, false);
         let t0 = self.mark(stream, "fwd states", t0);
-        let (inter, _) = self.read(stream, &g, true, &st.qt, &states, false, None);
-        let t0 = self.mark(stream, "fwd read (inter)", t0);
-        let inter = inter.expect("inter part");
         let rows = g.bh * g.t;
+        let mut inter = alloc_output::<f32>(stream, rows * g.e);
+        self.read(
+            stream,
+            &g,
+            Some(&mut inter),
+            None,
+            &st.qt,
+            &states,
+            false,
+            None,
+        );
+        let t0 = self.mark(stream, "fwd read (inter)", t0);
         let mut y = alloc_output::<f32>(stream, rows * g.d);
         let mut ln = alloc_output::<f32>(stream, rows);
         let (t, h, l, eps) = (g.t as i32, g.h as i32, g.l as i32, spec.eps as f32);
@@ -518,23 +537,51 @@ impl ChunkedSympow {
             unsafe { b.launch(cfg((n.div_ceil(8), 1, 1), 0)) }.expect("sp_bwd_prep");
         }
         let t0 = self.mark(stream, "bwd output grads", t0);
-        // inter-chunk part: the state gradients in reverse, then the reads
-        let r_bwd = self.states(stream, &g, &st.qt, &dn, &st.gam, true);
-        let t0 = self.mark(stream, "bwd state grads (reverse)", t0);
-        let (_, dqt) = self.read(stream, &g, false, &st.qt, s_fwd, false, Some(&dn));
-        let t0 = self.mark(stream, "bwd read dq", t0);
-        let (dvp, dkt) = self.read(stream, &g, true, &st.kt, &r_bwd, true, Some(&st.vp));
-        let t0 = self.mark(stream, "bwd read dk dv", t0);
-        drop(r_bwd);
-        let (dqt, dkt, dvp) = (dqt.unwrap(), dkt.unwrap(), dvp.unwrap());
 
-        // intra-chunk part, each kernel ending in the chain rule back to the model's tensors for
-        // its tokens: ∂k, ∂v and the keys' parts of the gate gradient, then ∂q and the queries'
+        // Two independent halves, each an inter-chunk read and then the intra-chunk kernel that
+        // ends in the chain rule back to the model's tensors for its tokens: the ∂q half (∂q̃
+        // through the forward's states, then ∂q and the queries' part of the gates' gradient),
+        // and the ∂k∂v half (the state gradients, summed in reverse, their read, then ∂k, ∂v and
+        // the keys' part). The ∂q half runs on a second stream, so that the reverse cumsum (bound
+        // by memory) shares the GPU with the ∂q read (bound by its products). Every buffer is
+        // allocated, and so freed, on `stream`; the second stream's work sits between a join of
+        // `stream` (after the allocations) and a join back. Profiling runs both halves on
+        // `stream`, one stage after another.
+        let side = if self.profiling() { stream } else { &self.side };
         let out32 = |len: usize| alloc_output::<f32>(stream, len);
         let (mut dq, mut dk, mut dv) = (out32(n * g.d), out32(n * g.d), out32(n * g.d));
         // with gates, per token: ∂G_τ's query and key parts
         let mut dgt = log_gates.map(|_| (out32(n), out32(n)));
+        let mut dqt = out32(n * g.d);
         let scale = spec.scale as f32;
+        side.join(stream).expect("stream join");
+
+        let r_bwd = self.states(stream, &g, &st.qt, &dn, &st.gam, true);
+        let t0 = self.mark(stream, "bwd state grads (reverse)", t0);
+        self.read(
+            side,
+            &g,
+            None,
+            Some(&mut dqt),
+            &st.qt,
+            s_fwd,
+            false,
+            Some(&dn),
+        );
+        let t0 = self.mark(stream, "bwd read dq", t0);
+        let (mut dvp, mut dkt) = (out32(n * g.e), out32(n * g.d));
+        let (reads_r, reads_dx) = (Some(&mut dvp), Some(&mut dkt));
+        self.read(
+            stream,
+            &g,
+            reads_r,
+            reads_dx,
+            &st.kt,
+            &r_bwd,
+            true,
+            Some(&st.vp),
+        );
+        let t0 = self.mark(stream, "bwd read dk dv", t0);
         {
             let mut b = stream.launch_builder(self.f("sp_intra_bwd_dkv", g.d));
             b.arg(&mut dk).arg(&mut dv);
@@ -551,7 +598,7 @@ impl ChunkedSympow {
         }
         let t0 = self.mark(stream, "bwd intra dk dv", t0);
         {
-            let mut b = stream.launch_builder(self.f("sp_intra_bwd_dq", g.d));
+            let mut b = side.launch_builder(self.f("sp_intra_bwd_dq", g.d));
             b.arg(&mut dq);
             match dgt.as_mut() {
                 Some((dgq, _)) => b.arg(dgq),
@@ -565,7 +612,9 @@ impl ChunkedSympow {
                 .expect("sp_intra_bwd_dq");
         }
         let t0 = self.mark(stream, "bwd intra dq", t0);
-        drop((dqt, dkt, dvp));
+        stream.join(side).expect("stream join");
+        // (freed on `stream`, after the join: nothing on `side` still uses them)
+        drop((r_bwd, dqt, dkt, dvp));
 
         // with gates, ∂g_r = Σ_{τ ≥ r} ∂G_τ over the sequence: the chunks' sums, then the suffixes
         let mut dg = log_gates.map(|_| out32(n));

@@ -55,16 +55,18 @@ impl CudaGpu {
     }
 }
 
-/// Makes allocation cheap on a context that runs one stream (the backend's): the device's default
-/// stream-ordered memory pool keeps the memory freed into it instead of returning it to the
-/// driver at every synchronisation (its default release threshold is 0), and slices carry no
-/// CUDA events (cudarc creates two per allocation to order uses across streams; one stream needs
-/// none). Every op allocates its output, so a training step otherwise mapped fresh pages for most
+/// Makes allocation cheap on a context that allocates on one stream (the backend's): the
+/// device's default stream-ordered memory pool keeps the memory freed into it instead of
+/// returning it to the driver at every synchronisation (its default release threshold is 0), and
+/// slices carry no CUDA events (cudarc creates two per allocation to order uses across streams;
+/// one stream needs none — the fused sympow backward's second stream orders its uses itself,
+/// between joins). Every op allocates its output, so a training step otherwise mapped fresh pages for most
 /// of its buffers each time — the cost PyTorch's caching allocator avoids. If the pool cannot be
 /// configured, allocation still works, only slower.
 pub(crate) fn single_stream_allocation(ctx: &CudaContext, ordinal: usize) {
-    // SAFETY: the caller's context runs all its work on one stream, so no slice is used on a
-    // stream other than the one it was allocated and freed on.
+    // SAFETY: the caller's context allocates and frees every slice on one stream; the one other
+    // stream (chunked.rs, backward) uses slices only between a join of it to that stream, after
+    // their allocation, and a join back, before their free.
     unsafe { ctx.disable_event_tracking() };
     if !ctx.has_async_alloc() {
         return;
