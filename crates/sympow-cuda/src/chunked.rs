@@ -6,11 +6,11 @@
 //! intra (attention inside each chunk, plus the combine) — and the backward eight to ten (output
 //! gradients, state gradients and their reverse cumsum, the reads of ∂q and of ∂k and ∂v, the
 //! intra-chunk ∂k∂v and ∂q, each ending in the chain rule to the model's tensors, and with gates
-//! their scan; the ∂q read and intra-chunk ∂q on a second stream), each the GPU twin of a step of `sympow::attention::chunked` (SPEC §4). The
-//! forward hands its bf16 operands and chunk states to the backward through
-//! [`AttentionOut::saved`]. Memory is linear in T: one D×D×E bf16 state per chunk of `chunk`
-//! tokens (on Hopper tile-packed: the symmetric state's index pairs with tile(a) ≤ tile(b) of
-//! 16-wide tiles, 5/8 of that at D = 64).
+//! their scan; the ∂q read and intra-chunk ∂q on a second stream), each the GPU twin of a step
+//! of `sympow::attention::chunked` (SPEC §4). The forward hands its bf16 operands and chunk
+//! states to the backward through [`AttentionOut::saved`]. Memory is linear in T: one D×D×E
+//! bf16 state per chunk of `chunk` tokens (on Hopper tile-packed: the symmetric state's index
+//! pairs with tile(a) ≤ tile(b) of 16-wide tiles, 5/8 of that at D = 64).
 //!
 //! On Hopper (compute capability 9.0) the state products — chunk states and the reads of r or
 //! dx (both: one pass each) — run on `wgmma` (kernels compiled for `compute_90a`); elsewhere, or
@@ -570,12 +570,11 @@ impl ChunkedSympow {
         );
         let t0 = self.mark(stream, "bwd read dq", t0);
         let (mut dvp, mut dkt) = (out32(n * g.e), out32(n * g.d));
-        let (reads_r, reads_dx) = (Some(&mut dvp), Some(&mut dkt));
         self.read(
             stream,
             &g,
-            reads_r,
-            reads_dx,
+            Some(&mut dvp),
+            Some(&mut dkt),
             &st.kt,
             &r_bwd,
             true,
