@@ -256,6 +256,7 @@ impl ChunkedSympow {
         v
     }
 
+    /// Whether stages are being timed (then every launch stays on the caller's stream).
     fn profiling(&self) -> bool {
         self.profile.lock().unwrap().is_some()
     }

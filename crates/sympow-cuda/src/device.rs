@@ -60,9 +60,9 @@ impl CudaGpu {
 /// returning it to the driver at every synchronisation (its default release threshold is 0), and
 /// slices carry no CUDA events (cudarc creates two per allocation to order uses across streams;
 /// one stream needs none — the fused sympow backward's second stream orders its uses itself,
-/// between joins). Every op allocates its output, so a training step otherwise mapped fresh pages for most
-/// of its buffers each time — the cost PyTorch's caching allocator avoids. If the pool cannot be
-/// configured, allocation still works, only slower.
+/// between joins). Every op allocates its output, so a training step otherwise mapped fresh
+/// pages for most of its buffers each time — the cost PyTorch's caching allocator avoids. If
+/// the pool cannot be configured, allocation still works, only slower.
 pub(crate) fn single_stream_allocation(ctx: &CudaContext, ordinal: usize) {
     // SAFETY: the caller's context allocates and frees every slice on one stream; the one other
     // stream (chunked.rs, backward) uses slices only between a join of it to that stream, after
