@@ -22,7 +22,7 @@
 //   sp_chunk_states  per chunk (in parallel), ΔS_i = φ(K̃_i)ᵀV'_i (or φ(Q̃_i)ᵀ∂N_i backward)
 //   sp_discumsum     in place, the discounted cumulative sums S_i = Σ_{j<i} e^{Γ_{j+1}+…} ΔS_j
 //               (forward), or in reverse order R_i = ∂L/∂ΔS_i (backward)
-//   sp_read_{r,dx,rdx}  Σ_a x_a (X S[a]) (the inter-chunk numerator|denominator, or dv'),
+//   sp_read_{r,rv,dx,rdx}  Σ_a x_a (X S[a]) (the inter-chunk numerator|denominator, or dv'),
 //               2·rowdot(X S[a], W) (∂x; dx[t, a] = 2 Σ_{b,j} x_tb w_tj S[a][b][j]), or both
 //   sp_intra_fwd  causal (σq·k)² e^{G_t−G_s} inside the chunk, plus the combine
 //               y = (inter + intra)_num / (inter + intra)_den + ε)
@@ -239,8 +239,10 @@ __device__ void sp_prep(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float*
 // all E columns: one A fragment (x_τb) per 16 tokens, scaled by x_τa for each a (the U scalars of
 // a token row are one shared-memory load), and each B fragment (y) feeds all U. Tiles of TT
 // tokens, token-major in shared memory.
+// A chunk whose contribution enters no state (`skip`) does nothing: the cumsum writes its slot.
 template <int D>
-__device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, int L) {
+__device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, int L, bool skip) {
+    if (skip) return;
     typedef Dims<D> Dm;
     constexpr int E = Dm::E, NT = Dm::NT, U = Dm::U, MT = D / 16, TT = Dm::TT, LDX = D + 8, LDY = E + 8;
     bf16* buf = (bf16*)smem;    // two stages of Xs [TT][LDX] then Ys [TT][LDY]
@@ -335,7 +337,9 @@ __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, 
 // Block (bh, slice of THREADS·8 elements); memory-bound: each thread owns one 16-byte vector
 // (8 bf16) of every chunk's state, so a warp moves 512 contiguous bytes per access, and the next
 // chunk's vector is loaded before this one is written (the loop over chunks is sequential, so
-// the load must not wait on the store).
+// the load must not wait on the store). In the core-matrix order of the wgmma kernels (`pieces`
+// = E/8 pieces a group of 8 rows) the last piece of every group is zero in every chunk — columns
+// past Wg::LIVE — and is skipped: threads are numbered over the other pieces' vectors.
 #define DISC_VEC 8
 __device__ __forceinline__ void unpack8(float* f, uint4 v) {
     u32 w[4] = {v.x, v.y, v.z, v.w};
@@ -345,9 +349,11 @@ __device__ __forceinline__ void unpack8(float* f, uint4 v) {
         f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
-__device__ void sp_discumsum(bf16* st, const float* Gam, long per_chunk, int NC, int reverse) {
+__device__ void sp_discumsum(bf16* st, const float* Gam, long per_chunk, int NC, int reverse, int pieces) {
     int bh = blockIdx.x;
-    long e0 = ((long)blockIdx.y * THREADS + threadIdx.x) * DISC_VEC;
+    long v = (long)blockIdx.y * THREADS + threadIdx.x;  // this thread's vector
+    if (pieces) v = v / (8 * (pieces - 1)) * 8 * pieces + v % (8 * (pieces - 1));
+    long e0 = v * DISC_VEC;
     if (e0 >= per_chunk) return;  // per_chunk is a multiple of DISC_VEC
     bf16* head = st + (long)bh * NC * per_chunk + e0;
     float run[DISC_VEC];
@@ -540,6 +546,11 @@ template <int D> struct Wg {
     static constexpr int TASKS = TILES * (TILES + 1) / 2 * SUBS;
     static constexpr int BLOCKS = (TASKS + 1) / 2;
     static constexpr int TT = 64;  // tokens per stage
+    // Columns of a state that can be nonzero: v' = [v, 1, 1, 0…] (forward) and ∂N' = [∂N, ∂Z_hi,
+    // ∂Z_lo, 0…] (backward) end in zeros, so the state products form only D + 2 columns, rounded
+    // up to wgmma's step of 8; the rest of E (there so that the ∂x reads, which contract over
+    // the columns, take whole k-steps of 16) are zeros that sp_chunk_states_wg writes as such.
+    static constexpr int LIVE = (D + 2 + 7) / 8 * 8;
 };
 
 // sp_chunk_states on wgmma, writing the tile-packed state. A warpgroup's product has the 64 rows
@@ -547,10 +558,12 @@ template <int D> struct Wg {
 // contracts over the chunk's tokens, 16 at a time: A(row, τ) = x_τa x_τb, the ldmatrix fragment
 // of x_τb scaled by x_τa (registers, a fresh set per step so the previous step's products can
 // still be reading the other), B = y's 16 × E rows (shared memory).
+// A chunk whose contribution enters no state (`skip`) writes only the zero columns: the cumsum,
+// which leaves them alone, writes the state itself into that slot.
 template <int D>
-__device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int T, int L) {
+__device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int T, int L, bool skip) {
     typedef Wg<D> W;
-    constexpr int E = W::E, U = W::U, TT = W::TT, ST = W::ST, LDX = D + 8;
+    constexpr int E = W::E, NL = W::LIVE, U = W::U, TT = W::TT, ST = W::ST, LDX = D + 8;
     constexpr int XST = TT * LDX, STAGE = XST + TT * E;  // a stage: Xs [TT][LDX], then y in core matrices
     bf16* buf = (bf16*)smem;
     int bh = blockIdx.y, ci = blockIdx.z, NC = gridDim.z;
@@ -562,7 +575,7 @@ __device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int 
     int pair = task / W::SUBS, ta = 0;
     while (pair >= W::TILES - ta) pair -= W::TILES - ta++;
     int tb = ta + pair, a_w = 16 * ta + (task % W::SUBS) * 4 * U + warp * U;
-    int t0 = ci * L, n = min(L, T - t0);
+    int t0 = ci * L, n = skip ? 0 : min(L, T - t0);  // a skipped chunk loads no tokens
     const bf16* xh = x + ((long)bh * T + t0) * D;
     const bf16* yh = y + ((long)bh * T + t0) * E;
     auto issue = [&](int tile) {
@@ -574,11 +587,11 @@ __device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int 
         }
         cp_async_commit();
     };
-    float acc[U][E / 2];
+    float acc[U][NL / 2];
 #pragma unroll
     for (int u = 0; u < U; u++)
 #pragma unroll
-        for (int i = 0; i < E / 2; i++) acc[u][i] = 0.f;
+        for (int i = 0; i < NL / 2; i++) acc[u][i] = 0.f;
     u32 af[2][U][4];  // two sets: step k scales into set k & 1
     int tiles = (n + TT - 1) / TT;
 #pragma unroll
@@ -624,7 +637,7 @@ __device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int 
             // y's rows k·16 … k·16 + 15: core matrices along tokens E·16 bytes apart, along E 128
             unsigned long long desc = wg_desc(Ys + k * 16 * E, E * 16, 128);
 #pragma unroll
-            for (int u = 0; u < U; u++) wgmma<E, 1>(acc[u], as[u], desc, 1);
+            for (int u = 0; u < U; u++) wgmma<NL, 1>(acc[u], as[u], desc, 1);
             wg_commit();
             wg_wait<1>();
         }
@@ -638,18 +651,22 @@ __device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int 
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             bf16* orow = oc + core_row(E, packed_row(D, a_w + u, 16 * tb + g + 8 * h)) + 2 * t;
+            if (!skip)
 #pragma unroll
-            for (int nt = 0; nt < E / 8; nt++)
-                *(u32*)(orow + nt * CORE_PIECE) = pack2(acc[u][4 * nt + 2 * h], acc[u][4 * nt + 2 * h + 1]);
+                for (int nt = 0; nt < NL / 8; nt++)
+                    *(u32*)(orow + nt * CORE_PIECE) = pack2(acc[u][4 * nt + 2 * h], acc[u][4 * nt + 2 * h + 1]);
+#pragma unroll
+            for (int nt = NL / 8; nt < E / 8; nt++) *(u32*)(orow + nt * CORE_PIECE) = 0u;
         }
 }
 
 // sp_read on wgmma, for the 128·RW tokens of a block (two warpgroups of 64·RW rows), over the
 // tile-packed state:
-//   r = Σ_a (diag(x_a) X) S[a]: for each a, products of 64 × E with A = X's fragments scaled by
-//       x_a (registers; X is loaded once) and B = the packed rows of a (b ≥ 16·tile(a), [b][j],
-//       N-major core matrices); the A fragments of b-tiles after a's are scaled by 2·x_a, as each
-//       of their rows stands for S[a][b] and S[b][a].
+//   r = Σ_a (diag(x_a) X) S[a]: for each a, products of 64 × NR (the columns of r its consumer
+//       reads, see sp_read_wg) with A = X's fragments scaled by x_a (registers; X is loaded once)
+//       and B = the packed rows of a (b ≥ 16·tile(a), [b][j], N-major core matrices); the A
+//       fragments of b-tiles after a's are scaled by 2·x_a, as each of their rows stands for
+//       S[a][b] and S[b][a].
 //   dx = 2 Σ_b (diag(x_b) W) S[·][b]ᵀ: the same contraction regrouped so that it is one
 //       product too (dx[t, a] = 2 Σ_{b,j} x_tb w_tj S[a][b][j]) — for each b, E/16 products of
 //       64 × D with A = W's fragments scaled by x_b and B = S[a][b][j] over (j, a) (K-major),
@@ -731,7 +748,9 @@ __device__ __forceinline__ void wg_read_pass(float (*acc)[N / 2], const u32 (*fr
     wg_wait<0>();
 }
 
-template <int D, bool R, bool DX>
+// NR: the columns of r formed — the state's live ones (the forward's numerator and denominator)
+// or D (the backward's ∂v′ read, whose consumer takes ∂v alone); r's rows stay E apart.
+template <int D, bool R, bool DX, int NR = Wg<D>::LIVE>
 __device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
     static_assert(R != DX, "r and dx together are two passes here (see the entry points)");
     typedef Wg<D> W;
@@ -750,7 +769,7 @@ __device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, co
     if (DX) load_rows(Ws, LDW, w + ((long)bh * T + t0) * E, nv, QT, E);
     __syncthreads();
     // the A operand, in registers for the whole pass: X's fragments (r) or W's (dx)
-    constexpr int KA = DX ? E : D, N = DX ? D : E;
+    constexpr int KA = DX ? E : D, N = DX ? D : NR, LDO = DX ? D : E;
     u32 af[RW][KA / 16][4];
 #pragma unroll
     for (int m = 0; m < RW; m++)
@@ -772,7 +791,7 @@ __device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, co
             for (int h = 0; h < 2; h++) {
                 int row = row0 + 64 * m + g + 8 * h;
                 if (row < nv)
-                    *(float2*)(out + ((long)bh * T + t0 + row) * N + nt * 8 + 2 * t) =
+                    *(float2*)(out + ((long)bh * T + t0 + row) * LDO + nt * 8 + 2 * t) =
                         make_float2(scale * acc[m][4 * nt + 2 * h], scale * acc[m][4 * nt + 2 * h + 1]);
             }
 }
@@ -1298,7 +1317,12 @@ extern "C" __global__ void sp_bwd_gates(float* dg, const float* dGq, const float
 #define SP_READ sp_read_wg
 template <int D>
 __device__ void sp_read_rdx(float*, float*, const bf16*, const bf16*, const bf16*, int, int, int) {
-    __trap();  // never launched: the host runs sp_read_r and sp_read_dx (chunked.rs, read)
+    __trap();  // never launched: the host runs sp_read_rv and sp_read_dx (chunked.rs, read)
+}
+// The ∂k∂v read's r is ∂v′ = [∂v, ∂ of v′'s constant columns]: only ∂v is formed.
+template <int D>
+__device__ void sp_read_rv(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
+    sp_read_wg<D, true, false, D>(r, dx, x, S, w, T, L, NC);
 }
 #else
 #define SP_STATES sp_chunk_states
@@ -1306,6 +1330,10 @@ __device__ void sp_read_rdx(float*, float*, const bf16*, const bf16*, const bf16
 template <int D>
 __device__ void sp_read_rdx(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
     sp_read<D, true, true>(r, dx, x, S, w, T, L, NC);
+}
+template <int D>
+__device__ void sp_read_rv(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
+    sp_read<D, true, false>(r, dx, x, S, w, T, L, NC);  // all of E (never launched: see read())
 }
 #endif
 // The chunk whose state is zero — the first in the cumsum's order: S_0 (forward, and the
@@ -1335,12 +1363,17 @@ template <int D> __device__ bool read_of_zero_state(float* r, float* dx, int T, 
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_chunk_states_##D(bf16* out, const bf16* x, const bf16* y, int T, int L, int skip_ci) {                      \
-        if ((int)blockIdx.z != skip_ci) SP_STATES<D>(out, x, y, T, L);                                                \
+        SP_STATES<D>(out, x, y, T, L, (int)blockIdx.z == skip_ci);                                                    \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_read_r_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,         \
                       int zero_ci) {                                                                                  \
         if (!read_of_zero_state<D>(r, dx, T, L, zero_ci)) SP_READ<D, true, false>(r, dx, x, S, w, T, L, NC);         \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
+        sp_read_rv_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,        \
+                       int zero_ci) {                                                                                 \
+        if (!read_of_zero_state<D>(r, dx, T, L, zero_ci)) sp_read_rv<D>(r, dx, x, S, w, T, L, NC);                   \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_read_dx_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,        \
@@ -1378,8 +1411,8 @@ SP_INSTANCES(64)
 SP_INSTANCES(128)
 
 extern "C" __global__ void __launch_bounds__(THREADS)
-    sp_discumsum_all(bf16* st, const float* Gam, long per_chunk, int NC, int reverse) {
-    sp_discumsum(st, Gam, per_chunk, NC, reverse);
+    sp_discumsum_all(bf16* st, const float* Gam, long per_chunk, int NC, int reverse, int pieces) {
+    sp_discumsum(st, Gam, per_chunk, NC, reverse, pieces);
 }
 
 // Shared-memory bytes of each kernel, per head dimension, in the order the host reads them

@@ -32,10 +32,11 @@ pub(crate) const SOURCE: &str = concat!(
 );
 /// Each kernel (instantiated per head dimension as `{name}_{d}`) with its entry in the
 /// `sp_smem_sizes` table (None: no dynamic shared memory).
-const KERNELS: [(&str, Option<usize>); 9] = [
+const KERNELS: [(&str, Option<usize>); 10] = [
     ("sp_prep", Some(0)),
     ("sp_chunk_states", Some(1)),
     ("sp_read_r", Some(2)),
+    ("sp_read_rv", Some(2)),
     ("sp_read_dx", Some(3)),
     ("sp_read_rdx", Some(4)),
     ("sp_intra_fwd", Some(5)),
@@ -367,11 +368,24 @@ impl ChunkedSympow {
             unsafe { b.launch(self.cfg("sp_chunk_states", g.d, grid)) }.expect("sp_chunk_states");
         }
         let per_chunk = (shape.state_rows * g.e) as i64;
-        let slices = (per_chunk as usize).div_ceil(THREADS as usize * DISC_VEC);
+        // tile-packed states are in core-matrix order, each group of 8 rows E/8 pieces of 8
+        // columns, the last of them zero (columns past the live ones): the cumsum skips it
+        let pieces = if shape.wgmma { g.e / 8 } else { 0 };
+        let vectors = per_chunk as usize / DISC_VEC;
+        let live = vectors
+            .checked_div(pieces)
+            .map_or(vectors, |per_piece| per_piece * (pieces - 1));
+        let slices = live.div_ceil(THREADS as usize);
+        let pieces = pieces as i32;
         let mut b = stream.launch_builder(&self.fns["sp_discumsum_all"]);
-        b.arg(&mut out).arg(gam).arg(&per_chunk).arg(&nc).arg(&rev);
+        b.arg(&mut out)
+            .arg(gam)
+            .arg(&per_chunk)
+            .arg(&nc)
+            .arg(&rev)
+            .arg(&pieces);
         // SAFETY: as declared in sp_discumsum_all; each thread owns DISC_VEC elements of
-        // every chunk's state, bounded by per_chunk.
+        // every chunk's state (none of the skipped pieces), bounded by per_chunk.
         unsafe { b.launch(cfg((g.bh, slices, 1), 0)) }.expect("sp_discumsum_all");
         out
     }
@@ -381,7 +395,9 @@ impl ChunkedSympow {
     /// reverse order (the last chunk's is zero). On `wgmma` both are two passes, r's and dx's
     /// (each streams S once more, by bulk copies); elsewhere one `mma.sync` pass can form both.
     /// Into `r` ([BH][T][E]) and `dx` ([BH][T][D], given with `w`: every token's row of each is
-    /// written once, by the block that owns it), launched on `on`.
+    /// written once, by the block that owns it), launched on `on`. On `wgmma` r's columns are
+    /// those its consumer reads: the numerator and denominator (r alone, the forward), or ∂v of
+    /// ∂v′ (r with dx, the backward's ∂k∂v read); the rest of each row is left unwritten.
     #[allow(clippy::too_many_arguments)]
     fn read(
         &self,
@@ -398,7 +414,7 @@ impl ChunkedSympow {
         let passes: &[&str] = match (r.is_some(), w.is_some()) {
             (true, false) => &["sp_read_r"],
             (false, true) => &["sp_read_dx"],
-            (true, true) if self.shapes[&g.d].wgmma => &["sp_read_r", "sp_read_dx"],
+            (true, true) if self.shapes[&g.d].wgmma => &["sp_read_rv", "sp_read_dx"],
             (true, true) => &["sp_read_rdx"],
             (false, false) => unreachable!("read wants r, dx or both"),
         };
