@@ -86,6 +86,19 @@ __device__ __forceinline__ int packed_row(int D, int a, int b) {  // tile(a) ≤
 // core_row(E, r) + CORE_PIECE·c.
 #define CORE_PIECE 64
 __device__ __forceinline__ long core_row(int E, int r) { return (long)(r >> 3) * 8 * E + (r & 7) * 8; }
+// The ∂x reads' gathered rows (sp_read_wg), by the TMA engine: rows a < 16·tile(b) of slice b,
+// S[a][b] in a's packed rows, lie equally spaced for each tile TA of a ((D − 16·TA)·E elements
+// apart), so map TA (chunked.rs, gather_maps) describes them as a 5-D tensor whose box lands in
+// shared memory in core-matrix order: [2 groups of 8 a][E/8 pieces][8 a][row b's 8 columns].
+// Opaque tensor maps made by the host, passed by value (__grid_constant__).
+struct __align__(64) TensorMap {
+    unsigned long long opaque[16];
+};
+// tiles of a before the last, at D = 128
+#define GATHER_MAPS 7
+struct GatherMaps {
+    TensorMap tile[GATHER_MAPS];
+};
 #if SP_WGMMA
 // Bulk copies (Hopper's TMA engine, one instruction for a contiguous run of bytes, multiples of
 // 16) completing on an mbarrier in shared memory: the issuing thread arms the barrier with the
@@ -101,6 +114,19 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* b, u32 parity) {
         "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
         "@!p bra WAIT_%=;\n}" ::"r"(smem_addr(b)),
         "r"(parity)
+        : "memory");
+}
+// More bytes for the barrier's current phase, without an arrival (tensor copies beside a bulk copy).
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long* b, u32 bytes) {
+    asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(b)), "r"(bytes) : "memory");
+}
+// One box of a 5-D tensor map into shared memory, completing on the barrier.
+__device__ __forceinline__ void tensor_copy_5d(void* dst, const TensorMap* map, int c0, int c1, int c2, int c3, int c4,
+                                               unsigned long long* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, "
+        "%6}], [%7];" ::"r"(smem_addr(dst)),
+        "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(smem_addr(bar))
         : "memory");
 }
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, u32 bytes, unsigned long long* bar) {
@@ -148,7 +174,8 @@ template <int D> struct Smem {
     static constexpr int dq = (128 * (D + 8) + 128 * (E + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + 2 * 64 * 4;
 };
 
-extern __shared__ __align__(16) unsigned char smem[];
+// 128: the TMA engine's tensor copies (the ∂x read's gather) write at 128-byte-aligned addresses
+extern __shared__ __align__(128) unsigned char smem[];
 
 // ---------------------------------------------------------------------------------------------
 // Block (bh, chunk, part): a chunk's tokens are split over gridDim.z blocks (one block a chunk
@@ -676,24 +703,28 @@ __device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int 
 // dx: S[b = i][a] = S[a][b]): one bulk copy, completing on the stage's mbarrier — measured
 // against 16-byte cp.async pieces by bench/wgmma_stream.cu, the streaming loop 2.31 → 1.59 ms
 // (1.49 without streaming). The r read needs no others; dx's rows a before them are S[a][b],
-// in a's rows: by cp.async.
+// in a's rows: one tensor copy for each earlier tile of a (GatherMaps; by 16-byte cp.async
+// pieces they cost 0.11 ms of the ∂q read's 0.64 at T = 4k). g0: the chunk's first 8-row group
+// in the whole state tensor (the maps' outer coordinate).
 template <int D, bool DXPASS, int KSTEPS, int N, int RW>
 __device__ __forceinline__ void wg_read_pass(float (*acc)[N / 2], const u32 (*frag)[KSTEPS][4], const bf16* Xs,
-                                              int LDX, int row0, const bf16* Sc, bf16* Sbuf) {
+                                              int LDX, int row0, const bf16* Sc, bf16* Sbuf, const GatherMaps* maps,
+                                              int g0) {
     typedef Wg<D> W;
     constexpr int E = W::E, ST = W::RST, SLICE = D * E;
     int lane = threadIdx.x & 31, g = lane >> 2;
-    __shared__ unsigned long long full[ST];  // stage s's bulk copy has landed
+    __shared__ unsigned long long full[ST];  // stage s's copies have landed
     auto issue = [&](int i) {
         bf16* st = Sbuf + (i % ST) * SLICE;
         int own = i & ~15;
-        if (i < D && threadIdx.x == 0)
+        if (i < D && threadIdx.x == 0) {
+            if (DXPASS && own > 0) {
+                mbar_expect_tx(full + i % ST, own * E * 2);
+                for (int ta = 0; ta < i >> 4; ta++)  // rows a = 16·ta … 16·ta + 15, at their index
+                    tensor_copy_5d(st + 16 * ta * E, maps->tile + ta, (i & 7) * 8, 0, 0, 0,
+                                   g0 + (packed_before(D, 16 * ta) - 16 * ta) / 8 + (i >> 3), full + i % ST);
+            }
             bulk_copy(st + own * E, Sc + (long)packed_before(D, i) * E, (D - own) * E * 2, full + i % ST);
-        if (DXPASS) {
-            if (i < D)
-                load_core_rows<E, CORE_PIECE>(st, [&](int a) { return Sc + core_row(E, packed_row(D, a, i)); }, own,
-                                              own);
-            cp_async_commit();
         }
     };
     if (threadIdx.x == 0)
@@ -707,10 +738,6 @@ __device__ __forceinline__ void wg_read_pass(float (*acc)[N / 2], const u32 (*fr
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             int i = i0 + h, first = DXPASS ? 0 : i >> 4;  // r: the k-steps of b-tiles ≥ tile(a)
-            if (DXPASS) {
-                cp_async_wait<ST - 3>();
-                fence_async_smem();
-            }
             mbar_wait(full + i % ST, (i / ST) & 1);
             __syncthreads();  // slice i landed for all; every warpgroup is past slice i − 2's products
             issue(i + ST - 2);
@@ -750,8 +777,10 @@ __device__ __forceinline__ void wg_read_pass(float (*acc)[N / 2], const u32 (*fr
 
 // NR: the columns of r formed — the state's live ones (the forward's numerator and denominator)
 // or D (the backward's ∂v′ read, whose consumer takes ∂v alone); r's rows stay E apart.
+// maps: the gathered rows' tensor maps (dx only).
 template <int D, bool R, bool DX, int NR = Wg<D>::LIVE>
-__device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
+__device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,
+                           const GatherMaps* maps = nullptr) {
     static_assert(R != DX, "r and dx together are two passes here (see the entry points)");
     typedef Wg<D> W;
     constexpr int E = W::E, RW = W::RW, QT = W::QT, ST = W::RST, LDX = D + 8, LDW = E + 8, SLICE = D * E;
@@ -780,7 +809,8 @@ __device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, co
     for (int m = 0; m < RW; m++)
 #pragma unroll
         for (int i = 0; i < N / 2; i++) acc[m][i] = 0.f;
-    wg_read_pass<D, DX, KA / 16, N, RW>(acc, af, Xs, LDX, row0, Sc, Sbuf);
+    wg_read_pass<D, DX, KA / 16, N, RW>(acc, af, Xs, LDX, row0, Sc, Sbuf, maps,
+                                        (int)(((long)bh * NC + ci) * packed_before(D, D) / 8));
     float* out = DX ? dx : r;
     const float scale = DX ? 2.f : 1.f;
 #pragma unroll
@@ -1324,6 +1354,11 @@ template <int D>
 __device__ void sp_read_rv(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
     sp_read_wg<D, true, false, D>(r, dx, x, S, w, T, L, NC);
 }
+template <int D>
+__device__ void sp_read_dx(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,
+                            const GatherMaps* maps) {
+    sp_read_wg<D, false, true>(r, dx, x, S, w, T, L, NC, maps);
+}
 #else
 #define SP_STATES sp_chunk_states
 #define SP_READ sp_read
@@ -1334,6 +1369,11 @@ __device__ void sp_read_rdx(float* r, float* dx, const bf16* x, const bf16* S, c
 template <int D>
 __device__ void sp_read_rv(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
     sp_read<D, true, false>(r, dx, x, S, w, T, L, NC);  // all of E (never launched: see read())
+}
+template <int D>
+__device__ void sp_read_dx(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,
+                            const GatherMaps*) {
+    sp_read<D, false, true>(r, dx, x, S, w, T, L, NC);  // full states: nothing to gather
 }
 #endif
 // The chunk whose state is zero — the first in the cumsum's order: S_0 (forward, and the
@@ -1377,8 +1417,8 @@ template <int D> __device__ bool read_of_zero_state(float* r, float* dx, int T, 
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_read_dx_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,        \
-                       int zero_ci) {                                                                                 \
-        if (!read_of_zero_state<D>(r, dx, T, L, zero_ci)) SP_READ<D, false, true>(r, dx, x, S, w, T, L, NC);         \
+                       int zero_ci, const __grid_constant__ GatherMaps maps) {                                        \
+        if (!read_of_zero_state<D>(r, dx, T, L, zero_ci)) sp_read_dx<D>(r, dx, x, S, w, T, L, NC, &maps);            \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_read_rdx_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,       \

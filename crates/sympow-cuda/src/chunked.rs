@@ -17,8 +17,10 @@
 //! with `SYMPOW_NO_WGMMA` set, on `mma.sync`.
 
 use crate::device::alloc_output;
+use cudarc::driver::sys::{self, CUtensorMap};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,6 +57,23 @@ const THREADS: u32 = 256;
 /// bf16 elements per thread of `sp_discumsum_all` (DISC_VEC in the kernel source).
 const DISC_VEC: usize = 8;
 const NULL: u64 = 0;
+/// Tensor maps a `sp_read_dx` launch takes (GATHER_MAPS in the kernel source): one for each tile
+/// of the first index but the last, at D = 128.
+const GATHER_MAPS: usize = 7;
+
+/// The ∂x read's gathered rows on `wgmma` (the kernel's `GatherMaps`, passed by value): for slice
+/// b, the rows S[a][b] of an earlier tile of a. Map `ta` views the whole tile-packed state
+/// tensor (in core-matrix order) as 5-D, innermost first: the 64 elements of an 8-row group's
+/// core matrix (row b's 8 columns: box 8 at (b mod 8)·8), a within its group of 8 (its rows
+/// (D − 16·ta)·E elements apart), the E/8 pieces (128 bytes apart), the two groups of 8 a
+/// (8 rows of a apart), and the 8-row groups of the whole tensor (the chunk's first, plus the
+/// offset of row (16·ta, b)). A box lands in shared memory as the stage keeps rows: core-matrix
+/// order, [group of a][piece][a][8 columns].
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct GatherMaps([CUtensorMap; GATHER_MAPS]);
+// SAFETY: plain bytes, laid out as the kernel's GatherMaps (7 × 128 bytes, 64-byte aligned).
+unsafe impl DeviceRepr for GatherMaps {}
 
 /// How the compiled kernels tile the state products, per head dimension (the last entries of
 /// the kernel's `sp_smem_sizes` table: they differ between the `mma.sync` and `wgmma` forms).
@@ -390,6 +409,44 @@ impl ChunkedSympow {
         out
     }
 
+    /// [`GatherMaps`] over the states `s` (zeros, unused, where the states are full: `mma.sync`).
+    fn gather_maps(&self, on: &CudaStream, g: &Geo, s: &CudaSlice<u16>) -> GatherMaps {
+        let mut maps = GatherMaps([CUtensorMap { opaque: [0; 16] }; GATHER_MAPS]);
+        if !self.shapes[&g.d].wgmma {
+            return maps;
+        }
+        let (ptr, _sync) = s.device_ptr(on);
+        let (d, e) = (g.d as u64, g.e as u64);
+        let groups = (self.state_len(g) / g.e / 8) as u64;
+        for (ta, map) in maps.0.iter_mut().enumerate().take(g.d / 16 - 1) {
+            let run = (d - 16 * ta as u64) * e * 2; // bytes from row (a, b) to (a + 1, b)
+            let dims = [64, 8, e / 8, 2, groups];
+            let strides = [run, 128, 8 * run, 16 * e];
+            let boxes = [8, 8, (e / 8) as u32, 2, 1];
+            // SAFETY: the arrays hold the rank's 5 (strides 4) entries; the address is the
+            // states' device allocation, which outlives the launch that reads through the map.
+            unsafe {
+                sys::cuTensorMapEncodeTiled(
+                    map,
+                    sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                    5,
+                    ptr as *mut std::ffi::c_void,
+                    dims.as_ptr(),
+                    strides.as_ptr(),
+                    boxes.as_ptr(),
+                    [1u32; 5].as_ptr(),
+                    sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                    sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+                    sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                    sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+                )
+            }
+            .result()
+            .expect("cuTensorMapEncodeTiled (the ∂x read's gather)");
+        }
+        maps
+    }
+
     /// `r = Σ_a x_a (X S[a])` and/or `dx = 2·rowdot(X S[a], W)` per chunk (at least one), the
     /// states `s` made in the cumsum's forward order (`reverse` false: chunk 0's is zero) or
     /// reverse order (the last chunk's is zero). On `wgmma` both are two passes, r's and dx's
@@ -421,6 +478,7 @@ impl ChunkedSympow {
         let (t, l, nc) = (g.t as i32, g.l as i32, g.nc as i32);
         // the chunk whose state is zero: its blocks write zeros and read nothing
         let zero = if reverse { nc - 1 } else { 0 };
+        let maps = self.gather_maps(on, g, s);
         for &name in passes {
             let mut b = on.launch_builder(self.f(name, g.d));
             match r.as_deref_mut().filter(|_| name != "sp_read_dx") {
@@ -437,8 +495,11 @@ impl ChunkedSympow {
                 None => b.arg(&NULL),
             };
             b.arg(&t).arg(&l).arg(&nc).arg(&zero);
+            if name == "sp_read_dx" {
+                b.arg(&maps);
+            }
             // SAFETY: as declared in sp_read; one block per read_rows tokens of a chunk; r and
-            // dx hold [BH][T][E] and [BH][T][D] elements.
+            // dx hold [BH][T][E] and [BH][T][D] elements; the maps view `s`.
             let tiles = g.l.div_ceil(self.shapes[&g.d].read_rows);
             unsafe { b.launch(self.cfg(name, g.d, (tiles, g.bh, g.nc))) }.expect(name);
         }
@@ -704,6 +765,8 @@ mod tests {
     fn host_constants_match_the_kernel_source() {
         assert_eq!(SMEM_ENTRIES, define("SMEM_ENTRIES"));
         assert_eq!(DISC_VEC, define("DISC_VEC"));
+        assert_eq!(GATHER_MAPS, define("GATHER_MAPS"));
+        assert_eq!(std::mem::size_of::<GatherMaps>(), GATHER_MAPS * 128);
         assert_eq!(THREADS as usize, define("THREADS"));
         for d in HEAD_DIMS {
             assert!(
