@@ -889,7 +889,9 @@ template <int D>
 __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf16* kr, const bf16* vp, const float* G,
                              const float* inter, int T, int H, int L, float eps) {
     typedef Dims<D> Dm;
-    constexpr int E = Dm::E, NT = Dm::NT, QT = 128, KT = 64, LDQ = D + 8, LDV = E + 8;
+    // the numerator's D columns and the tile holding the denominator (column D); the rest of v′
+    // is zero
+    constexpr int E = Dm::E, NT = D / 8 + 1, QT = 128, KT = 64, LDQ = D + 8, LDV = E + 8;
     bf16* Qs = (bf16*)smem;        // [QT][LDQ]
     bf16* Ks = Qs + QT * LDQ;      // two stages of [KT][LDQ]
     bf16* Vs = Ks + 2 * KT * LDQ;  // two stages of [KT][LDV]
@@ -952,7 +954,7 @@ __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf
                     u32 bfr[4];
                     ldb2_kmajor(bfr, Vc, LDV, ks * 16, nt * 8);
                     mma16816(acc[nt], pf, bfr);
-                    mma16816(acc[nt + 1], pf, bfr + 2);
+                    if (nt + 1 < NT) mma16816(acc[nt + 1], pf, bfr + 2);
                 }
             }
         }
@@ -1041,7 +1043,7 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
                                  const bf16* vp, const bf16* dN, const float* G, const float* Gam, const float* k,
                                  const float* dkt, const float* dvp, int T, int H, int L) {
     typedef Dims<D> Dm;
-    constexpr int E = Dm::E, NT = Dm::NT, QB = Dm::QB, KB = 128, LDK = D + 8, LDV = E + 8;
+    constexpr int E = Dm::E, QB = Dm::QB, KB = 128, LDK = D + 8, LDV = E + 8;
     bf16* Ks = (bf16*)smem;        // [KB][LDK]
     bf16* Vs = Ks + KB * LDK;      // [KB][LDV]
     bf16* Qs = Vs + KB * LDV;      // two stages of [QB][LDK]
@@ -1056,9 +1058,10 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
     load_rows(Vs, LDV, vp + ((long)bh * T + k0) * E, nk, KB, E);
     int kj0 = k0 + row0 + g, kj1 = kj0 + 8;
     float Gk0 = kj0 < T ? G[(long)bh * T + kj0] : 0.f, Gk1 = kj1 < T ? G[(long)bh * T + kj1] : 0.f;
-    float dva[NT][4], dka[D / 8][4], dg0 = 0.f, dg1 = 0.f;
+    // ∂v′'s columns past D (the gradient of v′'s constant ones) are never used: not formed
+    float dva[D / 8][4], dka[D / 8][4], dg0 = 0.f, dg1 = 0.f;
 #pragma unroll
-    for (int nt = 0; nt < NT; nt++)
+    for (int nt = 0; nt < D / 8; nt++)
 #pragma unroll
         for (int i = 0; i < 4; i++) dva[nt][i] = 0.f;
 #pragma unroll
@@ -1118,7 +1121,7 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
                 acc_to_a(pf, st[2 * ks], st[2 * ks + 1]);
                 acc_to_a(df, da[2 * ks], da[2 * ks + 1]);
 #pragma unroll
-                for (int nt = 0; nt < NT; nt += 2) {  // ∂V' += Aᵀ ∂N
+                for (int nt = 0; nt < D / 8; nt += 2) {  // ∂V' += Aᵀ ∂N (its first D columns)
                     u32 bfr[4];
                     ldb2_kmajor(bfr, Nc, LDV, ks * 16, nt * 8);
                     mma16816(dva[nt], pf, bfr);
