@@ -478,7 +478,7 @@ impl ChunkedSympow {
         let (t, l, nc) = (g.t as i32, g.l as i32, g.nc as i32);
         // the chunk whose state is zero: its blocks write zeros and read nothing
         let zero = if reverse { nc - 1 } else { 0 };
-        let maps = self.gather_maps(on, g, s);
+        let maps = w.map(|_| self.gather_maps(on, g, s));
         for &name in passes {
             let mut b = on.launch_builder(self.f(name, g.d));
             match r.as_deref_mut().filter(|_| name != "sp_read_dx") {
@@ -495,8 +495,8 @@ impl ChunkedSympow {
                 None => b.arg(&NULL),
             };
             b.arg(&t).arg(&l).arg(&nc).arg(&zero);
-            if name == "sp_read_dx" {
-                b.arg(&maps);
+            if let (Some(maps), "sp_read_dx") = (&maps, name) {
+                b.arg(maps);
             }
             // SAFETY: as declared in sp_read; one block per read_rows tokens of a chunk; r and
             // dx hold [BH][T][E] and [BH][T][D] elements; the maps view `s`.
