@@ -544,14 +544,13 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
 // B operands live in shared memory as 8-row core matrices: rows r of an R × E bf16 matrix, their
 // 16-byte pieces (8 columns) at ((r / 8) · E/8 + column / 8) · 64 + (r % 8) · 8. Consecutive
 // threads fill one core matrix (conflict-free) from 8 rows of global memory, 64 bytes a row a
-// warp. Row r comes from row_src(r), its pieces PIECE elements apart there; rows ≥ nvalid are
-// zero-filled.
-template <int E, int PIECE = 8, class RowSrc>
+// warp. Row r comes from row_src(r), E contiguous elements there; rows ≥ nvalid are zero-filled.
+template <int E, class RowSrc>
 __device__ __forceinline__ void load_core_rows(bf16* dst, RowSrc row_src, int rows, int nvalid) {
     for (int i = threadIdx.x; i < rows * E / 8; i += blockDim.x) {
         int r8 = i & 7, cg = (i >> 3) % (E / 8), rg = i / E, row = rg * 8 + r8;
         bool ok = row < nvalid;
-        cp_async16(dst + (rg * (E / 8) + cg) * 64 + r8 * 8, row_src(ok ? row : 0) + cg * PIECE, ok);
+        cp_async16(dst + (rg * (E / 8) + cg) * 64 + r8 * 8, row_src(ok ? row : 0) + cg * 8, ok);
     }
 }
 // cp.async.wait_group N: all but the N most recent groups of this thread have landed.
