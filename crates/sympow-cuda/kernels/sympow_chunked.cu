@@ -167,11 +167,11 @@ template <int D> struct Smem {
     static constexpr int state_rows = D * D;
 #endif
     // intra kernels: a fixed 128-row tile, then two stages of the streamed tiles and their G (and,
-    // but for dq, their decay factors)
-    static constexpr int intra_fwd = (128 * (D + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + 4 * 64 * 4;
+    // but for dq, each warp's decay factors of a tile)
+    static constexpr int intra_fwd = (128 * (D + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + (2 + WARPS) * 64 * 4;
     static constexpr int dkv =
-        (128 * (D + 8) + 128 * (E + 8) + 2 * Dm::QB * (D + 8) + 2 * Dm::QB * (E + 8)) * 2 + 4 * Dm::QB * 4;
-    static constexpr int dq = (128 * (D + 8) + 128 * (E + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + 2 * 64 * 4;
+        (128 * (D + 8) + 128 * (E + 8) + 2 * Dm::QB * (D + 8) + 2 * Dm::QB * (E + 8)) * 2 + (2 + WARPS) * Dm::QB * 4;
+    static constexpr int dq = (128 * (D + 8) + 128 * (E + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + (2 + WARPS) * 64 * 4;
 };
 
 // 128: the TMA engine's tensor copies (the ∂x read's gather) write at 128-byte-aligned addresses
@@ -831,22 +831,23 @@ __device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, co
 // operand and their G values through two shared-memory stages: while one tile is multiplied,
 // the next is copied asynchronously (rows past T zero-filled) — G too, so that no warp waits on
 // a global load inside the loop (a synchronous G load there held every warp at the next
-// barrier). Once a tile has landed, its decay factors against the tile's reference G_ref — the
-// last valid row of a key tile (keys_last), else the first: F = e^{G_ref − G} for keys,
-// e^{G − G_ref} for queries, both ≤ 1 as G never increases. A pair (query t, key s) of a tile
-// that lies wholly on one side of the other's rows then has e^{G_t − G_s} = (row factor
-// against G_ref) · F without an exp per element.
+// barrier). One block barrier a tile: once it has landed, every warp is past the previous tile,
+// whose stage the next tile's copy then refills. A tile's decay factors against its reference
+// G_ref — the last valid row of a key tile (keys_last), else the first: F = e^{G_ref − G} for
+// keys, e^{G − G_ref} for queries, both ≤ 1 as G never increases — are made by each warp that
+// needs them, in its own row of Fs (1–2 exps a lane; made once for the block, they cost two more
+// barriers a tile). A pair (query t, key s) of a tile that lies wholly on one side of the other's
+// rows then has e^{G_t − G_s} = (row factor against G_ref) · F without an exp per element.
 template <int D> struct TileStream {
     static constexpr int E = Dims<D>::E;
     bf16 *A, *B;  // two stages each: [rows][D + 8], [rows][E + 8]
-    float *Gs, *Fs;  // two stages each of [rows]: G, and the decay factor (Fs may be null: none)
+    float *Gs, *Fs;  // two stages of [rows] G; [WARPS][rows] decay factors (Fs may be null: none)
     const bf16 *a, *b;
     const float* G;
     long base;  // this head's first row in [BH][T]
     int end, T, rows;
     bool keys_last;
-    // Issues tile r0 into stage s, and commits a group even when nothing is left to load, so
-    // that cp_async_wait_prev always waits for the tile about to be read.
+    // Issues tile r0 into stage s (a group committed even when nothing is left to load).
     __device__ __forceinline__ void issue(int r0, int s) {
         if (r0 < end) {
             int n = min(rows, T - r0);
@@ -857,28 +858,29 @@ template <int D> struct TileStream {
         }
         cp_async_commit();
     }
-    // At iteration `it` (tile r): issues the next tile, waits until tile r is in shared memory
-    // and has its decay factors; returns its stage. The caller ends each iteration with
-    // __syncthreads() (so stage it & 1 is no longer read when it is refilled or rewritten).
+    // At iteration `it` (tile r): waits until tile r is in shared memory, then issues the next
+    // tile into the other stage; returns tile r's stage.
     __device__ __forceinline__ int advance(int r, int it) {
         int s = it & 1;
-        issue(r + rows, s ^ 1);
-        cp_async_wait_prev();
+        asm volatile("cp.async.wait_all;" ::: "memory");
         __syncthreads();
-        if (Fs) {
-            const float* g = Gs + s * rows;
-            int n = min(rows, T - r);
-            float gref = g[keys_last ? n - 1 : 0];
-            for (int i = threadIdx.x; i < rows; i += blockDim.x)
-                Fs[s * rows + i] = i < n ? expf(keys_last ? gref - g[i] : g[i] - gref) : 0.f;
-            __syncthreads();
-        }
+        issue(r + rows, s ^ 1);
         return s;
+    }
+    // The calling warp's decay factors of tile r (stage s).
+    __device__ __forceinline__ const float* decay(int r, int s) const {
+        const float* g = Gs + s * rows;
+        float* f = Fs + (threadIdx.x >> 5) * rows;
+        int n = min(rows, T - r);
+        float gref = g[keys_last ? n - 1 : 0];
+        __syncwarp();  // the warp's reads of its previous factors are done
+        for (int i = threadIdx.x & 31; i < rows; i += 32) f[i] = i < n ? expf(keys_last ? gref - g[i] : g[i] - gref) : 0.f;
+        __syncwarp();
+        return f;
     }
     __device__ __forceinline__ const bf16* a_tile(int s) const { return A + s * rows * (D + 8); }
     __device__ __forceinline__ const bf16* b_tile(int s) const { return B + s * rows * (E + 8); }
     __device__ __forceinline__ const float* g_tile(int s) const { return Gs + s * rows; }
-    __device__ __forceinline__ const float* f_tile(int s) const { return Fs + s * rows; }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -894,7 +896,7 @@ __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf
     bf16* Qs = (bf16*)smem;        // [QT][LDQ]
     bf16* Ks = Qs + QT * LDQ;      // two stages of [KT][LDQ]
     bf16* Vs = Ks + 2 * KT * LDQ;  // two stages of [KT][LDV]
-    float* Gk = (float*)(Vs + 2 * KT * LDV);  // two stages of [KT], then of their decay factors
+    float* Gk = (float*)(Vs + 2 * KT * LDV);  // two stages of [KT], then [WARPS][KT] decay factors
     int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z, b = bh / H, h = bh % H;
     int c0 = ci * L, q0 = c0 + tile * QT;
     if (tile * QT >= L || q0 >= T) return;
@@ -914,7 +916,7 @@ __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf
     for (int k0 = c0, it = 0; k0 < kend; k0 += KT, it++) {
         int st = keys.advance(k0, it);
         const bf16 *Kc = keys.a_tile(st), *Vc = keys.b_tile(st);
-        const float *Gc = keys.g_tile(st), *Fc = keys.f_tile(st);
+        const float* Gc = keys.g_tile(st);
         if (k0 <= q0 + row0 + 15) {  // else every key comes after every query of this warp
             float s[KT / 8][4];
 #pragma unroll
@@ -923,6 +925,7 @@ __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf
                 for (int i = 0; i < 4; i++) s[nt][i] = 0.f;
             mma_rows<D, KT / 8>(s, Qs, LDQ, row0, Kc, LDQ);
             if (k0 + KT - 1 <= q0 + row0) {  // every key of the tile precedes every query of this warp
+                const float* Fc = keys.decay(k0, st);
                 float gref = Gc[min(KT, T - k0) - 1];
                 float a0 = qi0 < T ? expf(Gq0 - gref) : 0.f, a1 = qi1 < T ? expf(Gq1 - gref) : 0.f;
 #pragma unroll
@@ -957,7 +960,6 @@ __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf
                 }
             }
         }
-        __syncthreads();  // this stage is refilled by the next iteration's issue
     }
     // combine: the denominator is column D (tile D/8, element 0/2 of the row's first lane)
     int src = lane & ~3;
@@ -1035,7 +1037,9 @@ __device__ void sp_bwd_prep(bf16* dN, const float* dy, const float* y, const flo
 // at a time, then the chain rule back to the model's ∂k and ∂v for those keys (folded in here: a
 // separate pass over the f32 gradients measured 0.54 ms at T = 4k):
 //   ∂k = e^{(Γ−G)/2} ∂k̃ + ∂k_intra, ∂v = ∂v'_inter + ∂v_intra,
-// with gates ∂G_τ's key part −½ k̃·∂k̃ + ∂G_intra (dGk).
+// with gates ∂G_τ's key part −½ k̃·∂k̃ + ∂G_intra (dGk), k̃ from the model's f32 k (the block's bf16
+// keys instead saved ≈ 0.02 ms at T = 4k and raised the device check's ∂log-gates errors by up
+// to 17%).
 // dkt and dvp are the inter-chunk read's ∂k̃ ([BH][T][D]) and ∂v' ([BH][T][E]), f32.
 template <int D>
 __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* qs, const bf16* kr,
@@ -1047,7 +1051,7 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
     bf16* Vs = Ks + KB * LDK;      // [KB][LDV]
     bf16* Qs = Vs + KB * LDV;      // two stages of [QB][LDK]
     bf16* Ns = Qs + 2 * QB * LDK;  // two stages of [QB][LDV]
-    float* Gq = (float*)(Ns + 2 * QB * LDV);  // two stages of [QB], then of their decay factors
+    float* Gq = (float*)(Ns + 2 * QB * LDV);  // two stages of [QB], then [WARPS][QB] decay factors
     int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z;
     int k0 = ci * L + tile * KB;
     if (tile * KB >= L || k0 >= T) return;
@@ -1070,9 +1074,9 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
     TileStream<D> queries{Qs, Ns, Gq, Gq + 2 * QB, qs, dN, G, (long)bh * T, cend, T, QB, false};
     queries.issue(k0, 0);
     for (int qa = k0, it = 0; qa < cend; qa += QB, it++) {
-        int st = queries.advance(qa, it);
-        const bf16 *Qc = queries.a_tile(st), *Nc = queries.b_tile(st);
-        const float *Gc = queries.g_tile(st), *Fc = queries.f_tile(st);
+        int stage = queries.advance(qa, it);
+        const bf16 *Qc = queries.a_tile(stage), *Nc = queries.b_tile(stage);
+        const float* Gc = queries.g_tile(stage);
         if (k0 + row0 <= qa + QB - 1) {  // else every query comes before every key of this warp
             float st[QB / 8][4], da[QB / 8][4];
 #pragma unroll
@@ -1083,6 +1087,7 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
             mma_rows<E, QB / 8>(da, Vs, LDV, row0, Nc, LDV);  // ∂Aᵀ = V' ∂Nᵀ
             if (qa >= k0 + row0 + 15) {  // every query of the tile follows every key of this warp
                 // (padded queries have F = 0, zero q and ∂N: they add nothing)
+                const float* Fc = queries.decay(qa, stage);
                 float gref = Gc[0];
                 float a0 = kj0 < T ? expf(gref - Gk0) : 0.f, a1 = kj1 < T ? expf(gref - Gk1) : 0.f;
 #pragma unroll
@@ -1135,7 +1140,6 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
                 }
             }
         }
-        __syncthreads();  // this stage is refilled by the next iteration's issue
     }
     // every load of a row before any store (the compiler cannot move a load past a store to a
     // pointer that might alias it: a round trip per row piece); both rows at once at D = 32, one
@@ -1189,7 +1193,7 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
 // ---------------------------------------------------------------------------------------------
 // Intra-chunk backward, query side, then the chain rule of its queries: the model's
 // ∂q = σ(e^{G/2} ∂q̃ + ∂qs) (dqt: the inter-chunk read's ∂q̃, f32 [BH][T][D]), and with gates ∂G_τ's
-// query part ½ q̃·∂q̃ + ∂G_intra (dGq).
+// query part ½ q̃·∂q̃ + ∂G_intra (dGq), q̃ from the model's f32 q (as k̃ in sp_intra_bwd_dkv).
 template <int D>
 __device__ void sp_intra_bwd_dq(float* dq, float* dGq, const bf16* qs, const bf16* kr, const bf16* vp, const bf16* dN,
                                 const float* G, const float* q, const float* dqt, int T, int H, int L, float scale) {
@@ -1199,7 +1203,7 @@ __device__ void sp_intra_bwd_dq(float* dq, float* dGq, const bf16* qs, const bf1
     bf16* Ns = Qs + QB * LDK;      // [QB][LDV]
     bf16* Ks = Ns + QB * LDV;      // two stages of [KT][LDK]
     bf16* Vs = Ks + 2 * KT * LDK;  // two stages of [KT][LDV]
-    float* Gk = (float*)(Vs + 2 * KT * LDV);  // two stages of [KT]
+    float* Gk = (float*)(Vs + 2 * KT * LDV);  // two stages of [KT], then [WARPS][KT] decay factors
     int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z;
     int c0 = ci * L, q0 = c0 + tile * QB;
     if (tile * QB >= L || q0 >= T) return;
@@ -1215,7 +1219,7 @@ __device__ void sp_intra_bwd_dq(float* dq, float* dGq, const bf16* qs, const bf1
 #pragma unroll
         for (int i = 0; i < 4; i++) dqa[nt][i] = 0.f;
     int kend = min(q0 + QB, T);
-    TileStream<D> keys{Ks, Vs, Gk, nullptr, kr, vp, G, (long)bh * T, kend, T, KT, true};
+    TileStream<D> keys{Ks, Vs, Gk, Gk + 2 * KT, kr, vp, G, (long)bh * T, kend, T, KT, true};
     keys.issue(c0, 0);
     for (int k0 = c0, it = 0; k0 < kend; k0 += KT, it++) {
         int st = keys.advance(k0, it);
@@ -1229,22 +1233,36 @@ __device__ void sp_intra_bwd_dq(float* dq, float* dGq, const bf16* qs, const bf1
                 for (int i = 0; i < 4; i++) s[nt][i] = da[nt][i] = 0.f;
             mma_rows<D, KT / 8>(s, Qs, LDK, row0, Kc, LDK);  // S = Q Kᵀ
             mma_rows<E, KT / 8>(da, Ns, LDV, row0, Vc, LDV);  // ∂A = ∂N V'ᵀ
-            // every pair by its own exp: the tile factors of the other two kernels measured slower
-            // here (0.87 → 0.99 ms at T = 4k)
+            if (k0 + KT - 1 <= q0 + row0) {  // every key of the tile precedes every query of this warp
+                const float* Fc = keys.decay(k0, st);
+                float gref = Gc[min(KT, T - k0) - 1];
+                float a0 = qi0 < T ? expf(Gq0 - gref) : 0.f, a1 = qi1 < T ? expf(Gq1 - gref) : 0.f;
 #pragma unroll
-            for (int nt = 0; nt < KT / 8; nt++)
+                for (int nt = 0; nt < KT / 8; nt++) {
+                    float2 f = *(const float2*)(Fc + nt * 8 + 2 * t);
 #pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    int qi = i >= 2 ? qi1 : qi0, kj = k0 + nt * 8 + 2 * t + (i & 1);
-                    float ds = 0.f;
-                    if (kj <= qi && kj < T && qi < T) {
-                        float u = s[nt][i], wgt = expf((i >= 2 ? Gq1 : Gq0) - Gc[kj - k0]);
-                        float a = u * u * wgt;
-                        ds = da[nt][i] * 2.f * u * wgt;
-                        if (i >= 2) dg1 += da[nt][i] * a; else dg0 += da[nt][i] * a;
+                    for (int i = 0; i < 4; i++) {
+                        float u = s[nt][i], wgt = (i >= 2 ? a1 : a0) * ((i & 1) ? f.y : f.x);
+                        if (i >= 2) dg1 += da[nt][i] * u * u * wgt; else dg0 += da[nt][i] * u * u * wgt;
+                        da[nt][i] = da[nt][i] * 2.f * u * wgt;
                     }
-                    da[nt][i] = ds;
                 }
+            } else {
+#pragma unroll
+                for (int nt = 0; nt < KT / 8; nt++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        int qi = i >= 2 ? qi1 : qi0, kj = k0 + nt * 8 + 2 * t + (i & 1);
+                        float ds = 0.f;
+                        if (kj <= qi && kj < T && qi < T) {
+                            float u = s[nt][i], wgt = expf((i >= 2 ? Gq1 : Gq0) - Gc[kj - k0]);
+                            float a = u * u * wgt;
+                            ds = da[nt][i] * 2.f * u * wgt;
+                            if (i >= 2) dg1 += da[nt][i] * a; else dg0 += da[nt][i] * a;
+                        }
+                        da[nt][i] = ds;
+                    }
+            }
 #pragma unroll
             for (int ks = 0; ks < KT / 16; ks++) {  // ∂Q += ∂S K
                 u32 df[4];
@@ -1258,7 +1276,6 @@ __device__ void sp_intra_bwd_dq(float* dq, float* dGq, const bf16* qs, const bf1
                 }
             }
         }
-        __syncthreads();  // this stage is refilled by the next iteration's issue
     }
     // every load before any store (as in sp_intra_bwd_dkv)
     int b = bh / H, h = bh % H;
@@ -1395,8 +1412,9 @@ template <int D> __device__ bool read_of_zero_state(float* r, float* dx, int T, 
         for (int i = threadIdx.x; i < nv * D / 4; i += blockDim.x) ((float4*)(dx + ((long)bh * T + t0) * D))[i] = z;
     return true;
 }
-// sp_intra_bwd_dkv is held to 128 registers at D ≤ 64 so that two blocks share an SM: with one,
-// nothing hid its mma.sync latencies (0.85 → 0.64 ms at T = 4k, against 28–76 bytes of spills).
+// The intra-chunk backward kernels are held to 128 registers at D ≤ 64 so that two blocks share
+// an SM: with one, nothing hid their mma.sync latencies (∂k∂v: 0.85 → 0.64 ms at T = 4k, against
+// 28–76 bytes of spills; ∂q with its tile decay factors: 0.57 → 0.44 ms, against 56/96).
 #define SP_INSTANCES(D)                                                                                               \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_prep_##D(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float* Gout, float* Gam, const float* q,         \
@@ -1442,7 +1460,7 @@ template <int D> __device__ bool read_of_zero_state(float* r, float* dx, int T, 
                              const float* dkt, const float* dvp, int T, int H, int L) {                               \
         sp_intra_bwd_dkv<D>(dk, dv, dGk, qs, kr, vp, dN, G, Gam, k, dkt, dvp, T, H, L);                                \
     }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
+    extern "C" __global__ void __launch_bounds__(THREADS, (D) <= 64 ? 2 : 1)                                          \
         sp_intra_bwd_dq_##D(float* dq, float* dGq, const bf16* qs, const bf16* kr, const bf16* vp, const bf16* dN,    \
                             const float* G, const float* q, const float* dqt, int T, int H, int L, float scale) {     \
         sp_intra_bwd_dq<D>(dq, dGq, qs, kr, vp, dN, G, q, dqt, T, H, L, scale);                                       \
