@@ -171,7 +171,8 @@ template <int D> struct Smem {
     static constexpr int intra_fwd = (128 * (D + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + (2 + WARPS) * 64 * 4;
     static constexpr int dkv =
         (128 * (D + 8) + 128 * (E + 8) + 2 * Dm::QB * (D + 8) + 2 * Dm::QB * (E + 8)) * 2 + (2 + WARPS) * Dm::QB * 4;
-    static constexpr int dq = (128 * (D + 8) + 128 * (E + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + (2 + WARPS) * 64 * 4;
+    static constexpr int dq =
+        (128 * (D + 8) + 128 * (E + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + (2 + WARPS) * 64 * 4;
 };
 
 // 128: the TMA engine's tensor copies (the ∂x read's gather) write at 128-byte-aligned addresses
@@ -874,7 +875,8 @@ template <int D> struct TileStream {
         int n = min(rows, T - r);
         float gref = g[keys_last ? n - 1 : 0];
         __syncwarp();  // the warp's reads of its previous factors are done
-        for (int i = threadIdx.x & 31; i < rows; i += 32) f[i] = i < n ? expf(keys_last ? gref - g[i] : g[i] - gref) : 0.f;
+        for (int i = threadIdx.x & 31; i < rows; i += 32)
+            f[i] = i < n ? expf(keys_last ? gref - g[i] : g[i] - gref) : 0.f;
         __syncwarp();
         return f;
     }
@@ -1033,6 +1035,28 @@ __device__ void sp_bwd_prep(bf16* dN, const float* dy, const float* y, const flo
 }
 
 // ---------------------------------------------------------------------------------------------
+// The backward kernels' elementwise step for a tile on one side of the warp's rows (the tile
+// factors' path): for each pair, wgt = (its row's factor a0 | a1) · (its column's F), the
+// weight a = u²·wgt of the score u (kept in s when KEEP: ∂V′ needs it), ∂S = 2·∂A·u·wgt in place
+// of ∂A; adds SIGN·∂A·a to the ∂G sum of its row (dg0, dg1: the thread's two rows).
+template <int NT, bool KEEP, int SIGN>
+__device__ __forceinline__ void weigh_tile(float (*s)[4], float (*da)[4], const float* F, float a0, float a1,
+                                           float& dg0, float& dg1) {
+    int t = threadIdx.x & 3;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        float2 f = *(const float2*)(F + nt * 8 + 2 * t);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float u = s[nt][i], wgt = (i >= 2 ? a1 : a0) * ((i & 1) ? f.y : f.x), a = u * u * wgt;
+            if (i >= 2) dg1 += SIGN * da[nt][i] * a; else dg0 += SIGN * da[nt][i] * a;
+            if (KEEP) s[nt][i] = a;
+            da[nt][i] = da[nt][i] * 2.f * u * wgt;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Intra-chunk backward, key side: 128 keys (8 warps × 16) against the chunk's later queries, QB
 // at a time, then the chain rule back to the model's ∂k and ∂v for those keys (folded in here: a
 // separate pass over the f32 gradients measured 0.54 ms at T = 4k):
@@ -1090,18 +1114,7 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
                 const float* Fc = queries.decay(qa, stage);
                 float gref = Gc[0];
                 float a0 = kj0 < T ? expf(gref - Gk0) : 0.f, a1 = kj1 < T ? expf(gref - Gk1) : 0.f;
-#pragma unroll
-                for (int nt = 0; nt < QB / 8; nt++) {
-                    float2 f = *(const float2*)(Fc + nt * 8 + 2 * t);
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        float u = st[nt][i], wgt = (i >= 2 ? a1 : a0) * ((i & 1) ? f.y : f.x);
-                        float a = u * u * wgt;
-                        if (i >= 2) dg1 -= da[nt][i] * a; else dg0 -= da[nt][i] * a;
-                        st[nt][i] = a;
-                        da[nt][i] = da[nt][i] * 2.f * u * wgt;
-                    }
-                }
+                weigh_tile<QB / 8, true, -1>(st, da, Fc, a0, a1, dg0, dg1);  // (a key's terms count negatively)
             } else {
 #pragma unroll
                 for (int nt = 0; nt < QB / 8; nt++)
@@ -1237,16 +1250,7 @@ __device__ void sp_intra_bwd_dq(float* dq, float* dGq, const bf16* qs, const bf1
                 const float* Fc = keys.decay(k0, st);
                 float gref = Gc[min(KT, T - k0) - 1];
                 float a0 = qi0 < T ? expf(Gq0 - gref) : 0.f, a1 = qi1 < T ? expf(Gq1 - gref) : 0.f;
-#pragma unroll
-                for (int nt = 0; nt < KT / 8; nt++) {
-                    float2 f = *(const float2*)(Fc + nt * 8 + 2 * t);
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        float u = s[nt][i], wgt = (i >= 2 ? a1 : a0) * ((i & 1) ? f.y : f.x);
-                        if (i >= 2) dg1 += da[nt][i] * u * u * wgt; else dg0 += da[nt][i] * u * u * wgt;
-                        da[nt][i] = da[nt][i] * 2.f * u * wgt;
-                    }
-                }
+                weigh_tile<KT / 8, false, 1>(s, da, Fc, a0, a1, dg0, dg1);
             } else {
 #pragma unroll
                 for (int nt = 0; nt < KT / 8; nt++)
