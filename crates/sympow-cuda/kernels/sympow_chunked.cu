@@ -1418,7 +1418,7 @@ template <int D> __device__ bool read_of_zero_state(float* r, float* dx, int T, 
 }
 // The intra-chunk backward kernels are held to 128 registers at D ≤ 64 so that two blocks share
 // an SM: with one, nothing hid their mma.sync latencies (∂k∂v: 0.85 → 0.64 ms at T = 4k, against
-// 28–76 bytes of spills; ∂q with its tile decay factors: 0.57 → 0.44 ms, against 56/96).
+// 28–76 bytes of spills; ∂q with its tile decay factors: 0.57 → 0.44 ms, against 40/72 bytes).
 #define SP_INSTANCES(D)                                                                                               \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_prep_##D(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float* Gout, float* Gam, const float* q,         \
