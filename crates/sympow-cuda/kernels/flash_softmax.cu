@@ -2,9 +2,11 @@
 // the chip. The GPU twin of the quadratic form in crates/sympow/src/attention/quadratic.rs for
 // ungated softmax with ε = 0, head dimension D = dk = dv ∈ {32, 64, 128}.
 //
-// A block is 4 warps and a tile of 64 rows (queries in the forward and the ∂q pass, keys in the
-// ∂k∂v pass); each warp owns 16 of them and walks the other side 64 at a time, the next tile
-// streaming into shared memory (cp.async, double-buffered) while this one is multiplied.
+// A block is 4 warps and a tile of rows (queries in the forward and the ∂q pass, keys in the
+// ∂k∂v pass: 128 in the forward at D ≤ 64, else 64); each warp owns 16 or 32 of them and walks
+// the other side 64 at a time, the next tile streaming into shared memory (cp.async,
+// double-buffered) while this one is multiplied. Exponentials are base 2 with log₂e folded into
+// one FMA a score, and only tiles that cross the diagonal (or T) are masked.
 // flash_stage first copies q (×σ), k, v (and ∂y) from the model's f32 [B, T, H, D] into bf16
 // [B, H, T, D], so each tile is one contiguous block; every product is mma.sync m16n8k16 with
 // f32 accumulation.
@@ -22,7 +24,10 @@
 template <int D> struct Flash {
     static constexpr int LD = D + 8;  // bf16 row stride in shared memory (16-byte rows, fewer conflicts)
     static constexpr int TILE = FT * LD;
-    static constexpr int fwd = 5 * TILE * 2;                 // Q, 2 × (K, V)
+    // the forward's row tiles per warp (two at D ≤ 64; at 128 the accumulators would not fit)
+    static constexpr int M = D <= 64 ? 2 : 1;
+    static constexpr int QF = 64 * M;                        // queries per forward block
+    static constexpr int fwd = (QF * LD + 4 * TILE) * 2;     // Q, 2 × (K, V)
     static constexpr int dq = 6 * TILE * 2;                  // Q, ∂Y, 2 × (K, V)
     static constexpr int dkv = 6 * TILE * 2 + 4 * FT * 4;    // K, V, 2 × (Q, ∂Y, lse, Δ)
 };
@@ -92,23 +97,47 @@ template <int D> __device__ __forceinline__ void mma_frags(float (*acc)[4], cons
     }
 }
 
+// 2^x (ex2.approx.ftz: 2^−∞ = 0). The softmax's exponentials are taken in base 2 with log₂e folded
+// into one FMA a score, p = 2^(s·log₂e − m·log₂e), where __expf(s − m) costs a subtraction, a
+// multiply and the exp.
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+#define LOG2E 1.4426950408889634f
+
+// A block of 4 warps takes QF = 64·M queries, each warp 16·M consecutive rows (M row tiles: each
+// B fragment of K and V then feeds M products, and the warp has M independent chains of them)
+// and walks the keys FT at a time. Only the tiles that cross a warp's diagonal (or T) are masked;
+// a warp skips the tiles wholly after its rows (they are all masked). The query tiles with the
+// most keys start first (blockIdx.x counts down from the last tile), so that the short ones fill
+// in behind them rather than the long ones ending alone.
 template <int D>
 __device__ void flash_fwd(float* y, float* lse, const bf16* qs, const bf16* ks, const bf16* vs, int T, int H) {
-    constexpr int TILE = Flash<D>::TILE;
+    constexpr int M = Flash<D>::M, QF = Flash<D>::QF, LD = Flash<D>::LD, TILE = Flash<D>::TILE;
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16 *Qs = (bf16*)smem, *Kb = Qs + TILE, *Vb = Kb + 2 * TILE;
-    int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = blockIdx.x * FT;
-    int warp = threadIdx.x >> 5, row0 = warp * 16;
+    bf16 *Qs = (bf16*)smem, *Kb = Qs + QF * LD, *Vb = Kb + 2 * TILE;
+    int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = (gridDim.x - 1 - blockIdx.x) * QF;
+    int warp = threadIdx.x >> 5, row0 = warp * 16 * M;
+    int first = q0 + row0, last = first + 16 * M - 1;  // this warp's query rows
     long head = (long)bh * T * D;
-    int ntiles = (min(T, q0 + FT) + FT - 1) / FT;  // causal: keys up to the last query
-    fetch<D>(Qs, qs + head, q0, T);
+    int ntiles = (min(T, q0 + QF) + FT - 1) / FT;  // causal: keys up to the block's last query
+    load_rows_async(Qs, LD, qs + head + (long)q0 * D, min(QF, T - q0), QF, D);
     fetch<D>(Kb, ks + head, 0, T);
     fetch<D>(Vb, vs + head, 0, T);
     cp_async_commit();
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f}, o[D / 8][4];
+    // m: each row's running maximum (natural units), l: its running sum of 2^(…) (this thread's
+    // columns; the quad's sum at the end)
+    float m[M][2], l[M][2], o[M][D / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    u32 qf[D / 16][4];
+    for (int mm = 0; mm < M; mm++) {
+        m[mm][0] = m[mm][1] = NEG_INF;
+        l[mm][0] = l[mm][1] = 0.f;
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) o[mm][i][0] = o[mm][i][1] = o[mm][i][2] = o[mm][i][3] = 0.f;
+    }
+    u32 qf[M][D / 16][4];
     for (int it = 0; it < ntiles; it++) {
         int k0 = it * FT;
         if (it + 1 < ntiles) {
@@ -119,65 +148,117 @@ __device__ void flash_fwd(float* y, float* lse, const bf16* qs, const bf16* ks, 
         cp_async_wait_prev();
         __syncthreads();
         const bf16 *Ks = Kb + (it & 1) * TILE, *Vs = Vb + (it & 1) * TILE;
-        if (it == 0) load_rows_frags<D>(qf, Qs, row0);
-        float s[8][4];
-        mma_frags<D>(s, qf, Ks);
-        float mx[2] = {m[0], m[1]};
+        if (it == 0)
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
+            for (int mm = 0; mm < M; mm++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                int kq = k0 + acc_col(nt, i), qi = q0 + row0 + acc_row(i);
-                if (kq > qi || kq >= T) s[nt][i] = NEG_INF;
-                mx[i >> 1] = fmaxf(mx[i >> 1], s[nt][i]);
+                for (int kk = 0; kk < D / 16; kk++) lda(qf[mm][kk], Qs, LD, row0 + 16 * mm, kk * 16);
+        if (k0 <= last) {  // (warp-uniform) some key of the tile is visible to some row of the warp
+            float s[M][8][4];
+#pragma unroll
+            for (int mm = 0; mm < M; mm++)
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++) s[mm][nt][0] = s[mm][nt][1] = s[mm][nt][2] = s[mm][nt][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+                for (int nt = 0; nt < 8; nt += 2) {
+                    u32 bf[4];
+                    ldb2_nmajor(bf, Ks, LD, nt * 8, kk * 16);
+#pragma unroll
+                    for (int mm = 0; mm < M; mm++) {
+                        mma16816(s[mm][nt], qf[mm][kk], bf);
+                        mma16816(s[mm][nt + 1], qf[mm][kk], bf + 2);
+                    }
+                }
+            bool masked = k0 + FT - 1 > first || k0 + FT > T;  // some pair of the tile is masked
+#pragma unroll
+            for (int mm = 0; mm < M; mm++) {
+                float mx[2] = {m[mm][0], m[mm][1]};
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        if (masked) {
+                            int kq = k0 + acc_col(nt, i), qi = first + 16 * mm + acc_row(i);
+                            if (kq > qi || kq >= T) s[mm][nt][i] = NEG_INF;
+                        }
+                        mx[i >> 1] = fmaxf(mx[i >> 1], s[mm][nt][i]);
+                    }
+                float ms[2];  // −max·log₂e: 2^(s·log₂e + ms) = e^(s − max)
+#pragma unroll
+                for (int r = 0; r < 2; r++) {
+                    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                    // every row sees key 0 in the first tile: mx is finite from there on, and
+                    // alpha = 2^−∞ = 0 against the first tile's m = −∞
+                    float alpha = exp2_approx((m[mm][r] - mx[r]) * LOG2E);
+                    l[mm][r] *= alpha;
+#pragma unroll
+                    for (int dt = 0; dt < D / 8; dt++) {
+                        o[mm][dt][2 * r] *= alpha;
+                        o[mm][dt][2 * r + 1] *= alpha;
+                    }
+                    m[mm][r] = mx[r];
+                    ms[r] = -mx[r] * LOG2E;
+                }
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        float p = exp2_approx(fmaf(s[mm][nt][i], LOG2E, ms[i >> 1]));
+                        s[mm][nt][i] = p;
+                        l[mm][i >> 1] += p;
+                    }
+            }
+            // O += P·V, each B fragment of V feeding the M row tiles
+#pragma unroll
+            for (int kk = 0; kk < FT / 16; kk++) {
+                u32 a[M][4];
+#pragma unroll
+                for (int mm = 0; mm < M; mm++) acc_to_a(a[mm], s[mm][2 * kk], s[mm][2 * kk + 1]);
+#pragma unroll
+                for (int dt = 0; dt < D / 8; dt += 2) {
+                    u32 bf[4];
+                    ldb2_kmajor(bf, Vs, LD, kk * 16, dt * 8);
+#pragma unroll
+                    for (int mm = 0; mm < M; mm++) {
+                        mma16816(o[mm][dt], a[mm], bf);
+                        mma16816(o[mm][dt + 1], a[mm], bf + 2);
+                    }
+                }
             }
         }
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            float alpha = mx[r] == NEG_INF ? 1.f : __expf(m[r] - mx[r]);
-            l[r] *= alpha;
-#pragma unroll
-            for (int dt = 0; dt < D / 8; dt++) { o[dt][2 * r] *= alpha; o[dt][2 * r + 1] *= alpha; }
-            m[r] = mx[r];
-        }
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                float p = s[nt][i] == NEG_INF ? 0.f : __expf(s[nt][i] - m[i >> 1]);
-                s[nt][i] = p;
-                l[i >> 1] += p;
-            }
-        }
-        mma_acc_kmajor<D>(o, s, Vs);
         __syncthreads();  // the next iteration's prefetch overwrites this buffer
     }
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-        int qi = q0 + row0 + acc_row(2 * r);
-        if (qi >= T) continue;
-        long base = ((long)(b * T + qi) * H + h) * D;
-        float inv = 1.f / l[r];
+    for (int mm = 0; mm < M; mm++)
 #pragma unroll
-        for (int dt = 0; dt < D / 8; dt++) {
-            int c = acc_col(dt, 0);
-            *(float2*)(y + base + c) = make_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+        for (int r = 0; r < 2; r++) {
+            float sum = l[mm][r];
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            int qi = first + 16 * mm + acc_row(2 * r);
+            if (qi >= T) continue;
+            long base = ((long)(b * T + qi) * H + h) * D;
+            float inv = 1.f / sum;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++)
+                *(float2*)(y + base + acc_col(dt, 0)) =
+                    make_float2(o[mm][dt][2 * r] * inv, o[mm][dt][2 * r + 1] * inv);
+            if ((threadIdx.x & 3) == 0) lse[(long)(b * T + qi) * H + h] = m[mm][r] + logf(sum);
         }
-        if ((threadIdx.x & 3) == 0) lse[(long)(b * T + qi) * H + h] = m[r] + logf(l[r]);
-    }
 }
 
-// Δ for every row of [B, T, H, D]
+// Δ for every row of [B, T, H, D], a warp a row (its lanes over the row's D contiguous floats)
 extern "C" __global__ void flash_bwd_delta(float* delta, const float* dy, const float* y, long rows, int D) {
-    long r = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    long r = (blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5;
     if (r >= rows) return;
+    int lane = threadIdx.x & 31;
     float s = 0.f;
-    for (int c = 0; c < D; c++) s += dy[r * D + c] * y[r * D + c];
-    delta[r] = s;
+    for (int c = lane; c < D; c += 32) s += dy[r * D + c] * y[r * D + c];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) delta[r] = s;
 }
 
 template <int D>
@@ -186,7 +267,8 @@ __device__ void flash_bwd_dq(float* dq, const bf16* qs, const bf16* ks, const bf
     constexpr int TILE = Flash<D>::TILE;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *Qs = (bf16*)smem, *dYs = Qs + TILE, *Kb = dYs + TILE, *Vb = Kb + 2 * TILE;
-    int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = blockIdx.x * FT;
+    // the query tiles with the most keys first (as in the forward)
+    int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = (gridDim.x - 1 - blockIdx.x) * FT;
     int warp = threadIdx.x >> 5, row0 = warp * 16;
     long head = (long)bh * T * D;
     int ntiles = (min(T, q0 + FT) + FT - 1) / FT;
@@ -199,7 +281,8 @@ __device__ void flash_bwd_dq(float* dq, const bf16* qs, const bf16* ks, const bf
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         int qi = q0 + row0 + acc_row(2 * r);
-        L[r] = qi < T ? lse[(long)(b * T + qi) * H + h] : 0.f;
+        // −lse·log₂e: P = 2^(s·log₂e − lse·log₂e)
+        L[r] = qi < T ? -lse[(long)(b * T + qi) * H + h] * LOG2E : 0.f;
         Dl[r] = qi < T ? delta[(long)(b * T + qi) * H + h] : 0.f;
     }
 #pragma unroll
@@ -222,12 +305,13 @@ __device__ void flash_bwd_dq(float* dq, const bf16* qs, const bf16* ks, const bf
         float s[8][4], dp[8][4];
         mma_frags<D>(s, qf, Ks);
         mma_frags<D>(dp, yf, Vs);
+        bool masked = it == ntiles - 1;  // the diagonal tile (rows past T are never stored)
 #pragma unroll
         for (int nt = 0; nt < 8; nt++) {
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                int kq = k0 + acc_col(nt, i), qi = q0 + row0 + acc_row(i);
-                float p = (kq > qi || kq >= T || qi >= T) ? 0.f : __expf(s[nt][i] - L[i >> 1]);
+                float p = exp2_approx(fmaf(s[nt][i], LOG2E, L[i >> 1]));
+                if (masked && (k0 + acc_col(nt, i) > q0 + row0 + acc_row(i) || k0 + acc_col(nt, i) >= T)) p = 0.f;
                 s[nt][i] = p * (dp[nt][i] - Dl[i >> 1]);  // ∂S
             }
         }
@@ -251,7 +335,8 @@ __device__ void flash_bwd_dkv(float* dk, float* dv, const bf16* qs, const bf16* 
     constexpr int TILE = Flash<D>::TILE;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *Ks = (bf16*)smem, *Vs = Ks + TILE, *Qb = Vs + TILE, *dYb = Qb + 2 * TILE;
-    float* Lb = (float*)(dYb + 2 * TILE);  // 2 × (lse, Δ) of FT rows
+    float* Lb = (float*)(dYb + 2 * TILE);  // 2 × (−lse·log₂e, Δ) of FT rows
+    // (the key tiles with the most queries, the first, start first in launch order)
     int bh = blockIdx.y, b = bh / H, h = bh % H, k0 = blockIdx.x * FT;
     int warp = threadIdx.x >> 5, row0 = warp * 16;
     long head = (long)bh * T * D;
@@ -262,7 +347,7 @@ __device__ void flash_bwd_dkv(float* dk, float* dv, const bf16* qs, const bf16* 
         fetch<D>(dYb + buf * TILE, dys + head, q0, T);
         for (int i = threadIdx.x; i < FT; i += FTHREADS) {
             int qi = q0 + i;
-            Lb[buf * 2 * FT + i] = qi < T ? lse[(long)(b * T + qi) * H + h] : 0.f;
+            Lb[buf * 2 * FT + i] = qi < T ? -lse[(long)(b * T + qi) * H + h] * LOG2E : 0.f;  // −lse·log₂e
             Lb[buf * 2 * FT + FT + i] = qi < T ? delta[(long)(b * T + qi) * H + h] : 0.f;
         }
     };
@@ -289,12 +374,15 @@ __device__ void flash_bwd_dkv(float* dk, float* dv, const bf16* qs, const bf16* 
         float st[8][4], dpt[8][4];  // Sᵀ and ∂Pᵀ: rows are this warp's keys, columns queries
         mma_frags<D>(st, kf, Qs);
         mma_frags<D>(dpt, vf, dYs);
+        // the diagonal tile, and queries past T (zero rows, whose p must not reach real keys)
+        bool masked = q0 == k0 || q0 + FT > T;
 #pragma unroll
         for (int nt = 0; nt < 8; nt++) {
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 int c = acc_col(nt, i), qi = q0 + c, kq = k0 + row0 + acc_row(i);
-                float p = (kq > qi || qi >= T || kq >= T) ? 0.f : __expf(st[nt][i] - Ls[c]);
+                float p = exp2_approx(fmaf(st[nt][i], LOG2E, Ls[c]));
+                if (masked && (kq > qi || qi >= T)) p = 0.f;
                 st[nt][i] = p;
                 dpt[nt][i] = p * (dpt[nt][i] - Dls[c]);  // ∂Sᵀ
             }
@@ -337,9 +425,12 @@ FLASH_INSTANCES(32)
 FLASH_INSTANCES(64)
 FLASH_INSTANCES(128)
 
-// Shared-memory bytes of fwd, dq, dkv for D = 32, 64, 128 (9 ints), read by the host.
+// Per head dimension D = 32, 64, 128: shared-memory bytes of fwd, dq, dkv, then the forward's
+// queries per block (4 ints each, 12 in all), read by the host.
+#define FLASH_SIZES(i, D) \
+    o[4 * i] = Flash<D>::fwd, o[4 * i + 1] = Flash<D>::dq, o[4 * i + 2] = Flash<D>::dkv, o[4 * i + 3] = Flash<D>::QF
 extern "C" __global__ void flash_smem_sizes(int* o) {
-    o[0] = Flash<32>::fwd; o[1] = Flash<32>::dq; o[2] = Flash<32>::dkv;
-    o[3] = Flash<64>::fwd; o[4] = Flash<64>::dq; o[5] = Flash<64>::dkv;
-    o[6] = Flash<128>::fwd; o[7] = Flash<128>::dq; o[8] = Flash<128>::dkv;
+    FLASH_SIZES(0, 32);
+    FLASH_SIZES(1, 64);
+    FLASH_SIZES(2, 128);
 }

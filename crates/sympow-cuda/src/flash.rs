@@ -19,7 +19,8 @@ pub(crate) const SOURCE: &str = concat!(
     include_str!("../kernels/mma.cuh"),
     include_str!("../kernels/flash_softmax.cu")
 );
-/// Rows per block tile (`FT`) and threads per block (`FTHREADS`) in the kernel source.
+/// Rows per block tile of the backward passes (`FT`) and threads per block (`FTHREADS`) in the
+/// kernel source (the forward's queries per block come from `flash_smem_sizes`).
 const TILE: usize = 64;
 const THREADS: u32 = 128;
 const KERNELS: [&str; 3] = ["flash_fwd", "flash_bwd_dq", "flash_bwd_dkv"];
@@ -35,8 +36,9 @@ struct FlashSaved {
 pub struct FlashSoftmax {
     _module: Arc<CudaModule>,
     fns: HashMap<String, CudaFunction>,
-    /// Shared-memory bytes of fwd, dq, dkv per head dimension.
-    smem: HashMap<usize, [u32; 3]>,
+    /// Per head dimension: shared-memory bytes of fwd, dq, dkv, and the forward's queries per
+    /// block.
+    sizes: HashMap<usize, [u32; 4]>,
 }
 
 impl FlashSoftmax {
@@ -49,18 +51,18 @@ impl FlashSoftmax {
             "flash softmax",
             false,
             "flash_smem_sizes",
-            9,
+            12,
         )?;
         let mut fns = HashMap::new();
-        let mut smem = HashMap::new();
+        let mut per_d = HashMap::new();
         for (i, d) in crate::FUSED_HEAD_DIMS.into_iter().enumerate() {
-            let s = [0, 1, 2].map(|j| sizes[i * 3 + j] as u32);
+            let s = [0, 1, 2, 3].map(|j| sizes[i * 4 + j] as u32);
             for (j, k) in KERNELS.iter().enumerate() {
                 let name = format!("{k}_{d}");
                 let f = crate::device::load_with_shared_memory(&module, &name, s[j])?;
                 fns.insert(name, f);
             }
-            smem.insert(d, s);
+            per_d.insert(d, s);
         }
         for name in ["flash_bwd_delta", "flash_stage"] {
             let f = crate::device::load_with_shared_memory(&module, name, 0)?;
@@ -69,7 +71,7 @@ impl FlashSoftmax {
         Ok(FlashSoftmax {
             _module: module,
             fns,
-            smem,
+            sizes: per_d,
         })
     }
 
@@ -85,14 +87,16 @@ impl FlashSoftmax {
     fn launch(&self, shape: &Shape, which: usize) -> (&CudaFunction, LaunchConfig) {
         let d = shape.dk;
         let f = &self.fns[&format!("{}_{d}", KERNELS[which])];
+        let sizes = self.sizes[&d];
+        let rows = if which == 0 { sizes[3] as usize } else { TILE };
         let cfg = LaunchConfig {
             grid_dim: (
-                shape.time.div_ceil(TILE) as u32,
+                shape.time.div_ceil(rows) as u32,
                 (shape.batch * shape.heads) as u32,
                 1,
             ),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: self.smem[&d][which],
+            shared_mem_bytes: sizes[which],
         };
         (f, cfg)
     }
@@ -160,8 +164,8 @@ impl FlashSoftmax {
         let mut l = stream.launch_builder(f);
         l.arg(&mut y).arg(&mut lse).arg(&st.q).arg(&st.k).arg(&st.v);
         l.arg(&t).arg(&h);
-        // SAFETY: arguments match flash_fwd's declaration; the grid covers every 64-query tile
-        // of every (sequence, head), and the kernel bounds rows past T.
+        // SAFETY: arguments match flash_fwd's declaration; the grid covers every query tile of
+        // every (sequence, head), and the kernel bounds rows past T.
         unsafe { l.launch(cfg) }.expect("flash_fwd");
         AttentionOut {
             y,
@@ -190,8 +194,9 @@ impl FlashSoftmax {
         let (r, di) = (rows as i64, shape.dv as i32);
         let mut l = stream.launch_builder(&self.fns["flash_bwd_delta"]);
         l.arg(&mut delta).arg(dy).arg(&out.y).arg(&r).arg(&di);
-        // SAFETY: one thread per row of [rows, D] buffers of that size.
-        unsafe { l.launch(LaunchConfig::for_num_elems(rows as u32)) }.expect("flash_bwd_delta");
+        let threads = u32::try_from(rows * 32).expect("rows for one launch");
+        // SAFETY: one warp per row of [rows, D] buffers of that size.
+        unsafe { l.launch(LaunchConfig::for_num_elems(threads)) }.expect("flash_bwd_delta");
         let saved = out
             .saved
             .as_ref()
