@@ -3,7 +3,7 @@
 // ungated softmax with ε = 0, head dimension D = dk = dv ∈ {32, 64, 128}.
 //
 // A block is 4 warps and a tile of rows (queries in the forward and the ∂q pass, keys in the
-// ∂k∂v pass: 128 in the forward at D ≤ 64, else 64); each warp owns 16 or 32 of them and walks
+// ∂k∂v pass: 128 at D ≤ 64, else 64); each warp owns 32 or 16 of them and walks
 // the other side 64 at a time, the next tile streaming into shared memory (cp.async,
 // double-buffered) while this one is multiplied. Exponentials are base 2 with log₂e folded into
 // one FMA a score, and only tiles that cross the diagonal (or T) are masked.
@@ -17,19 +17,19 @@
 // Two backward passes instead of FlashAttention-2's atomics: deterministic, at the price of
 // computing S and ∂P twice.
 
-#define FT 64             // rows per block tile, and columns per step
-#define FTHREADS 128      // 4 warps × 16 rows
+#define FT 64             // rows of a streamed tile (the other side, walked FT at a time)
+#define FTHREADS 128      // 4 warps
 #define NEG_INF __int_as_float(0xff800000)
 
 template <int D> struct Flash {
     static constexpr int LD = D + 8;  // bf16 row stride in shared memory (16-byte rows, fewer conflicts)
     static constexpr int TILE = FT * LD;
-    // the forward's row tiles per warp (two at D ≤ 64; at 128 the accumulators would not fit)
+    // row tiles per warp (two at D ≤ 64; at 128 the accumulators would not fit)
     static constexpr int M = D <= 64 ? 2 : 1;
-    static constexpr int QF = 64 * M;                        // queries per forward block
+    static constexpr int QF = 64 * M;                        // rows per block (queries; keys in dkv)
     static constexpr int fwd = (QF * LD + 4 * TILE) * 2;     // Q, 2 × (K, V)
-    static constexpr int dq = 6 * TILE * 2;                  // Q, ∂Y, 2 × (K, V)
-    static constexpr int dkv = 6 * TILE * 2 + 4 * FT * 4;    // K, V, 2 × (Q, ∂Y, lse, Δ)
+    static constexpr int dq = (2 * QF * LD + 4 * TILE) * 2;  // Q, ∂Y, 2 × (K, V)
+    static constexpr int dkv = (2 * QF * LD + 4 * TILE) * 2 + 4 * FT * 4;  // K, V, 2 × (Q, ∂Y, lse, Δ)
 };
 
 // out [B, H, T, D] bf16 = mul · x [B, T, H, D] f32, 8 elements a thread
@@ -57,42 +57,65 @@ template <int D> __device__ __forceinline__ void fetch(bf16* s, const bf16* head
 __device__ __forceinline__ int acc_row(int i) { return ((threadIdx.x & 31) >> 2) + (i >> 1) * 8; }
 __device__ __forceinline__ int acc_col(int nt, int i) { return nt * 8 + 2 * (threadIdx.x & 3) + (i & 1); }
 
-// acc[D/8] += A·B with A the 16×64 probabilities/gradients held as 8 accumulator tiles and B
-// the 64×D tile s stored k-major (s[k * LD + n]): the P·V / dS·K / Pᵀ·dY products.
-template <int D> __device__ __forceinline__ void mma_acc_kmajor(float (*acc)[4], float (*p)[4], const bf16* s) {
+// The two products every pass is made of, for a warp's M row tiles of 16 (rows row0 + 16·mm), each
+// B fragment (ldmatrix) feeding the M of them:
+// acc[M][NT] = A·Bᵀ over D — A's fragments from a_frag(mm, kk, out), B the FT-row tile b's rows
+// 8·n0 … 8·(n0 + NT) (n-major): scores (NT = 8) or a sliver of ∂P (NT = 2).
+template <int D, int M, int NT, class AFrag>
+__device__ __forceinline__ void mma_abt(float (*acc)[NT][4], AFrag a_frag, const bf16* b, int n0) {
     constexpr int LD = Flash<D>::LD;
 #pragma unroll
-    for (int kk = 0; kk < FT / 16; kk++) {
-        u32 a[4];
-        acc_to_a(a, p[2 * kk], p[2 * kk + 1]);
+    for (int mm = 0; mm < M; mm++)
 #pragma unroll
-        for (int dt = 0; dt < D / 8; dt += 2) {
-            u32 b[4];
-            ldb2_kmajor(b, s, LD, kk * 16, dt * 8);
-            mma16816(acc[dt], a, b);
-            mma16816(acc[dt + 1], a, b + 2);
+        for (int nt = 0; nt < NT; nt++) acc[mm][nt][0] = acc[mm][nt][1] = acc[mm][nt][2] = acc[mm][nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        u32 af[M][4];
+#pragma unroll
+        for (int mm = 0; mm < M; mm++) a_frag(mm, kk, af[mm]);
+#pragma unroll
+        for (int nt = 0; nt < NT; nt += 2) {
+            u32 bf[4];
+            ldb2_nmajor(bf, b, LD, (n0 + nt) * 8, kk * 16);
+#pragma unroll
+            for (int mm = 0; mm < M; mm++) {
+                mma16816(acc[mm][nt], af[mm], bf);
+                mma16816(acc[mm][nt + 1], af[mm], bf + 2);
+            }
         }
     }
 }
-
-// The A fragments of a warp's 16 rows of a [64, D] tile, kept in registers across the loop.
-template <int D> __device__ __forceinline__ void load_rows_frags(u32 (*af)[4], const bf16* s, int row0) {
+// A's fragments as mma_abt takes them: read from shared memory (rows row0 + 16·mm of the tile a)
+// at each k-step. The backward passes read theirs so rather than keep them in registers across
+// the loop: their accumulators need the registers (they spilled with Q's, ∂Y's, K's or V's
+// fragments kept); the forward keeps Q's (4 % faster at 16k–64k than reading them per tile).
+template <int D> struct SharedRows {
+    const bf16* a;
+    int row0;
+    __device__ __forceinline__ void operator()(int mm, int kk, u32* out) const {
+        lda(out, a, Flash<D>::LD, row0 + 16 * mm, kk * 16);
+    }
+};
+// acc[M][D/8] += P·B over the FT columns of P — P the M row tiles' accumulators (probabilities or
+// ∂S, rounded to bf16 as A fragments), B the FT × D tile b (k-major: token rows): P·V, ∂S·K,
+// P·∂Y, ∂Sᵀ·Q.
+template <int D, int M>
+__device__ __forceinline__ void mma_pb(float (*acc)[D / 8][4], float (*p)[8][4], const bf16* b) {
+    constexpr int LD = Flash<D>::LD;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) lda(af[kk], s, Flash<D>::LD, row0, kk * 16);
-}
-
-// acc[0..8) = A·Bᵀ for A in fragments (16 × D) and B a [64, D] tile (64 columns)
-template <int D> __device__ __forceinline__ void mma_frags(float (*acc)[4], const u32 (*af)[4], const bf16* b) {
+    for (int kk = 0; kk < FT / 16; kk++) {
+        u32 a[M][4];
 #pragma unroll
-    for (int i = 0; i < 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+        for (int mm = 0; mm < M; mm++) acc_to_a(a[mm], p[mm][2 * kk], p[mm][2 * kk + 1]);
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-#pragma unroll
-        for (int nt = 0; nt < 8; nt += 2) {
+        for (int dt = 0; dt < D / 8; dt += 2) {
             u32 bf[4];
-            ldb2_nmajor(bf, b, Flash<D>::LD, nt * 8, kk * 16);
-            mma16816(acc[nt], af[kk], bf);
-            mma16816(acc[nt + 1], af[kk], bf + 2);
+            ldb2_kmajor(bf, b, LD, kk * 16, dt * 8);
+#pragma unroll
+            for (int mm = 0; mm < M; mm++) {
+                mma16816(acc[mm][dt], a[mm], bf);
+                mma16816(acc[mm][dt + 1], a[mm], bf + 2);
+            }
         }
     }
 }
@@ -137,7 +160,11 @@ __device__ void flash_fwd(float* y, float* lse, const bf16* qs, const bf16* ks, 
 #pragma unroll
         for (int i = 0; i < D / 8; i++) o[mm][i][0] = o[mm][i][1] = o[mm][i][2] = o[mm][i][3] = 0.f;
     }
-    u32 qf[M][D / 16][4];
+    u32 qf[M][D / 16][4];  // Q's fragments, in registers for the whole loop
+    auto q_frag = [&](int mm, int kk, u32* out) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) out[i] = qf[mm][kk][i];
+    };
     for (int it = 0; it < ntiles; it++) {
         int k0 = it * FT;
         if (it + 1 < ntiles) {
@@ -155,22 +182,7 @@ __device__ void flash_fwd(float* y, float* lse, const bf16* qs, const bf16* ks, 
                 for (int kk = 0; kk < D / 16; kk++) lda(qf[mm][kk], Qs, LD, row0 + 16 * mm, kk * 16);
         if (k0 <= last) {  // (warp-uniform) some key of the tile is visible to some row of the warp
             float s[M][8][4];
-#pragma unroll
-            for (int mm = 0; mm < M; mm++)
-#pragma unroll
-                for (int nt = 0; nt < 8; nt++) s[mm][nt][0] = s[mm][nt][1] = s[mm][nt][2] = s[mm][nt][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++)
-#pragma unroll
-                for (int nt = 0; nt < 8; nt += 2) {
-                    u32 bf[4];
-                    ldb2_nmajor(bf, Ks, LD, nt * 8, kk * 16);
-#pragma unroll
-                    for (int mm = 0; mm < M; mm++) {
-                        mma16816(s[mm][nt], qf[mm][kk], bf);
-                        mma16816(s[mm][nt + 1], qf[mm][kk], bf + 2);
-                    }
-                }
+            mma_abt<D, M, 8>(s, q_frag, Ks, 0);
             bool masked = k0 + FT - 1 > first || k0 + FT > T;  // some pair of the tile is masked
 #pragma unroll
             for (int mm = 0; mm < M; mm++) {
@@ -211,23 +223,7 @@ __device__ void flash_fwd(float* y, float* lse, const bf16* qs, const bf16* ks, 
                         l[mm][i >> 1] += p;
                     }
             }
-            // O += P·V, each B fragment of V feeding the M row tiles
-#pragma unroll
-            for (int kk = 0; kk < FT / 16; kk++) {
-                u32 a[M][4];
-#pragma unroll
-                for (int mm = 0; mm < M; mm++) acc_to_a(a[mm], s[mm][2 * kk], s[mm][2 * kk + 1]);
-#pragma unroll
-                for (int dt = 0; dt < D / 8; dt += 2) {
-                    u32 bf[4];
-                    ldb2_kmajor(bf, Vs, LD, kk * 16, dt * 8);
-#pragma unroll
-                    for (int mm = 0; mm < M; mm++) {
-                        mma16816(o[mm][dt], a[mm], bf);
-                        mma16816(o[mm][dt + 1], a[mm], bf + 2);
-                    }
-                }
-            }
+            mma_pb<D, M>(o, s, Vs);  // O += P·V
         }
         __syncthreads();  // the next iteration's prefetch overwrites this buffer
     }
@@ -261,33 +257,39 @@ extern "C" __global__ void flash_bwd_delta(float* delta, const float* dy, const 
     if (lane == 0) delta[r] = s;
 }
 
+// Per query tile of QF = 64·M rows (M row tiles a warp, as in the forward): ∂q = σ Σ_s ∂S_ts k_s
+// with P recomputed from the log-sum-exp and ∂S = P ∘ (∂y vᵀ − Δ). ∂P is formed two 8-key tiles
+// at a time and turned into ∂S in place of P, so that only a sliver of it is ever live.
 template <int D>
 __device__ void flash_bwd_dq(float* dq, const bf16* qs, const bf16* ks, const bf16* vs, const bf16* dys,
                              const float* lse, const float* delta, int T, int H, float scale) {
-    constexpr int TILE = Flash<D>::TILE;
+    constexpr int M = Flash<D>::M, QF = Flash<D>::QF, LD = Flash<D>::LD, TILE = Flash<D>::TILE;
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16 *Qs = (bf16*)smem, *dYs = Qs + TILE, *Kb = dYs + TILE, *Vb = Kb + 2 * TILE;
+    bf16 *Qs = (bf16*)smem, *dYs = Qs + QF * LD, *Kb = dYs + QF * LD, *Vb = Kb + 2 * TILE;
     // the query tiles with the most keys first (as in the forward)
-    int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = (gridDim.x - 1 - blockIdx.x) * FT;
-    int warp = threadIdx.x >> 5, row0 = warp * 16;
+    int bh = blockIdx.y, b = bh / H, h = bh % H, q0 = (gridDim.x - 1 - blockIdx.x) * QF;
+    int warp = threadIdx.x >> 5, row0 = warp * 16 * M;
+    int first = q0 + row0, last = first + 16 * M - 1;  // this warp's query rows
     long head = (long)bh * T * D;
-    int ntiles = (min(T, q0 + FT) + FT - 1) / FT;
-    fetch<D>(Qs, qs + head, q0, T);
-    fetch<D>(dYs, dys + head, q0, T);
+    int ntiles = (min(T, q0 + QF) + FT - 1) / FT;
+    load_rows_async(Qs, LD, qs + head + (long)q0 * D, min(QF, T - q0), QF, D);
+    load_rows_async(dYs, LD, dys + head + (long)q0 * D, min(QF, T - q0), QF, D);
     fetch<D>(Kb, ks + head, 0, T);
     fetch<D>(Vb, vs + head, 0, T);
     cp_async_commit();
-    float L[2], Dl[2], acc[D / 8][4];
+    float L[M][2], Dl[M][2], acc[M][D / 8][4];
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int qi = q0 + row0 + acc_row(2 * r);
-        // −lse·log₂e: P = 2^(s·log₂e − lse·log₂e)
-        L[r] = qi < T ? -lse[(long)(b * T + qi) * H + h] * LOG2E : 0.f;
-        Dl[r] = qi < T ? delta[(long)(b * T + qi) * H + h] : 0.f;
+    for (int mm = 0; mm < M; mm++) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            int qi = first + 16 * mm + acc_row(2 * r);
+            // −lse·log₂e: P = 2^(s·log₂e − lse·log₂e)
+            L[mm][r] = qi < T ? -lse[(long)(b * T + qi) * H + h] * LOG2E : 0.f;
+            Dl[mm][r] = qi < T ? delta[(long)(b * T + qi) * H + h] : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) acc[mm][i][0] = acc[mm][i][1] = acc[mm][i][2] = acc[mm][i][3] = 0.f;
     }
-#pragma unroll
-    for (int i = 0; i < D / 8; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-    u32 qf[D / 16][4], yf[D / 16][4];
     for (int it = 0; it < ntiles; it++) {
         int k0 = it * FT;
         if (it + 1 < ntiles) {
@@ -298,50 +300,61 @@ __device__ void flash_bwd_dq(float* dq, const bf16* qs, const bf16* ks, const bf
         cp_async_wait_prev();
         __syncthreads();
         const bf16 *Ks = Kb + (it & 1) * TILE, *Vs = Vb + (it & 1) * TILE;
-        if (it == 0) {
-            load_rows_frags<D>(qf, Qs, row0);
-            load_rows_frags<D>(yf, dYs, row0);
-        }
-        float s[8][4], dp[8][4];
-        mma_frags<D>(s, qf, Ks);
-        mma_frags<D>(dp, yf, Vs);
-        bool masked = it == ntiles - 1;  // the diagonal tile (rows past T are never stored)
+        if (k0 <= last) {  // (warp-uniform) some key of the tile is visible to some row of the warp
+            float s[M][8][4];
+            mma_abt<D, M, 8>(s, SharedRows<D>{Qs, row0}, Ks, 0);
+            bool masked = k0 + FT - 1 > first || k0 + FT > T;  // rows past T are never stored
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
+            for (int nt = 0; nt < 8; nt += 2) {
+                float dp[M][2][4];
+                mma_abt<D, M, 2>(dp, SharedRows<D>{dYs, row0}, Vs, nt);
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                float p = exp2_approx(fmaf(s[nt][i], LOG2E, L[i >> 1]));
-                if (masked && (k0 + acc_col(nt, i) > q0 + row0 + acc_row(i) || k0 + acc_col(nt, i) >= T)) p = 0.f;
-                s[nt][i] = p * (dp[nt][i] - Dl[i >> 1]);  // ∂S
+                for (int mm = 0; mm < M; mm++)
+#pragma unroll
+                    for (int j = 0; j < 2; j++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            float p = exp2_approx(fmaf(s[mm][nt + j][i], LOG2E, L[mm][i >> 1]));
+                            int kq = k0 + acc_col(nt + j, i), qi = first + 16 * mm + acc_row(i);
+                            if (masked && (kq > qi || kq >= T)) p = 0.f;
+                            s[mm][nt + j][i] = p * (dp[mm][j][i] - Dl[mm][i >> 1]);  // ∂S
+                        }
             }
+            mma_pb<D, M>(acc, s, Ks);  // ∂q += ∂S·K
         }
-        mma_acc_kmajor<D>(acc, s, Ks);
         __syncthreads();
     }
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int qi = q0 + row0 + acc_row(2 * r);
-        if (qi >= T) continue;
-        long base = ((long)(b * T + qi) * H + h) * D;
+    for (int mm = 0; mm < M; mm++)
 #pragma unroll
-        for (int dt = 0; dt < D / 8; dt++)
-            *(float2*)(dq + base + acc_col(dt, 0)) = make_float2(acc[dt][2 * r] * scale, acc[dt][2 * r + 1] * scale);
-    }
+        for (int r = 0; r < 2; r++) {
+            int qi = first + 16 * mm + acc_row(2 * r);
+            if (qi >= T) continue;
+            long base = ((long)(b * T + qi) * H + h) * D;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++)
+                *(float2*)(dq + base + acc_col(dt, 0)) =
+                    make_float2(acc[mm][dt][2 * r] * scale, acc[mm][dt][2 * r + 1] * scale);
+        }
 }
 
+// Per key tile of QF = 64·M rows (M row tiles a warp): ∂v = Pᵀ∂y and ∂k = ∂Sᵀ(σq), walking the
+// queries from the tile's first key on. P is used for ∂v first, then becomes ∂S in place, its ∂P
+// formed two 8-query tiles at a time.
 template <int D>
 __device__ void flash_bwd_dkv(float* dk, float* dv, const bf16* qs, const bf16* ks, const bf16* vs, const bf16* dys,
                               const float* lse, const float* delta, int T, int H) {
-    constexpr int TILE = Flash<D>::TILE;
+    constexpr int M = Flash<D>::M, QF = Flash<D>::QF, LD = Flash<D>::LD, TILE = Flash<D>::TILE;
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16 *Ks = (bf16*)smem, *Vs = Ks + TILE, *Qb = Vs + TILE, *dYb = Qb + 2 * TILE;
+    bf16 *Ks = (bf16*)smem, *Vs = Ks + QF * LD, *Qb = Vs + QF * LD, *dYb = Qb + 2 * TILE;
     float* Lb = (float*)(dYb + 2 * TILE);  // 2 × (−lse·log₂e, Δ) of FT rows
     // (the key tiles with the most queries, the first, start first in launch order)
-    int bh = blockIdx.y, b = bh / H, h = bh % H, k0 = blockIdx.x * FT;
-    int warp = threadIdx.x >> 5, row0 = warp * 16;
+    int bh = blockIdx.y, b = bh / H, h = bh % H, k0 = blockIdx.x * QF;
+    int warp = threadIdx.x >> 5, row0 = warp * 16 * M;
+    int first = k0 + row0, last = first + 16 * M - 1;  // this warp's keys
     long head = (long)bh * T * D;
-    fetch<D>(Ks, ks + head, k0, T);
-    fetch<D>(Vs, vs + head, k0, T);
+    load_rows_async(Ks, LD, ks + head + (long)k0 * D, min(QF, T - k0), QF, D);
+    load_rows_async(Vs, LD, vs + head + (long)k0 * D, min(QF, T - k0), QF, D);
     auto fetch_queries = [&](int q0, int buf) {
         fetch<D>(Qb + buf * TILE, qs + head, q0, T);
         fetch<D>(dYb + buf * TILE, dys + head, q0, T);
@@ -353,13 +366,13 @@ __device__ void flash_bwd_dkv(float* dk, float* dv, const bf16* qs, const bf16* 
     };
     fetch_queries(k0, 0);
     cp_async_commit();
-    float ak[D / 8][4], av[D / 8][4];
+    float ak[M][D / 8][4], av[M][D / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; i++) {
+    for (int mm = 0; mm < M; mm++)
 #pragma unroll
-        for (int j = 0; j < 4; j++) ak[i][j] = av[i][j] = 0.f;
-    }
-    u32 kf[D / 16][4], vf[D / 16][4];
+        for (int i = 0; i < D / 8; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) ak[mm][i][j] = av[mm][i][j] = 0.f;
     for (int q0 = k0, it = 0; q0 < T; q0 += FT, it++) {
         if (q0 + FT < T) fetch_queries(q0 + FT, (it + 1) & 1);
         cp_async_commit();
@@ -367,42 +380,54 @@ __device__ void flash_bwd_dkv(float* dk, float* dv, const bf16* qs, const bf16* 
         __syncthreads();
         const bf16 *Qs = Qb + (it & 1) * TILE, *dYs = dYb + (it & 1) * TILE;
         const float *Ls = Lb + (it & 1) * 2 * FT, *Dls = Ls + FT;
-        if (it == 0) {
-            load_rows_frags<D>(kf, Ks, row0);
-            load_rows_frags<D>(vf, Vs, row0);
-        }
-        float st[8][4], dpt[8][4];  // Sᵀ and ∂Pᵀ: rows are this warp's keys, columns queries
-        mma_frags<D>(st, kf, Qs);
-        mma_frags<D>(dpt, vf, dYs);
-        // the diagonal tile, and queries past T (zero rows, whose p must not reach real keys)
-        bool masked = q0 == k0 || q0 + FT > T;
+        if (q0 + FT - 1 >= first) {  // (warp-uniform) some query of the tile sees some key of the warp
+            float st[M][8][4];  // Sᵀ, then P, then ∂Sᵀ: rows are this warp's keys, columns queries
+            mma_abt<D, M, 8>(st, SharedRows<D>{Ks, row0}, Qs, 0);
+            // the diagonal, and queries past T (zero rows, whose p must not reach real keys)
+            bool masked = last > q0 || q0 + FT > T;
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
+            for (int mm = 0; mm < M; mm++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                int c = acc_col(nt, i), qi = q0 + c, kq = k0 + row0 + acc_row(i);
-                float p = exp2_approx(fmaf(st[nt][i], LOG2E, Ls[c]));
-                if (masked && (kq > qi || qi >= T)) p = 0.f;
-                st[nt][i] = p;
-                dpt[nt][i] = p * (dpt[nt][i] - Dls[c]);  // ∂Sᵀ
+                for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        int c = acc_col(nt, i), qi = q0 + c, kq = first + 16 * mm + acc_row(i);
+                        float p = exp2_approx(fmaf(st[mm][nt][i], LOG2E, Ls[c]));
+                        if (masked && (kq > qi || qi >= T)) p = 0.f;
+                        st[mm][nt][i] = p;
+                    }
+            mma_pb<D, M>(av, st, dYs);  // ∂v += P·∂Y over the tile's queries
+            // ∂Pᵀ = V·∂Yᵀ two 8-query tiles at a time, and ∂Sᵀ = P ∘ (∂Pᵀ − Δ) in place of P
+#pragma unroll
+            for (int nt = 0; nt < 8; nt += 2) {
+                float dpt[M][2][4];
+                mma_abt<D, M, 2>(dpt, SharedRows<D>{Vs, row0}, dYs, nt);
+#pragma unroll
+                for (int mm = 0; mm < M; mm++)
+#pragma unroll
+                    for (int j = 0; j < 2; j++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++)
+                            st[mm][nt + j][i] *= dpt[mm][j][i] - Dls[acc_col(nt + j, i)];
             }
+            mma_pb<D, M>(ak, st, Qs);  // ∂k += ∂Sᵀ·Q
         }
-        mma_acc_kmajor<D>(av, st, dYs);
-        mma_acc_kmajor<D>(ak, dpt, Qs);
         __syncthreads();
     }
 #pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int kq = k0 + row0 + acc_row(2 * r);
-        if (kq >= T) continue;
-        long base = ((long)(b * T + kq) * H + h) * D;
+    for (int mm = 0; mm < M; mm++)
 #pragma unroll
-        for (int dt = 0; dt < D / 8; dt++) {
-            int c = acc_col(dt, 0);
-            *(float2*)(dk + base + c) = make_float2(ak[dt][2 * r], ak[dt][2 * r + 1]);
-            *(float2*)(dv + base + c) = make_float2(av[dt][2 * r], av[dt][2 * r + 1]);
+        for (int r = 0; r < 2; r++) {
+            int kq = first + 16 * mm + acc_row(2 * r);
+            if (kq >= T) continue;
+            long base = ((long)(b * T + kq) * H + h) * D;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++) {
+                int c = acc_col(dt, 0);
+                *(float2*)(dk + base + c) = make_float2(ak[mm][dt][2 * r], ak[mm][dt][2 * r + 1]);
+                *(float2*)(dv + base + c) = make_float2(av[mm][dt][2 * r], av[mm][dt][2 * r + 1]);
+            }
         }
-    }
 }
 
 #define FLASH_INSTANCES(D)                                                                                     \
@@ -425,8 +450,8 @@ FLASH_INSTANCES(32)
 FLASH_INSTANCES(64)
 FLASH_INSTANCES(128)
 
-// Per head dimension D = 32, 64, 128: shared-memory bytes of fwd, dq, dkv, then the forward's
-// queries per block (4 ints each, 12 in all), read by the host.
+// Per head dimension D = 32, 64, 128: shared-memory bytes of fwd, dq, dkv, then the rows a block
+// takes in each (4 ints each, 12 in all), read by the host.
 #define FLASH_SIZES(i, D) \
     o[4 * i] = Flash<D>::fwd, o[4 * i + 1] = Flash<D>::dq, o[4 * i + 2] = Flash<D>::dkv, o[4 * i + 3] = Flash<D>::QF
 extern "C" __global__ void flash_smem_sizes(int* o) {

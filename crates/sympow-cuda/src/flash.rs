@@ -19,9 +19,8 @@ pub(crate) const SOURCE: &str = concat!(
     include_str!("../kernels/mma.cuh"),
     include_str!("../kernels/flash_softmax.cu")
 );
-/// Rows per block tile of the backward passes (`FT`) and threads per block (`FTHREADS`) in the
-/// kernel source (the forward's queries per block come from `flash_smem_sizes`).
-const TILE: usize = 64;
+/// Threads per block (`FTHREADS` in the kernel source); the rows a block takes come from
+/// `flash_smem_sizes`.
 const THREADS: u32 = 128;
 const KERNELS: [&str; 3] = ["flash_fwd", "flash_bwd_dq", "flash_bwd_dkv"];
 
@@ -36,8 +35,8 @@ struct FlashSaved {
 pub struct FlashSoftmax {
     _module: Arc<CudaModule>,
     fns: HashMap<String, CudaFunction>,
-    /// Per head dimension: shared-memory bytes of fwd, dq, dkv, and the forward's queries per
-    /// block.
+    /// Per head dimension: shared-memory bytes of fwd, dq, dkv, and the rows (queries, or keys
+    /// for dkv) each block takes.
     sizes: HashMap<usize, [u32; 4]>,
 }
 
@@ -88,10 +87,9 @@ impl FlashSoftmax {
         let d = shape.dk;
         let f = &self.fns[&format!("{}_{d}", KERNELS[which])];
         let sizes = self.sizes[&d];
-        let rows = if which == 0 { sizes[3] as usize } else { TILE };
         let cfg = LaunchConfig {
             grid_dim: (
-                shape.time.div_ceil(rows) as u32,
+                shape.time.div_ceil(sizes[3] as usize) as u32,
                 (shape.batch * shape.heads) as u32,
                 1,
             ),
@@ -228,7 +226,7 @@ impl FlashSoftmax {
             .arg(vs)
             .arg(&dys);
         l.arg(&out.log_norm).arg(&delta).arg(&t).arg(&h);
-        // SAFETY: arguments match flash_bwd_dkv's declaration; one block per 64-key tile.
+        // SAFETY: arguments match flash_bwd_dkv's declaration; one block per key tile.
         unsafe { l.launch(cfg) }.expect("flash_bwd_dkv");
         AttentionGrads {
             dq,
