@@ -22,6 +22,8 @@ pub(crate) const SOURCE: &str = concat!(
 /// Threads per block (`FTHREADS` in the kernel source); the rows a block takes come from
 /// `flash_smem_sizes`.
 const THREADS: u32 = 128;
+/// Entries per head dimension of the `flash_smem_sizes` table: fwd, dq and dkv bytes, rows a block.
+const SIZE_ENTRIES: usize = 4;
 const KERNELS: [&str; 3] = ["flash_fwd", "flash_bwd_dq", "flash_bwd_dkv"];
 
 /// The forward's bf16 staging of σq, k, v, kept for the backward.
@@ -50,12 +52,12 @@ impl FlashSoftmax {
             "flash softmax",
             false,
             "flash_smem_sizes",
-            12,
+            SIZE_ENTRIES * crate::FUSED_HEAD_DIMS.len(),
         )?;
         let mut fns = HashMap::new();
         let mut per_d = HashMap::new();
         for (i, d) in crate::FUSED_HEAD_DIMS.into_iter().enumerate() {
-            let s = [0, 1, 2, 3].map(|j| sizes[i * 4 + j] as u32);
+            let s = [0, 1, 2, 3].map(|j| sizes[i * SIZE_ENTRIES + j] as u32);
             for (j, k) in KERNELS.iter().enumerate() {
                 let name = format!("{k}_{d}");
                 let f = crate::device::load_with_shared_memory(&module, &name, s[j])?;
@@ -233,6 +235,37 @@ impl FlashSoftmax {
             dk,
             dv,
             dlog_gates: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host's copies of the kernel source's shapes (a launch shaped by a stale one leaves
+    /// rows unwritten or reads past a buffer on the GPU; here it fails on any machine).
+    #[test]
+    fn host_constants_match_the_kernel_source() {
+        assert!(SOURCE.contains(&format!("#define FTHREADS {THREADS} ")));
+        for (i, d) in crate::FUSED_HEAD_DIMS.into_iter().enumerate() {
+            assert!(
+                SOURCE.contains(&format!("FLASH_SIZES({i}, {d});")),
+                "the sizes table has no row {i} for head dimension {d}"
+            );
+            assert!(SOURCE.contains(&format!("FLASH_INSTANCES({d})")));
+        }
+        // each row's last entry, the rows a block takes, at SIZE_ENTRIES − 1
+        let last = format!(
+            "o[{SIZE_ENTRIES} * i + {}] = Flash<D>::QF",
+            SIZE_ENTRIES - 1
+        );
+        assert!(SOURCE.contains(&last), "no `{last}` in the sizes table");
+        for k in KERNELS {
+            assert!(
+                SOURCE.contains(&format!("{k}_##D(")),
+                "kernel {k} is not declared"
+            );
         }
     }
 }
