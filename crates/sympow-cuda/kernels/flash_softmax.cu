@@ -200,8 +200,7 @@ __device__ void flash_fwd(float* y, float* lse, const bf16* qs, const bf16* ks, 
                 float ms[2];  // −max·log₂e: 2^(s·log₂e + ms) = e^(s − max)
 #pragma unroll
                 for (int r = 0; r < 2; r++) {
-                    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-                    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                    mx[r] = quad_max(mx[r]);
                     // every row sees key 0 in the first tile: mx is finite from there on, and
                     // alpha = 2^−∞ = 0 against the first tile's m = −∞
                     float alpha = exp2_approx((m[mm][r] - mx[r]) * LOG2E);
@@ -231,9 +230,7 @@ __device__ void flash_fwd(float* y, float* lse, const bf16* qs, const bf16* ks, 
     for (int mm = 0; mm < M; mm++)
 #pragma unroll
         for (int r = 0; r < 2; r++) {
-            float sum = l[mm][r];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            float sum = quad_sum(l[mm][r]);
             int qi = first + 16 * mm + acc_row(2 * r);
             if (qi >= T) continue;
             long base = ((long)(b * T + qi) * H + h) * D;
@@ -253,7 +250,7 @@ extern "C" __global__ void flash_bwd_delta(float* delta, const float* dy, const 
     int lane = threadIdx.x & 31;
     float s = 0.f;
     for (int c = lane; c < D; c += 32) s += dy[r * D + c] * y[r * D + c];
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    s = warp_sum(s);
     if (lane == 0) delta[r] = s;
 }
 

@@ -40,17 +40,6 @@
 #endif
 #define FULL 0xffffffffu
 
-__device__ __forceinline__ float warp_sum(float x) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(FULL, x, o);
-    return x;
-}
-// Sum over the 4 lanes that share an accumulator row.
-__device__ __forceinline__ float quad_sum(float x) {
-    x += __shfl_xor_sync(FULL, x, 1);
-    x += __shfl_xor_sync(FULL, x, 2);
-    return x;
-}
-
 template <int D> struct Dims {
     static constexpr int E = ((D + 2 + 15) / 16) * 16;  // [v, 1, 1] padded to 16 columns
     static constexpr int NT = E / 8;                     // accumulator tiles across E
