@@ -57,3 +57,109 @@ extern "C" __global__ void sympow_decode_read(float* y, const double* partial, i
         y[(long)bh * e + c] = (float)(t / z);
     }
 }
+
+// ---- softmax: a KV cache, keys and values [batch, cap, heads, d] in f32 --------------------
+
+// dst[b][dst_row0 + r][:] = src[b][r][:] for r < rows, rows of `width` floats; src holds
+// src_cap rows per sequence, dst dst_cap. grid (ceil(rows·width / blockDim), batch). Fills a
+// cache from the prefill, appends a token, and moves a cache into a larger buffer.
+extern "C" __global__ void kv_cache_copy(float* dst, const float* src, int rows, int width, int src_cap,
+                                         int dst_cap, int dst_row0) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)rows * width) return;
+    long b = blockIdx.y;
+    dst[(b * dst_cap + dst_row0) * width + i] = src[b * src_cap * width + i];
+}
+
+#define KV_SPLIT 256
+
+// Flash-decoding, first pass: grid (ceil(len / KV_SPLIT), batch·heads), blockDim a multiple of
+// 32 (128). Block (s, bh) scores keys [s·KV_SPLIT, +KV_SPLIT) of head bh against its query,
+// and writes its running max m, Σ exp(score − m) and Σ exp(score − m)·v to part_ml[bh][s][0..2]
+// and part_acc[bh][s][0..e] (combined by softmax_decode_combine: deterministic, no atomics).
+// Dynamic shared memory: (d + KV_SPLIT + blockDim) floats.
+extern "C" __global__ void softmax_decode_partial(float* part_acc, float* part_ml, const float* q,
+                                                  const float* keys, const float* values, int len, int cap,
+                                                  int heads, int d, int e, float scale) {
+    extern __shared__ float sm[];
+    float* qs = sm;            // [d], scaled
+    float* w = qs + d;         // [KV_SPLIT] scores, then weights
+    float* red = w + KV_SPLIT; // [blockDim] reductions
+    int s = blockIdx.x, bh = blockIdx.y, splits = gridDim.x, tid = threadIdx.x, nt = blockDim.x;
+    int b = bh / heads, h = bh % heads, j0 = s * KV_SPLIT, n = min(KV_SPLIT, len - j0);
+    for (int i = tid; i < d; i += nt) qs[i] = scale * q[(long)bh * d + i];
+    __syncthreads();
+    // a thread a key: its row is d contiguous floats
+    float mx = __int_as_float(0xff800000); // −∞
+    for (int j = tid; j < n; j += nt) {
+        const float* kr = keys + (((long)b * cap + j0 + j) * heads + h) * d;
+        float acc = 0.f;
+        if ((d & 3) == 0) // rows 16-byte aligned
+            for (int i = 0; i < d; i += 4) {
+                float4 kv = *(const float4*)(kr + i);
+                acc = fmaf(qs[i], kv.x, fmaf(qs[i + 1], kv.y, fmaf(qs[i + 2], kv.z, fmaf(qs[i + 3], kv.w, acc))));
+            }
+        else
+            for (int i = 0; i < d; i++) acc = fmaf(qs[i], kr[i], acc);
+        w[j] = acc;
+        mx = fmaxf(mx, acc);
+    }
+    red[tid] = mx;
+    __syncthreads();
+    for (int o = nt / 2; o > 0; o >>= 1) {
+        if (tid < o) red[tid] = fmaxf(red[tid], red[tid + o]);
+        __syncthreads();
+    }
+    mx = red[0];
+    __syncthreads();
+    float sum = 0.f;
+    for (int j = tid; j < n; j += nt) {
+        float p = expf(w[j] - mx);
+        w[j] = p;
+        sum += p;
+    }
+    red[tid] = sum;
+    __syncthreads();
+    for (int o = nt / 2; o > 0; o >>= 1) {
+        if (tid < o) red[tid] += red[tid + o];
+        __syncthreads();
+    }
+    if (tid == 0) {
+        part_ml[((long)bh * splits + s) * 2] = mx;
+        part_ml[((long)bh * splits + s) * 2 + 1] = red[0];
+    }
+    __syncthreads();
+    // Σ p·v: groups of e threads (a row of v, coalesced), each group a stride of the keys; for
+    // e > blockDim, one group over column chunks
+    int groups = max(1, nt / e);
+    for (int c0 = 0; c0 < e; c0 += nt) {
+        int g = e >= nt ? 0 : tid / e, col = c0 + (e >= nt ? tid : tid % e);
+        float acc = 0.f;
+        if (col < e && g < groups)
+            for (int j = g; j < n; j += groups)
+                acc = fmaf(w[j], values[(((long)b * cap + j0 + j) * heads + h) * e + col], acc);
+        red[tid] = acc;
+        __syncthreads();
+        if (g == 0 && col < e) {
+            for (int gg = 1; gg < groups; gg++) acc += red[gg * e + col];
+            part_acc[((long)bh * splits + s) * e + col] = acc;
+        }
+        __syncthreads();
+    }
+}
+
+// y[bh][c] = Σ_s exp(m_s − M)·acc_s[c] / Σ_s exp(m_s − M)·l_s, M = max_s m_s; a block a head
+extern "C" __global__ void softmax_decode_combine(float* y, const float* part_acc, const float* part_ml,
+                                                  int splits, int e) {
+    int bh = blockIdx.x;
+    const float* ml = part_ml + (long)bh * splits * 2;
+    float mx = __int_as_float(0xff800000); // −∞
+    for (int s = 0; s < splits; s++) mx = fmaxf(mx, ml[2 * s]);
+    float z = 0.f;
+    for (int s = 0; s < splits; s++) z += expf(ml[2 * s] - mx) * ml[2 * s + 1];
+    for (int c = threadIdx.x; c < e; c += blockDim.x) {
+        float t = 0.f;
+        for (int s = 0; s < splits; s++) t += expf(ml[2 * s] - mx) * part_acc[((long)bh * splits + s) * e + c];
+        y[(long)bh * e + c] = t / z;
+    }
+}

@@ -187,7 +187,7 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 44] = [
+const KERNELS: [&str; 47] = [
     "f32_to_bf16",
     "count_non_finite_bf16",
     "copy_columns_to_bf16",
@@ -195,6 +195,9 @@ const KERNELS: [&str; 44] = [
     "gelu_backward_bf16",
     "sympow_decode_update",
     "sympow_decode_read",
+    "kv_cache_copy",
+    "softmax_decode_partial",
+    "softmax_decode_combine",
     "add_assign",
     "mul",
     "broadcast_rows",
@@ -335,7 +338,9 @@ macro_rules! launch {
     }};
 }
 
+mod kv_cache;
 mod softmax;
+pub use kv_cache::CudaKvCache;
 
 impl CudaBackend {
     /// Opens GPU `ordinal` and compiles the kernels.
@@ -1184,6 +1189,7 @@ impl Backend for CudaBackend {
     type Scalar = f32;
     type Tensor = CudaSlice<f32>;
     type DecodeState = CudaDecodeState;
+    type KvCache = CudaKvCache;
 
     fn name(&self) -> String {
         format!("cuda ({})", self.name)
@@ -2053,6 +2059,27 @@ impl Backend for CudaBackend {
             &eps
         );
         y
+    }
+    fn kv_cache(
+        &self,
+        _spec: &AttentionSpec,
+        shape: &Shape,
+        keys: &CudaSlice<f32>,
+        values: &CudaSlice<f32>,
+    ) -> CudaKvCache {
+        let _p = self.prof("kv_cache");
+        self.new_kv_cache(shape, keys, values)
+    }
+    fn softmax_decode_step(
+        &self,
+        spec: &AttentionSpec,
+        cache: &mut CudaKvCache,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+    ) -> CudaSlice<f32> {
+        let _p = self.prof("softmax_decode_step");
+        self.softmax_decode(spec, cache, q, k, v)
     }
     fn cross_entropy_forward(
         &self,

@@ -947,6 +947,42 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         });
     }
 
+    // generation, softmax: a KV cache filled from a prefill, then appended to. 40 tokens: one
+    // partial split; 256: the cache is full and grows at the first step, the next step's second
+    // split holds one key; d = 130: wider than a block (values in column chunks), rows of a
+    // width not a multiple of 4
+    for (d, time) in [(16, 40), (64, 256), (130, 300)] {
+        let spec = AttentionSpec::softmax(d);
+        let shape = Shape {
+            batch: 2,
+            time,
+            heads: 3,
+            dk: d,
+            dv: d,
+        };
+        let n = 2 * time * 3 * d;
+        let (k, v): (Vec<f32>, Vec<f32>) = (randn(&mut r, n, 1.0), randn(&mut r, n, 1.0));
+        let mut cc = cpu.kv_cache(&spec, &shape, &k, &v);
+        let mut cg = gpu.kv_cache(&spec, &shape, &up(&k), &up(&v));
+        let mut err: f64 = 0.0;
+        for _ in 0..3 {
+            let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+                randn(&mut r, 6 * d, 1.5),
+                randn(&mut r, 6 * d, 1.0),
+                randn(&mut r, 6 * d, 1.0),
+            );
+            let yc = cpu.softmax_decode_step(&spec, &mut cc, &q, &k, &v);
+            let yg = gpu.softmax_decode_step(&spec, &mut cg, &up(&q), &up(&k), &up(&v));
+            err = err.max(rel_err(&dn(&yg), &yc));
+        }
+        assert_eq!((cc.len(), cg.len()), (time + 3, time + 3));
+        rows.push(Row {
+            what: format!("softmax decode step d={d}, {time} cached tokens (3 tokens)"),
+            err,
+            tol: TOL,
+        });
+    }
+
     // the whole model: loss and every gradient
     let mut cfg = Config::preset("tiny").unwrap();
     cfg.set_all(&[

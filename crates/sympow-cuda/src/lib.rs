@@ -8,7 +8,7 @@
 #[cfg(feature = "cuda")]
 mod backend;
 #[cfg(feature = "cuda")]
-pub use backend::{set_default_matmul, CudaBackend, CudaDecodeState, MatmulPrecision};
+pub use backend::{set_default_matmul, CudaBackend, CudaDecodeState, CudaKvCache, MatmulPrecision};
 #[cfg(feature = "cuda")]
 pub mod bench;
 #[cfg(feature = "cuda")]

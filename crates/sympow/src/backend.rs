@@ -129,6 +129,9 @@ pub trait Backend: Send + Sync {
     /// matrix `[S | z]` per sequence and head, kept in f64 (see
     /// [`RecurrentState`](crate::attention::RecurrentState) for why).
     type DecodeState: Send + Sync;
+    /// Softmax's KV caches of a batch of sequences being generated: every head's rotated keys
+    /// and values so far (see [`KvCache`](crate::attention::KvCache)).
+    type KvCache: Send + Sync;
 
     /// Human-readable device name.
     fn name(&self) -> String;
@@ -355,6 +358,27 @@ pub trait Backend: Send + Sync {
         v: &Self::Tensor,
         log_gates: Option<&Self::Tensor>,
     ) -> Self::Tensor;
+    /// KV caches for `shape.batch` sequences of `shape.heads` heads holding their first
+    /// `shape.time` tokens: `keys` `[batch, time, heads, dk]` and `values` `[batch, time,
+    /// heads, dv]` (the prefill's rotated keys and its values, as the forward lays them out).
+    fn kv_cache(
+        &self,
+        spec: &AttentionSpec,
+        shape: &Shape,
+        keys: &Self::Tensor,
+        values: &Self::Tensor,
+    ) -> Self::KvCache;
+    /// One token of softmax attention per sequence and head: appends k (`[batch, heads, dk]`)
+    /// and v (`[batch, heads, dv]`) to the cache and attends over it with q (`[batch, heads,
+    /// dk]`); returns y `[batch, heads, dv]`. Its cost grows linearly with the context.
+    fn softmax_decode_step(
+        &self,
+        spec: &AttentionSpec,
+        cache: &mut Self::KvCache,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+    ) -> Self::Tensor;
 
     // ---- loss and optimiser -------------------------------------------------------------
     /// Per-row cross-entropy of `logits` (`[rows, row_len]`) over their first `vocab`
@@ -468,6 +492,7 @@ impl<F: Float> Backend for CpuBackend<F> {
     type Scalar = F;
     type Tensor = Vec<F>;
     type DecodeState = Vec<attention::RecurrentState<F>>;
+    type KvCache = attention::KvCache<F>;
 
     fn name(&self) -> String {
         format!(
@@ -744,6 +769,25 @@ impl<F: Float> Backend for CpuBackend<F> {
             y.extend(yi);
         }
         y
+    }
+    fn kv_cache(
+        &self,
+        spec: &AttentionSpec,
+        shape: &Shape,
+        keys: &Vec<F>,
+        values: &Vec<F>,
+    ) -> attention::KvCache<F> {
+        attention::KvCache::new(spec, shape, keys, values)
+    }
+    fn softmax_decode_step(
+        &self,
+        _spec: &AttentionSpec,
+        cache: &mut attention::KvCache<F>,
+        q: &Vec<F>,
+        k: &Vec<F>,
+        v: &Vec<F>,
+    ) -> Vec<F> {
+        cache.step(q, k, v)
     }
     fn cross_entropy_forward(
         &self,

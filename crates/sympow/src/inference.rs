@@ -2,10 +2,10 @@
 //! new token costs the same whatever the context — sympow updates a recurrent state per head
 //! (SPEC §9), softmax appends to a KV cache.
 //!
-//! A sympow step runs entirely through the backend — on a GPU, the recurrent state stays on the
-//! device and [`Backend::sympow_decode_step`] updates and reads it in one pass (f64 state, as
-//! on the CPU). Softmax reads its KV cache on the host in f64 (the baseline; linear in the
-//! context either way).
+//! A step runs entirely through the backend. On a GPU, sympow's recurrent state stays on the
+//! device and [`Backend::sympow_decode_step`] updates and reads it in one pass (f64 state, as on
+//! the CPU); softmax's KV cache stays there too and [`Backend::softmax_decode_step`] appends to
+//! it and attends over it (linear in the context, as softmax must be).
 
 use crate::attention::{chunked_final_states, AttentionSpec, Form, Shape};
 use crate::backend::Backend;
@@ -13,20 +13,17 @@ use crate::config::{GateKind, RotaryKind};
 use crate::model::{Dims, Model, Trace};
 use crate::Float;
 
-enum LayerState<S> {
+enum LayerState<S, C> {
     /// Sympow: one recurrent state per head, owned by the backend.
     Recurrent(S),
-    /// Softmax: rotated keys and values so far, per head (`[t, d]` each).
-    Cache {
-        keys: Vec<Vec<f64>>,
-        values: Vec<Vec<f64>>,
-    },
+    /// Softmax: every head's rotated keys and values so far, owned by the backend.
+    Cache(C),
 }
 
 /// Incremental decoder over a model (batch of one sequence).
 pub struct Decoder<'m, B: Backend> {
     model: &'m Model<B>,
-    layers: Vec<LayerState<B::DecodeState>>,
+    layers: Vec<LayerState<B::DecodeState, B::KvCache>>,
     /// Cumulative rotary angles per layer `[heads·d/2]` (learned rotary).
     angles: Vec<Option<B::Tensor>>,
     pos: usize,
@@ -65,32 +62,18 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let mut layers = Vec::new();
         let mut angles = Vec::new();
         for bt in &trace.blocks {
-            let k = to_f64(&be.download(&bt.kr));
-            let v = to_f64(&be.download(&bt.v));
-            let g = bt.log_gates.as_ref().map(|g| to_f64(&be.download(g)));
             layers.push(
                 if model.cfg.model.attention == crate::config::AttentionKind::Softmax {
-                    let split = |x: &[f64]| {
-                        (0..h)
-                            .map(|hh| {
-                                (0..t)
-                                    .flat_map(|ti| {
-                                        x[(ti * h + hh) * d..(ti * h + hh + 1) * d].to_vec()
-                                    })
-                                    .collect()
-                            })
-                            .collect()
-                    };
-                    LayerState::Cache {
-                        keys: split(&k),
-                        values: split(&v),
-                    }
+                    LayerState::Cache(be.kv_cache(&spec, &shape, &bt.kr, &bt.v))
                 } else {
                     // the chunked algorithm's final state, in f64 (see `RecurrentState`)
                     let chunk = match model.attention_form(t) {
                         Form::Chunked(c) => c,
                         _ => model.cfg.model.chunk,
                     };
+                    let k = to_f64(&be.download(&bt.kr));
+                    let v = to_f64(&be.download(&bt.v));
+                    let g = bt.log_gates.as_ref().map(|g| to_f64(&be.download(g)));
                     let states = chunked_final_states(&spec, chunk, &shape, &k, &v, g.as_deref());
                     let one = Shape { time: 1, ..shape };
                     LayerState::Recurrent(be.decode_state(&spec, &one, &states.concat()))
@@ -178,15 +161,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 LayerState::Recurrent(state) => {
                     be.sympow_decode_step(&spec, state, &q, &k, &v, log_gates.as_ref())
                 }
-                LayerState::Cache { keys, values } => {
-                    let (q, k, v) = (
-                        to_f64(&be.download(&q)),
-                        to_f64(&be.download(&k)),
-                        to_f64(&be.download(&v)),
-                    );
-                    let y = softmax_cache_step(&spec, keys, values, &q, &k, &v, d);
-                    be.upload(&y.iter().map(|&a| B::Scalar::of(a)).collect::<Vec<_>>())
-                }
+                LayerState::Cache(cache) => be.softmax_decode_step(&spec, cache, &q, &k, &v),
             };
             let (o, _) = be.linear_forward(&y, &p.proj_w, Some(&p.proj_b), h * d, c);
             be.add_assign(&mut x, &o);
@@ -204,44 +179,6 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let (logits, _) = be.linear_forward(&hn, head, None, c, dm.padded_vocab);
         vocab_logits(dm, &be.download(&logits))
     }
-}
-
-/// Appends one token's rotated key and value to each head's cache and attends over the cache
-/// with the query (`[heads·d]` each); returns y (`[heads·d]`).
-fn softmax_cache_step(
-    spec: &AttentionSpec,
-    keys: &mut [Vec<f64>],
-    values: &mut [Vec<f64>],
-    q: &[f64],
-    k: &[f64],
-    v: &[f64],
-    d: usize,
-) -> Vec<f64> {
-    let mut y = vec![0.0f64; q.len()];
-    for (hh, (keys, values)) in keys.iter_mut().zip(values.iter_mut()).enumerate() {
-        let r = hh * d..(hh + 1) * d;
-        keys.extend_from_slice(&k[r.clone()]);
-        values.extend_from_slice(&v[r.clone()]);
-        let scores: Vec<f64> = keys
-            .chunks_exact(d)
-            .map(|kk| {
-                spec.scale
-                    * kk.iter()
-                        .zip(&q[r.clone()])
-                        .map(|(a, b)| a * b)
-                        .sum::<f64>()
-            })
-            .collect();
-        let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
-        let z: f64 = w.iter().sum();
-        for (wi, vv) in w.iter().zip(values.chunks_exact(d)) {
-            for (yo, &vc) in y[r.clone()].iter_mut().zip(vv) {
-                *yo += wi * vc / z;
-            }
-        }
-    }
-    y
 }
 
 /// How to pick the next token.

@@ -6,6 +6,7 @@
 //! intra-chunk attention → combine). All take tensors laid out `[batch, time, heads, dim]`
 //! and optional log-gates `[batch, time, heads]` (g_t = ln γ_t ≤ 0), and return the output
 //! together with the per-row log-normaliser ln(Σ_s a_ts + ε) that the backward pass needs.
+//! Softmax has only the quadratic form; it decodes one token at a time from a [`KvCache`].
 //!
 //! ```
 //! use sympow::attention::{attention_forward, AttentionSpec, Form, Shape};
@@ -24,6 +25,7 @@
 //! ```
 
 pub mod chunked;
+pub mod kv_cache;
 pub mod phi;
 pub mod quadratic;
 pub mod recurrent;
@@ -31,6 +33,7 @@ pub mod reference;
 pub mod tile;
 
 pub use chunked::{chunked_attention_backward, chunked_attention_forward, chunked_final_states};
+pub use kv_cache::KvCache;
 pub use quadratic::{quadratic_attention_backward, quadratic_attention_forward};
 pub use recurrent::{recurrent_attention_forward, RecurrentState};
 

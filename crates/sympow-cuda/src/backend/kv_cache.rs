@@ -1,0 +1,199 @@
+//! Softmax decoding on the GPU: a KV cache that stays on the device
+//! ([`Backend::softmax_decode_step`](sympow::backend::Backend::softmax_decode_step)).
+//!
+//! Keys `[batch, cap, heads, dk]` and values `[batch, cap, heads, dv]` in f32, the forward's
+//! layout with room for `cap` tokens per sequence; when a step finds the cache full, it moves to
+//! one of twice the room (amortised O(1) per token). A step appends its token, then reads the
+//! cache in flash-decoding's two passes (`kernels/decode.cu`): blocks of
+//! [`KV_SPLIT`] keys each write their running max, sum and weighted values; one block per head
+//! combines them. Every key and value is read once per step: the cost grows linearly with the
+//! context, which is what softmax pays and sympow's recurrent state does not.
+
+use super::CudaBackend;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use sympow::attention::{AttentionSpec, Shape};
+
+/// Keys per block of `softmax_decode_partial` (`KV_SPLIT` in decode.cu).
+const KV_SPLIT: usize = 256;
+/// Threads per block of the decode kernels (a power of two: their reductions halve it).
+const THREADS: u32 = 128;
+
+/// Softmax's KV caches of the sequences being generated, on the GPU.
+pub struct CudaKvCache {
+    keys: CudaSlice<f32>,
+    values: CudaSlice<f32>,
+    /// Tokens cached per sequence, and room for.
+    len: usize,
+    cap: usize,
+    batch: usize,
+    heads: usize,
+    dk: usize,
+    dv: usize,
+}
+
+impl CudaKvCache {
+    /// Tokens cached per sequence.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no token is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl CudaBackend {
+    /// `dst[b][row0 + r] = src[b][r]` for `rows` rows of `width` floats per sequence; `src`
+    /// holds `src_cap` rows a sequence, `dst` `dst_cap`.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_cache_rows(
+        &self,
+        dst: &mut CudaSlice<f32>,
+        src: &CudaSlice<f32>,
+        batch: usize,
+        rows: usize,
+        width: usize,
+        (src_cap, dst_cap, row0): (usize, usize, usize),
+    ) {
+        assert!(
+            src.len() >= batch * src_cap * width
+                && dst.len() >= batch * dst_cap * width
+                && rows <= src_cap
+                && row0 + rows <= dst_cap,
+            "KV cache copy out of bounds"
+        );
+        let (r, w, sc, dc, r0) = (
+            rows as i32,
+            width as i32,
+            src_cap as i32,
+            dst_cap as i32,
+            row0 as i32,
+        );
+        launch!(
+            self,
+            "kv_cache_copy",
+            LaunchConfig {
+                grid_dim: ((rows * width).div_ceil(256).max(1) as u32, batch as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            dst,
+            src,
+            &r,
+            &w,
+            &sc,
+            &dc,
+            &r0
+        );
+    }
+
+    pub(super) fn new_kv_cache(
+        &self,
+        shape: &Shape,
+        keys: &CudaSlice<f32>,
+        values: &CudaSlice<f32>,
+    ) -> CudaKvCache {
+        let (b, t, h) = (shape.batch, shape.time, shape.heads);
+        assert!(
+            keys.len() == b * t * h * shape.dk && values.len() == b * t * h * shape.dv,
+            "a KV cache takes keys [batch, time, heads, dk] and values [batch, time, heads, dv]"
+        );
+        // room for the prompt rounded up to whole splits (a full cache grows at the next step)
+        let cap = t.next_multiple_of(KV_SPLIT).max(KV_SPLIT);
+        let mut cache = CudaKvCache {
+            keys: self.alloc(b * cap * h * shape.dk),
+            values: self.alloc(b * cap * h * shape.dv),
+            len: t,
+            cap,
+            batch: b,
+            heads: h,
+            dk: shape.dk,
+            dv: shape.dv,
+        };
+        if t > 0 {
+            self.copy_cache_rows(&mut cache.keys, keys, b, t, h * shape.dk, (t, cap, 0));
+            self.copy_cache_rows(&mut cache.values, values, b, t, h * shape.dv, (t, cap, 0));
+        }
+        cache
+    }
+
+    /// Moves the cache into buffers of twice the room.
+    fn grow(&self, c: &mut CudaKvCache) {
+        let cap = 2 * c.cap;
+        for (buf, w) in [
+            (&mut c.keys, c.heads * c.dk),
+            (&mut c.values, c.heads * c.dv),
+        ] {
+            let mut bigger = self.alloc(c.batch * cap * w);
+            self.copy_cache_rows(&mut bigger, buf, c.batch, c.len, w, (c.cap, cap, 0));
+            *buf = bigger;
+        }
+        c.cap = cap;
+    }
+
+    pub(super) fn softmax_decode(
+        &self,
+        spec: &AttentionSpec,
+        c: &mut CudaKvCache,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+    ) -> CudaSlice<f32> {
+        let (bh, dk, dv) = (c.batch * c.heads, c.dk, c.dv);
+        assert!(
+            q.len() == bh * dk && k.len() == bh * dk && v.len() == bh * dv,
+            "decode step: q, k must be [batch·heads, dk] and v [batch·heads, dv] of the cache's shape"
+        );
+        if c.len == c.cap {
+            self.grow(c);
+        }
+        let (b, cap, len) = (c.batch, c.cap, c.len);
+        self.copy_cache_rows(&mut c.keys, k, b, 1, c.heads * dk, (1, cap, len));
+        self.copy_cache_rows(&mut c.values, v, b, 1, c.heads * dv, (1, cap, len));
+        c.len += 1;
+
+        let splits = c.len.div_ceil(KV_SPLIT);
+        let mut part_acc = self.alloc(bh * splits * dv);
+        let mut part_ml = self.alloc(bh * splits * 2);
+        let (len, cap, heads) = (c.len as i32, cap as i32, c.heads as i32);
+        let (di, ei, scale) = (dk as i32, dv as i32, spec.scale as f32);
+        launch!(
+            self,
+            "softmax_decode_partial",
+            LaunchConfig {
+                grid_dim: (splits as u32, bh as u32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: ((dk + KV_SPLIT + THREADS as usize) * 4) as u32,
+            },
+            &mut part_acc,
+            &mut part_ml,
+            q,
+            &c.keys,
+            &c.values,
+            &len,
+            &cap,
+            &heads,
+            &di,
+            &ei,
+            &scale
+        );
+        let mut y = self.alloc(bh * dv);
+        let si = splits as i32;
+        launch!(
+            self,
+            "softmax_decode_combine",
+            LaunchConfig {
+                grid_dim: (bh as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &mut y,
+            &part_acc,
+            &part_ml,
+            &si,
+            &ei
+        );
+        y
+    }
+}
