@@ -1,5 +1,5 @@
 // Tensor-core building blocks shared by the fused kernels (sympow_chunked.cu, flash_softmax.cu):
-// bf16 packing, warp and quad reductions, mma.sync m16n8k16 (bf16 operands, f32 accumulation)
+// bf16 packing, mma.sync m16n8k16 (bf16 operands, f32 accumulation)
 // and the fragment loads from shared memory. Prepended to each kernel source before NVRTC
 // compiles it.
 
@@ -21,21 +21,6 @@ __device__ __forceinline__ u32 mul_bf16x2(u32 v, u32 s) {
     return r;
 }
 __device__ __forceinline__ u32 bf16_pair(bf16 lo, bf16 hi) { return (u32)lo | ((u32)hi << 16); }
-
-__device__ __forceinline__ float warp_sum(float x) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-    return x;
-}
-// Sum and maximum over the 4 lanes that share an accumulator row.
-__device__ __forceinline__ float quad_sum(float x) {
-    x += __shfl_xor_sync(0xffffffffu, x, 1);
-    x += __shfl_xor_sync(0xffffffffu, x, 2);
-    return x;
-}
-__device__ __forceinline__ float quad_max(float x) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
 
 // c += a·b for a 16×16 (row) by 16×8 (col) tile.
 __device__ __forceinline__ void mma16816(float* c, const u32* a, const u32* b) {

@@ -7,7 +7,7 @@
 
 __device__ float block_sum(float v, float* shm) {
     // sum over the block's threads; every thread gets the total
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    v = warp_sum(v);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     if (lane == 0) shm[warp] = v;
@@ -201,6 +201,119 @@ extern "C" __global__ void layer_norm_backward(float* dx, const float* x, const 
         float g = dy[r * c + j] * (w ? w[j] : 1.f);
         float v = rs * (g - sg / c - n * sgn / c);
         dx[r * c + j] = accumulate ? dx[r * c + j] + v : v;
+    }
+}
+
+// ---- layer norm a warp a row, the row in registers (c % 4 == 0, c ≤ 128·LN_V; other widths
+// take the block-a-row kernels above): one read of x (and ∂y), one write of the output ----------
+#define LN_V 8          // float4 groups a lane holds
+#define LN_WARPS 4      // warps a block
+#define LN_BWD_ROWS 64  // rows a block of the backward (its ∂w, ∂b partial sums); 16 a warp
+
+// the row's float4 groups this lane holds (groups lane, lane + 32, …; zeros past c)
+__device__ __forceinline__ void ln_load(float4* v, const float* row, int c4) {
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int k = 0; k < LN_V; k++) {
+        int j = k * 32 + lane;
+        v[k] = j < c4 ? ((const float4*)row)[j] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+}
+__device__ __forceinline__ float4 ln_param(const float* p, int j, float none) {
+    return p ? ((const float4*)p)[j] : make_float4(none, none, none, none);
+}
+
+extern "C" __global__ void layer_norm_forward_rows(float* y, float* mean, float* rstd, const float* x,
+                                                   const float* w, const float* b, long rows, int c, float eps) {
+    long r = (blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5;
+    if (r >= rows) return;
+    int lane = threadIdx.x & 31, c4 = c >> 2;
+    float4 v[LN_V];
+    ln_load(v, x + r * c, c4);
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < LN_V; k++) s += (v[k].x + v[k].y) + (v[k].z + v[k].w);
+    float mu = warp_sum(s) / c, q = 0.f;
+#pragma unroll
+    for (int k = 0; k < LN_V; k++)
+        if (k * 32 + lane < c4) {
+            float a = v[k].x - mu, bb = v[k].y - mu, cc = v[k].z - mu, dd = v[k].w - mu;
+            q += (a * a + bb * bb) + (cc * cc + dd * dd);
+        }
+    float rs = rsqrtf(warp_sum(q) / c + eps);
+#pragma unroll
+    for (int k = 0; k < LN_V; k++) {
+        int j = k * 32 + lane;
+        if (j >= c4) continue;
+        float4 g = ln_param(w, j, 1.f), o = ln_param(b, j, 0.f);
+        ((float4*)(y + r * c))[j] = make_float4((v[k].x - mu) * rs * g.x + o.x, (v[k].y - mu) * rs * g.y + o.y,
+                                                (v[k].z - mu) * rs * g.z + o.z, (v[k].w - mu) * rs * g.w + o.w);
+    }
+    if (lane == 0) { mean[r] = mu; rstd[r] = rs; }
+}
+
+// ∂x written, or (accumulate) added to dx; with pw, pb, the block's partial sums of ∂w = Σ dy·x̂
+// and ∂b = Σ dy over its LN_BWD_ROWS rows into pw[block][c], pb[block][c] (fold_partials adds
+// the blocks in order: deterministic). Each warp sums its rows in its own shared-memory row, and
+// the block adds its warps' rows in order.
+extern "C" __global__ void __launch_bounds__(32 * LN_WARPS)
+    layer_norm_backward_rows(float* dx, float* pw, float* pb, const float* x, const float* dy, const float* w,
+                             const float* mean, const float* rstd, long rows, int c, int accumulate) {
+    __shared__ float4 acc_w[LN_WARPS][32 * LN_V], acc_b[LN_WARPS][32 * LN_V];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, c4 = c >> 2;
+    bool params = pw != nullptr;
+    if (params)
+        for (int j = lane; j < c4; j += 32) acc_w[warp][j] = acc_b[warp][j] = make_float4(0.f, 0.f, 0.f, 0.f);
+    long r1 = min(rows, (long)(blockIdx.x + 1) * LN_BWD_ROWS);
+    for (long r = (long)blockIdx.x * LN_BWD_ROWS + warp; r < r1; r += LN_WARPS) {
+        float4 xv[LN_V], g[LN_V];
+        ln_load(xv, x + r * c, c4);
+        ln_load(g, dy + r * c, c4);
+        float mu = mean[r], rs = rstd[r], sg = 0.f, sgn = 0.f;
+#pragma unroll
+        for (int k = 0; k < LN_V; k++) {
+            int j = k * 32 + lane;
+            if (j >= c4) continue;
+            // x̂ in place of x; ∂b and ∂w's partial sums take ∂y before the weight
+            xv[k] = make_float4((xv[k].x - mu) * rs, (xv[k].y - mu) * rs, (xv[k].z - mu) * rs, (xv[k].w - mu) * rs);
+            if (params) {
+                float4 a = acc_w[warp][j], bb = acc_b[warp][j];
+                acc_w[warp][j] = make_float4(a.x + g[k].x * xv[k].x, a.y + g[k].y * xv[k].y, a.z + g[k].z * xv[k].z,
+                                             a.w + g[k].w * xv[k].w);
+                acc_b[warp][j] = make_float4(bb.x + g[k].x, bb.y + g[k].y, bb.z + g[k].z, bb.w + g[k].w);
+            }
+            float4 wt = ln_param(w, j, 1.f);
+            g[k] = make_float4(g[k].x * wt.x, g[k].y * wt.y, g[k].z * wt.z, g[k].w * wt.w);
+            sg += (g[k].x + g[k].y) + (g[k].z + g[k].w);
+            sgn += (g[k].x * xv[k].x + g[k].y * xv[k].y) + (g[k].z * xv[k].z + g[k].w * xv[k].w);
+        }
+        sg = warp_sum(sg) / c;
+        sgn = warp_sum(sgn) / c;
+#pragma unroll
+        for (int k = 0; k < LN_V; k++) {
+            int j = k * 32 + lane;
+            if (j >= c4) continue;
+            float4 v = make_float4(rs * (g[k].x - sg - xv[k].x * sgn), rs * (g[k].y - sg - xv[k].y * sgn),
+                                   rs * (g[k].z - sg - xv[k].z * sgn), rs * (g[k].w - sg - xv[k].w * sgn));
+            float4* o = (float4*)(dx + r * c) + j;
+            if (accumulate) {
+                float4 a = *o;
+                v = make_float4(a.x + v.x, a.y + v.y, a.z + v.z, a.w + v.w);
+            }
+            *o = v;
+        }
+    }
+    if (!params) return;
+    __syncthreads();
+    for (int j = threadIdx.x; j < c4; j += blockDim.x) {
+        float4 tw = acc_w[0][j], tb = acc_b[0][j];
+        for (int v = 1; v < LN_WARPS; v++) {
+            float4 a = acc_w[v][j], bb = acc_b[v][j];
+            tw = make_float4(tw.x + a.x, tw.y + a.y, tw.z + a.z, tw.w + a.w);
+            tb = make_float4(tb.x + bb.x, tb.y + bb.y, tb.z + bb.z, tb.w + bb.w);
+        }
+        ((float4*)(pw + blockIdx.x * (long)c))[j] = tw;
+        ((float4*)(pb + blockIdx.x * (long)c))[j] = tb;
     }
 }
 

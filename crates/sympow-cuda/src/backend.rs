@@ -35,6 +35,7 @@ use sympow::backend::{
 use sympow::ops::rotary::RotaryParam;
 
 pub(crate) const SOURCE: &str = concat!(
+    include_str!("../kernels/reduce.cuh"),
     include_str!("../kernels/ops.cu"),
     "\n",
     include_str!("../kernels/attention.cu"),
@@ -187,7 +188,7 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 47] = [
+const KERNELS: [&str; 49] = [
     "f32_to_bf16",
     "count_non_finite_bf16",
     "copy_columns_to_bf16",
@@ -211,6 +212,8 @@ const KERNELS: [&str; 47] = [
     "layer_norm_forward",
     "layer_norm_backward",
     "layer_norm_param_partials",
+    "layer_norm_forward_rows",
+    "layer_norm_backward_rows",
     "embedding_forward",
     "embedding_backward",
     "rotary_forward",
@@ -294,6 +297,16 @@ fn column_split(rows: usize, c: usize) -> (LaunchConfig, i64) {
     };
     (cfg, split as i64)
 }
+
+/// Whether the layer norm's rows fit the warp-a-row kernels (`layer_norm_forward_rows`,
+/// `layer_norm_backward_rows`): float4 rows of at most 32·4·`LN_V` = 1024 floats.
+fn ln_rows_in_registers(c: usize) -> bool {
+    c.is_multiple_of(4) && c <= 1024
+}
+/// Rows a block of `layer_norm_backward_rows` (`LN_BWD_ROWS` in ops.cu) and its warps
+/// (`LN_WARPS`).
+const LN_BWD_ROWS: usize = 64;
+const LN_WARPS: u32 = 4;
 
 /// One block of `SCAN_THREADS` (ops.cu) per scan over time.
 fn scan_cfg(scans: usize) -> LaunchConfig {
@@ -651,6 +664,48 @@ impl CudaBackend {
     ) {
         let rows = x.len() / c;
         let (ci, acc) = (c as i32, i32::from(accumulate));
+        if ln_rows_in_registers(c) {
+            // ∂x and the parameters' partial sums in one pass over x and ∂y
+            let blocks = rows.div_ceil(LN_BWD_ROWS);
+            let params = dw.is_some() || db.is_some();
+            let (mut pw, mut pb) = if params {
+                (Some(self.alloc(blocks * c)), Some(self.alloc(blocks * c)))
+            } else {
+                (None, None)
+            };
+            let mut l = self
+                .stream
+                .launch_builder(&self.fns["layer_norm_backward_rows"]);
+            l.arg(dx);
+            match (&mut pw, &mut pb) {
+                (Some(pw), Some(pb)) => l.arg(pw).arg(pb),
+                _ => l.arg(&NULL).arg(&NULL),
+            };
+            l.arg(x).arg(dy);
+            match w {
+                Some(w) => l.arg(w),
+                None => l.arg(&NULL),
+            };
+            let r = rows as i64;
+            l.arg(&saved.mean)
+                .arg(&saved.rstd)
+                .arg(&r)
+                .arg(&ci)
+                .arg(&acc);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks.max(1) as u32, 1, 1),
+                block_dim: (32 * LN_WARPS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments match the kernel's declaration in ops.cu; the grid covers every
+            // row, LN_BWD_ROWS a block, and the partials hold a row of c per block.
+            unsafe { l.launch(cfg) }.expect("layer_norm_backward_rows");
+            if let (Some(pw), Some(pb)) = (pw, pb) {
+                self.fold_partials(dw, &pw, c, true);
+                self.fold_partials(db, &pb, c, true);
+            }
+            return;
+        }
         {
             let f = &self.fns["layer_norm_backward"];
             let mut l = self.stream.launch_builder(f);
@@ -1370,8 +1425,13 @@ impl Backend for CudaBackend {
         let rows = x.len() / c;
         let (mut y, mut mean, mut rstd) = (self.alloc(x.len()), self.alloc(rows), self.alloc(rows));
         let (ci, eps) = (c as i32, sympow::ops::layer_norm::LN_EPS as f32);
-        let f = &self.fns["layer_norm_forward"];
-        let mut l = self.stream.launch_builder(f);
+        let by_warp = ln_rows_in_registers(c);
+        let name = if by_warp {
+            "layer_norm_forward_rows"
+        } else {
+            "layer_norm_forward"
+        };
+        let mut l = self.stream.launch_builder(&self.fns[name]);
         l.arg(&mut y).arg(&mut mean).arg(&mut rstd).arg(x);
         match w {
             Some(w) => l.arg(w),
@@ -1381,9 +1441,19 @@ impl Backend for CudaBackend {
             Some(b) => l.arg(b),
             None => l.arg(&NULL),
         };
+        let r = rows as i64;
+        if by_warp {
+            l.arg(&r);
+        }
         l.arg(&ci).arg(&eps);
-        // SAFETY: arguments match the kernel's declaration; one block per row.
-        unsafe { l.launch(rows_cfg(rows)) }.expect("layer_norm_forward");
+        // a warp a row (8 a block), or a block a row
+        let cfg = if by_warp {
+            grid(rows * 32)
+        } else {
+            rows_cfg(rows)
+        };
+        // SAFETY: arguments match the kernel's declaration in ops.cu; the grid covers every row.
+        unsafe { l.launch(cfg) }.expect(name);
         (y, LayerNormSaved { mean, rstd })
     }
     fn layer_norm_backward(

@@ -269,78 +269,80 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
     }
     gpu.set_matmul(MatmulPrecision::F32);
 
-    // layer norm, with and without affine
-    let c = 96;
-    let x: Vec<f32> = randn(&mut r, 21 * c, 2.0);
-    let (lw, lb): (Vec<f32>, Vec<f32>) = (randn(&mut r, c, 1.0), randn(&mut r, c, 1.0));
-    let dy: Vec<f32> = randn(&mut r, 21 * c, 1.0);
-    for affine in [true, false] {
-        let (wc, bc) = if affine {
-            (Some(&lw), Some(&lb))
-        } else {
-            (None, None)
-        };
-        let (wg, bg) = (up(&lw), up(&lb));
-        let (wg, bg) = if affine {
-            (Some(&wg), Some(&bg))
-        } else {
-            (None, None)
-        };
-        let (yc, sc) = cpu.layer_norm_forward(&x, c, wc, bc);
-        let (yg, sg) = gpu.layer_norm_forward(&up(&x), c, wg, bg);
-        push(
-            &mut rows,
-            &format!("layer norm forward (affine {affine})"),
-            &dn(&yg),
-            &yc,
-            TOL,
-        );
-        let (mut dwc, mut dbc) = (vec![0.0; c], vec![0.0; c]);
-        let (mut dwg, mut dbg) = (gpu.zeros(c), gpu.zeros(c));
-        let dxc = cpu.layer_norm_backward(&x, &dy, c, wc, &sc, Some(&mut dwc), Some(&mut dbc));
-        let dxg = gpu.layer_norm_backward(
-            &up(&x),
-            &up(&dy),
-            c,
-            wg,
-            &sg,
-            Some(&mut dwg),
-            Some(&mut dbg),
-        );
-        push(
-            &mut rows,
-            &format!("layer norm backward dx (affine {affine})"),
-            &dn(&dxg),
-            &dxc,
-            TOL,
-        );
-        push(
-            &mut rows,
-            &format!("layer norm backward dw (affine {affine})"),
-            &dn(&dwg),
-            &dwc,
-            TOL,
-        );
-        push(
-            &mut rows,
-            &format!("layer norm backward db (affine {affine})"),
-            &dn(&dbg),
-            &dbc,
-            TOL,
-        );
-        // ∂x added into the residual stream's gradient, as the model's blocks call it
-        let grad: Vec<f32> = randn(&mut r, x.len(), 1.0);
-        let mut sum_c = grad.clone();
-        cpu.layer_norm_backward_add(&x, &dy, c, wc, &sc, None, None, &mut sum_c);
-        let mut sum_g = up(&grad);
-        gpu.layer_norm_backward_add(&up(&x), &up(&dy), c, wg, &sg, None, None, &mut sum_g);
-        push(
-            &mut rows,
-            &format!("layer norm backward dx added into a gradient (affine {affine})"),
-            &dn(&sum_g),
-            &sum_c,
-            TOL,
-        );
+    // layer norm, with and without affine; c = 96 and 1024 (every float4 group of a lane) by the
+    // warp-a-row kernels, c = 50 and 1028 by the block-a-row ones
+    for c in [96, 1024, 50, 1028] {
+        let x: Vec<f32> = randn(&mut r, 21 * c, 2.0);
+        let (lw, lb): (Vec<f32>, Vec<f32>) = (randn(&mut r, c, 1.0), randn(&mut r, c, 1.0));
+        let dy: Vec<f32> = randn(&mut r, 21 * c, 1.0);
+        for affine in [true, false] {
+            let (wc, bc) = if affine {
+                (Some(&lw), Some(&lb))
+            } else {
+                (None, None)
+            };
+            let (wg, bg) = (up(&lw), up(&lb));
+            let (wg, bg) = if affine {
+                (Some(&wg), Some(&bg))
+            } else {
+                (None, None)
+            };
+            let (yc, sc) = cpu.layer_norm_forward(&x, c, wc, bc);
+            let (yg, sg) = gpu.layer_norm_forward(&up(&x), c, wg, bg);
+            push(
+                &mut rows,
+                &format!("layer norm forward c={c} (affine {affine})"),
+                &dn(&yg),
+                &yc,
+                TOL,
+            );
+            let (mut dwc, mut dbc) = (vec![0.0; c], vec![0.0; c]);
+            let (mut dwg, mut dbg) = (gpu.zeros(c), gpu.zeros(c));
+            let dxc = cpu.layer_norm_backward(&x, &dy, c, wc, &sc, Some(&mut dwc), Some(&mut dbc));
+            let dxg = gpu.layer_norm_backward(
+                &up(&x),
+                &up(&dy),
+                c,
+                wg,
+                &sg,
+                Some(&mut dwg),
+                Some(&mut dbg),
+            );
+            push(
+                &mut rows,
+                &format!("layer norm backward dx c={c} (affine {affine})"),
+                &dn(&dxg),
+                &dxc,
+                TOL,
+            );
+            push(
+                &mut rows,
+                &format!("layer norm backward dw c={c} (affine {affine})"),
+                &dn(&dwg),
+                &dwc,
+                TOL,
+            );
+            push(
+                &mut rows,
+                &format!("layer norm backward db c={c} (affine {affine})"),
+                &dn(&dbg),
+                &dbc,
+                TOL,
+            );
+            // ∂x added into the residual stream's gradient, as the model's blocks call it
+            let grad: Vec<f32> = randn(&mut r, x.len(), 1.0);
+            let mut sum_c = grad.clone();
+            cpu.layer_norm_backward_add(&x, &dy, c, wc, &sc, None, None, &mut sum_c);
+            let mut sum_g = up(&grad);
+            gpu.layer_norm_backward_add(&up(&x), &up(&dy), c, wg, &sg, None, None, &mut sum_g);
+            push(
+                &mut rows,
+                &format!("layer norm backward dx c={c} added into a gradient (affine {affine})"),
+                &dn(&sum_g),
+                &sum_c,
+                TOL,
+            );
+        }
     }
 
     // parameter gradients over many rows: several splits of rows, two blocks of columns

@@ -28,6 +28,7 @@ use std::time::Instant;
 use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Kernel, Shape};
 
 pub(crate) const SOURCE: &str = concat!(
+    include_str!("../kernels/reduce.cuh"),
     include_str!("../kernels/mma.cuh"),
     include_str!("../kernels/wgmma.cuh"),
     include_str!("../kernels/sympow_chunked.cu")
@@ -735,7 +736,8 @@ mod tests {
         std::fs::write(&file, "// a variant\n").unwrap();
         let src = kernel_source_from(Some(file.as_os_str())).unwrap();
         assert!(src.ends_with("// a variant\n"));
-        assert!(src.starts_with(include_str!("../kernels/mma.cuh")));
+        assert!(src.starts_with(include_str!("../kernels/reduce.cuh")));
+        assert!(src.contains(include_str!("../kernels/mma.cuh")));
         assert!(src.contains(include_str!("../kernels/wgmma.cuh")));
         assert!(
             !src.contains("sp_smem_sizes"),

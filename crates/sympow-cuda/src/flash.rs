@@ -16,6 +16,7 @@ use std::sync::Arc;
 use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Kernel, Shape};
 
 pub(crate) const SOURCE: &str = concat!(
+    include_str!("../kernels/reduce.cuh"),
     include_str!("../kernels/mma.cuh"),
     include_str!("../kernels/flash_softmax.cu")
 );
