@@ -11,7 +11,7 @@
 // [B, H, T, D], so each tile is one contiguous block; every product is mma.sync m16n8k16 with
 // f32 accumulation.
 //   flash_fwd       online softmax over key tiles: y, and the log-sum-exp of each row
-//   flash_bwd_delta Δ_t = ∂y_t·y_t
+//   flash_bwd_delta Δ_t = ∂y_t·y_t, and −lse_t·log₂e for both passes
 //   flash_bwd_dq    per query tile, recomputing P from the log-sum-exp: ∂q = σ Σ_s ∂S_ts k_s
 //   flash_bwd_dkv   per key tile: ∂v = Pᵀ∂y, ∂k = ∂Sᵀ(σq), with ∂S = P ∘ (∂y vᵀ − Δ)
 // Two backward passes instead of FlashAttention-2's atomics: deterministic, at the price of
@@ -243,15 +243,20 @@ __device__ void flash_fwd(float* y, float* lse, const bf16* qs, const bf16* ks, 
         }
 }
 
-// Δ for every row of [B, T, H, D], a warp a row (its lanes over the row's D contiguous floats)
-extern "C" __global__ void flash_bwd_delta(float* delta, const float* dy, const float* y, long rows, int D) {
+// Δ for every row of [B, T, H, D], a warp a row (its lanes over the row's D contiguous floats),
+// and the row's −lse·log₂e (P = 2^(s·log₂e − lse·log₂e) in both backward passes)
+extern "C" __global__ void flash_bwd_delta(float* delta, float* nlse, const float* dy, const float* y,
+                                           const float* lse, long rows, int D) {
     long r = (blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5;
     if (r >= rows) return;
     int lane = threadIdx.x & 31;
     float s = 0.f;
     for (int c = lane; c < D; c += 32) s += dy[r * D + c] * y[r * D + c];
     s = warp_sum(s);
-    if (lane == 0) delta[r] = s;
+    if (lane == 0) {
+        delta[r] = s;
+        nlse[r] = -lse[r] * LOG2E;
+    }
 }
 
 // Per query tile of QF = 64·M rows (M row tiles a warp, as in the forward): ∂q = σ Σ_s ∂S_ts k_s
@@ -259,7 +264,7 @@ extern "C" __global__ void flash_bwd_delta(float* delta, const float* dy, const 
 // at a time and turned into ∂S in place of P, so that only a sliver of it is ever live.
 template <int D>
 __device__ void flash_bwd_dq(float* dq, const bf16* qs, const bf16* ks, const bf16* vs, const bf16* dys,
-                             const float* lse, const float* delta, int T, int H, float scale) {
+                             const float* nlse, const float* delta, int T, int H, float scale) {
     constexpr int M = Flash<D>::M, QF = Flash<D>::QF, LD = Flash<D>::LD, TILE = Flash<D>::TILE;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *Qs = (bf16*)smem, *dYs = Qs + QF * LD, *Kb = dYs + QF * LD, *Vb = Kb + 2 * TILE;
@@ -280,8 +285,7 @@ __device__ void flash_bwd_dq(float* dq, const bf16* qs, const bf16* ks, const bf
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             int qi = first + 16 * mm + acc_row(2 * r);
-            // −lse·log₂e: P = 2^(s·log₂e − lse·log₂e)
-            L[mm][r] = qi < T ? -lse[(long)(b * T + qi) * H + h] * LOG2E : 0.f;
+            L[mm][r] = qi < T ? nlse[(long)(b * T + qi) * H + h] : 0.f;
             Dl[mm][r] = qi < T ? delta[(long)(b * T + qi) * H + h] : 0.f;
         }
 #pragma unroll
@@ -340,7 +344,7 @@ __device__ void flash_bwd_dq(float* dq, const bf16* qs, const bf16* ks, const bf
 // formed two 8-query tiles at a time.
 template <int D>
 __device__ void flash_bwd_dkv(float* dk, float* dv, const bf16* qs, const bf16* ks, const bf16* vs, const bf16* dys,
-                              const float* lse, const float* delta, int T, int H) {
+                              const float* nlse, const float* delta, int T, int H) {
     constexpr int M = Flash<D>::M, QF = Flash<D>::QF, LD = Flash<D>::LD, TILE = Flash<D>::TILE;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *Ks = (bf16*)smem, *Vs = Ks + QF * LD, *Qb = Vs + QF * LD, *dYb = Qb + 2 * TILE;
@@ -355,10 +359,12 @@ __device__ void flash_bwd_dkv(float* dk, float* dv, const bf16* qs, const bf16* 
     auto fetch_queries = [&](int q0, int buf) {
         fetch<D>(Qb + buf * TILE, qs + head, q0, T);
         fetch<D>(dYb + buf * TILE, dys + head, q0, T);
+        // −lse·log₂e and Δ of each query (0 past T), in the same copy group as the tiles
         for (int i = threadIdx.x; i < FT; i += FTHREADS) {
             int qi = q0 + i;
-            Lb[buf * 2 * FT + i] = qi < T ? -lse[(long)(b * T + qi) * H + h] * LOG2E : 0.f;  // −lse·log₂e
-            Lb[buf * 2 * FT + FT + i] = qi < T ? delta[(long)(b * T + qi) * H + h] : 0.f;
+            long at = qi < T ? (long)(b * T + qi) * H + h : 0;
+            cp_async4(Lb + buf * 2 * FT + i, nlse + at, qi < T);
+            cp_async4(Lb + buf * 2 * FT + FT + i, delta + at, qi < T);
         }
     };
     fetch_queries(k0, 0);
@@ -434,13 +440,13 @@ __device__ void flash_bwd_dkv(float* dk, float* dv, const bf16* qs, const bf16* 
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(FTHREADS)                                                     \
         flash_bwd_dq_##D(float* dq, const bf16* qs, const bf16* ks, const bf16* vs, const bf16* dys,            \
-                         const float* lse, const float* delta, int T, int H, float scale) {                    \
-        flash_bwd_dq<D>(dq, qs, ks, vs, dys, lse, delta, T, H, scale);                                         \
+                         const float* nlse, const float* delta, int T, int H, float scale) {                   \
+        flash_bwd_dq<D>(dq, qs, ks, vs, dys, nlse, delta, T, H, scale);                                        \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(FTHREADS)                                                     \
         flash_bwd_dkv_##D(float* dk, float* dv, const bf16* qs, const bf16* ks, const bf16* vs,                 \
-                          const bf16* dys, const float* lse, const float* delta, int T, int H) {               \
-        flash_bwd_dkv<D>(dk, dv, qs, ks, vs, dys, lse, delta, T, H);                                           \
+                          const bf16* dys, const float* nlse, const float* delta, int T, int H) {              \
+        flash_bwd_dkv<D>(dk, dv, qs, ks, vs, dys, nlse, delta, T, H);                                          \
     }
 
 FLASH_INSTANCES(32)

@@ -191,10 +191,16 @@ impl FlashSoftmax {
         let rows = shape.batch * shape.time * shape.heads;
         let n = rows * shape.dk;
         let alloc = |len| stream.alloc_zeros::<f32>(len).expect("device allocation");
-        let (mut delta, mut dq, mut dk, mut dv) = (alloc(rows), alloc(n), alloc(n), alloc(n));
+        let (mut delta, mut nlse) = (alloc(rows), alloc(rows));
+        let (mut dq, mut dk, mut dv) = (alloc(n), alloc(n), alloc(n));
         let (r, di) = (rows as i64, shape.dv as i32);
         let mut l = stream.launch_builder(&self.fns["flash_bwd_delta"]);
-        l.arg(&mut delta).arg(dy).arg(&out.y).arg(&r).arg(&di);
+        l.arg(&mut delta)
+            .arg(&mut nlse)
+            .arg(dy)
+            .arg(&out.y)
+            .arg(&out.log_norm);
+        l.arg(&r).arg(&di);
         let threads = u32::try_from(rows * 32).expect("rows for one launch");
         // SAFETY: one warp per row of [rows, D] buffers of that size.
         unsafe { l.launch(LaunchConfig::for_num_elems(threads)) }.expect("flash_bwd_delta");
@@ -217,7 +223,7 @@ impl FlashSoftmax {
         let (f, cfg) = self.launch(shape, 1);
         let mut l = stream.launch_builder(f);
         l.arg(&mut dq).arg(qs).arg(ks).arg(vs).arg(&dys);
-        l.arg(&out.log_norm).arg(&delta).arg(&t).arg(&h).arg(&scale);
+        l.arg(&nlse).arg(&delta).arg(&t).arg(&h).arg(&scale);
         // SAFETY: arguments match flash_bwd_dq's declaration; grid as in the forward.
         unsafe { l.launch(cfg) }.expect("flash_bwd_dq");
         let (f, cfg) = self.launch(shape, 2);
@@ -228,7 +234,7 @@ impl FlashSoftmax {
             .arg(ks)
             .arg(vs)
             .arg(&dys);
-        l.arg(&out.log_norm).arg(&delta).arg(&t).arg(&h);
+        l.arg(&nlse).arg(&delta).arg(&t).arg(&h);
         // SAFETY: arguments match flash_bwd_dkv's declaration; one block per key tile.
         unsafe { l.launch(cfg) }.expect("flash_bwd_dkv");
         AttentionGrads {
