@@ -73,18 +73,19 @@ extern "C" __global__ void kv_cache_copy(float* dst, const float* src, int rows,
 
 #define KV_SPLIT 256
 
-// Flash-decoding, first pass: grid (ceil(len / KV_SPLIT), batch·heads), blockDim a multiple of
-// 32 (128). Block (s, bh) scores keys [s·KV_SPLIT, +KV_SPLIT) of head bh against its query,
-// and writes its running max m, Σ exp(score − m) and Σ exp(score − m)·v to part_ml[bh][s][0..2]
-// and part_acc[bh][s][0..e] (combined by softmax_decode_combine: deterministic, no atomics).
-// Dynamic shared memory: (d + KV_SPLIT + blockDim) floats.
+// Flash-decoding, first pass: grid (ceil(len / KV_SPLIT), batch·heads), blockDim a multiple of 32
+// (128; ops.cu's block_max and block_sum reduce over it). Block (s, bh) scores keys [s·KV_SPLIT,
+// +KV_SPLIT) of head bh against its query, and writes its running max m, Σ exp(score − m) and Σ
+// exp(score − m)·v to part_ml[bh][s][0..2] and part_acc[bh][s][0..e] (combined by
+// softmax_decode_combine: deterministic, no atomics). Dynamic shared memory: (d + KV_SPLIT +
+// blockDim) floats.
 extern "C" __global__ void softmax_decode_partial(float* part_acc, float* part_ml, const float* q,
                                                   const float* keys, const float* values, int len, int cap,
                                                   int heads, int d, int e, float scale) {
     extern __shared__ float sm[];
     float* qs = sm;            // [d], scaled
     float* w = qs + d;         // [KV_SPLIT] scores, then weights
-    float* red = w + KV_SPLIT; // [blockDim] reductions
+    float* red = w + KV_SPLIT; // [blockDim]: the reductions' warp totals, then Σ p·v's groups
     int s = blockIdx.x, bh = blockIdx.y, splits = gridDim.x, tid = threadIdx.x, nt = blockDim.x;
     int b = bh / heads, h = bh % heads, j0 = s * KV_SPLIT, n = min(KV_SPLIT, len - j0);
     for (int i = tid; i < d; i += nt) qs[i] = scale * q[(long)bh * d + i];
@@ -104,29 +105,17 @@ extern "C" __global__ void softmax_decode_partial(float* part_acc, float* part_m
         w[j] = acc;
         mx = fmaxf(mx, acc);
     }
-    red[tid] = mx;
-    __syncthreads();
-    for (int o = nt / 2; o > 0; o >>= 1) {
-        if (tid < o) red[tid] = fmaxf(red[tid], red[tid + o]);
-        __syncthreads();
-    }
-    mx = red[0];
-    __syncthreads();
+    mx = block_max(mx, red);
     float sum = 0.f;
     for (int j = tid; j < n; j += nt) {
         float p = expf(w[j] - mx);
         w[j] = p;
         sum += p;
     }
-    red[tid] = sum;
-    __syncthreads();
-    for (int o = nt / 2; o > 0; o >>= 1) {
-        if (tid < o) red[tid] += red[tid + o];
-        __syncthreads();
-    }
+    sum = block_sum(sum, red);
     if (tid == 0) {
         part_ml[((long)bh * splits + s) * 2] = mx;
-        part_ml[((long)bh * splits + s) * 2 + 1] = red[0];
+        part_ml[((long)bh * splits + s) * 2 + 1] = sum;
     }
     __syncthreads();
     // Σ p·v: groups of e threads (a row of v, coalesced), each group a stride of the keys; for
