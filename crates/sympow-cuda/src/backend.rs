@@ -299,12 +299,13 @@ fn column_split(rows: usize, c: usize) -> (LaunchConfig, i64) {
 }
 
 /// Whether the layer norm's rows fit the warp-a-row kernels (`layer_norm_forward_rows`,
-/// `layer_norm_backward_rows`): float4 rows of at most 32·4·`LN_V` = 1024 floats.
+/// `layer_norm_backward_rows`): float4 rows of at most 32 lanes × `LN_V` groups of 4 floats.
 fn ln_rows_in_registers(c: usize) -> bool {
-    c.is_multiple_of(4) && c <= 1024
+    c.is_multiple_of(4) && c <= 32 * 4 * LN_V
 }
-/// Rows a block of `layer_norm_backward_rows` (`LN_BWD_ROWS` in ops.cu) and its warps
-/// (`LN_WARPS`).
+/// The float4 groups a lane holds (`LN_V` in ops.cu), the rows a block of
+/// `layer_norm_backward_rows` takes (`LN_BWD_ROWS`) and its warps (`LN_WARPS`).
+const LN_V: usize = 8;
 const LN_BWD_ROWS: usize = 64;
 const LN_WARPS: u32 = 4;
 
@@ -2283,5 +2284,35 @@ impl Backend for CudaBackend {
     }
     fn profile(&self) -> Vec<ProfileRow> {
         self.profiler.report()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host's copies of the kernels' compile-time sizes (a mismatch would leave rows or
+    /// keys unvisited, not fail).
+    #[test]
+    fn host_constants_match_the_kernel_source() {
+        for (name, value) in [
+            ("LN_V", LN_V),
+            ("LN_WARPS", LN_WARPS as usize),
+            ("LN_BWD_ROWS", LN_BWD_ROWS),
+            ("DECODE_ROWS", DECODE_ROWS),
+            ("KV_SPLIT", kv_cache::KV_SPLIT),
+        ] {
+            let define = format!("#define {name} {value}");
+            let found = SOURCE
+                .lines()
+                .any(|l| l == define || l.starts_with(&format!("{define} ")));
+            assert!(found, "no `{define}` in the kernel source");
+        }
+        for k in KERNELS {
+            assert!(
+                SOURCE.contains(&format!(" {k}(")),
+                "kernel {k} is not declared"
+            );
+        }
     }
 }

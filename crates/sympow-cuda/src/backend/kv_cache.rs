@@ -14,7 +14,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use sympow::attention::{AttentionSpec, Shape};
 
 /// Keys per block of `softmax_decode_partial` (`KV_SPLIT` in decode.cu).
-const KV_SPLIT: usize = 256;
+pub(super) const KV_SPLIT: usize = 256;
 /// Threads per block of the decode kernels (a power of two: their reductions halve it).
 const THREADS: u32 = 128;
 
