@@ -124,6 +124,11 @@ enum Command {
         /// Nucleus sampling threshold (1: off).
         #[arg(long, default_value_t = 0.95)]
         top_p: f64,
+        /// Continuations to sample, decoded together as one batch (sample i draws from random
+        /// stream i of --seed: the first is what --samples 1 prints). One streams as it goes;
+        /// several print when done.
+        #[arg(long, default_value_t = 1)]
+        samples: usize,
     },
     /// Train the paper's variants at one size and print their validation losses side by side.
     Compare {
@@ -264,10 +269,20 @@ enum BenchCommand {
         /// Timed decode steps per context (the median is reported).
         #[arg(long, default_value_t = 32)]
         reps: usize,
+        /// Sequences decoded together (each continues the same prompt, prefilled once).
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1])]
+        batch: Vec<usize>,
         /// Longest context at which softmax is timed (its prefill is quadratic: slow on a CPU
         /// beyond 16k; a GPU prefills 65536 in seconds).
         #[arg(long, default_value_t = 16384)]
         softmax_max: usize,
+        /// Most tokens softmax caches over a batch (batch × context): its KV cache's memory
+        /// (gpt2-124m on a GPU: 72 KiB a token, 18 GiB at the default).
+        #[arg(long, default_value_t = 262_144)]
+        softmax_max_cached: usize,
+        /// Also time each row's ops over --reps more steps (a GPU build on a GPU).
+        #[arg(long)]
+        profile: bool,
         #[command(flatten)]
         cfg: ConfigArgs,
     },
@@ -564,7 +579,11 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
             temperature,
             top_k,
             top_p,
+            samples,
         } => {
+            if samples == 0 {
+                bail!("--samples must be at least 1");
+            }
             let model = train::load_model(make(), &run)?;
             let tok = Tokenizer::new(model.cfg.data.tokenizer);
             let ids = tok.encode(&prompt);
@@ -577,14 +596,31 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
                 top_p,
             };
             let mut out = std::io::stdout().lock();
-            write!(out, "{prompt}")?;
-            let mut stream = sympow::data::tokenizer::StreamDecoder::default();
-            sympow::inference::generate(&model, &ids, max_tokens, &sampling, seed, |t| {
-                let bytes = tok.decode_bytes(&[t]).unwrap_or_default();
-                let _ = write!(out, "{}", stream.push(&bytes));
-                let _ = out.flush();
-            });
-            writeln!(out, "{}", stream.finish())?;
+            if samples == 1 {
+                write!(out, "{prompt}")?;
+                let mut stream = sympow::data::tokenizer::StreamDecoder::default();
+                sympow::inference::generate(&model, &ids, max_tokens, &sampling, seed, |t| {
+                    let bytes = tok.decode_bytes(&[t]).unwrap_or_default();
+                    let _ = write!(out, "{}", stream.push(&bytes));
+                    let _ = out.flush();
+                });
+                writeln!(out, "{}", stream.finish())?;
+            } else {
+                let prompts = vec![&ids[..]; samples];
+                let outs = sympow::inference::generate_batch(
+                    &model,
+                    &prompts,
+                    max_tokens,
+                    &sampling,
+                    seed,
+                    |_, _| {},
+                );
+                for (i, toks) in outs.iter().enumerate() {
+                    let text = String::from_utf8_lossy(&tok.decode_bytes(toks).unwrap_or_default())
+                        .into_owned();
+                    writeln!(out, "--- sample {} of {samples} ---\n{prompt}{text}", i + 1)?;
+                }
+            }
             Ok(0)
         }
         Command::Compare {
@@ -730,15 +766,27 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
                 BenchCommand::Decode {
                     context,
                     reps,
+                    batch,
                     softmax_max,
+                    softmax_max_cached,
+                    profile,
                     cfg,
                 },
         } => {
             let c = cfg.build()?;
+            if batch.contains(&0) || context.contains(&0) {
+                bail!("--batch and --context take positive sizes");
+            }
             // the first model takes this backend (a GPU backend compiles its kernels when made)
             let first = make();
+            if profile && !first.set_profiling(false) {
+                bail!(
+                    "--profile: {} cannot time its ops (a GPU build on a GPU can)",
+                    first.name()
+                );
+            }
             println!(
-                "decode on {}, preset {} ({} layers, {} heads × {}), random weights, median of {reps} steps",
+                "decode on {}, preset {} ({} layers, {} heads × {}), random weights, median of {reps} steps (a step: one token per sequence)",
                 first.name(),
                 cfg.name(),
                 c.model.layers,
@@ -750,11 +798,26 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
                 &mut || spare.take().unwrap_or_else(make),
                 &c,
                 &["conformal", "softmax"],
+                &batch,
                 &context,
                 reps,
                 softmax_max,
+                softmax_max_cached,
+                profile,
             )?;
             print!("{}", sympow::bench::format_decode_table(&rows));
+            for r in &rows {
+                if let Some((ops, total)) = &r.profile {
+                    println!(
+                        "\n{}, batch {}, context {}: {reps} steps, {:.1} ms synchronised\n{}",
+                        r.attention,
+                        r.batch,
+                        r.context,
+                        total * 1e3,
+                        sympow::bench::format_profile(ops, *total)
+                    );
+                }
+            }
             Ok(0)
         }
         Command::Bench {

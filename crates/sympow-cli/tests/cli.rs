@@ -137,6 +137,29 @@ fn train_eval_generate_end_to_end_and_deterministic() {
     let text = String::from_utf8_lossy(&g1.stdout);
     assert!(text.starts_with("Fellow-Citizens") && text.len() > "Fellow-Citizens".len());
     assert_eq!(g1.stdout, g2.stdout, "same seed, same text");
+    // three samples decoded as one batch: the first is the single sample of the same seed
+    let many = sympow(&[
+        "generate",
+        "--run",
+        a.to_str().unwrap(),
+        "--prompt",
+        "Fellow-Citizens",
+        "--max-tokens",
+        "20",
+        "--seed",
+        "5",
+        "--samples",
+        "3",
+    ]);
+    assert!(many.status.success(), "{}", stderr(&many));
+    let many = String::from_utf8_lossy(&many.stdout).into_owned();
+    let blocks: Vec<&str> = many.split("--- sample ").skip(1).collect();
+    assert_eq!(blocks.len(), 3, "{many}");
+    assert_eq!(
+        blocks[0].strip_prefix("1 of 3 ---\n"),
+        Some(&text[..]),
+        "sample 1 of a batch is the single sample"
+    );
 }
 
 #[test]
@@ -713,5 +736,86 @@ fn bench_train_prints_a_row_per_variant_and_context() {
     assert_error(
         &sympow(&["--cpu", "bench", "train", "--variants", "flash"]),
         "unknown variant",
+    );
+}
+
+/// `bench decode` times a row per variant, batch and context, reports the state's memory
+/// (the same at every context for sympow, growing with it for softmax), and skips softmax rows
+/// whose cache would pass --softmax-max-cached.
+#[test]
+fn bench_decode_prints_a_row_per_variant_batch_and_context() {
+    let small = [
+        "--set",
+        "model.width=16",
+        "--set",
+        "model.layers=1",
+        "--set",
+        "model.heads=2",
+        "--set",
+        "model.head_dim=8",
+    ];
+    let o = sympow(
+        &[
+            &["--cpu", "bench", "decode"][..],
+            &small,
+            &[
+                "--context",
+                "16,32",
+                "--batch",
+                "1,2",
+                "--reps",
+                "2",
+                "--softmax-max-cached",
+                "32",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let row = |att: &str, batch: usize, ctx: usize| -> Vec<String> {
+        out.lines()
+            .map(|l| {
+                l.split('|')
+                    .map(|f| f.trim().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .find(|f| {
+                f.len() >= 4 && f[0] == att && f[1] == batch.to_string() && f[2] == ctx.to_string()
+            })
+            .unwrap_or_else(|| panic!("no row for {att}, batch {batch}, context {ctx}:\n{out}"))
+    };
+    let mib = |r: &[String]| -> f64 {
+        let (x, unit) = r[6].split_once(' ').unwrap();
+        let scale = match unit {
+            "B" => 1.0,
+            "KiB" => 1024.0,
+            "MiB" => 1024.0 * 1024.0,
+            _ => panic!("unit {unit}"),
+        };
+        x.parse::<f64>().unwrap() * scale / (1024.0 * 1024.0)
+    };
+    for batch in [1, 2] {
+        let (a, b) = (row("conformal", batch, 16), row("conformal", batch, 32));
+        assert!(a[4].parse::<f64>().unwrap() > 0.0, "{a:?}");
+        assert_eq!(
+            mib(&a),
+            mib(&b),
+            "a sympow state does not grow with the context"
+        );
+    }
+    assert!(mib(&row("conformal", 2, 16)) > 1.9 * mib(&row("conformal", 1, 16)));
+    assert!(mib(&row("softmax", 1, 32)) > mib(&row("softmax", 1, 16)));
+    assert!(
+        row("softmax", 2, 32)[3].starts_with("skipped"),
+        "64 cached tokens > 32"
+    );
+    assert_error(
+        &sympow(&["--cpu", "bench", "decode", "--batch", "0"]),
+        "--batch",
+    );
+    assert_error(
+        &sympow(&["--cpu", "bench", "decode", "--profile"]),
+        "--profile",
     );
 }

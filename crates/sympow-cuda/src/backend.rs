@@ -152,6 +152,13 @@ pub struct CudaDecodeState {
     e: usize,
 }
 
+impl sympow::backend::Footprint for CudaDecodeState {
+    fn bytes(&self) -> usize {
+        (self.state.len() + self.partial.len() + self.coef.len()) * std::mem::size_of::<f64>()
+            + self.idx.len() * std::mem::size_of::<i32>()
+    }
+}
+
 /// State rows per block of `sympow_decode_update` (`DECODE_ROWS` in decode.cu).
 const DECODE_ROWS: usize = 32;
 
@@ -1260,6 +1267,18 @@ impl Backend for CudaBackend {
     fn download(&self, t: &CudaSlice<f32>) -> Vec<f32> {
         let _p = self.prof("download");
         self.stream.clone_dtoh(t).expect("device to host copy")
+    }
+    fn download_into(&self, t: &CudaSlice<f32>, out: &mut [f32]) {
+        let _p = self.prof("download");
+        assert_eq!(
+            out.len(),
+            t.len(),
+            "download_into: buffer of the wrong length"
+        );
+        // pageable destination: returns when the copy is done
+        self.stream
+            .memcpy_dtoh(t, out)
+            .expect("device to host copy");
     }
     fn zeros(&self, len: usize) -> CudaSlice<f32> {
         let _p = self.prof("zeros");

@@ -950,10 +950,10 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
     }
 
     // generation, softmax: a KV cache filled from a prefill, then appended to. 40 tokens: one
-    // partial split; 256: the cache is full and grows at the first step, the next step's second
-    // split holds one key; d = 130: wider than a block (values in column chunks), rows of a
-    // width not a multiple of 4
-    for (d, time) in [(16, 40), (64, 256), (130, 300)] {
+    // partial split; 255: the prefill leaves one free row, the second step grows the cache and
+    // its second split holds one key; d = 130: wider than a block (values in column chunks),
+    // rows of a width not a multiple of 4
+    for (d, time) in [(16, 40), (64, 255), (130, 300)] {
         let spec = AttentionSpec::softmax(d);
         let shape = Shape {
             batch: 2,
@@ -1043,15 +1043,19 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
             &c,
             sympow::model::Params::from_vec(&c, params.iter().map(|p| gpu.upload(p)).collect()),
         );
-        let prompt: Vec<u32> = (0..37).map(|i| (i * 13 % 256) as u32).collect();
-        let (mut dc, lc) = sympow::inference::Decoder::prefill(&mc, &prompt);
-        let (mut dg, lg) = sympow::inference::Decoder::prefill(&mg, &prompt);
+        // a batch of three: two prompts, the first twice (prefilled once, then parted by the
+        // tokens fed)
+        let a: Vec<u32> = (0..37).map(|i| (i * 13 % 256) as u32).collect();
+        let b: Vec<u32> = (0..37).map(|i| (i * 101 % 256) as u32).collect();
+        let prompts = [&a[..], &b[..], &a[..]];
+        let (mut dc, lc) = sympow::inference::Decoder::prefill_batch(&mc, &prompts);
+        let (mut dg, lg) = sympow::inference::Decoder::prefill_batch(&mg, &prompts);
         let mut err = rel_err(&lg, &lc);
-        for tok in [5u32, 77, 200, 3] {
-            err = err.max(rel_err(&dg.step(tok), &dc.step(tok)));
+        for toks in [[5u32, 9, 11], [77, 200, 3], [200, 1, 250], [3, 3, 40]] {
+            err = err.max(rel_err(dg.step(&toks), dc.step(&toks)));
         }
         rows.push(Row {
-            what: format!("model generation logits ({attention}, 4 tokens)"),
+            what: format!("model generation logits ({attention}, batch of 3, 4 tokens)"),
             err,
             tol: 1e-3,
         });

@@ -8,6 +8,7 @@
 
 use crate::attention::{self, AttentionSpec, Form, Shape};
 pub use crate::attention::{AttentionGrads, AttentionOut, Saved};
+use rayon::prelude::*;
 
 /// What a linear layer's forward hands its backward besides the input itself: a backend's
 /// own form of the input as a product operand (the CUDA backend's bf16 copy, so that the
@@ -110,6 +111,27 @@ pub struct ProfileRow {
     pub seconds: f64,
 }
 
+/// Memory a generation state holds on its device: what serving a batch costs beside the
+/// weights (a sympow state is the same at every context; a KV cache grows with it).
+pub trait Footprint {
+    /// Bytes allocated.
+    fn bytes(&self) -> usize;
+}
+
+impl<F: Float> Footprint for Vec<attention::RecurrentState<F>> {
+    fn bytes(&self) -> usize {
+        self.iter()
+            .map(|s| s.len() * std::mem::size_of::<f64>())
+            .sum()
+    }
+}
+
+impl<F: Float> Footprint for attention::KvCache<F> {
+    fn bytes(&self) -> usize {
+        attention::KvCache::bytes(self)
+    }
+}
+
 /// The ops of a conformal-sympow transformer, forward and backward.
 ///
 /// ```
@@ -128,10 +150,10 @@ pub trait Backend: Send + Sync {
     /// Recurrent sympow states of a batch of sequences being generated: one `D × (e+1)`
     /// matrix `[S | z]` per sequence and head, kept in f64 (see
     /// [`RecurrentState`](crate::attention::RecurrentState) for why).
-    type DecodeState: Send + Sync;
+    type DecodeState: Send + Sync + Footprint;
     /// Softmax's KV caches of a batch of sequences being generated: every head's rotated keys
     /// and values so far (see [`KvCache`](crate::attention::KvCache)).
-    type KvCache: Send + Sync;
+    type KvCache: Send + Sync + Footprint;
 
     /// Human-readable device name.
     fn name(&self) -> String;
@@ -141,6 +163,11 @@ pub trait Backend: Send + Sync {
     fn upload(&self, data: &[Self::Scalar]) -> Self::Tensor;
     /// Copies a tensor out.
     fn download(&self, t: &Self::Tensor) -> Vec<Self::Scalar>;
+    /// Copies a tensor out into `out` (of the tensor's length), a buffer the caller keeps: a
+    /// decoder's logits every step, without a fresh allocation (and its page faults) each time.
+    fn download_into(&self, t: &Self::Tensor, out: &mut [Self::Scalar]) {
+        out.copy_from_slice(&self.download(t));
+    }
     /// A zero tensor of `len` elements.
     fn zeros(&self, len: usize) -> Self::Tensor;
     /// Sets every tensor of `xs` to 0 in place (the gradient buffers at each step's start; a
@@ -762,13 +789,17 @@ impl<F: Float> Backend for CpuBackend<F> {
         log_gates: Option<&Vec<F>>,
     ) -> Vec<F> {
         let (d, e) = (q.len() / state.len(), v.len() / state.len());
-        let mut y = Vec::with_capacity(v.len());
-        for (i, st) in state.iter_mut().enumerate() {
-            let (r, rv) = (i * d..(i + 1) * d, i * e..(i + 1) * e);
-            let (yi, _) = st.step(&q[r.clone()], &k[r], &v[rv], log_gates.map(|g| g[i]));
-            y.extend(yi);
-        }
-        y
+        // (sequence, head) states are independent: one task each
+        let heads: Vec<Vec<F>> = state
+            .par_iter_mut()
+            .enumerate()
+            .map(|(i, st)| {
+                let (r, rv) = (i * d..(i + 1) * d, i * e..(i + 1) * e);
+                st.step(&q[r.clone()], &k[r], &v[rv], log_gates.map(|g| g[i]))
+                    .0
+            })
+            .collect();
+        heads.concat()
     }
     fn kv_cache(
         &self,

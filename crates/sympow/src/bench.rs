@@ -114,23 +114,40 @@ pub fn format_attention_table(rows: &[AttentionBenchRow]) -> String {
 pub struct DecodeBenchRow {
     /// Attention variant (config value of `model.attention`).
     pub attention: String,
-    /// Tokens already in the context when decoding starts.
+    /// Sequences decoded together.
+    pub batch: usize,
+    /// Tokens already in each sequence's context when decoding starts.
     pub context: usize,
-    /// Median time of one decode step (one token through the whole model), microseconds.
-    pub step_us: f64,
+    /// Median time of one decode step (one token per sequence through the whole model),
+    /// microseconds; `None` where the row was skipped (see [`decode`]).
+    pub step_us: Option<f64>,
+    /// Bytes of the batch's recurrent states or KV caches ([`Decoder::memory_bytes`]).
+    ///
+    /// [`Decoder::memory_bytes`]: crate::inference::Decoder::memory_bytes
+    pub memory_bytes: usize,
+    /// With profiling: the backend's ops over `steps` more steps, and their wall seconds.
+    pub profile: Option<(Vec<crate::backend::ProfileRow>, f64)>,
 }
 
-/// Per-token decode time after a prefill of each context length, for each attention variant
-/// (`model.attention` values) of config `cfg` with random weights: the recurrent state makes a
-/// sympow step independent of the context; softmax's KV cache makes it grow with it. Softmax is
-/// timed only up to `softmax_max` tokens (its prefill is quadratic).
+/// Per-step decode time after a prefill of each context length, for each attention variant
+/// (`model.attention` values) of config `cfg` with random weights and each batch size (every
+/// sequence of a batch continues the same prompt, which is prefilled once): the recurrent state
+/// makes a sympow step independent of the context; softmax's KV cache makes it grow with it.
+/// Softmax is timed only up to `softmax_max` tokens of context (its prefill is quadratic) and
+/// `softmax_max_cached` tokens cached over the batch (its cache's memory); the rows beyond are
+/// reported as skipped. With `profile` (a backend that can time its ops), each row also times
+/// its ops over `steps` more steps.
+#[allow(clippy::too_many_arguments)]
 pub fn decode<B: crate::backend::Backend>(
     make: &mut dyn FnMut() -> B,
     cfg: &crate::config::Config,
     attentions: &[&str],
+    batches: &[usize],
     contexts: &[usize],
     steps: usize,
     softmax_max: usize,
+    softmax_max_cached: usize,
+    profile: bool,
 ) -> Result<Vec<DecodeBenchRow>, crate::config::ConfigError> {
     use crate::inference::Decoder;
     use crate::model::Model;
@@ -141,50 +158,106 @@ pub fn decode<B: crate::backend::Backend>(
         let model = Model::init(make(), &c, 1);
         let vocab = model.dims.vocab as u64;
         for &ctx in contexts {
-            if att == "softmax" && ctx > softmax_max {
-                continue;
-            }
             let prompt: Vec<u32> = (0..ctx as u64)
                 .map(|i| (i.wrapping_mul(2_654_435_761) % vocab) as u32)
                 .collect();
-            let (mut dec, _) = Decoder::prefill(&model, &prompt);
-            for i in 0..4 {
-                dec.step(i); // warm-up: caches, allocator
-            }
-            let mut times: Vec<f64> = (0..steps.max(1))
-                .map(|i| {
+            for &batch in batches {
+                if att == "softmax" && (ctx > softmax_max || batch * ctx > softmax_max_cached) {
+                    rows.push(DecodeBenchRow {
+                        attention: att.to_string(),
+                        batch,
+                        context: ctx,
+                        step_us: None,
+                        memory_bytes: 0,
+                        profile: None,
+                    });
+                    continue;
+                }
+                let (mut dec, _) = Decoder::prefill_batch(&model, &vec![&prompt[..]; batch]);
+                // sequence i's tokens at step s: distinct across the batch, like real sampling
+                let tokens = |s: usize| -> Vec<u32> {
+                    (0..batch)
+                        .map(|i| ((s * batch + i) as u64 * 40_503 % vocab) as u32)
+                        .collect()
+                };
+                for s in 0..4 {
+                    dec.step(&tokens(s)); // warm-up: caches, allocator
+                }
+                let mut times: Vec<f64> = (0..steps.max(1))
+                    .map(|s| {
+                        let toks = tokens(4 + s);
+                        let t0 = Instant::now();
+                        std::hint::black_box(dec.step(&toks));
+                        t0.elapsed().as_secs_f64() * 1e6
+                    })
+                    .collect();
+                times.sort_by(f64::total_cmp);
+                let profile = (profile && model.backend.set_profiling(true)).then(|| {
                     let t0 = Instant::now();
-                    std::hint::black_box(dec.step((i as u64 % vocab) as u32));
-                    t0.elapsed().as_secs_f64() * 1e6
-                })
-                .collect();
-            times.sort_by(f64::total_cmp);
-            rows.push(DecodeBenchRow {
-                attention: att.to_string(),
-                context: ctx,
-                step_us: times[times.len() / 2],
-            });
+                    for s in 0..steps.max(1) {
+                        dec.step(&tokens(4 + steps + s));
+                    }
+                    let total = t0.elapsed().as_secs_f64();
+                    let ops = model.backend.profile();
+                    model.backend.set_profiling(false); // (clears the rows)
+                    (ops, total)
+                });
+                rows.push(DecodeBenchRow {
+                    attention: att.to_string(),
+                    batch,
+                    context: ctx,
+                    step_us: Some(times[times.len() / 2]),
+                    memory_bytes: dec.memory_bytes(),
+                    profile,
+                });
+            }
         }
     }
     Ok(rows)
 }
 
-/// Formats [`decode`] rows; ratios are against each variant's shortest context.
+/// `bytes` in the largest binary unit that keeps the number at least 1 (`"2.5 KiB"`).
+pub fn format_bytes(bytes: usize) -> String {
+    let mut x = bytes as f64;
+    for unit in ["B", "KiB", "MiB", "GiB"] {
+        if x < 1024.0 || unit == "GiB" {
+            return format!("{x:.1} {unit}");
+        }
+        x /= 1024.0;
+    }
+    unreachable!()
+}
+
+/// Formats [`decode`] rows; each row's ratio is against the same variant and batch at the
+/// shortest context.
 pub fn format_decode_table(rows: &[DecodeBenchRow]) -> String {
-    let mut s = String::from(" attention  | context | µs per token | × shortest context\n");
-    s.push_str("------------+---------+--------------+-------------------\n");
+    let mut s = String::from(
+        " attention  | batch | context | µs per step | tokens/s | × shortest context | state or cache\n",
+    );
+    s.push_str(
+        "------------+-------+---------+-------------+----------+--------------------+---------------\n",
+    );
     for r in rows {
         let base = rows
             .iter()
-            .find(|b| b.attention == r.attention)
-            .map_or(f64::NAN, |b| b.step_us);
-        s.push_str(&format!(
-            " {:<10} | {:>7} | {:>12.1} | {:>8.2}×\n",
-            r.attention,
-            r.context,
-            r.step_us,
-            r.step_us / base
-        ));
+            .find(|b| b.attention == r.attention && b.batch == r.batch)
+            .and_then(|b| b.step_us);
+        match r.step_us {
+            Some(us) => s.push_str(&format!(
+                " {:<10} | {:>5} | {:>7} | {:>11.1} | {:>8.0} | {:>17.2}× | {:>14}\n",
+                r.attention,
+                r.batch,
+                r.context,
+                us,
+                r.batch as f64 * 1e6 / us,
+                base.map_or(f64::NAN, |b| us / b),
+                format_bytes(r.memory_bytes)
+            )),
+            None => s.push_str(&format!(
+                " {:<10} | {:>5} | {:>7} | skipped: over --softmax-max or --softmax-max-cached\n",
+                r.attention, r.batch, r.context
+            )),
+        }
     }
     s
 }

@@ -8,10 +8,11 @@
 //! it and attends over it (linear in the context, as softmax must be).
 
 use crate::attention::{chunked_final_states, AttentionSpec, Form, Shape};
-use crate::backend::Backend;
+use crate::backend::{Backend, Footprint};
 use crate::config::{GateKind, RotaryKind};
 use crate::model::{Dims, Model, Trace};
 use crate::Float;
+use rayon::prelude::*;
 
 enum LayerState<S, C> {
     /// Sympow: one recurrent state per head, owned by the backend.
@@ -20,13 +21,21 @@ enum LayerState<S, C> {
     Cache(C),
 }
 
-/// Incremental decoder over a model (batch of one sequence).
+/// Incremental decoder over a batch of sequences, all at the same position: each step feeds
+/// one token to every sequence and returns every sequence's next-token logits, through one
+/// forward of the batch (the backend's decode kernels take it whole).
 pub struct Decoder<'m, B: Backend> {
     model: &'m Model<B>,
     layers: Vec<LayerState<B::DecodeState, B::KvCache>>,
-    /// Cumulative rotary angles per layer `[heads·d/2]` (learned rotary).
+    /// Cumulative rotary angles per layer `[batch, heads, d/2]` (learned rotary).
     angles: Vec<Option<B::Tensor>>,
+    batch: usize,
     pos: usize,
+    /// The last step's logits, padded as the LM head writes them and then as returned: kept
+    /// from step to step (a batch's logits are megabytes; fresh buffers each step cost more
+    /// in page faults than the copy).
+    padded: Vec<B::Scalar>,
+    logits: Vec<f64>,
 }
 
 fn to_f64<F: Float>(x: &[F]) -> Vec<f64> {
@@ -43,17 +52,57 @@ fn vocab_logits<F: Float>(dims: &Dims, padded: &[F]) -> Vec<f64> {
 }
 
 impl<'m, B: Backend> Decoder<'m, B> {
-    /// Runs the prompt through the model in one forward pass and keeps the state for
-    /// decoding. Returns the decoder and the logits at every prompt position (`[len, vocab]`).
+    /// [`prefill_batch`](Self::prefill_batch) of one prompt: the decoder and the next-token
+    /// logits (`[vocab]`).
     pub fn prefill(model: &'m Model<B>, prompt: &[u32]) -> (Self, Vec<f64>) {
-        assert!(!prompt.is_empty(), "prefill needs at least one token");
-        let t = prompt.len();
-        let trace: Trace<B::Tensor> = model.forward(prompt, None, 1, t, None);
+        Self::prefill_batch(model, &[prompt])
+    }
+
+    /// Runs the prompts through the model in one forward pass and keeps each one's state for
+    /// decoding. The prompts must all have the same (nonzero) length; identical prompts are run
+    /// once, so sampling several continuations of one prompt costs one prompt's forward.
+    /// Returns the decoder and each sequence's next-token logits (`[batch, vocab]`).
+    ///
+    /// ```
+    /// use sympow::{backend::CpuBackend, config::Config, inference::Decoder, model::Model};
+    /// let cfg = Config::preset("tiny").unwrap();
+    /// let model = Model::init(CpuBackend::<f32>::new(), &cfg, 0);
+    /// let prompts: [&[u32]; 3] = [&[1, 2, 3], &[1, 2, 3], &[7, 8, 9]];
+    /// let (mut dec, logits) = Decoder::prefill_batch(&model, &prompts);
+    /// let vocab = model.dims.vocab;
+    /// assert_eq!((dec.batch(), logits.len()), (3, 3 * vocab));
+    /// assert_eq!(logits[..vocab], logits[vocab..2 * vocab]); // the same prompt
+    /// let next = dec.step(&[4, 5, 10]); // one token per sequence
+    /// assert_eq!((next.len(), dec.position()), (3 * vocab, 4));
+    /// ```
+    pub fn prefill_batch(model: &'m Model<B>, prompts: &[&[u32]]) -> (Self, Vec<f64>) {
+        assert!(!prompts.is_empty(), "prefill needs at least one prompt");
+        let t = prompts[0].len();
+        assert!(t > 0, "prefill needs at least one token");
+        assert!(
+            prompts.iter().all(|p| p.len() == t),
+            "the prompts of a batch must have the same length"
+        );
+        // each distinct prompt once; sequence i continues distinct prompt `src[i]`
+        let mut distinct: Vec<&[u32]> = Vec::new();
+        let mut seen = std::collections::HashMap::new();
+        let src: Vec<usize> = prompts
+            .iter()
+            .map(|&p| {
+                *seen.entry(p).or_insert_with(|| {
+                    distinct.push(p);
+                    distinct.len() - 1
+                })
+            })
+            .collect();
+        let last_rows: Vec<u32> = src.iter().map(|&s| (s * t + t - 1) as u32).collect();
+        let (n, batch) = (distinct.len(), prompts.len());
+        let trace: Trace<B::Tensor> = model.forward(&distinct.concat(), None, n, t, None);
         let be = &model.backend;
         let (h, d) = (model.dims.heads, model.dims.head_dim);
         let spec = model.attention_spec();
         let shape = Shape {
-            batch: 1,
+            batch: n,
             time: t,
             heads: h,
             dk: d,
@@ -64,7 +113,14 @@ impl<'m, B: Backend> Decoder<'m, B> {
         for bt in &trace.blocks {
             layers.push(
                 if model.cfg.model.attention == crate::config::AttentionKind::Softmax {
-                    LayerState::Cache(be.kv_cache(&spec, &shape, &bt.kr, &bt.v))
+                    // every sequence's keys and values: its prompt's rows, gathered on the device
+                    let rows: Vec<u32> = src
+                        .iter()
+                        .flat_map(|&s| (s * t..(s + 1) * t).map(|r| r as u32))
+                        .collect();
+                    let k = be.embedding_forward(&bt.kr, &rows, h * d);
+                    let v = be.embedding_forward(&bt.v, &rows, h * d);
+                    LayerState::Cache(be.kv_cache(&spec, &Shape { batch, ..shape }, &k, &v))
                 } else {
                     // the chunked algorithm's final state, in f64 (see `RecurrentState`)
                     let chunk = match model.attention_form(t) {
@@ -75,54 +131,92 @@ impl<'m, B: Backend> Decoder<'m, B> {
                     let v = to_f64(&be.download(&bt.v));
                     let g = bt.log_gates.as_ref().map(|g| to_f64(&be.download(g)));
                     let states = chunked_final_states(&spec, chunk, &shape, &k, &v, g.as_deref());
-                    let one = Shape { time: 1, ..shape };
-                    LayerState::Recurrent(be.decode_state(&spec, &one, &states.concat()))
+                    let states: Vec<f64> = src
+                        .iter()
+                        .flat_map(|&s| states[s * h..(s + 1) * h].concat())
+                        .collect();
+                    let one = Shape {
+                        batch,
+                        time: 1,
+                        ..shape
+                    };
+                    LayerState::Recurrent(be.decode_state(&spec, &one, &states))
                 },
             );
             angles.push(match &bt.angles {
                 Some(a) if model.cfg.rotary() == RotaryKind::Learned => {
-                    let a = be.download(a);
-                    Some(be.upload(&a[(t - 1) * h * d / 2..]))
+                    Some(be.embedding_forward(a, &last_rows, h * d / 2))
                 }
                 _ => None,
             });
         }
-        let logits = vocab_logits(&model.dims, &be.download(&trace.logits));
+        let padded = be.embedding_forward(&trace.logits, &last_rows, model.dims.padded_vocab);
+        let logits = vocab_logits(&model.dims, &be.download(&padded));
         (
             Decoder {
                 model,
                 layers,
                 angles,
+                batch,
                 pos: t,
+                padded: Vec::new(),
+                logits: Vec::new(),
             },
             logits,
         )
     }
 
-    /// Tokens consumed so far.
+    /// Sequences decoded together.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Tokens consumed so far by each sequence.
     pub fn position(&self) -> usize {
         self.pos
     }
 
-    /// Feeds one token; returns the next-token logits (`[vocab]`).
-    pub fn step(&mut self, token: u32) -> Vec<f64> {
+    /// Bytes the batch's recurrent states or KV caches hold on the backend's device, over every
+    /// layer: constant in the context for sympow, linear in it for softmax.
+    pub fn memory_bytes(&self) -> usize {
+        let angles: usize = self.angles.iter().flatten().count() * self.batch;
+        let angles = angles * self.model.dims.heads * self.model.dims.head_dim / 2;
+        angles * std::mem::size_of::<B::Scalar>()
+            + self
+                .layers
+                .iter()
+                .map(|l| match l {
+                    LayerState::Recurrent(s) => s.bytes(),
+                    LayerState::Cache(c) => c.bytes(),
+                })
+                .sum::<usize>()
+    }
+
+    /// Feeds one token to each sequence (`tokens[i]` to sequence i); returns their next-token
+    /// logits (`[batch, vocab]`).
+    pub fn step(&mut self, tokens: &[u32]) -> &[f64] {
+        assert_eq!(
+            tokens.len(),
+            self.batch,
+            "a decode step takes one token per sequence"
+        );
         let m = self.model;
         let be = &m.backend;
         let dm = &m.dims;
-        let (c, h, d) = (dm.width, dm.heads, dm.head_dim);
+        let (c, h, d, b) = (dm.width, dm.heads, dm.head_dim, self.batch);
         let spec: AttentionSpec = m.attention_spec();
         let base = m.cfg.model.rotary_base;
         let one = Shape {
-            batch: 1,
+            batch: b,
             time: 1,
             heads: h,
             dk: d,
             dv: d,
         };
-        let mut x = be.embedding_forward(&m.params.wte, &[token], c);
+        let mut x = be.embedding_forward(&m.params.wte, tokens, c);
         for (l, p) in m.params.blocks.iter().enumerate() {
-            let (w, b) = p.ln1.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
-            let (hn, _) = be.layer_norm_forward(&x, c, w, b);
+            let (w, bias) = p.ln1.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
+            let (hn, _) = be.layer_norm_forward(&x, c, w, bias);
             let qkv = be
                 .linear_forward(&hn, &p.qkv_w, Some(&p.qkv_b), c, dm.qkv_out())
                 .0;
@@ -135,12 +229,14 @@ impl<'m, B: Backend> Decoder<'m, B> {
             );
             let log_gates = match m.cfg.gate() {
                 GateKind::Data => Some(be.log_gate_forward(&parts.next().unwrap())),
-                GateKind::Learned => Some(be.log_gate_forward(p.gate_bias.as_ref().unwrap())),
+                GateKind::Learned => {
+                    Some(be.log_gate_forward(&be.broadcast_rows(p.gate_bias.as_ref().unwrap(), b)))
+                }
                 GateKind::None => None,
             };
             let angles = match m.cfg.rotary() {
                 RotaryKind::None => None,
-                RotaryKind::Fixed => Some(be.fixed_rotary_angles(1, 1, h, d, base, self.pos)),
+                RotaryKind::Fixed => Some(be.fixed_rotary_angles(b, 1, h, d, base, self.pos)),
                 RotaryKind::Learned => {
                     let a = be.learned_rotary_angles(
                         &parts.next().unwrap(),
@@ -165,19 +261,28 @@ impl<'m, B: Backend> Decoder<'m, B> {
             };
             let (o, _) = be.linear_forward(&y, &p.proj_w, Some(&p.proj_b), h * d, c);
             be.add_assign(&mut x, &o);
-            let (w, b) = p.ln2.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
-            let (hn, _) = be.layer_norm_forward(&x, c, w, b);
+            let (w, bias) = p.ln2.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
+            let (hn, _) = be.layer_norm_forward(&x, c, w, bias);
             let (fc, _) = be.linear_forward(&hn, &p.fc_w, Some(&p.fc_b), c, dm.hidden);
             let f = be.gelu_forward(&fc);
             let (mo, _) = be.linear_forward(&f, &p.fc2_w, Some(&p.fc2_b), dm.hidden, c);
             be.add_assign(&mut x, &mo);
         }
-        let (w, b) = m.params.lnf.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
-        let (hn, _) = be.layer_norm_forward(&x, c, w, b);
+        let (w, bias) = m.params.lnf.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
+        let (hn, _) = be.layer_norm_forward(&x, c, w, bias);
         let head = m.params.lm_head.as_ref().unwrap_or(&m.params.wte);
         self.pos += 1;
         let (logits, _) = be.linear_forward(&hn, head, None, c, dm.padded_vocab);
-        vocab_logits(dm, &be.download(&logits))
+        self.padded.resize(b * dm.padded_vocab, B::Scalar::of(0.0));
+        be.download_into(&logits, &mut self.padded);
+        self.logits.resize(b * dm.vocab, 0.0);
+        self.logits
+            .par_chunks_mut(dm.vocab)
+            .zip(self.padded.par_chunks(dm.padded_vocab))
+            .for_each(|(out, row)| {
+                out.iter_mut().zip(row).for_each(|(o, x)| *o = x.f64());
+            });
+        &self.logits
     }
 }
 
@@ -236,6 +341,7 @@ pub fn sample(logits: &[f64], s: &Sampling, rng: &mut impl rand::Rng) -> u32 {
 
 /// Generates up to `max_tokens` after `prompt`, calling `on_token` with each as it comes.
 /// Memory per step is constant for sympow (recurrent state), linear for softmax (KV cache).
+/// The same as the first sequence of [`generate_batch`] with this seed.
 pub fn generate<B: Backend>(
     model: &Model<B>,
     prompt: &[u32],
@@ -244,20 +350,53 @@ pub fn generate<B: Backend>(
     seed: u64,
     mut on_token: impl FnMut(u32),
 ) -> Vec<u32> {
+    let mut out = generate_batch(model, &[prompt], max_tokens, sampling, seed, |_, t| {
+        on_token(t)
+    });
+    out.pop().unwrap()
+}
+
+/// Generates up to `max_tokens` after each of `prompts` (all the same length; repeat one
+/// prompt for several samples of it), decoding them together as one batch. Sequence i draws
+/// from its own random stream (stream i of ChaCha8 seeded with `seed`), so its tokens do not
+/// depend on the other sequences. `on_token(i, token)` is called with each token as it comes,
+/// a step's tokens in sequence order.
+pub fn generate_batch<B: Backend>(
+    model: &Model<B>,
+    prompts: &[&[u32]],
+    max_tokens: usize,
+    sampling: &Sampling,
+    seed: u64,
+    mut on_token: impl FnMut(usize, u32),
+) -> Vec<Vec<u32>> {
     use rand::SeedableRng;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let (mut dec, logits) = Decoder::prefill(model, prompt);
-    let v = model.dims.vocab;
-    let mut next = sample(&logits[(prompt.len() - 1) * v..], sampling, &mut rng);
-    let mut out = Vec::with_capacity(max_tokens);
-    for i in 0..max_tokens {
-        out.push(next);
-        on_token(next);
-        if i + 1 == max_tokens {
-            break;
-        }
-        let logits = dec.step(next);
-        next = sample(&logits, sampling, &mut rng);
+    let mut rngs: Vec<rand_chacha::ChaCha8Rng> = (0..prompts.len())
+        .map(|i| {
+            let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            r.set_stream(i as u64);
+            r
+        })
+        .collect();
+    let mut outs = vec![Vec::with_capacity(max_tokens); prompts.len()];
+    if max_tokens == 0 {
+        return outs;
     }
-    out
+    let (mut dec, mut logits) = Decoder::prefill_batch(model, prompts);
+    let v = model.dims.vocab;
+    loop {
+        let next: Vec<u32> = logits
+            .chunks_exact(v)
+            .zip(&mut rngs)
+            .map(|(l, r)| sample(l, sampling, r))
+            .collect();
+        for (i, (&t, out)) in next.iter().zip(&mut outs).enumerate() {
+            out.push(t);
+            on_token(i, t);
+        }
+        if outs[0].len() == max_tokens {
+            return outs;
+        }
+        logits.clear();
+        logits.extend_from_slice(dec.step(&next));
+    }
 }

@@ -31,6 +31,12 @@ pub struct CudaKvCache {
     dv: usize,
 }
 
+impl sympow::backend::Footprint for CudaKvCache {
+    fn bytes(&self) -> usize {
+        (self.keys.len() + self.values.len()) * std::mem::size_of::<f32>()
+    }
+}
+
 impl CudaKvCache {
     /// Tokens cached per sequence.
     pub fn len(&self) -> usize {
@@ -99,8 +105,9 @@ impl CudaBackend {
             keys.len() == b * t * h * shape.dk && values.len() == b * t * h * shape.dv,
             "a KV cache takes keys [batch, time, heads, dk] and values [batch, time, heads, dv]"
         );
-        // room for the prompt rounded up to whole splits (a full cache grows at the next step)
-        let cap = t.next_multiple_of(KV_SPLIT).max(KV_SPLIT);
+        // room for the prompt and at least one more token, in whole splits: a prompt of a
+        // round length does not double the cache at the first step
+        let cap = (t + 1).next_multiple_of(KV_SPLIT);
         let mut cache = CudaKvCache {
             keys: self.alloc(b * cap * h * shape.dk),
             values: self.alloc(b * cap * h * shape.dv),

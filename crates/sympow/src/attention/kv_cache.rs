@@ -5,6 +5,7 @@
 
 use super::{AttentionSpec, Shape};
 use crate::float::Float;
+use rayon::prelude::*;
 
 /// The keys and values of every head of `batch` sequences decoded in step, in f64.
 ///
@@ -73,6 +74,12 @@ impl<F: Float> KvCache<F> {
         self.len() == 0
     }
 
+    /// Bytes of keys and values held (f64).
+    pub fn bytes(&self) -> usize {
+        let values: usize = self.keys.iter().chain(&self.values).map(Vec::len).sum();
+        values * std::mem::size_of::<f64>()
+    }
+
     /// One token per sequence: appends k (`[batch, heads, dk]`) and v (`[batch, heads, dv]`),
     /// then attends over the cache with q (`[batch, heads, dk]`). Returns y `[batch, heads,
     /// dv]`.
@@ -84,25 +91,30 @@ impl<F: Float> KvCache<F> {
             "decode step: q, k must be [batch·heads, dk] and v [batch·heads, dv] of the cache's shape ({} heads)",
             self.heads
         );
-        let mut y = Vec::with_capacity(bh * e);
-        for (i, (keys, values)) in self.keys.iter_mut().zip(&mut self.values).enumerate() {
-            keys.extend(k[i * d..(i + 1) * d].iter().map(|a| a.f64()));
-            values.extend(v[i * e..(i + 1) * e].iter().map(|a| a.f64()));
-            let qi = &q[i * d..(i + 1) * d];
-            let scores: Vec<f64> = keys
-                .chunks_exact(d)
-                .map(|kk| self.scale * kk.iter().zip(qi).map(|(a, b)| a * b.f64()).sum::<f64>())
-                .collect();
-            let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
-            let z: f64 = w.iter().sum();
-            let mut acc = vec![0.0f64; e];
-            for (wi, vv) in w.iter().zip(values.chunks_exact(e)) {
-                acc.iter_mut().zip(vv).for_each(|(a, &vc)| *a += wi * vc);
-            }
-            y.extend(acc.iter().map(|a| F::of(a / z)));
-        }
-        y
+        // (sequence, head) pairs are independent: one task each
+        let scale = self.scale;
+        let heads: Vec<Vec<F>> = (&mut self.keys, &mut self.values)
+            .into_par_iter()
+            .enumerate()
+            .map(|(i, (keys, values))| {
+                keys.extend(k[i * d..(i + 1) * d].iter().map(|a| a.f64()));
+                values.extend(v[i * e..(i + 1) * e].iter().map(|a| a.f64()));
+                let qi = &q[i * d..(i + 1) * d];
+                let scores: Vec<f64> = keys
+                    .chunks_exact(d)
+                    .map(|kk| scale * kk.iter().zip(qi).map(|(a, b)| a * b.f64()).sum::<f64>())
+                    .collect();
+                let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+                let z: f64 = w.iter().sum();
+                let mut acc = vec![0.0f64; e];
+                for (wi, vv) in w.iter().zip(values.chunks_exact(e)) {
+                    acc.iter_mut().zip(vv).for_each(|(a, &vc)| *a += wi * vc);
+                }
+                acc.iter().map(|a| F::of(a / z)).collect()
+            })
+            .collect();
+        heads.concat()
     }
 }
 
