@@ -4,39 +4,69 @@
 // The state is read and written once per token (memory-bound: D·(e+1)·16 bytes per head),
 // so a step costs the same at any context length. Compiled at run time by NVRTC.
 
-#define DECODE_ROWS 32
+#define DECODE_ROWS 64
+#define DECODE_THREADS 256
 
-// grid (ceil(D / DECODE_ROWS), batch·heads): each block updates DECODE_ROWS rows of one head's
-// state and writes their contribution φ(σq)ᵀS to partial[head][tile][0..e] (read by
-// sympow_decode_read: deterministic, no atomics). idx/coef: the φ_p table (D × p, D).
-extern "C" __global__ void sympow_decode_update(double* S, double* partial, const float* q, const float* k,
-                                                const float* v, const float* log_g, const int* idx,
-                                                const double* coef, int D, int p, int d, int e, double scale) {
-    __shared__ double phk[DECODE_ROWS], phq[DECODE_ROWS];
-    int tile = blockIdx.x, bh = blockIdx.y, tiles = gridDim.x, e1 = e + 1;
+// grid (ceil(D / DECODE_ROWS), batch·heads), DECODE_THREADS threads: each block updates
+// DECODE_ROWS rows of one head's state and writes their contribution φ(σq)ᵀS to
+// partial[head][tile][0..e] (read by sympow_decode_read: deterministic, no atomics). idx/coef:
+// the φ_p table (D × p, D). A thread takes one column of every `groups`-th row (groups =
+// DECODE_THREADS / (e+1) row groups side by side, so that most threads work when e+1 is
+// narrower than the block), and loads eight rows before it updates them: the step is a read
+// and a write of the state, and this keeps enough loads in flight to stream it.
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
+    sympow_decode_update(double* __restrict__ S, double* __restrict__ partial, const float* q, const float* k,
+                         const float* v, const float* log_g, const int* idx, const double* coef, int D, int p,
+                         int d, int e, double scale) {
+    __shared__ double phk[DECODE_ROWS], phq[DECODE_ROWS], red[DECODE_THREADS];
+    int tile = blockIdx.x, bh = blockIdx.y, tiles = gridDim.x, e1 = e + 1, tid = threadIdx.x;
     int i0 = tile * DECODE_ROWS, rows = min(DECODE_ROWS, D - i0);
-    if (threadIdx.x < rows) {
-        int i = i0 + threadIdx.x;
+    if (tid < rows) {
+        int i = i0 + tid;
         double fk = coef[i], fq = coef[i];
         for (int j = 0; j < p; j++) {
             int a = idx[i * p + j];
             fk *= (double)k[(long)bh * d + a];
             fq *= scale * (double)q[(long)bh * d + a];
         }
-        phk[threadIdx.x] = fk;
-        phq[threadIdx.x] = fq;
+        phk[tid] = fk;
+        phq[tid] = fq;
     }
     __syncthreads();
     double decay = log_g ? exp((double)log_g[bh]) : 1.0;
     double* s = S + ((long)bh * D + i0) * e1;
-    for (int c = threadIdx.x; c < e1; c += blockDim.x) {
-        double vc = c < e ? (double)v[(long)bh * e + c] : 1.0, acc = 0.0;
-        for (int r = 0; r < rows; r++) {
-            double x = s[(long)r * e1 + c] * decay + phk[r] * vc;
-            s[(long)r * e1 + c] = x;
-            acc += phq[r] * x;
+    bool wide = e1 >= DECODE_THREADS; // then one row group, over column chunks
+    int groups = wide ? 1 : DECODE_THREADS / e1, g = wide ? 0 : tid / e1;
+    for (int c0 = 0; c0 < e1; c0 += DECODE_THREADS) {
+        int c = c0 + (wide ? tid : tid % e1);
+        double acc = 0.0;
+        if (g < groups && c < e1) {
+            double vc = c < e ? (double)v[(long)bh * e + c] : 1.0;
+            for (int r0 = g; r0 < rows; r0 += 8 * groups) {
+                double x[8];
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    int r = r0 + u * groups;
+                    x[u] = r < rows ? s[(long)r * e1 + c] : 0.0;
+                }
+#pragma unroll
+                for (int u = 0; u < 8; u++) {
+                    int r = r0 + u * groups;
+                    if (r < rows) {
+                        double y = x[u] * decay + phk[r] * vc;
+                        s[(long)r * e1 + c] = y;
+                        acc += phq[r] * y;
+                    }
+                }
+            }
         }
-        partial[((long)bh * tiles + tile) * e1 + c] = acc;
+        red[tid] = acc;
+        __syncthreads();
+        if (g == 0 && c < e1) {
+            for (int gg = 1; gg < groups; gg++) acc += red[gg * e1 + c];
+            partial[((long)bh * tiles + tile) * e1 + c] = acc;
+        }
+        __syncthreads();
     }
 }
 

@@ -160,7 +160,9 @@ impl sympow::backend::Footprint for CudaDecodeState {
 }
 
 /// State rows per block of `sympow_decode_update` (`DECODE_ROWS` in decode.cu).
-const DECODE_ROWS: usize = 32;
+const DECODE_ROWS: usize = 64;
+/// Threads per block of `sympow_decode_update` (`DECODE_THREADS` in decode.cu).
+const DECODE_THREADS: u32 = 256;
 
 /// The CUDA backend of one GPU.
 pub struct CudaBackend {
@@ -2112,7 +2114,7 @@ impl Backend for CudaBackend {
         let (dim, p, d, e) = (s.dim as i32, s.p as i32, s.d as i32, s.e as i32);
         let cfg = LaunchConfig {
             grid_dim: (tiles as u32, s.heads as u32, 1),
-            block_dim: (128, 1, 1),
+            block_dim: (DECODE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let f = &self.fns["sympow_decode_update"];
@@ -2319,6 +2321,7 @@ mod tests {
             ("LN_WARPS", LN_WARPS as usize),
             ("LN_BWD_ROWS", LN_BWD_ROWS),
             ("DECODE_ROWS", DECODE_ROWS),
+            ("DECODE_THREADS", DECODE_THREADS as usize),
             ("KV_SPLIT", kv_cache::KV_SPLIT),
         ] {
             let define = format!("#define {name} {value}");
