@@ -70,6 +70,68 @@ extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
     }
 }
 
+#define PREFILL_ROWS 32
+#define PREFILL_TOKENS 32
+
+// A prefill's final states, summed directly over its tokens in f64:
+//   S[o][r][c] = Σ_t w_t φ_r(k_t) [v_t, 1][c],   w_t = exp(Σ_{s>t} log γ_s)
+// grid (ceil(D / PREFILL_ROWS), batch·heads), DECODE_THREADS threads; k, v are [batch, T, heads,
+// d] and [batch, T, heads, e], w [batch·heads, T] (null: ungated). Tokens come in tiles of
+// PREFILL_TOKENS: the block stages the tile's keys and values in shared memory, makes w_t·φ_r(k_t)
+// for its rows, then each thread adds the tile into one column of every `groups`-th row, held
+// in registers (groups = DECODE_THREADS / (e+1) row groups side by side, as in
+// sympow_decode_update; e + 1 ≤ DECODE_THREADS). Dynamic shared memory: PREFILL_TOKENS ·
+// (PREFILL_ROWS doubles + d + e floats).
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
+    sympow_prefill_state(double* __restrict__ S, const float* k, const float* v, const double* w,
+                         const int* idx, const double* coef, int T, int heads, int D, int p, int d, int e) {
+    extern __shared__ double pf_sm[];
+    double* ph = pf_sm;                                  // [PREFILL_TOKENS][PREFILL_ROWS]
+    float* vs = (float*)(ph + PREFILL_TOKENS * PREFILL_ROWS); // [PREFILL_TOKENS][e]
+    float* ks = vs + PREFILL_TOKENS * e;                 // [PREFILL_TOKENS][d]
+    int tile = blockIdx.x, o = blockIdx.y, e1 = e + 1, tid = threadIdx.x;
+    int h = o % heads;
+    int i0 = tile * PREFILL_ROWS, rows = min(PREFILL_ROWS, D - i0);
+    int groups = DECODE_THREADS / e1, g = tid / e1, c = tid % e1;
+    int nr = g < groups ? (rows - g + groups - 1) / groups : 0; // rows g, g + groups, …
+    const long tok0 = (long)(o / heads) * T;                     // token t: row (tok0 + t)·heads + h
+    const double* ws = w ? w + (long)o * T : nullptr;
+    // while making φ, a thread takes one row (DECODE_THREADS is a multiple of PREFILL_ROWS)
+    int pr = tid % PREFILL_ROWS, pi = i0 + pr;
+    double pc = pr < rows ? coef[pi] : 0.0;
+    double acc[PREFILL_ROWS];
+#pragma unroll
+    for (int j = 0; j < PREFILL_ROWS; j++) acc[j] = 0.0;
+    for (int t0 = 0; t0 < T; t0 += PREFILL_TOKENS) {
+        int nt = min(PREFILL_TOKENS, T - t0);
+        __syncthreads(); // the previous tile is used up
+        for (int x = tid; x < nt * d; x += DECODE_THREADS)
+            ks[x] = k[((tok0 + t0 + x / d) * heads + h) * d + x % d];
+        for (int x = tid; x < nt * e; x += DECODE_THREADS)
+            vs[x] = v[((tok0 + t0 + x / e) * heads + h) * e + x % e];
+        __syncthreads();
+        for (int tt = tid / PREFILL_ROWS; tt < PREFILL_TOKENS; tt += DECODE_THREADS / PREFILL_ROWS) {
+            double f = 0.0;
+            if (tt < nt && pr < rows) {
+                f = pc * (ws ? ws[t0 + tt] : 1.0);
+                for (int j = 0; j < p; j++) f *= (double)ks[tt * d + idx[pi * p + j]];
+            }
+            ph[tt * PREFILL_ROWS + pr] = f;
+        }
+        __syncthreads();
+        if (nr > 0)
+            for (int tt = 0; tt < nt; tt++) {
+                double vc = c < e ? (double)vs[tt * e + c] : 1.0;
+#pragma unroll
+                for (int j = 0; j < PREFILL_ROWS; j++)
+                    if (j < nr) acc[j] += ph[tt * PREFILL_ROWS + g + j * groups] * vc;
+            }
+    }
+#pragma unroll
+    for (int j = 0; j < PREFILL_ROWS; j++)
+        if (j < nr) S[((long)o * D + i0 + g + j * groups) * e1 + c] = acc[j];
+}
+
 // y[head][c] = Σ_tiles partial[..][c] / (Σ_tiles partial[..][e] + ε); one block per head
 extern "C" __global__ void sympow_decode_read(float* y, const double* partial, int tiles, int e, double eps) {
     __shared__ double z;

@@ -159,10 +159,23 @@ impl sympow::backend::Footprint for CudaDecodeState {
     }
 }
 
+/// φ_p's table for sympow attention of `spec` at head dimension `d`.
+fn phi_table(spec: &AttentionSpec, d: usize) -> sympow::attention::phi::SymPow {
+    match spec.kernel {
+        sympow::attention::Kernel::Power(p) => sympow::attention::phi::SymPow::new(d, p),
+        sympow::attention::Kernel::Softmax => panic!("softmax attention has no recurrent state"),
+    }
+}
+
 /// State rows per block of `sympow_decode_update` (`DECODE_ROWS` in decode.cu).
 const DECODE_ROWS: usize = 64;
-/// Threads per block of `sympow_decode_update` (`DECODE_THREADS` in decode.cu).
+/// Threads per block of `sympow_decode_update` and `sympow_prefill_state` (`DECODE_THREADS` in
+/// decode.cu).
 const DECODE_THREADS: u32 = 256;
+/// State rows per block and tokens per tile of `sympow_prefill_state` (`PREFILL_ROWS`,
+/// `PREFILL_TOKENS` in decode.cu).
+const PREFILL_ROWS: usize = 32;
+const PREFILL_TOKENS: usize = 32;
 
 /// The CUDA backend of one GPU.
 pub struct CudaBackend {
@@ -197,13 +210,14 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 49] = [
+const KERNELS: [&str; 50] = [
     "f32_to_bf16",
     "count_non_finite_bf16",
     "copy_columns_to_bf16",
     "gelu_forward_bf16",
     "gelu_backward_bf16",
     "sympow_decode_update",
+    "sympow_prefill_state",
     "sympow_decode_read",
     "kv_cache_copy",
     "softmax_decode_partial",
@@ -513,6 +527,34 @@ impl CudaBackend {
     /// product with beta = 0, which does not read C) writes each element.
     fn alloc(&self, n: usize) -> CudaSlice<f32> {
         crate::device::alloc_output(&self.stream, n)
+    }
+
+    /// Decode states `[heads, D, e+1]` (f64, on the device) with φ's table and the read's
+    /// scratch.
+    fn decode_state_of(
+        &self,
+        table: &sympow::attention::phi::SymPow,
+        heads: usize,
+        d: usize,
+        e: usize,
+        state: CudaSlice<f64>,
+    ) -> CudaDecodeState {
+        let idx: Vec<i32> = table.indices().iter().map(|&i| i32::from(i)).collect();
+        let tiles = table.dim.div_ceil(DECODE_ROWS);
+        let st = &self.stream;
+        CudaDecodeState {
+            state,
+            partial: st
+                .alloc_zeros(heads * tiles * (e + 1))
+                .expect("device allocation"),
+            idx: st.clone_htod(&idx).expect("host to device copy"),
+            coef: st.clone_htod(table.scales()).expect("host to device copy"),
+            dim: table.dim,
+            p: table.p as usize,
+            heads,
+            d,
+            e,
+        }
     }
 
     /// A zeroed buffer, for outputs that kernels accumulate into.
@@ -2065,35 +2107,117 @@ impl Backend for CudaBackend {
     }
     fn decode_state(&self, spec: &AttentionSpec, shape: &Shape, states: &[f64]) -> CudaDecodeState {
         let _p = self.prof("decode_state");
-        let p = match spec.kernel {
-            sympow::attention::Kernel::Power(p) => p,
-            sympow::attention::Kernel::Softmax => {
-                panic!("softmax attention has no recurrent state")
-            }
-        };
-        let table = sympow::attention::phi::SymPow::new(shape.dk, p);
-        let (heads, e) = (shape.batch * shape.heads, shape.dv);
+        let table = phi_table(spec, shape.dk);
+        let heads = shape.batch * shape.heads;
         assert_eq!(
             states.len(),
-            heads * table.dim * (e + 1),
+            heads * table.dim * (shape.dv + 1),
             "decode states must be [batch·heads, D, e+1]"
         );
-        let idx: Vec<i32> = table.indices().iter().map(|&i| i32::from(i)).collect();
-        let tiles = table.dim.div_ceil(DECODE_ROWS);
-        let st = &self.stream;
-        CudaDecodeState {
-            state: st.clone_htod(states).expect("host to device copy"),
-            partial: st
-                .alloc_zeros(heads * tiles * (e + 1))
-                .expect("device allocation"),
-            idx: st.clone_htod(&idx).expect("host to device copy"),
-            coef: st.clone_htod(table.scales()).expect("host to device copy"),
-            dim: table.dim,
-            p: p as usize,
-            heads,
-            d: shape.dk,
-            e,
+        let state = self.stream.clone_htod(states).expect("host to device copy");
+        self.decode_state_of(&table, heads, shape.dk, shape.dv, state)
+    }
+    fn sympow_prefill_state(
+        &self,
+        spec: &AttentionSpec,
+        shape: &Shape,
+        _chunk: usize, // the GPU sums over every token directly
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        log_gates: Option<&CudaSlice<f32>>,
+        seqs: &[usize],
+    ) -> CudaDecodeState {
+        let _p = self.prof("sympow_prefill_state");
+        let table = phi_table(spec, shape.dk);
+        let (n, t, h, d, e) = (shape.batch, shape.time, shape.heads, shape.dk, shape.dv);
+        assert!(
+            k.len() == n * t * h * d && v.len() == n * t * h * e,
+            "a prefill state takes keys [batch, time, heads, dk] and values [batch, time, heads, dv]"
+        );
+        assert!(
+            seqs.iter().all(|&s| s < n),
+            "prefill state: a sequence index is out of range"
+        );
+        assert!(
+            e < DECODE_THREADS as usize,
+            "prefill state: value width {e} over {}",
+            DECODE_THREADS - 1
+        );
+        // w_t = exp(Σ_{s>t} log γ_s) per input sequence and head, [n·heads, T] in f64
+        let weights = log_gates.map(|g| {
+            let g = self.download(g);
+            let mut w = vec![0.0f64; n * h * t];
+            for (bh, row) in w.chunks_exact_mut(t.max(1)).enumerate() {
+                let (b, hh) = (bh / h, bh % h);
+                let mut after = 0.0f64;
+                for ti in (0..t).rev() {
+                    row[ti] = after.exp();
+                    after += f64::from(g[(b * t + ti) * h + hh]);
+                }
+            }
+            self.stream.clone_htod(&w).expect("host to device copy")
+        });
+        let smem = PREFILL_TOKENS * (PREFILL_ROWS * 8 + (d + e) * 4);
+        assert!(
+            smem <= 48 * 1024,
+            "prefill state: head dimensions {d} + {e} over the kernel's shared memory"
+        );
+        // each input sequence's states once, then copied to the sequences that continue it
+        let per = h * table.dim * (e + 1);
+        let zeros = self
+            .stream
+            .alloc_zeros::<f64>((n * per).max(1))
+            .expect("device allocation");
+        let mut out = self.decode_state_of(&table, n * h, d, e, zeros);
+        if t > 0 && n > 0 {
+            let (ti, hi, dim, p, di, ei) = (
+                t as i32,
+                h as i32,
+                table.dim as i32,
+                table.p as i32,
+                d as i32,
+                e as i32,
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (table.dim.div_ceil(PREFILL_ROWS) as u32, (n * h) as u32, 1),
+                block_dim: (DECODE_THREADS, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            let f = &self.fns["sympow_prefill_state"];
+            let mut l = self.stream.launch_builder(f);
+            l.arg(&mut out.state).arg(k).arg(v);
+            match &weights {
+                Some(w) => l.arg(w),
+                None => l.arg(&NULL),
+            };
+            l.arg(&out.idx)
+                .arg(&out.coef)
+                .arg(&ti)
+                .arg(&hi)
+                .arg(&dim)
+                .arg(&p)
+                .arg(&di)
+                .arg(&ei);
+            // SAFETY: arguments match the declaration in decode.cu; the grid covers D rows (last
+            // tile partial, bounded in the kernel) and every input head; e + 1 ≤ DECODE_THREADS
+            // and the dynamic shared memory is the kernel's (checked above).
+            unsafe { l.launch(cfg) }.expect("sympow_prefill_state");
         }
+        if seqs.iter().copied().eq(0..n) {
+            return out;
+        }
+        let mut state = self
+            .stream
+            .alloc_zeros::<f64>((seqs.len() * per).max(1))
+            .expect("device allocation");
+        for (i, &s) in seqs.iter().enumerate() {
+            let src = out.state.slice(s * per..(s + 1) * per);
+            let mut dst = state.slice_mut(i * per..(i + 1) * per);
+            self.stream
+                .memcpy_dtod(&src, &mut dst)
+                .expect("device to device copy");
+        }
+        self.decode_state_of(&table, seqs.len() * h, d, e, state)
     }
     fn sympow_decode_step(
         &self,
@@ -2322,6 +2446,8 @@ mod tests {
             ("LN_BWD_ROWS", LN_BWD_ROWS),
             ("DECODE_ROWS", DECODE_ROWS),
             ("DECODE_THREADS", DECODE_THREADS as usize),
+            ("PREFILL_ROWS", PREFILL_ROWS),
+            ("PREFILL_TOKENS", PREFILL_TOKENS),
             ("KV_SPLIT", kv_cache::KV_SPLIT),
         ] {
             let define = format!("#define {name} {value}");

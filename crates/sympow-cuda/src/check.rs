@@ -949,6 +949,54 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         });
     }
 
+    // generation: the states after a prefill, made on each backend (the CPU by the chunked
+    // algorithm, the GPU by summing the tokens directly), for three sequences continuing inputs
+    // 1, 0, 1 of two; then decode steps from both. 300 tokens: ten tiles of 32, the last
+    // partial; d = 128: one row group (e + 1 = 129 columns), d = 16: fifteen
+    for (label, p, d, gated) in [
+        ("p=2 d=64", 2, 64, true),
+        ("p=2 d=16 ungated", 2, 16, false),
+        ("p=2 d=128", 2, 128, true),
+        ("p=4 d=8", 4, 8, true),
+    ] {
+        let spec = AttentionSpec::sympow(p, d).unwrap();
+        let shape = Shape {
+            batch: 2,
+            time: 300,
+            heads: 3,
+            dk: d,
+            dv: d,
+        };
+        let n = 2 * 300 * 3;
+        let (k, v): (Vec<f32>, Vec<f32>) = (randn(&mut r, n * d, 1.0), randn(&mut r, n * d, 1.0));
+        let g: Vec<f32> = sympow::testing::log_gates(&mut r, n, 0.9, 0.999);
+        let seqs = [1, 0, 1];
+        let mut sc =
+            cpu.sympow_prefill_state(&spec, &shape, 64, &k, &v, gated.then_some(&g), &seqs);
+        let gg = gated.then(|| up(&g));
+        let mut sg =
+            gpu.sympow_prefill_state(&spec, &shape, 64, &up(&k), &up(&v), gg.as_ref(), &seqs);
+        let mut err: f64 = 0.0;
+        for _ in 0..3 {
+            let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+                randn(&mut r, 9 * d, 1.0),
+                randn(&mut r, 9 * d, 1.0),
+                randn(&mut r, 9 * d, 1.0),
+            );
+            let g: Vec<f32> = sympow::testing::log_gates(&mut r, 9, 0.9, 0.999);
+            let gc = gated.then_some(&g);
+            let gg = gated.then(|| up(&g));
+            let yc = cpu.sympow_decode_step(&spec, &mut sc, &q, &k, &v, gc);
+            let yg = gpu.sympow_decode_step(&spec, &mut sg, &up(&q), &up(&k), &up(&v), gg.as_ref());
+            err = err.max(rel_err(&dn(&yg), &yc));
+        }
+        rows.push(Row {
+            what: format!("prefill state {label}, 300 tokens, then 3 decode steps"),
+            err,
+            tol: TOL,
+        });
+    }
+
     // generation, softmax: a KV cache filled from a prefill, then appended to. 40 tokens: one
     // partial split; 255: the prefill leaves one free row, the second step grows the cache and
     // its second split holds one key; d = 130: wider than a block (values in column chunks),

@@ -372,6 +372,42 @@ pub trait Backend: Send + Sync {
         shape: &Shape,
         states: &[f64],
     ) -> Self::DecodeState;
+    /// Decode states after a prefill: each (sequence, head)'s `[S | z]` after the `shape.time`
+    /// tokens of keys `k` and values `v` (`[batch, time, heads, d]`, the forward's rotated keys
+    /// and its values) and log gates (`[batch, time, heads]`), S = Σ_t (Π_{s>t} γ_s)
+    /// φ(k_t)[v_t, 1]ᵀ in f64 (SPEC §9). Sequence i of the result continues sequence
+    /// `seqs[i]` of the inputs (a prompt prefilled once for several samples). The default
+    /// computes them on the host with the chunked algorithm (chunks of `chunk`,
+    /// [`chunked_final_states`](crate::attention::chunked_final_states)); a GPU keeps them
+    /// there.
+    #[allow(clippy::too_many_arguments)]
+    fn sympow_prefill_state(
+        &self,
+        spec: &AttentionSpec,
+        shape: &Shape,
+        chunk: usize,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        log_gates: Option<&Self::Tensor>,
+        seqs: &[usize],
+    ) -> Self::DecodeState {
+        let f64s =
+            |t: &Self::Tensor| -> Vec<f64> { self.download(t).iter().map(|x| x.f64()).collect() };
+        let g = log_gates.map(f64s);
+        let states =
+            attention::chunked_final_states(spec, chunk, shape, &f64s(k), &f64s(v), g.as_deref());
+        let h = shape.heads;
+        let states: Vec<f64> = seqs
+            .iter()
+            .flat_map(|&s| states[s * h..(s + 1) * h].concat())
+            .collect();
+        let one = Shape {
+            batch: seqs.len(),
+            time: 1,
+            ..*shape
+        };
+        self.decode_state(spec, &one, &states)
+    }
     /// One token of sympow attention per sequence and head, in the recurrent form (SPEC §9):
     /// S ← γS + φ(k)[v, 1]ᵀ, then y = φ(σq)ᵀS[:, :e] / (φ(σq)ᵀS[:, e] + ε). q, k are
     /// `[batch, heads, d]`, v `[batch, heads, e]`, log gates `[batch, heads]`; returns y

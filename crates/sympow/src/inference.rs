@@ -7,7 +7,7 @@
 //! the CPU); softmax's KV cache stays there too and [`Backend::softmax_decode_step`] appends to
 //! it and attends over it (linear in the context, as softmax must be).
 
-use crate::attention::{chunked_final_states, AttentionSpec, Form, Shape};
+use crate::attention::{AttentionSpec, Form, Shape};
 use crate::backend::{Backend, Footprint};
 use crate::config::{GateKind, RotaryKind};
 use crate::model::{Dims, Model, Trace};
@@ -122,25 +122,15 @@ impl<'m, B: Backend> Decoder<'m, B> {
                     let v = be.embedding_forward(&bt.v, &rows, h * d);
                     LayerState::Cache(be.kv_cache(&spec, &Shape { batch, ..shape }, &k, &v))
                 } else {
-                    // the chunked algorithm's final state, in f64 (see `RecurrentState`)
+                    // the state after the prompt, in f64 (see `RecurrentState`)
                     let chunk = match model.attention_form(t) {
                         Form::Chunked(c) => c,
                         _ => model.cfg.model.chunk,
                     };
-                    let k = to_f64(&be.download(&bt.kr));
-                    let v = to_f64(&be.download(&bt.v));
-                    let g = bt.log_gates.as_ref().map(|g| to_f64(&be.download(g)));
-                    let states = chunked_final_states(&spec, chunk, &shape, &k, &v, g.as_deref());
-                    let states: Vec<f64> = src
-                        .iter()
-                        .flat_map(|&s| states[s * h..(s + 1) * h].concat())
-                        .collect();
-                    let one = Shape {
-                        batch,
-                        time: 1,
-                        ..shape
-                    };
-                    LayerState::Recurrent(be.decode_state(&spec, &one, &states))
+                    let g = bt.log_gates.as_ref();
+                    LayerState::Recurrent(
+                        be.sympow_prefill_state(&spec, &shape, chunk, &bt.kr, &bt.v, g, &src),
+                    )
                 },
             );
             angles.push(match &bt.angles {
