@@ -786,7 +786,7 @@ fn bench_decode_prints_a_row_per_variant_batch_and_context() {
             .unwrap_or_else(|| panic!("no row for {att}, batch {batch}, context {ctx}:\n{out}"))
     };
     let mib = |r: &[String]| -> f64 {
-        let (x, unit) = r[6].split_once(' ').unwrap();
+        let (x, unit) = r[7].split_once(' ').unwrap();
         let scale = match unit {
             "B" => 1.0,
             "KiB" => 1024.0,
@@ -797,7 +797,7 @@ fn bench_decode_prints_a_row_per_variant_batch_and_context() {
     };
     for batch in [1, 2] {
         let (a, b) = (row("conformal", batch, 16), row("conformal", batch, 32));
-        assert!(a[4].parse::<f64>().unwrap() > 0.0, "{a:?}");
+        assert!(a[5].parse::<f64>().unwrap() > 0.0, "{a:?}");
         assert_eq!(
             mib(&a),
             mib(&b),

@@ -121,6 +121,9 @@ pub struct DecodeBenchRow {
     /// Median time of one decode step (one token per sequence through the whole model),
     /// microseconds; `None` where the row was skipped (see [`decode`]).
     pub step_us: Option<f64>,
+    /// Time of the prefill (the prompt's forward pass and the decoding states made from it),
+    /// seconds.
+    pub prefill_s: f64,
     /// Bytes of the batch's recurrent states or KV caches ([`Decoder::memory_bytes`]).
     ///
     /// [`Decoder::memory_bytes`]: crate::inference::Decoder::memory_bytes
@@ -168,12 +171,15 @@ pub fn decode<B: crate::backend::Backend>(
                         batch,
                         context: ctx,
                         step_us: None,
+                        prefill_s: 0.0,
                         memory_bytes: 0,
                         profile: None,
                     });
                     continue;
                 }
+                let t0 = Instant::now();
                 let (mut dec, _) = Decoder::prefill_batch(&model, &vec![&prompt[..]; batch]);
+                let prefill_s = t0.elapsed().as_secs_f64();
                 // sequence i's tokens at step s: distinct across the batch, like real sampling
                 let tokens = |s: usize| -> Vec<u32> {
                     (0..batch)
@@ -207,6 +213,7 @@ pub fn decode<B: crate::backend::Backend>(
                     batch,
                     context: ctx,
                     step_us: Some(times[times.len() / 2]),
+                    prefill_s,
                     memory_bytes: dec.memory_bytes(),
                     profile,
                 });
@@ -232,10 +239,10 @@ pub fn format_bytes(bytes: usize) -> String {
 /// shortest context.
 pub fn format_decode_table(rows: &[DecodeBenchRow]) -> String {
     let mut s = String::from(
-        " attention  | batch | context | µs per step | tokens/s | × shortest context | state or cache\n",
+        " attention  | batch | context | prefill s | µs per step | tokens/s | × shortest context | state or cache\n",
     );
     s.push_str(
-        "------------+-------+---------+-------------+----------+--------------------+---------------\n",
+        "------------+-------+---------+-----------+-------------+----------+--------------------+---------------\n",
     );
     for r in rows {
         let base = rows
@@ -244,10 +251,11 @@ pub fn format_decode_table(rows: &[DecodeBenchRow]) -> String {
             .and_then(|b| b.step_us);
         match r.step_us {
             Some(us) => s.push_str(&format!(
-                " {:<10} | {:>5} | {:>7} | {:>11.1} | {:>8.0} | {:>17.2}× | {:>14}\n",
+                " {:<10} | {:>5} | {:>7} | {:>9.2} | {:>11.1} | {:>8.0} | {:>17.2}× | {:>14}\n",
                 r.attention,
                 r.batch,
                 r.context,
+                r.prefill_s,
                 us,
                 r.batch as f64 * 1e6 / us,
                 base.map_or(f64::NAN, |b| us / b),
