@@ -260,8 +260,9 @@ struct AttentionBench {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Generation: time of one decode step after a prefill of each context length,
-    /// conformal sympow (recurrent state) against softmax (KV cache), random weights.
+    /// Generation: prefill time, then the time of one decode step (a token for each sequence of
+    /// a batch) and tokens/s after a prefill of each context length, conformal sympow
+    /// (recurrent state) against softmax (KV cache), random weights.
     Decode {
         /// Context lengths (tokens prefilled before the timed steps).
         #[arg(long, value_delimiter = ',', default_values_t = vec![1024, 4096, 16384, 65536])]

@@ -1,11 +1,13 @@
-//! Generation: a prompt is prefilled with the training form (chunked for sympow), then each
-//! new token costs the same whatever the context — sympow updates a recurrent state per head
-//! (SPEC §9), softmax appends to a KV cache.
+//! Generation: a batch of prompts is prefilled with the training form (chunked for sympow), then
+//! each new token costs the same whatever the context — sympow updates a recurrent state per
+//! sequence and head (SPEC §9), softmax appends to a KV cache.
 //!
-//! A step runs entirely through the backend. On a GPU, sympow's recurrent state stays on the
-//! device and [`Backend::sympow_decode_step`] updates and reads it in one pass (f64 state, as on
-//! the CPU); softmax's KV cache stays there too and [`Backend::softmax_decode_step`] appends to
-//! it and attends over it (linear in the context, as softmax must be).
+//! A step runs entirely through the backend, for every sequence of the batch at once. On a GPU,
+//! sympow's recurrent states are made from the prompt there
+//! ([`Backend::sympow_prefill_state`]) and stay there; [`Backend::sympow_decode_step`] updates
+//! and reads them in one pass (f64 states, as on the CPU); softmax's KV caches stay there too and
+//! [`Backend::softmax_decode_step`] appends to them and attends over them (linear in the
+//! context, as softmax must be).
 
 use crate::attention::{AttentionSpec, Form, Shape};
 use crate::backend::{Backend, Footprint};
