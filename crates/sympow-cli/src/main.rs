@@ -1043,12 +1043,10 @@ fn bench_train<B: Backend>(
             let batch = (tokens / context).max(1);
             let backend = spare.take().unwrap_or_else(make);
             let mut model = Model::init(backend, &cfg, 1);
-            let step_ms = sympow::bench::train_step_ms(&mut model, batch, context, reps);
+            let (step_ms, _) =
+                sympow::bench::train_step_ms(&mut model, batch, context, reps, false);
             if profile {
-                model.backend.set_profiling(true);
-                let t0 = std::time::Instant::now();
-                sympow::bench::train_step_ms(&mut model, batch, context, 1);
-                let total = t0.elapsed().as_secs_f64();
+                let (_, total) = sympow::bench::train_step_ms(&mut model, batch, context, 1, true);
                 profiles.push_str(&format!(
                     "\n{name}, context {context}, batch {batch}: 2 steps, {:.1} ms synchronised\n{}",
                     total * 1e3,

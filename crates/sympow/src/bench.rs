@@ -293,13 +293,17 @@ impl TrainBenchRow {
 /// Times training steps of `model` on random tokens, `batch` sequences of `context`: forward
 /// with the loss, the loss read back, backward, the gradient norm read back, AdamW on every
 /// parameter — what `train` does per micro-batch and step, without the data loader. One
-/// warm-up step, then the median of `steps`; returns milliseconds per step.
+/// warm-up step, then the median of `steps`; returns milliseconds per step. With `profile`, the
+/// backend's op timer is switched on after the set-up (the gradients and AdamW's moments are
+/// made outside what it reports) for every step, warm-up included, and the second value is
+/// those steps' wall seconds.
 pub fn train_step_ms<B: crate::backend::Backend>(
     model: &mut crate::model::Model<B>,
     batch: usize,
     context: usize,
     steps: usize,
-) -> f64 {
+    profile: bool,
+) -> (f64, f64) {
     use crate::float::Float;
     use crate::ops::adamw::{AdamWConfig, AdamWParam};
     use rand::Rng;
@@ -322,6 +326,10 @@ pub fn train_step_ms<B: crate::backend::Backend>(
     };
     let mut times = Vec::with_capacity(steps);
     let mut grads = model.zeros_like();
+    if profile {
+        model.backend.set_profiling(true);
+    }
+    let start = Instant::now();
     for step in 0..=steps.max(1) {
         let t0 = Instant::now();
         model.backend.zero_all(&mut grads.refs_mut());
@@ -349,8 +357,9 @@ pub fn train_step_ms<B: crate::backend::Backend>(
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
     }
+    let total = start.elapsed().as_secs_f64();
     times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    (times[times.len() / 2], total)
 }
 
 /// Formats [`train_step_ms`] rows; the ratio is each row's tokens/s over the first row's at
