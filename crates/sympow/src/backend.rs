@@ -570,6 +570,9 @@ impl<F: Float> Backend for CpuBackend<F> {
     fn download(&self, t: &Vec<F>) -> Vec<F> {
         t.clone()
     }
+    fn download_into(&self, t: &Vec<F>, out: &mut [F]) {
+        out.copy_from_slice(t);
+    }
     fn zeros(&self, len: usize) -> Vec<F> {
         vec![F::zero(); len]
     }

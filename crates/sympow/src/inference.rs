@@ -110,19 +110,27 @@ impl<'m, B: Backend> Decoder<'m, B> {
             dk: d,
             dv: d,
         };
+        // softmax: each sequence's keys and values are its prompt's rows, gathered on the device
+        // where a prompt repeats
+        let cache_rows: Option<Vec<u32>> = (n < batch).then(|| {
+            src.iter()
+                .flat_map(|&s| (s * t..(s + 1) * t).map(|r| r as u32))
+                .collect()
+        });
         let mut layers = Vec::new();
         let mut angles = Vec::new();
         for bt in &trace.blocks {
             layers.push(
                 if model.cfg.model.attention == crate::config::AttentionKind::Softmax {
-                    // every sequence's keys and values: its prompt's rows, gathered on the device
-                    let rows: Vec<u32> = src
-                        .iter()
-                        .flat_map(|&s| (s * t..(s + 1) * t).map(|r| r as u32))
-                        .collect();
-                    let k = be.embedding_forward(&bt.kr, &rows, h * d);
-                    let v = be.embedding_forward(&bt.v, &rows, h * d);
-                    LayerState::Cache(be.kv_cache(&spec, &Shape { batch, ..shape }, &k, &v))
+                    let shape = Shape { batch, ..shape };
+                    LayerState::Cache(match &cache_rows {
+                        None => be.kv_cache(&spec, &shape, &bt.kr, &bt.v),
+                        Some(rows) => {
+                            let k = be.embedding_forward(&bt.kr, rows, h * d);
+                            let v = be.embedding_forward(&bt.v, rows, h * d);
+                            be.kv_cache(&spec, &shape, &k, &v)
+                        }
+                    })
                 } else {
                     // the state after the prompt, in f64 (see `RecurrentState`)
                     let chunk = match model.attention_form(t) {
