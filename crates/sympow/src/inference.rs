@@ -306,11 +306,14 @@ pub fn sample(logits: &[f64], s: &Sampling, rng: &mut impl rand::Rng) -> u32 {
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map_or(0, |(i, _)| i as u32);
     }
+    // most likely first, ties by token id (a total order: the same draw whichever way it sorts)
+    let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
     let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if s.top_k > 0 {
+    if s.top_k > 0 && s.top_k < idx.len() {
+        idx.select_nth_unstable_by(s.top_k - 1, by_logit);
         idx.truncate(s.top_k);
     }
+    idx.sort_unstable_by(by_logit);
     let mx = logits[idx[0]];
     let mut probs: Vec<f64> = idx
         .iter()
@@ -384,9 +387,10 @@ pub fn generate_batch<B: Backend>(
     let (mut dec, mut logits) = Decoder::prefill_batch(model, prompts);
     let v = model.dims.vocab;
     loop {
+        // each sequence its own stream: drawn in parallel, the same tokens
         let next: Vec<u32> = logits
-            .chunks_exact(v)
-            .zip(&mut rngs)
+            .par_chunks_exact(v)
+            .zip(rngs.par_iter_mut())
             .map(|(l, r)| sample(l, sampling, r))
             .collect();
         for (i, (&t, out)) in next.iter().zip(&mut outs).enumerate() {
@@ -398,5 +402,67 @@ pub fn generate_batch<B: Backend>(
         }
         logits.clear();
         logits.extend_from_slice(dec.step(&next));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    /// Draws `n` tokens and returns each token's frequency.
+    fn frequencies(logits: &[f64], s: &Sampling, n: usize) -> Vec<f64> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut count = vec![0usize; logits.len()];
+        for _ in 0..n {
+            count[sample(logits, s, &mut rng) as usize] += 1;
+        }
+        count.iter().map(|&c| c as f64 / n as f64).collect()
+    }
+
+    fn close(got: &[f64], want: &[f64]) -> bool {
+        // 20,000 draws: a frequency's standard deviation is at most 0.0035
+        got.iter().zip(want).all(|(g, w)| (g - w).abs() < 0.015)
+    }
+
+    #[test]
+    fn sampling_follows_temperature_top_k_and_top_p() {
+        let p = [0.2, 0.5, 0.3, 1e-9];
+        let logits: Vec<f64> = p.iter().map(|x: &f64| x.ln() + 7.0).collect();
+        let s = |temperature, top_k, top_p| Sampling {
+            temperature,
+            top_k,
+            top_p,
+        };
+        let n = 20_000;
+        // temperature 0: the most likely token, every time
+        assert_eq!(
+            frequencies(&logits, &s(0.0, 0, 1.0), 50),
+            [0.0, 1.0, 0.0, 0.0]
+        );
+        // temperature 1: the softmax of the logits
+        let f = frequencies(&logits, &s(1.0, 0, 1.0), n);
+        assert!(close(&f, &p), "{f:?}");
+        // temperature 1/2 squares the probabilities
+        let z = 0.04 + 0.25 + 0.09;
+        let f = frequencies(&logits, &s(0.5, 0, 1.0), n);
+        assert!(close(&f, &[0.04 / z, 0.25 / z, 0.09 / z, 0.0]), "{f:?}");
+        // top-k 2: the two most likely, renormalised
+        let f = frequencies(&logits, &s(1.0, 2, 1.0), n);
+        assert!(close(&f, &[0.0, 0.625, 0.375, 0.0]), "{f:?}");
+        // top-p 0.75: 0.5 + 0.3 reaches it, 0.2 is cut
+        let f = frequencies(&logits, &s(1.0, 0, 0.75), n);
+        assert!(close(&f, &[0.0, 0.625, 0.375, 0.0]), "{f:?}");
+        // top-k 1 is greedy at any temperature
+        assert_eq!(
+            frequencies(&logits, &s(5.0, 1, 1.0), 50),
+            [0.0, 1.0, 0.0, 0.0]
+        );
+        // ties go to the lower token id, whichever way the candidates are chosen
+        let tied = [1.0, 3.0, 3.0, 3.0];
+        assert_eq!(
+            frequencies(&tied, &s(1.0, 1, 1.0), 20),
+            [0.0, 1.0, 0.0, 0.0]
+        );
     }
 }
