@@ -6,6 +6,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal, Uniform};
 
+/// The generator [`rng`] makes (for helpers that take one).
+pub type TestRng = ChaCha8Rng;
+
 /// A seeded, portable random generator.
 pub fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
