@@ -173,9 +173,10 @@ const DECODE_ROWS: usize = 64;
 /// decode.cu).
 const DECODE_THREADS: u32 = 256;
 /// State rows per block and tokens per tile of `sympow_prefill_state` (`PREFILL_ROWS`,
-/// `PREFILL_TOKENS` in decode.cu).
-const PREFILL_ROWS: usize = 32;
-const PREFILL_TOKENS: usize = 32;
+/// `PREFILL_TOKENS` in decode.cu), and its most column tiles of 8 (`PREFILL_NT`: e + 1 ≤ 136).
+const PREFILL_ROWS: usize = 64;
+const PREFILL_TOKENS: usize = 16;
+const PREFILL_NT: usize = 17;
 
 /// The CUDA backend of one GPU.
 pub struct CudaBackend {
@@ -2139,9 +2140,9 @@ impl Backend for CudaBackend {
             "prefill state: a sequence index is out of range"
         );
         assert!(
-            e < DECODE_THREADS as usize,
+            e < 8 * PREFILL_NT,
             "prefill state: value width {e} over {}",
-            DECODE_THREADS - 1
+            8 * PREFILL_NT - 1
         );
         // w_t = exp(Σ_{s>t} log γ_s) per input sequence and head, [n·heads, T] in f64
         let weights = log_gates.map(|g| {
@@ -2157,10 +2158,11 @@ impl Backend for CudaBackend {
             }
             self.stream.clone_htod(&w).expect("host to device copy")
         });
-        let smem = PREFILL_TOKENS * (PREFILL_ROWS * 8 + (d + e) * 4);
+        let cols = (e + 1).div_ceil(8) * 8;
+        let smem = PREFILL_TOKENS * ((PREFILL_ROWS + 4 + cols + 4) * 8 + d * 4);
         assert!(
             smem <= 48 * 1024,
-            "prefill state: head dimensions {d} + {e} over the kernel's shared memory"
+            "prefill state: head dimension {d} over the kernel's shared memory"
         );
         // each input sequence's states once, then copied to the sequences that continue it
         let per = h * table.dim * (e + 1);
@@ -2199,7 +2201,7 @@ impl Backend for CudaBackend {
                 .arg(&di)
                 .arg(&ei);
             // SAFETY: arguments match the declaration in decode.cu; the grid covers D rows (last
-            // tile partial, bounded in the kernel) and every input head; e + 1 ≤ DECODE_THREADS
+            // tile partial, bounded in the kernel) and every input head; e + 1 ≤ 8·PREFILL_NT
             // and the dynamic shared memory is the kernel's (checked above).
             unsafe { l.launch(cfg) }.expect("sympow_prefill_state");
         }
@@ -2448,6 +2450,7 @@ mod tests {
             ("DECODE_THREADS", DECODE_THREADS as usize),
             ("PREFILL_ROWS", PREFILL_ROWS),
             ("PREFILL_TOKENS", PREFILL_TOKENS),
+            ("PREFILL_NT", PREFILL_NT),
             ("KV_SPLIT", kv_cache::KV_SPLIT),
         ] {
             let define = format!("#define {name} {value}");

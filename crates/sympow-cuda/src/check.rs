@@ -938,8 +938,9 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
 
     // generation: the states after a prefill, made on each backend (the CPU by the chunked
     // algorithm, the GPU by summing the tokens directly), for three sequences continuing inputs
-    // 1, 0, 1 of two; then decode steps from both. 300 tokens: ten tiles of 32, the last
-    // partial; d = 128: one row group (e + 1 = 129 columns), d = 16: fifteen
+    // 1, 0, 1 of two; then decode steps from both. 300 tokens: tiles of 16, the last partial;
+    // d = 128: all 17 column tiles (e + 1 = 129, the last one column wide), d = 16: 3; D = 2080
+    // at d = 64: blocks of 64 rows, the last half full
     for (label, p, d, gated) in [
         ("p=2 d=64", 2, 64, true),
         ("p=2 d=16 ungated", 2, 16, false),
