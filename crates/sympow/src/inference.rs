@@ -40,17 +40,13 @@ pub struct Decoder<'m, B: Backend> {
     logits: Vec<f64>,
 }
 
-fn to_f64<F: Float>(x: &[F]) -> Vec<f64> {
-    x.iter().map(|v| v.f64()).collect()
-}
-
-/// The vocabulary's logits (`[rows, vocab]`) from the LM head's padded rows
-/// (`[rows, padded_vocab]`): the padding columns are not tokens.
-fn vocab_logits<F: Float>(dims: &Dims, padded: &[F]) -> Vec<f64> {
-    padded
-        .chunks_exact(dims.padded_vocab)
-        .flat_map(|row| to_f64(&row[..dims.vocab]))
-        .collect()
+/// The vocabulary's logits (`out`, `[rows, vocab]`) from the LM head's padded rows (`[rows,
+/// padded_vocab]`): the padding columns are not tokens.
+fn vocab_logits<F: Float>(dims: &Dims, padded: &[F], out: &mut Vec<f64>) {
+    out.resize(padded.len() / dims.padded_vocab * dims.vocab, 0.0);
+    out.par_chunks_mut(dims.vocab)
+        .zip(padded.par_chunks(dims.padded_vocab))
+        .for_each(|(o, row)| o.iter_mut().zip(row).for_each(|(o, x)| *o = x.f64()));
 }
 
 impl<'m, B: Backend> Decoder<'m, B> {
@@ -151,7 +147,8 @@ impl<'m, B: Backend> Decoder<'m, B> {
             });
         }
         let padded = be.embedding_forward(&trace.logits, &last_rows, model.dims.padded_vocab);
-        let logits = vocab_logits(&model.dims, &be.download(&padded));
+        let mut logits = Vec::new();
+        vocab_logits(&model.dims, &be.download(&padded), &mut logits);
         (
             Decoder {
                 model,
@@ -275,13 +272,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let (logits, _) = be.linear_forward(&hn, head, None, c, dm.padded_vocab);
         self.padded.resize(b * dm.padded_vocab, B::Scalar::of(0.0));
         be.download_into(&logits, &mut self.padded);
-        self.logits.resize(b * dm.vocab, 0.0);
-        self.logits
-            .par_chunks_mut(dm.vocab)
-            .zip(self.padded.par_chunks(dm.padded_vocab))
-            .for_each(|(out, row)| {
-                out.iter_mut().zip(row).for_each(|(o, x)| *o = x.f64());
-            });
+        vocab_logits(dm, &self.padded, &mut self.logits);
         &self.logits
     }
 }
