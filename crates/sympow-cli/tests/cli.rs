@@ -30,7 +30,8 @@ fn assert_error(o: &Output, what: &str) {
     );
 }
 
-const SMALL: &[&str] = &[
+/// A one-layer model of width 16 (two heads of 8), for the commands that build one.
+const SMALL_MODEL: &[&str] = &[
     "--set",
     "model.width=16",
     "--set",
@@ -39,6 +40,10 @@ const SMALL: &[&str] = &[
     "model.heads=2",
     "--set",
     "model.head_dim=8",
+];
+
+/// `train` arguments beside [`SMALL_MODEL`]: a short run with checkpoints and evaluations.
+const SMALL: &[&str] = &[
     "--set",
     "data.context=32",
     "--set",
@@ -56,6 +61,7 @@ const SMALL: &[&str] = &[
 
 fn train_small(out: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["--threads", "2", "train", "--out", out.to_str().unwrap()];
+    args.extend(SMALL_MODEL);
     args.extend(SMALL);
     args.extend(extra);
     sympow(&args)
@@ -300,6 +306,7 @@ fn ctrl_c_saves_a_checkpoint_and_resume_finishes() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("run");
     let mut args = vec!["train", "--out", run.to_str().unwrap()];
+    args.extend(SMALL_MODEL);
     args.extend(SMALL.iter().filter(|&&a| a != "--steps" && a != "4"));
     args.extend([
         "--steps",
@@ -670,27 +677,23 @@ fn recall_probe_measures_a_softmax_model_that_learnt_one_pair() {
 
 #[test]
 fn bench_train_prints_a_row_per_variant_and_context() {
-    let o = sympow(&[
-        "--cpu",
-        "bench",
-        "train",
-        "--set",
-        "model.width=16",
-        "--set",
-        "model.layers=1",
-        "--set",
-        "model.heads=2",
-        "--set",
-        "model.head_dim=8",
-        "--variants",
-        "softmax,conformal",
-        "--context",
-        "16,32",
-        "--tokens",
-        "64",
-        "--reps",
-        "1",
-    ]);
+    let o = sympow(
+        &[
+            &["--cpu", "bench", "train"][..],
+            SMALL_MODEL,
+            &[
+                "--variants",
+                "softmax,conformal",
+                "--context",
+                "16,32",
+                "--tokens",
+                "64",
+                "--reps",
+                "1",
+            ],
+        ]
+        .concat(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     for (variant, context, batch) in [
@@ -734,20 +737,10 @@ fn bench_train_prints_a_row_per_variant_and_context() {
 /// whose cache would pass --softmax-max-cached.
 #[test]
 fn bench_decode_prints_a_row_per_variant_batch_and_context() {
-    let small = [
-        "--set",
-        "model.width=16",
-        "--set",
-        "model.layers=1",
-        "--set",
-        "model.heads=2",
-        "--set",
-        "model.head_dim=8",
-    ];
     let o = sympow(
         &[
             &["--cpu", "bench", "decode"][..],
-            &small,
+            SMALL_MODEL,
             &[
                 "--context",
                 "16,32",
