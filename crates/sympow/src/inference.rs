@@ -12,7 +12,7 @@
 use crate::attention::{AttentionSpec, Form, Shape};
 use crate::backend::{Backend, Footprint};
 use crate::config::{GateKind, RotaryKind};
-use crate::model::{Dims, Model, Trace};
+use crate::model::{Dims, Model};
 use crate::Float;
 use rayon::prelude::*;
 
@@ -95,17 +95,12 @@ impl<'m, B: Backend> Decoder<'m, B> {
             .collect();
         let last_rows: Vec<u32> = src.iter().map(|&s| (s * t + t - 1) as u32).collect();
         let (n, batch) = (distinct.len(), prompts.len());
-        let trace: Trace<B::Tensor> = model.forward(&distinct.concat(), None, n, t, None);
         let be = &model.backend;
         let (h, d) = (model.dims.heads, model.dims.head_dim);
-        let spec = model.attention_spec();
-        let shape = Shape {
-            batch: n,
-            time: t,
-            heads: h,
-            dk: d,
-            dv: d,
-        };
+        // block by block, each block's activations dropped once its decoding state is made:
+        // the prefill holds one block's activations, not a training forward's every one
+        let ctx = model.forward_ctx(n, t, None);
+        let shape = ctx.shape;
         // softmax: each sequence's keys and values are its prompt's rows, gathered on the device
         // where a prompt repeats
         let cache_rows: Option<Vec<u32>> = (n < batch).then(|| {
@@ -115,27 +110,30 @@ impl<'m, B: Backend> Decoder<'m, B> {
         });
         let mut layers = Vec::new();
         let mut angles = Vec::new();
-        for bt in &trace.blocks {
+        let mut x = model.embed(&distinct.concat(), n, t);
+        for l in 0..model.params.blocks.len() {
+            let (x_out, bt) = model.block_forward(l, x, &ctx);
+            x = x_out;
             layers.push(
                 if model.cfg.model.attention == crate::config::AttentionKind::Softmax {
                     let shape = Shape { batch, ..shape };
                     LayerState::Cache(match &cache_rows {
-                        None => be.kv_cache(&spec, &shape, &bt.kr, &bt.v),
+                        None => be.kv_cache(&ctx.spec, &shape, &bt.kr, &bt.v),
                         Some(rows) => {
                             let k = be.embedding_forward(&bt.kr, rows, h * d);
                             let v = be.embedding_forward(&bt.v, rows, h * d);
-                            be.kv_cache(&spec, &shape, &k, &v)
+                            be.kv_cache(&ctx.spec, &shape, &k, &v)
                         }
                     })
                 } else {
                     // the state after the prompt, in f64 (see `RecurrentState`)
-                    let chunk = match model.attention_form(t) {
+                    let chunk = match ctx.form {
                         Form::Chunked(c) => c,
                         _ => model.cfg.model.chunk,
                     };
                     let g = bt.log_gates.as_ref();
                     LayerState::Recurrent(
-                        be.sympow_prefill_state(&spec, &shape, chunk, &bt.kr, &bt.v, g, &src),
+                        be.sympow_prefill_state(&ctx.spec, &shape, chunk, &bt.kr, &bt.v, g, &src),
                     )
                 },
             );
@@ -146,7 +144,9 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 _ => None,
             });
         }
-        let padded = be.embedding_forward(&trace.logits, &last_rows, model.dims.padded_vocab);
+        // the logits of each sequence's last token only
+        let x_last = be.embedding_forward(&x, &last_rows, model.dims.width);
+        let (_, _, padded, _) = model.head_forward(&x_last);
         let mut logits = Vec::new();
         vocab_logits(&model.dims, &be.download(&padded), &mut logits);
         (

@@ -456,6 +456,17 @@ pub struct DropoutCtx {
     pub seed: u64,
 }
 
+/// What every block of one forward shares ([`Model::forward`] and the prefill of
+/// [`crate::inference::Decoder`]).
+pub(crate) struct ForwardCtx<T> {
+    pub(crate) shape: Shape,
+    pub(crate) spec: AttentionSpec,
+    pub(crate) form: Form,
+    /// Fixed rotary's angles (`[batch·time, heads, d/2]`), made once for every block.
+    pub(crate) fixed_angles: Option<T>,
+    pub(crate) dropout: Option<DropoutCtx>,
+}
+
 /// A model: its config, backend and parameters.
 pub struct Model<B: Backend> {
     /// The backend the parameters live on.
@@ -611,108 +622,23 @@ impl<B: Backend> Model<B> {
         dropout: Option<DropoutCtx>,
     ) -> Trace<B::Tensor> {
         let be = &self.backend;
-        let dm = &self.dims;
-        let (n, c, h, hd) = (batch * time, dm.width, dm.heads, dm.head_dim);
-        assert_eq!(ids.len(), n, "ids must be batch × time");
-        let shape = Shape {
-            batch,
-            time,
-            heads: h,
-            dk: hd,
-            dv: hd,
-        };
-        let spec = self.attention_spec();
-        let form = self.attention_form(time);
-        let rotary = self.cfg.rotary();
-        let base = self.cfg.model.rotary_base;
-        let fixed_angles = (rotary == RotaryKind::Fixed)
-            .then(|| be.fixed_rotary_angles(batch, time, h, hd, base, 0));
-        let mut x = be.embedding_forward(&self.params.wte, ids, c);
+        let ctx = self.forward_ctx(batch, time, dropout);
+        let mut x = self.embed(ids, batch, time);
         let mut blocks = Vec::with_capacity(self.params.blocks.len());
-        for (l, p) in self.params.blocks.iter().enumerate() {
-            let (ln1_out, ln1_saved) = self.layer_norm(&x, &p.ln1);
-            let (qkv, qkv_saved) =
-                be.linear_forward(&ln1_out, &p.qkv_w, Some(&p.qkv_b), c, dm.qkv_out());
-            let mut parts = be.split_columns(&qkv, &dm.qkv_widths).into_iter();
-            let (q, k, v) = (
-                parts.next().unwrap(),
-                parts.next().unwrap(),
-                parts.next().unwrap(),
-            );
-            let gate_logits = match self.cfg.gate() {
-                GateKind::Data => parts.next(),
-                GateKind::Learned => Some(be.broadcast_rows(p.gate_bias.as_ref().unwrap(), n)),
-                GateKind::None => None,
-            };
-            let rot_logits = (dm.rot_per_head > 0).then(|| parts.next().unwrap());
-            let angles = match rotary {
-                RotaryKind::Learned => Some(be.learned_rotary_angles(
-                    rot_logits.as_ref().unwrap(),
-                    &shape,
-                    self.cfg.model.rotary_param.into(),
-                    base,
-                    None,
-                )),
-                RotaryKind::Fixed => fixed_angles.clone(),
-                RotaryKind::None => None,
-            };
-            let (qr, kr) = match &angles {
-                Some(a) => (be.rotary_forward(&q, a, hd), be.rotary_forward(&k, a, hd)),
-                None => (q, k),
-            };
-            let log_gates = gate_logits.as_ref().map(|g| be.log_gate_forward(g));
-            let att = be.attention_forward(&spec, form, &shape, &qr, &kr, &v, log_gates.as_ref());
-            let (mut o, proj_saved) =
-                be.linear_forward(&att.y, &p.proj_w, Some(&p.proj_b), h * hd, c);
-            let proj_mask = self.dropout_mask(dropout, l, 0, n * c);
-            if let Some(m) = &proj_mask {
-                o = be.mul(&o, m);
-            }
-            // the residual sum in o's buffer (x is kept for the backward; a + b = b + a exactly)
-            be.add_assign(&mut o, &x);
-            let x_mid = o;
-            let (ln2_out, ln2_saved) = self.layer_norm(&x_mid, &p.ln2);
-            let (mut mo, mlp) = be.mlp_forward(&ln2_out, p.mlp_weights(), c, dm.hidden);
-            let mlp_mask = self.dropout_mask(dropout, l, 1, n * c);
-            if let Some(m) = &mlp_mask {
-                mo = be.mul(&mo, m);
-            }
-            be.add_assign(&mut mo, &x_mid);
-            let x_out = mo;
-            let x_in = std::mem::replace(&mut x, x_out);
-            blocks.push(BlockTrace {
-                x: x_in,
-                ln1_out,
-                ln1_saved,
-                qkv_saved,
-                gate_logits,
-                rot_logits,
-                angles,
-                qr,
-                kr,
-                v,
-                log_gates,
-                att,
-                proj_saved,
-                proj_mask,
-                x_mid,
-                ln2_out,
-                ln2_saved,
-                mlp,
-                mlp_mask,
-            });
+        for l in 0..self.params.blocks.len() {
+            let (x_out, trace) = self.block_forward(l, x, &ctx);
+            blocks.push(trace);
+            x = x_out;
         }
-        let (lnf_out, lnf_saved) = self.layer_norm(&x, &self.params.lnf);
-        let head = self.params.lm_head.as_ref().unwrap_or(&self.params.wte);
-        let (logits, head_saved) = be.linear_forward(&lnf_out, head, None, c, dm.padded_vocab);
+        let (lnf_out, lnf_saved, logits, head_saved) = self.head_forward(&x);
         let losses = targets.map(|t| {
-            assert_eq!(t.len(), n, "targets must be batch × time");
-            be.cross_entropy_forward(&logits, t, dm.vocab, dm.padded_vocab)
+            assert_eq!(t.len(), batch * time, "targets must be batch × time");
+            be.cross_entropy_forward(&logits, t, self.dims.vocab, self.dims.padded_vocab)
         });
         Trace {
             ids: ids.to_vec(),
             targets: targets.map(<[u32]>::to_vec).unwrap_or_default(),
-            shape,
+            shape: ctx.shape,
             blocks,
             x_final: x,
             lnf_out,
@@ -721,6 +647,139 @@ impl<B: Backend> Model<B> {
             logits,
             losses,
         }
+    }
+
+    /// What every block of one forward shares.
+    pub(crate) fn forward_ctx(
+        &self,
+        batch: usize,
+        time: usize,
+        dropout: Option<DropoutCtx>,
+    ) -> ForwardCtx<B::Tensor> {
+        let (h, hd) = (self.dims.heads, self.dims.head_dim);
+        let fixed_angles = (self.cfg.rotary() == RotaryKind::Fixed).then(|| {
+            let base = self.cfg.model.rotary_base;
+            self.backend
+                .fixed_rotary_angles(batch, time, h, hd, base, 0)
+        });
+        ForwardCtx {
+            shape: Shape {
+                batch,
+                time,
+                heads: h,
+                dk: hd,
+                dv: hd,
+            },
+            spec: self.attention_spec(),
+            form: self.attention_form(time),
+            fixed_angles,
+            dropout,
+        }
+    }
+
+    /// The token embeddings of `ids` (`batch × time`, row-major): the first block's input.
+    pub(crate) fn embed(&self, ids: &[u32], batch: usize, time: usize) -> B::Tensor {
+        assert_eq!(ids.len(), batch * time, "ids must be batch × time");
+        (self.backend).embedding_forward(&self.params.wte, ids, self.dims.width)
+    }
+
+    /// Block `l` on its input `x`: its output, and what its backward (or a decoder) keeps.
+    pub(crate) fn block_forward(
+        &self,
+        l: usize,
+        x: B::Tensor,
+        ctx: &ForwardCtx<B::Tensor>,
+    ) -> (B::Tensor, BlockTrace<B::Tensor>) {
+        let be = &self.backend;
+        let dm = &self.dims;
+        let p = &self.params.blocks[l];
+        let shape = &ctx.shape;
+        let (n, c, h, hd) = (shape.batch * shape.time, dm.width, dm.heads, dm.head_dim);
+        let (ln1_out, ln1_saved) = self.layer_norm(&x, &p.ln1);
+        let (qkv, qkv_saved) =
+            be.linear_forward(&ln1_out, &p.qkv_w, Some(&p.qkv_b), c, dm.qkv_out());
+        let mut parts = be.split_columns(&qkv, &dm.qkv_widths).into_iter();
+        let (q, k, v) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        let gate_logits = match self.cfg.gate() {
+            GateKind::Data => parts.next(),
+            GateKind::Learned => Some(be.broadcast_rows(p.gate_bias.as_ref().unwrap(), n)),
+            GateKind::None => None,
+        };
+        let rot_logits = (dm.rot_per_head > 0).then(|| parts.next().unwrap());
+        let angles = match self.cfg.rotary() {
+            RotaryKind::Learned => Some(be.learned_rotary_angles(
+                rot_logits.as_ref().unwrap(),
+                shape,
+                self.cfg.model.rotary_param.into(),
+                self.cfg.model.rotary_base,
+                None,
+            )),
+            RotaryKind::Fixed => ctx.fixed_angles.clone(),
+            RotaryKind::None => None,
+        };
+        let (qr, kr) = match &angles {
+            Some(a) => (be.rotary_forward(&q, a, hd), be.rotary_forward(&k, a, hd)),
+            None => (q, k),
+        };
+        let log_gates = gate_logits.as_ref().map(|g| be.log_gate_forward(g));
+        let att =
+            be.attention_forward(&ctx.spec, ctx.form, shape, &qr, &kr, &v, log_gates.as_ref());
+        let (mut o, proj_saved) = be.linear_forward(&att.y, &p.proj_w, Some(&p.proj_b), h * hd, c);
+        let proj_mask = self.dropout_mask(ctx.dropout, l, 0, n * c);
+        if let Some(m) = &proj_mask {
+            o = be.mul(&o, m);
+        }
+        // the residual sum in o's buffer (x is kept for the backward; a + b = b + a exactly)
+        be.add_assign(&mut o, &x);
+        let x_mid = o;
+        let (ln2_out, ln2_saved) = self.layer_norm(&x_mid, &p.ln2);
+        let (mut mo, mlp) = be.mlp_forward(&ln2_out, p.mlp_weights(), c, dm.hidden);
+        let mlp_mask = self.dropout_mask(ctx.dropout, l, 1, n * c);
+        if let Some(m) = &mlp_mask {
+            mo = be.mul(&mo, m);
+        }
+        be.add_assign(&mut mo, &x_mid);
+        let trace = BlockTrace {
+            x,
+            ln1_out,
+            ln1_saved,
+            qkv_saved,
+            gate_logits,
+            rot_logits,
+            angles,
+            qr,
+            kr,
+            v,
+            log_gates,
+            att,
+            proj_saved,
+            proj_mask,
+            x_mid,
+            ln2_out,
+            ln2_saved,
+            mlp,
+            mlp_mask,
+        };
+        (mo, trace)
+    }
+
+    /// The final layer norm and the LM head on the last block's output rows `x`: (the norm's
+    /// output, its saved statistics, the padded logits `[rows, padded_vocab]`, the head's
+    /// saved operand).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn head_forward(
+        &self,
+        x: &B::Tensor,
+    ) -> (B::Tensor, LayerNormSaved<B::Tensor>, B::Tensor, LinearSaved) {
+        let (c, pv) = (self.dims.width, self.dims.padded_vocab);
+        let (lnf_out, lnf_saved) = self.layer_norm(x, &self.params.lnf);
+        let head = self.params.lm_head.as_ref().unwrap_or(&self.params.wte);
+        let (logits, head_saved) = self.backend.linear_forward(&lnf_out, head, None, c, pv);
+        (lnf_out, lnf_saved, logits, head_saved)
     }
 
     /// Backward of [`forward`](Self::forward) for L = Σ_tokens dloss·loss: adds every
