@@ -818,6 +818,16 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
                         sympow::bench::format_profile(ops, *total)
                     );
                 }
+                if let Some((ops, total)) = &r.prefill_profile {
+                    println!(
+                        "\n{}, batch {}, context {}: one prefill, {:.1} ms synchronised\n{}",
+                        r.attention,
+                        r.batch,
+                        r.context,
+                        total * 1e3,
+                        sympow::bench::format_profile(ops, *total)
+                    );
+                }
             }
             Ok(0)
         }

@@ -130,6 +130,8 @@ pub struct DecodeBenchRow {
     pub memory_bytes: usize,
     /// With profiling: the backend's ops over `steps` more steps, and their wall seconds.
     pub profile: Option<(Vec<crate::backend::ProfileRow>, f64)>,
+    /// With profiling: the backend's ops over one more prefill, and its wall seconds.
+    pub prefill_profile: Option<(Vec<crate::backend::ProfileRow>, f64)>,
 }
 
 /// Per-step decode time after a prefill of each context length, for each attention variant
@@ -139,7 +141,7 @@ pub struct DecodeBenchRow {
 /// Softmax is timed only up to `softmax_max` tokens of context (its prefill is quadratic) and
 /// `softmax_max_cached` tokens cached over the batch (its cache's memory); the rows beyond are
 /// reported as skipped. With `profile` (a backend that can time its ops), each row also times
-/// its ops over `steps` more steps.
+/// its ops over `steps` more steps and over one more prefill.
 #[allow(clippy::too_many_arguments)]
 pub fn decode<B: crate::backend::Backend>(
     make: &mut dyn FnMut() -> B,
@@ -174,6 +176,7 @@ pub fn decode<B: crate::backend::Backend>(
                         prefill_s: 0.0,
                         memory_bytes: 0,
                         profile: None,
+                        prefill_profile: None,
                     });
                     continue;
                 }
@@ -208,14 +211,27 @@ pub fn decode<B: crate::backend::Backend>(
                     model.backend.set_profiling(false); // (clears the rows)
                     (ops, total)
                 });
+                let memory_bytes = dec.memory_bytes();
+                drop(dec); // (its memory, before a second prefill)
+                let prefill_profile = profile.is_some().then(|| {
+                    model.backend.set_profiling(true);
+                    let t0 = Instant::now();
+                    let dec = Decoder::prefill_batch(&model, &vec![&prompt[..]; batch]);
+                    let total = t0.elapsed().as_secs_f64();
+                    drop(dec);
+                    let ops = model.backend.profile();
+                    model.backend.set_profiling(false);
+                    (ops, total)
+                });
                 rows.push(DecodeBenchRow {
                     attention: att.to_string(),
                     batch,
                     context: ctx,
                     step_us: Some(times[times.len() / 2]),
                     prefill_s,
-                    memory_bytes: dec.memory_bytes(),
+                    memory_bytes,
                     profile,
+                    prefill_profile,
                 });
             }
         }
