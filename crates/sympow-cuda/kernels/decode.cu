@@ -70,96 +70,62 @@ extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
     }
 }
 
-#define PREFILL_ROWS 64
-#define PREFILL_TOKENS 16
-#define PREFILL_NT 17 // column tiles of 8: e + 1 ≤ 136
+// A prefill's final states, summed over its tokens in f64,
+//   S[o][r][c] = Σ_t φ_r(k_t) · w_t [v_t, 1][c],   w_t = exp(Σ_{s>t} log γ_s),
+// are a matrix product Φ(K)ᵀ · W[V, 1] with the tokens as its inner dimension: the host runs it
+// as cuBLAS f64 GEMMs, a chunk of tokens at a time, over operands that the two kernels below
+// make. (A kernel that made φ inside its own product, on the f64 tensor cores, took 4× the
+// GEMMs' time for a 64k-token prompt: docs/PERFORMANCE.md, "Sixteenth session".)
 
-// A prefill's final states, summed over its tokens in f64:
-//   S[o][r][c] = Σ_t w_t φ_r(k_t) [v_t, 1][c],   w_t = exp(Σ_{s>t} log γ_s)
-// — a product of (w·φ(K))ᵀ [D × T] and [V, 1] [T × (e+1)] with T long, on the f64 tensor cores
-// (mma m8n8k4; plain FMAs in the same fragment layout before sm_80). grid (ceil(D /
-// PREFILL_ROWS), batch·heads), DECODE_THREADS threads (8 warps, 8 state rows each, every column
-// tile); k, v are [batch, T, heads, d] and [batch, T, heads, e], w [batch·heads, T] (null:
-// ungated). Tokens come in tiles of PREFILL_TOKENS: the block stages their keys and [v, 1, 0…]
-// in shared memory and makes w_t·φ_r(k_t) for its rows, then each warp runs the tile's
-// k-steps of 4 tokens. Row strides are padded by 4 doubles so that a fragment's 32 loads fall in
-// distinct banks. Dynamic shared memory: PREFILL_TOKENS · ((PREFILL_ROWS + 4 + 8·ceil((e+1)/8) +
-// 4) doubles + d floats).
-extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
-    sympow_prefill_state(double* __restrict__ S, const float* k, const float* v, const double* w,
-                         const int* idx, const double* coef, int T, int heads, int D, int p, int d, int e) {
-    extern __shared__ double pf_sm[];
-    const int e1 = e + 1, ntiles = (e1 + 7) / 8, vstride = 8 * ntiles + 4, pstride = PREFILL_ROWS + 4;
-    double* ph = pf_sm;                           // [PREFILL_TOKENS][pstride]: w_t·φ_r(k_t)
-    double* vs = ph + PREFILL_TOKENS * pstride;   // [PREFILL_TOKENS][vstride]: [v_t, 1, 0…]
-    float* ks = (float*)(vs + PREFILL_TOKENS * vstride); // [PREFILL_TOKENS][d]
-    int tile = blockIdx.x, o = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    int gid = lane >> 2, tig = lane & 3;
-    int h = o % heads, i0 = tile * PREFILL_ROWS, rows = min(PREFILL_ROWS, D - i0);
-    const long tok0 = (long)(o / heads) * T; // token t: row (tok0 + t)·heads + h
-    const double* ws = w ? w + (long)o * T : nullptr;
-    // while making φ, a thread takes one row (DECODE_THREADS is a multiple of PREFILL_ROWS)
-    int pr = tid % PREFILL_ROWS, pi = i0 + pr;
-    double pc = pr < rows ? coef[pi] : 0.0;
-    double acc[PREFILL_NT][2];
-#pragma unroll
-    for (int n = 0; n < PREFILL_NT; n++) acc[n][0] = acc[n][1] = 0.0;
-    for (int t0 = 0; t0 < T; t0 += PREFILL_TOKENS) {
-        int nt = min(PREFILL_TOKENS, T - t0);
-        __syncthreads(); // the previous tile is used up
-        for (int x = tid; x < nt * d; x += DECODE_THREADS)
-            ks[x] = k[((tok0 + t0 + x / d) * heads + h) * d + x % d];
-        for (int x = tid; x < PREFILL_TOKENS * 8 * ntiles; x += DECODE_THREADS) {
-            int tt = x / (8 * ntiles), c = x % (8 * ntiles);
-            double val = 0.0; // tokens past the end and padding columns add nothing
-            if (tt < nt) val = c < e ? (double)v[((tok0 + t0 + tt) * heads + h) * e + c] : c == e ? 1.0 : 0.0;
-            vs[tt * vstride + c] = val;
-        }
+#define PREFILL_SCAN 1024
+
+// w[o][t] = exp(Σ_{s>t} log γ_s) for head o = (b, h) of log_gates [batch, T, heads]: the weight
+// of token t's term in the state after T tokens. A suffix sum in f64 by a block-wide scan: grid
+// (batch·heads), PREFILL_SCAN threads, each over a contiguous run of tokens.
+extern "C" __global__ void __launch_bounds__(PREFILL_SCAN)
+    prefill_gate_weights(double* w, const float* log_gates, int T, int heads) {
+    __shared__ double after[PREFILL_SCAN]; // Σ of log γ over the runs of threads ≥ tid
+    int o = blockIdx.x, tid = threadIdx.x, per = (T + PREFILL_SCAN - 1) / PREFILL_SCAN;
+    int t0 = min(T, tid * per), t1 = min(T, t0 + per);
+    const float* g = log_gates + (long)(o / heads) * T * heads + o % heads; // token t: g[t·heads]
+    double s = 0.0;
+    for (int t = t0; t < t1; t++) s += (double)g[(long)t * heads];
+    after[tid] = s;
+    __syncthreads();
+    for (int off = 1; off < PREFILL_SCAN; off *= 2) { // Hillis–Steele, towards the end
+        double add = tid + off < PREFILL_SCAN ? after[tid + off] : 0.0;
         __syncthreads();
-        for (int tt = tid / PREFILL_ROWS; tt < PREFILL_TOKENS; tt += DECODE_THREADS / PREFILL_ROWS) {
-            double f = 0.0;
-            if (tt < nt && pr < rows) {
-                f = pc * (ws ? ws[t0 + tt] : 1.0);
-                for (int j = 0; j < p; j++) f *= (double)ks[tt * d + idx[pi * p + j]];
-            }
-            ph[tt * pstride + pr] = f;
-        }
+        after[tid] += add;
         __syncthreads();
-        // A[m][kk] = ph[kk][warp·8 + m], B[kk][n] = vs[kk][8·tile + n], C[m][n] += Σ_kk A·B
-        for (int k4 = 0; k4 < PREFILL_TOKENS; k4 += 4) {
-#if __CUDA_ARCH__ >= 800
-            double a = ph[(k4 + tig) * pstride + warp * 8 + gid];
-#pragma unroll
-            for (int n = 0; n < PREFILL_NT; n++)
-                if (n < ntiles) {
-                    double b = vs[(k4 + tig) * vstride + n * 8 + gid];
-                    asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};"
-                                 : "+d"(acc[n][0]), "+d"(acc[n][1])
-                                 : "d"(a), "d"(b));
-                }
-#else
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
-                double a = ph[(k4 + kk) * pstride + warp * 8 + gid];
-#pragma unroll
-                for (int n = 0; n < PREFILL_NT; n++)
-                    if (n < ntiles) {
-                        acc[n][0] += a * vs[(k4 + kk) * vstride + n * 8 + 2 * tig];
-                        acc[n][1] += a * vs[(k4 + kk) * vstride + n * 8 + 2 * tig + 1];
-                    }
-            }
-#endif
-        }
     }
-    int r = warp * 8 + gid; // C[m][n]: row gid, columns 2·tig and 2·tig + 1
-    if (r < rows)
-#pragma unroll
-        for (int n = 0; n < PREFILL_NT; n++)
-#pragma unroll
-            for (int i = 0; i < 2; i++) {
-                int c = n * 8 + 2 * tig + i;
-                if (n < ntiles && c < e1) S[((long)o * D + i0 + r) * e1 + c] = acc[n][i];
-            }
+    double a = tid + 1 < PREFILL_SCAN ? after[tid + 1] : 0.0;
+    for (int t = t1 - 1; t >= t0; t--) {
+        w[(long)o * T + t] = exp(a);
+        a += (double)g[(long)t * heads];
+    }
+}
+
+// The GEMMs' operands for tokens t0 ≤ t < t0 + tc: phi[o][tt][r] = coef_r · Π_j k_t[idx[r·p + j]]
+// and vw[o][tt][c] = w_t · [v_t, 1][c] (w null: ungated, w_t = 1), tt = t − t0, for k, v
+// [batch, T, heads, d] and [batch, T, heads, e]. grid (tc, batch·heads), any blockDim; dynamic
+// shared memory: d floats.
+extern "C" __global__ void prefill_phi(double* phi, double* vw, const float* k, const float* v, const double* w,
+                                       const int* idx, const double* coef, int T, int t0, int tc, int heads,
+                                       int D, int p, int d, int e) {
+    extern __shared__ float pk[]; // k_t
+    int tt = blockIdx.x, o = blockIdx.y;
+    long row = ((long)(o / heads) * T + t0 + tt) * heads + o % heads;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) pk[i] = k[row * d + i];
+    __syncthreads();
+    double* out = phi + ((long)o * tc + tt) * D;
+    for (int r = threadIdx.x; r < D; r += blockDim.x) {
+        double f = coef[r];
+        for (int j = 0; j < p; j++) f *= (double)pk[idx[r * p + j]];
+        out[r] = f;
+    }
+    double wt = w ? w[(long)o * T + t0 + tt] : 1.0;
+    double* vo = vw + ((long)o * tc + tt) * (e + 1);
+    for (int c = threadIdx.x; c <= e; c += blockDim.x) vo[c] = wt * (c < e ? (double)v[row * e + c] : 1.0);
 }
 
 // y[head][c] = Σ_tiles partial[..][c] / (Σ_tiles partial[..][e] + ε); one block per head

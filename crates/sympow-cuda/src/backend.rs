@@ -18,7 +18,9 @@ use crate::flash::FlashSoftmax;
 use crate::lt::{BiasGemm, Epilogue, Out};
 use crate::profile::{OpTimer, Profiler};
 use crate::{DEFAULT_CHUNK, MAX_CHUNK};
-use cudarc::cublas::{sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::{
+    sys::cublasOperation_t as Op, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig,
+};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
     LaunchConfig, PushKernelArg,
@@ -169,14 +171,13 @@ fn phi_table(spec: &AttentionSpec, d: usize) -> sympow::attention::phi::SymPow {
 
 /// State rows per block of `sympow_decode_update` (`DECODE_ROWS` in decode.cu).
 const DECODE_ROWS: usize = 64;
-/// Threads per block of `sympow_decode_update` and `sympow_prefill_state` (`DECODE_THREADS` in
-/// decode.cu).
+/// Threads per block of `sympow_decode_update` (`DECODE_THREADS` in decode.cu).
 const DECODE_THREADS: u32 = 256;
-/// State rows per block and tokens per tile of `sympow_prefill_state` (`PREFILL_ROWS`,
-/// `PREFILL_TOKENS` in decode.cu), and its most column tiles of 8 (`PREFILL_NT`: e + 1 ≤ 136).
-const PREFILL_ROWS: usize = 64;
-const PREFILL_TOKENS: usize = 16;
-const PREFILL_NT: usize = 17;
+/// Threads per block of `prefill_gate_weights` (`PREFILL_SCAN` in decode.cu).
+const PREFILL_SCAN: u32 = 1024;
+/// Bytes of a prefill's f64 φ(k) operand for one chunk of tokens (over every head): the chunk's
+/// length follows from it.
+const PREFILL_PHI_BYTES: usize = 512 << 20;
 
 /// The CUDA backend of one GPU.
 pub struct CudaBackend {
@@ -211,14 +212,15 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 50] = [
+const KERNELS: [&str; 51] = [
     "f32_to_bf16",
     "count_non_finite_bf16",
     "copy_columns_to_bf16",
     "gelu_forward_bf16",
     "gelu_backward_bf16",
     "sympow_decode_update",
-    "sympow_prefill_state",
+    "prefill_gate_weights",
+    "prefill_phi",
     "sympow_decode_read",
     "kv_cache_copy",
     "softmax_decode_partial",
@@ -2122,7 +2124,7 @@ impl Backend for CudaBackend {
         &self,
         spec: &AttentionSpec,
         shape: &Shape,
-        _chunk: usize, // the GPU sums over every token directly
+        _chunk: usize, // the GPU sums over the tokens as matrix products
         k: &CudaSlice<f32>,
         v: &CudaSlice<f32>,
         log_gates: Option<&CudaSlice<f32>>,
@@ -2139,71 +2141,103 @@ impl Backend for CudaBackend {
             seqs.iter().all(|&s| s < n),
             "prefill state: a sequence index is out of range"
         );
-        assert!(
-            e < 8 * PREFILL_NT,
-            "prefill state: value width {e} over {}",
-            8 * PREFILL_NT - 1
-        );
-        // w_t = exp(Σ_{s>t} log γ_s) per input sequence and head, [n·heads, T] in f64
-        let weights = log_gates.map(|g| {
-            let g = self.download(g);
-            let mut w = vec![0.0f64; n * h * t];
-            for (bh, row) in w.chunks_exact_mut(t.max(1)).enumerate() {
-                let (b, hh) = (bh / h, bh % h);
-                let mut after = 0.0f64;
-                for ti in (0..t).rev() {
-                    row[ti] = after.exp();
-                    after += f64::from(g[(b * t + ti) * h + hh]);
-                }
-            }
-            self.stream.clone_htod(&w).expect("host to device copy")
-        });
-        let cols = (e + 1).div_ceil(8) * 8;
-        let smem = PREFILL_TOKENS * ((PREFILL_ROWS + 4 + cols + 4) * 8 + d * 4);
-        assert!(
-            smem <= 48 * 1024,
-            "prefill state: head dimension {d} over the kernel's shared memory"
-        );
-        // each input sequence's states once, then copied to the sequences that continue it
-        let per = h * table.dim * (e + 1);
+        let (nh, dim, e1) = (n * h, table.dim, e + 1);
+        let per = h * dim * e1; // one input sequence's states
         let zeros = self
             .stream
-            .alloc_zeros::<f64>((n * per).max(1))
+            .alloc_zeros::<f64>((nh * dim * e1).max(1))
             .expect("device allocation");
-        let mut out = self.decode_state_of(&table, n * h, d, e, zeros);
+        let mut out = self.decode_state_of(&table, nh, d, e, zeros);
         if t > 0 && n > 0 {
-            let (ti, hi, dim, p, di, ei) = (
+            let (ti, hi, dimi, p, di, ei) = (
                 t as i32,
                 h as i32,
-                table.dim as i32,
+                dim as i32,
                 table.p as i32,
                 d as i32,
                 e as i32,
             );
-            let cfg = LaunchConfig {
-                grid_dim: (table.dim.div_ceil(PREFILL_ROWS) as u32, (n * h) as u32, 1),
-                block_dim: (DECODE_THREADS, 1, 1),
-                shared_mem_bytes: smem as u32,
-            };
-            let f = &self.fns["sympow_prefill_state"];
-            let mut l = self.stream.launch_builder(f);
-            l.arg(&mut out.state).arg(k).arg(v);
-            match &weights {
-                Some(w) => l.arg(w),
-                None => l.arg(&NULL),
-            };
-            l.arg(&out.idx)
-                .arg(&out.coef)
-                .arg(&ti)
-                .arg(&hi)
-                .arg(&dim)
-                .arg(&p)
-                .arg(&di)
-                .arg(&ei);
-            // SAFETY: arguments match the declaration in decode.cu; the grid covers D rows (last
-            // tile partial, bounded in the kernel) and every input head; e + 1 ≤ 8·PREFILL_NT
-            // and the dynamic shared memory is the kernel's (checked above).
-            unsafe { l.launch(cfg) }.expect("sympow_prefill_state");
+            // w_t = exp(Σ_{s>t} log γ_s) per input sequence and head, [n·heads, T] in f64
+            let weights = log_gates.map(|g| {
+                let mut w = self
+                    .stream
+                    .alloc_zeros::<f64>(nh * t)
+                    .expect("device allocation");
+                let cfg = LaunchConfig {
+                    grid_dim: (nh as u32, 1, 1),
+                    block_dim: (PREFILL_SCAN, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut l = self
+                    .stream
+                    .launch_builder(&self.fns["prefill_gate_weights"]);
+                l.arg(&mut w).arg(g).arg(&ti).arg(&hi);
+                // SAFETY: arguments match decode.cu; one block of PREFILL_SCAN threads a head,
+                // w holds [n·heads, T] and g [n, T, heads].
+                unsafe { l.launch(cfg) }.expect("prefill_gate_weights");
+                w
+            });
+            // S = Φ(K)ᵀ·W[V, 1], a chunk of tokens at a time: the chunk's φ(k) rows in f64, then
+            // per head (column-major, as BLAS) S (e+1 × D) += W[V, 1] (e+1 × tc) · Φ (D × tc)ᵀ
+            let tc = (PREFILL_PHI_BYTES / (nh * dim * 8)).clamp(1, t);
+            let mut phi = self
+                .stream
+                .alloc_zeros::<f64>(nh * tc * dim)
+                .expect("device allocation");
+            let mut vw = self
+                .stream
+                .alloc_zeros::<f64>(nh * tc * e1)
+                .expect("device allocation");
+            for t0 in (0..t).step_by(tc) {
+                let c = tc.min(t - t0);
+                let cfg = LaunchConfig {
+                    grid_dim: (c as u32, nh as u32, 1),
+                    block_dim: (BLOCK, 1, 1),
+                    shared_mem_bytes: (d * 4) as u32,
+                };
+                let (t0i, ci) = (t0 as i32, c as i32);
+                let mut l = self.stream.launch_builder(&self.fns["prefill_phi"]);
+                l.arg(&mut phi).arg(&mut vw).arg(k).arg(v);
+                match &weights {
+                    Some(w) => l.arg(w),
+                    None => l.arg(&NULL),
+                };
+                l.arg(&out.idx)
+                    .arg(&out.coef)
+                    .arg(&ti)
+                    .arg(&t0i)
+                    .arg(&ci)
+                    .arg(&hi);
+                l.arg(&dimi).arg(&p).arg(&di).arg(&ei);
+                // SAFETY: arguments match decode.cu; the grid covers the chunk's c ≤ tc tokens
+                // of every head, whose rows phi [nh, c, D] and vw [nh, c, e+1] hold.
+                unsafe { l.launch(cfg) }.expect("prefill_phi");
+                let cfg = StridedBatchedConfig {
+                    gemm: GemmConfig {
+                        transa: Op::CUBLAS_OP_N,
+                        transb: Op::CUBLAS_OP_T,
+                        m: e1 as i32,
+                        n: dim as i32,
+                        k: ci,
+                        alpha: 1.0f64,
+                        lda: e1 as i32,
+                        ldb: dim as i32,
+                        beta: 1.0,
+                        ldc: e1 as i32,
+                    },
+                    batch_size: nh as i32,
+                    stride_a: (c * e1) as i64,
+                    stride_b: (c * dim) as i64,
+                    stride_c: (dim * e1) as i64,
+                };
+                // SAFETY: per head, vw holds c rows of e+1, phi c rows of D, and the state D
+                // rows of e+1, as the strides and leading dimensions say.
+                unsafe {
+                    self.blas
+                        .gemm_strided_batched(cfg, &vw, &phi, &mut out.state)
+                }
+                .expect("cuBLAS dgemm");
+            }
         }
         if seqs.iter().copied().eq(0..n) {
             return out;
@@ -2448,9 +2482,7 @@ mod tests {
             ("LN_BWD_ROWS", LN_BWD_ROWS),
             ("DECODE_ROWS", DECODE_ROWS),
             ("DECODE_THREADS", DECODE_THREADS as usize),
-            ("PREFILL_ROWS", PREFILL_ROWS),
-            ("PREFILL_TOKENS", PREFILL_TOKENS),
-            ("PREFILL_NT", PREFILL_NT),
+            ("PREFILL_SCAN", PREFILL_SCAN as usize),
             ("KV_SPLIT", kv_cache::KV_SPLIT),
         ] {
             let define = format!("#define {name} {value}");
