@@ -138,10 +138,14 @@ pub struct DecodeBenchRow {
 /// (`model.attention` values) of config `cfg` with random weights and each batch size (every
 /// sequence of a batch continues the same prompt, which is prefilled once): the recurrent state
 /// makes a sympow step independent of the context; softmax's KV cache makes it grow with it.
-/// Softmax is timed only up to `softmax_max` tokens of context (its prefill is quadratic) and
-/// `softmax_max_cached` tokens cached over the batch (its cache's memory); the rows beyond are
-/// reported as skipped. With `profile` (a backend that can time its ops), each row also times
-/// its ops over `steps` more steps and over one more prefill.
+/// For one variant and batch size, every context's decoder is prefilled first and their steps are
+/// then timed in turn (one step of each, `steps` times), so that a drift of the machine's speed
+/// during the run falls on every context alike (a step of one sequence is bound by its kernel
+/// launches, whose cost drifts by tens of percent from minute to minute); this holds every
+/// context's state or cache at once. Softmax is timed only up to `softmax_max` tokens of context
+/// (its prefill is quadratic) and `softmax_max_cached` tokens cached over the batch (its cache's
+/// memory); the rows beyond are reported as skipped. With `profile` (a backend that can time its
+/// ops), each row also times its ops over `steps` more steps and over one more prefill.
 #[allow(clippy::too_many_arguments)]
 pub fn decode<B: crate::backend::Backend>(
     make: &mut dyn FnMut() -> B,
@@ -156,19 +160,30 @@ pub fn decode<B: crate::backend::Backend>(
 ) -> Result<Vec<DecodeBenchRow>, crate::config::ConfigError> {
     use crate::inference::Decoder;
     use crate::model::Model;
+    let steps = steps.max(1);
     let mut rows = Vec::new();
     for &att in attentions {
         let mut c = cfg.clone();
         c.set_all(&[("model.attention", att)])?;
         let model = Model::init(make(), &c, 1);
         let vocab = model.dims.vocab as u64;
-        for &ctx in contexts {
-            let prompt: Vec<u32> = (0..ctx as u64)
+        let prompt = |ctx: usize| -> Vec<u32> {
+            (0..ctx as u64)
                 .map(|i| (i.wrapping_mul(2_654_435_761) % vocab) as u32)
-                .collect();
-            for &batch in batches {
+                .collect()
+        };
+        let mut att_rows = Vec::new();
+        for &batch in batches {
+            // sequence i's tokens at step s: distinct across the batch, like real sampling
+            let tokens = |s: usize| -> Vec<u32> {
+                (0..batch)
+                    .map(|i| ((s * batch + i) as u64 * 40_503 % vocab) as u32)
+                    .collect()
+            };
+            let mut live = Vec::new(); // (context, decoder, prefill seconds)
+            for &ctx in contexts {
                 if att == "softmax" && (ctx > softmax_max || batch * ctx > softmax_max_cached) {
-                    rows.push(DecodeBenchRow {
+                    att_rows.push(DecodeBenchRow {
                         attention: att.to_string(),
                         batch,
                         context: ctx,
@@ -180,30 +195,29 @@ pub fn decode<B: crate::backend::Backend>(
                     });
                     continue;
                 }
+                let prompt = prompt(ctx);
                 let t0 = Instant::now();
                 let (mut dec, _) = Decoder::prefill_batch(&model, &vec![&prompt[..]; batch]);
                 let prefill_s = t0.elapsed().as_secs_f64();
-                // sequence i's tokens at step s: distinct across the batch, like real sampling
-                let tokens = |s: usize| -> Vec<u32> {
-                    (0..batch)
-                        .map(|i| ((s * batch + i) as u64 * 40_503 % vocab) as u32)
-                        .collect()
-                };
                 for s in 0..4 {
                     dec.step(&tokens(s)); // warm-up: caches, allocator
                 }
-                let mut times: Vec<f64> = (0..steps.max(1))
-                    .map(|s| {
-                        let toks = tokens(4 + s);
-                        let t0 = Instant::now();
-                        std::hint::black_box(dec.step(&toks));
-                        t0.elapsed().as_secs_f64() * 1e6
-                    })
-                    .collect();
+                live.push((ctx, dec, prefill_s));
+            }
+            let mut times = vec![Vec::with_capacity(steps); live.len()];
+            for s in 0..steps {
+                let toks = tokens(4 + s);
+                for ((_, dec, _), times) in live.iter_mut().zip(&mut times) {
+                    let t0 = Instant::now();
+                    std::hint::black_box(dec.step(&toks));
+                    times.push(t0.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+            for ((ctx, mut dec, prefill_s), mut times) in live.into_iter().zip(times) {
                 times.sort_by(f64::total_cmp);
                 let profile = (profile && model.backend.set_profiling(true)).then(|| {
                     let t0 = Instant::now();
-                    for s in 0..steps.max(1) {
+                    for s in 0..steps {
                         dec.step(&tokens(4 + steps + s));
                     }
                     let total = t0.elapsed().as_secs_f64();
@@ -215,6 +229,7 @@ pub fn decode<B: crate::backend::Backend>(
                 drop(dec); // (its memory, before a second prefill)
                 let prefill_profile = profile.is_some().then(|| {
                     model.backend.set_profiling(true);
+                    let prompt = prompt(ctx);
                     let t0 = Instant::now();
                     let dec = Decoder::prefill_batch(&model, &vec![&prompt[..]; batch]);
                     let total = t0.elapsed().as_secs_f64();
@@ -223,7 +238,7 @@ pub fn decode<B: crate::backend::Backend>(
                     model.backend.set_profiling(false);
                     (ops, total)
                 });
-                rows.push(DecodeBenchRow {
+                att_rows.push(DecodeBenchRow {
                     attention: att.to_string(),
                     batch,
                     context: ctx,
@@ -235,6 +250,10 @@ pub fn decode<B: crate::backend::Backend>(
                 });
             }
         }
+        // the table's order: by context, then batch (a stable sort keeps `contexts`' order)
+        let order = |ctx: usize| contexts.iter().position(|&c| c == ctx);
+        att_rows.sort_by_key(|r| (order(r.context), batches.iter().position(|&b| b == r.batch)));
+        rows.extend(att_rows);
     }
     Ok(rows)
 }
