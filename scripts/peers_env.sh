@@ -12,10 +12,10 @@
 # (small JSON files) in $OUT/triton-autotune.tgz; carried back as .triton-autotune.tgz, the next
 # call compiles only the configurations the peers chose and skips the tuning. The timings are
 # the same either way; only the waiting goes. Without a carried file, the results committed in
-# bench/triton-autotune-h100.tgz are used (23 of them, from the lent H100 with Triton 3.6 on
-# 2026-11-23: retention's c = 1024 and c = 128 kernels and fla's forward; the call that saved
-# them started from the 17 committed before, tuned the other 6 and ran the whole of
-# bench_attention.sh at 4k, 16k and 64k in 165 s).
+# bench/triton-autotune-h100.tgz are used (32 of them, from the lent H100 with Triton 3.6:
+# retention's c = 1024 and c = 128 kernels and fla's forward, tuned on 2026-11-23, and fla's
+# backward, tuned on 2026-11-24 in a call that ran SDPA, retention c = 1024 and fla at 4k, 16k
+# and 64k in 156 s with our own kernels).
 peers_setup() {
   export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
   mkdir -p "$TRITON_CACHE_DIR"
