@@ -7,6 +7,7 @@
 # `sympow experiment context-scaling --report-only` (same flags).
 #
 #   CTX=1024 STEPS=150 OUT=/tmp/out bash scripts/context_scaling.sh
+# (WARMUP and EVAL_EVERY set train.warmup_steps and train.eval_every: 30 and 40 by default.)
 set -euo pipefail
 B=${SYMPOW:-.carry/sympow}
 DATA=${DATA:-/tmp/linux}
@@ -17,7 +18,7 @@ fi
 "$B" experiment context-scaling --preset small --set data.corpus="$DATA" \
   --contexts "${CTX:?set CTX}" --steps "${STEPS:-150}" --tokens-per-step 32768 \
   --variants "${VARIANTS:-softmax,sympow-p2,sympow-gated,conformal}" \
-  --set train.warmup_steps=30 --set train.eval_every=40 --set train.eval_batches=2 \
+  --set train.warmup_steps="${WARMUP:-30}" --set train.eval_every="${EVAL_EVERY:-40}" --set train.eval_batches=2 \
   --eval-windows "${EVAL_WINDOWS:-32}" --out "$RUNS" --no-progress
 if [ -n "${OUT:-}" ]; then
   tar -C "$RUNS" --exclude='checkpoint*' -czf "$OUT/context-scaling-ctx$CTX-${VARIANTS:-all}.tar.gz" .
