@@ -575,7 +575,7 @@ impl<B: Backend> Model<B> {
             (n, format!("KV cache: {n} numbers per token ({:.1} KiB/token in f32), growing with context", n as f64 * 4.0 / 1024.0))
         } else {
             let n = l * h * sympow_dim(d, self.cfg.model.power) * (d + 1);
-            (n, format!("recurrent state: {n} numbers ({:.1} MiB in f32), the same at any context length", n as f64 * 4.0 / (1 << 20) as f64))
+            (n, format!("recurrent state: {n} numbers ({:.1} MiB a sequence in f64, as the decoder keeps it), the same at any context length", n as f64 * 8.0 / (1 << 20) as f64))
         }
     }
 
