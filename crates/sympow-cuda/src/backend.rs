@@ -560,6 +560,159 @@ impl CudaBackend {
         }
     }
 
+    /// [`Backend::sympow_prefill_state`] with at most `max_chunk` tokens a GEMM (fewer where
+    /// the φ rows of a chunk would pass `PREFILL_PHI_BYTES`); device-check passes a small one
+    /// to run several chunks on a short prompt.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn prefill_state(
+        &self,
+        spec: &AttentionSpec,
+        shape: &Shape,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        log_gates: Option<&CudaSlice<f32>>,
+        seqs: &[usize],
+        max_chunk: usize,
+    ) -> CudaDecodeState {
+        let _p = self.prof("sympow_prefill_state");
+        let table = phi_table(spec, shape.dk);
+        let (n, t, h, d, e) = (shape.batch, shape.time, shape.heads, shape.dk, shape.dv);
+        assert!(
+            k.len() == n * t * h * d && v.len() == n * t * h * e,
+            "a prefill state takes keys [batch, time, heads, dk] and values [batch, time, heads, dv]"
+        );
+        assert!(
+            seqs.iter().all(|&s| s < n),
+            "prefill state: a sequence index is out of range"
+        );
+        let (nh, dim, e1) = (n * h, table.dim, e + 1);
+        let per = h * dim * e1; // one input sequence's states
+        let zeros = self
+            .stream
+            .alloc_zeros::<f64>((nh * dim * e1).max(1))
+            .expect("device allocation");
+        let mut out = self.decode_state_of(&table, nh, d, e, zeros);
+        if t > 0 && n > 0 {
+            let (ti, hi, dimi, p, di, ei) = (
+                t as i32,
+                h as i32,
+                dim as i32,
+                table.p as i32,
+                d as i32,
+                e as i32,
+            );
+            // w_t = exp(Σ_{s>t} log γ_s) per input sequence and head, [n·heads, T] in f64
+            let weights = log_gates.map(|g| {
+                let mut w = self
+                    .stream
+                    .alloc_zeros::<f64>(nh * t)
+                    .expect("device allocation");
+                let cfg = LaunchConfig {
+                    grid_dim: (nh as u32, 1, 1),
+                    block_dim: (PREFILL_SCAN, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut l = self
+                    .stream
+                    .launch_builder(&self.fns["prefill_gate_weights"]);
+                l.arg(&mut w).arg(g).arg(&ti).arg(&hi);
+                // SAFETY: arguments match decode.cu; one block of PREFILL_SCAN threads a head,
+                // w holds [n·heads, T] and g [n, T, heads].
+                unsafe { l.launch(cfg) }.expect("prefill_gate_weights");
+                w
+            });
+            // S = Φ(K)ᵀ·W[V, 1], a chunk of tokens at a time: the chunk's φ(k) rows in f64, then
+            // per head (column-major, as BLAS) S (e+1 × D) += W[V, 1] (e+1 × tc) · Φ (D × tc)ᵀ
+            let tc = (PREFILL_PHI_BYTES / (nh * dim * 8))
+                .min(max_chunk)
+                .clamp(1, t);
+            let mut phi = self
+                .stream
+                .alloc_zeros::<f64>(nh * tc * dim)
+                .expect("device allocation");
+            let mut vw = self
+                .stream
+                .alloc_zeros::<f64>(nh * tc * e1)
+                .expect("device allocation");
+            for t0 in (0..t).step_by(tc) {
+                let c = tc.min(t - t0);
+                let cfg = LaunchConfig {
+                    grid_dim: (c as u32, nh as u32, 1),
+                    block_dim: (BLOCK, 1, 1),
+                    shared_mem_bytes: (d * 4) as u32,
+                };
+                let (t0i, ci) = (t0 as i32, c as i32);
+                let mut l = self.stream.launch_builder(&self.fns["prefill_phi"]);
+                l.arg(&mut phi).arg(&mut vw).arg(k).arg(v);
+                match &weights {
+                    Some(w) => l.arg(w),
+                    None => l.arg(&NULL),
+                };
+                l.arg(&out.idx)
+                    .arg(&out.coef)
+                    .arg(&ti)
+                    .arg(&t0i)
+                    .arg(&ci)
+                    .arg(&hi);
+                l.arg(&dimi).arg(&p).arg(&di).arg(&ei);
+                // SAFETY: arguments match decode.cu; the grid covers the chunk's c ≤ tc tokens
+                // of every head, whose rows phi [nh, c, D] and vw [nh, c, e+1] hold.
+                unsafe { l.launch(cfg) }.expect("prefill_phi");
+                let cfg = StridedBatchedConfig {
+                    gemm: GemmConfig {
+                        transa: Op::CUBLAS_OP_N,
+                        transb: Op::CUBLAS_OP_T,
+                        m: e1 as i32,
+                        n: dim as i32,
+                        k: ci,
+                        alpha: 1.0f64,
+                        lda: e1 as i32,
+                        ldb: dim as i32,
+                        beta: 1.0,
+                        ldc: e1 as i32,
+                    },
+                    batch_size: nh as i32,
+                    stride_a: (c * e1) as i64,
+                    stride_b: (c * dim) as i64,
+                    stride_c: (dim * e1) as i64,
+                };
+                // SAFETY: per head, vw holds c rows of e+1, phi c rows of D, and the state D
+                // rows of e+1, as the strides and leading dimensions say.
+                unsafe {
+                    self.blas
+                        .gemm_strided_batched(cfg, &vw, &phi, &mut out.state)
+                }
+                .expect("cuBLAS dgemm");
+            }
+        }
+        if seqs.iter().copied().eq(0..n) {
+            return out;
+        }
+        let mut state = self
+            .stream
+            .alloc_zeros::<f64>((seqs.len() * per).max(1))
+            .expect("device allocation");
+        for (i, &s) in seqs.iter().enumerate() {
+            let src = out.state.slice(s * per..(s + 1) * per);
+            let mut dst = state.slice_mut(i * per..(i + 1) * per);
+            self.stream
+                .memcpy_dtod(&src, &mut dst)
+                .expect("device to device copy");
+        }
+        // the same φ table, already on the device; a partial-read buffer for the new heads
+        let heads = seqs.len() * h;
+        let partial = self
+            .stream
+            .alloc_zeros(heads * dim.div_ceil(DECODE_ROWS) * e1)
+            .expect("device allocation");
+        CudaDecodeState {
+            state,
+            partial,
+            heads,
+            ..out
+        }
+    }
+
     /// A zeroed buffer, for outputs that kernels accumulate into.
     fn alloc_zeroed(&self, n: usize) -> CudaSlice<f32> {
         self.stream
@@ -2130,130 +2283,7 @@ impl Backend for CudaBackend {
         log_gates: Option<&CudaSlice<f32>>,
         seqs: &[usize],
     ) -> CudaDecodeState {
-        let _p = self.prof("sympow_prefill_state");
-        let table = phi_table(spec, shape.dk);
-        let (n, t, h, d, e) = (shape.batch, shape.time, shape.heads, shape.dk, shape.dv);
-        assert!(
-            k.len() == n * t * h * d && v.len() == n * t * h * e,
-            "a prefill state takes keys [batch, time, heads, dk] and values [batch, time, heads, dv]"
-        );
-        assert!(
-            seqs.iter().all(|&s| s < n),
-            "prefill state: a sequence index is out of range"
-        );
-        let (nh, dim, e1) = (n * h, table.dim, e + 1);
-        let per = h * dim * e1; // one input sequence's states
-        let zeros = self
-            .stream
-            .alloc_zeros::<f64>((nh * dim * e1).max(1))
-            .expect("device allocation");
-        let mut out = self.decode_state_of(&table, nh, d, e, zeros);
-        if t > 0 && n > 0 {
-            let (ti, hi, dimi, p, di, ei) = (
-                t as i32,
-                h as i32,
-                dim as i32,
-                table.p as i32,
-                d as i32,
-                e as i32,
-            );
-            // w_t = exp(Σ_{s>t} log γ_s) per input sequence and head, [n·heads, T] in f64
-            let weights = log_gates.map(|g| {
-                let mut w = self
-                    .stream
-                    .alloc_zeros::<f64>(nh * t)
-                    .expect("device allocation");
-                let cfg = LaunchConfig {
-                    grid_dim: (nh as u32, 1, 1),
-                    block_dim: (PREFILL_SCAN, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let mut l = self
-                    .stream
-                    .launch_builder(&self.fns["prefill_gate_weights"]);
-                l.arg(&mut w).arg(g).arg(&ti).arg(&hi);
-                // SAFETY: arguments match decode.cu; one block of PREFILL_SCAN threads a head,
-                // w holds [n·heads, T] and g [n, T, heads].
-                unsafe { l.launch(cfg) }.expect("prefill_gate_weights");
-                w
-            });
-            // S = Φ(K)ᵀ·W[V, 1], a chunk of tokens at a time: the chunk's φ(k) rows in f64, then
-            // per head (column-major, as BLAS) S (e+1 × D) += W[V, 1] (e+1 × tc) · Φ (D × tc)ᵀ
-            let tc = (PREFILL_PHI_BYTES / (nh * dim * 8)).clamp(1, t);
-            let mut phi = self
-                .stream
-                .alloc_zeros::<f64>(nh * tc * dim)
-                .expect("device allocation");
-            let mut vw = self
-                .stream
-                .alloc_zeros::<f64>(nh * tc * e1)
-                .expect("device allocation");
-            for t0 in (0..t).step_by(tc) {
-                let c = tc.min(t - t0);
-                let cfg = LaunchConfig {
-                    grid_dim: (c as u32, nh as u32, 1),
-                    block_dim: (BLOCK, 1, 1),
-                    shared_mem_bytes: (d * 4) as u32,
-                };
-                let (t0i, ci) = (t0 as i32, c as i32);
-                let mut l = self.stream.launch_builder(&self.fns["prefill_phi"]);
-                l.arg(&mut phi).arg(&mut vw).arg(k).arg(v);
-                match &weights {
-                    Some(w) => l.arg(w),
-                    None => l.arg(&NULL),
-                };
-                l.arg(&out.idx)
-                    .arg(&out.coef)
-                    .arg(&ti)
-                    .arg(&t0i)
-                    .arg(&ci)
-                    .arg(&hi);
-                l.arg(&dimi).arg(&p).arg(&di).arg(&ei);
-                // SAFETY: arguments match decode.cu; the grid covers the chunk's c ≤ tc tokens
-                // of every head, whose rows phi [nh, c, D] and vw [nh, c, e+1] hold.
-                unsafe { l.launch(cfg) }.expect("prefill_phi");
-                let cfg = StridedBatchedConfig {
-                    gemm: GemmConfig {
-                        transa: Op::CUBLAS_OP_N,
-                        transb: Op::CUBLAS_OP_T,
-                        m: e1 as i32,
-                        n: dim as i32,
-                        k: ci,
-                        alpha: 1.0f64,
-                        lda: e1 as i32,
-                        ldb: dim as i32,
-                        beta: 1.0,
-                        ldc: e1 as i32,
-                    },
-                    batch_size: nh as i32,
-                    stride_a: (c * e1) as i64,
-                    stride_b: (c * dim) as i64,
-                    stride_c: (dim * e1) as i64,
-                };
-                // SAFETY: per head, vw holds c rows of e+1, phi c rows of D, and the state D
-                // rows of e+1, as the strides and leading dimensions say.
-                unsafe {
-                    self.blas
-                        .gemm_strided_batched(cfg, &vw, &phi, &mut out.state)
-                }
-                .expect("cuBLAS dgemm");
-            }
-        }
-        if seqs.iter().copied().eq(0..n) {
-            return out;
-        }
-        let mut state = self
-            .stream
-            .alloc_zeros::<f64>((seqs.len() * per).max(1))
-            .expect("device allocation");
-        for (i, &s) in seqs.iter().enumerate() {
-            let src = out.state.slice(s * per..(s + 1) * per);
-            let mut dst = state.slice_mut(i * per..(i + 1) * per);
-            self.stream
-                .memcpy_dtod(&src, &mut dst)
-                .expect("device to device copy");
-        }
-        self.decode_state_of(&table, seqs.len() * h, d, e, state)
+        self.prefill_state(spec, shape, k, v, log_gates, seqs, usize::MAX)
     }
     fn sympow_decode_step(
         &self,

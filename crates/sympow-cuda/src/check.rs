@@ -937,10 +937,10 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
     }
 
     // generation: the states after a prefill, made on each backend (the CPU by the chunked
-    // algorithm, the GPU by summing the tokens directly), for three sequences continuing inputs
-    // 1, 0, 1 of two; then decode steps from both. 300 tokens: tiles of 16, the last partial;
-    // d = 128: all 17 column tiles (e + 1 = 129, the last one column wide), d = 16: 3; D = 2080
-    // at d = 64: blocks of 64 rows, the last half full
+    // algorithm, the GPU as f64 GEMMs over chunks of tokens), for three sequences continuing
+    // inputs 1, 0, 1 of two (the copies share the φ table); then decode steps from both. 300
+    // tokens in GEMMs of at most 128: two full chunks accumulated into the state, then one of 44
+    // (a whole prompt's single chunk runs in the model rows below); d = 128: e + 1 = 129 columns
     for (label, p, d, gated) in [
         ("p=2 d=64", 2, 64, true),
         ("p=2 d=16 ungated", 2, 16, false),
@@ -962,8 +962,7 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         let mut sc =
             cpu.sympow_prefill_state(&spec, &shape, 64, &k, &v, gated.then_some(&g), &seqs);
         let gg = gated.then(|| up(&g));
-        let mut sg =
-            gpu.sympow_prefill_state(&spec, &shape, 64, &up(&k), &up(&v), gg.as_ref(), &seqs);
+        let mut sg = gpu.prefill_state(&spec, &shape, &up(&k), &up(&v), gg.as_ref(), &seqs, 128);
         let err = decode_steps_err(gpu, &cpu, &spec, (&mut sc, &mut sg), (9, d), gated, &mut r);
         rows.push(Row {
             what: format!("prefill state {label}, 300 tokens, then 3 decode steps"),
