@@ -17,17 +17,22 @@
 //
 // Pipeline (one launch each; [BH] = batch·heads, [T] tokens, chunks of L tokens, NC chunks):
 //   sp_prep     g → local cumulative gates G and chunk totals Γ; bf16 staging copies
-//               qs = σq, kr = k, q̃ = σ e^{G/2} q, k̃ = e^{(Γ−G)/2} k, v' = [v, 1, 1, 0…] (E wide;
-//               the second 1 carries ∂Z's low half, see sp_bwd_prep)
-//   sp_chunk_states  per chunk (in parallel), ΔS_i = φ(K̃_i)ᵀV'_i (or φ(Q̃_i)ᵀ∂N_i backward)
+//               qs = σq, kr = k, q̃ = σ e^{G/2} q, k̃ = e^{(Γ−G)/2} k, v
+//   sp_chunk_states, sp_chunk_gram  per chunk (in parallel), the numerator's ΔS_i = φ(K̃_i)ᵀV_i
+//               and the denominator's ΔZ_i = K̃_iᵀK̃_i (backward: φ(Q̃_i)ᵀ∂N_i and Q̃_iᵀ diag(∂Z) Q̃_i)
 //   sp_discumsum     in place, the discounted cumulative sums S_i = Σ_{j<i} e^{Γ_{j+1}+…} ΔS_j
-//               (forward), or in reverse order R_i = ∂L/∂ΔS_i (backward)
-//   sp_read_{r,rv,dx,rdx}  Σ_a x_a (X S[a]) (the inter-chunk numerator|denominator, or dv'),
+//               (forward), or in reverse order R_i = ∂L/∂ΔS_i (backward); Z with S
+//   sp_read_{r,dx,rdx}  Σ_a x_a (X S[a]) (the inter-chunk numerator, or ∂v),
 //               2·rowdot(X S[a], W) (∂x; dx[t, a] = 2 Σ_{b,j} x_tb w_tj S[a][b][j]), or both
 //   sp_intra_fwd  causal (σq·k)² e^{G_t−G_s} inside the chunk, plus the combine
-//               y = (inter + intra)_num / (inter + intra)_den + ε)
+//               y = (inter + intra)_num / (inter + intra)_den + ε), the inter-chunk denominator
+//               q̃ᵀZq̃ formed here
 //   sp_bwd_prep, sp_intra_bwd_dkv, sp_intra_bwd_dq (each with the chain rule back to the model's
-//               tensors for its tokens), sp_bwd_gates: the backward pass.
+//               tensors for its tokens, and the denominator's part of ∂q̃ or ∂k̃: 2∂Z·Zq̃, 2R_Z·k̃),
+//               sp_bwd_gates: the backward pass.
+// The denominator φ(q̃)·Σφ(k̃) = q̃ᵀ(Σ k̃k̃ᵀ)q̃ is kept apart from the numerator's state: as a
+// column of ones in v it padded the state's columns from D to D + 16 (the reads' k-steps are 16
+// wide), a fifth more bytes and products in every state stage.
 // Layout of the model's tensors: q, k, v, y, dy [B, T, H, D]; g, log_norm [B, T, H].
 
 #define THREADS 256
@@ -41,7 +46,7 @@
 #define FULL 0xffffffffu
 
 template <int D> struct Dims {
-    static constexpr int E = ((D + 2 + 15) / 16) * 16;  // [v, 1, 1] padded to 16 columns
+    static constexpr int E = D;  // the state's columns: v's (the denominator is kept apart)
     static constexpr int NT = E / 8;                     // accumulator tiles across E
     // sp_chunk_states: each warp owns one 16-row tile of b for U consecutive values of the first
     // feature index a; a block owns A values of a (WARPS / (D/16) groups of U).
@@ -68,6 +73,19 @@ __host__ __device__ constexpr int packed_before(int D, int a) {  // rows of all 
 __device__ __forceinline__ int packed_row(int D, int a, int b) {  // tile(a) ≤ tile(b)
     return packed_before(D, a) + b - (a & ~15);
 }
+// A chunk's slot in a states tensor ([BH][NC] slots): the numerator's state — E-wide rows,
+// tile-packed where the wgmma kernels run, D·D ([a][j][b]) elsewhere — then the denominator's
+// D × D state Z (both triangles, row-major) as D more rows; one cumsum runs over both.
+template <int D> struct Slot {
+#if SP_WGMMA
+    static constexpr int state_rows = packed_before(D, D);
+#else
+    static constexpr int state_rows = D * D;
+#endif
+    static constexpr int rows = state_rows + D;
+    static constexpr long elems = (long)rows * Dims<D>::E;
+    static constexpr long z = (long)state_rows * Dims<D>::E;  // Z's offset in the slot
+};
 // The tile-packed state is stored in core-matrix order: its rows in groups of 8, a group as E/8
 // pieces of 8 rows × 8 columns (128 bytes: the unit in which wgmma reads B from shared memory),
 // the order the reads' shared-memory stages use — so a run of whole groups (a slice of the r
@@ -148,20 +166,22 @@ template <int D> struct Smem {
     static constexpr int wg_read_r = (W::RST * D * E + read_qt * (D + 8)) * 2;
     static constexpr int wg_read_dx = wg_read_r + read_qt * (E + 8) * 2;
     static constexpr int states_blocks = W::BLOCKS;
-    static constexpr int state_rows = packed_before(D, D);
 #else
     static constexpr int states = 2 * Dm::TT * ((D + 8) + (E + 8)) * 2;
     static constexpr int wg_read_r = read_r, wg_read_dx = read_dx;
     static constexpr int states_blocks = D / Dm::A;
-    static constexpr int state_rows = D * D;
 #endif
-    // intra kernels: a fixed 128-row tile, then two stages of the streamed tiles and their G (and,
-    // but for dq, each warp's decay factors of a tile)
-    static constexpr int intra_fwd = (128 * (D + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + (2 + WARPS) * 64 * 4;
-    static constexpr int dkv =
-        (128 * (D + 8) + 128 * (E + 8) + 2 * Dm::QB * (D + 8) + 2 * Dm::QB * (E + 8)) * 2 + (2 + WARPS) * Dm::QB * 4;
+    static constexpr int slot_rows = Slot<D>::rows;
+    // intra kernels: a fixed 128-row tile, two stages of the streamed tiles, the chunk's Z (or
+    // R_Z), then the streamed tiles' G (and, but for dq, each warp's decay factors of a tile; for
+    // dkv, the queries' ∂Z)
+    static constexpr int zs = D * (D + 8) * 2;
+    static constexpr int intra_fwd =
+        (128 * (D + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + zs + (2 + WARPS) * 64 * 4;
+    static constexpr int dkv = (128 * (D + 8) + 128 * (E + 8) + 2 * Dm::QB * (D + 8) + 2 * Dm::QB * (E + 8)) * 2 + zs +
+                               (4 + WARPS) * Dm::QB * 4;
     static constexpr int dq =
-        (128 * (D + 8) + 128 * (E + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + (2 + WARPS) * 64 * 4;
+        (128 * (D + 8) + 128 * (E + 8) + 2 * 64 * (D + 8) + 2 * 64 * (E + 8)) * 2 + zs + (2 + WARPS) * 64 * 4;
 };
 
 // 128: the TMA engine's tensor copies (the ∂x read's gather) write at 128-byte-aligned addresses
@@ -175,7 +195,7 @@ extern __shared__ __align__(128) unsigned char smem[];
 template <int D>
 __device__ void sp_prep(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float* Gout, float* Gam, const float* q,
                         const float* k, const float* v, const float* g, int T, int H, int L, float scale) {
-    constexpr int E = Dims<D>::E, D2 = D / 2, E2 = E / 2;
+    constexpr int D2 = D / 2;
     int bh = blockIdx.x, ci = blockIdx.y, NC = gridDim.y;
     int b = bh / H, h = bh % H;
     int t0 = ci * L, n = min(L, T - t0);
@@ -208,13 +228,14 @@ __device__ void sp_prep(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float*
     // pays a memory round trip per element)
     constexpr int PU = 4;
     for (int i0 = threadIdx.x; i0 < m * D2; i0 += PU * blockDim.x) {
-        float2 qv[PU], kv[PU];
+        float2 qv[PU], kv[PU], vv[PU];
 #pragma unroll
         for (int u = 0; u < PU; u++) {
             int i = min(i0 + u * (int)blockDim.x, m * D2 - 1), s = p0 + i / D2, j = 2 * (i % D2);
             long src = ((long)(b * T + t0 + s) * H + h) * D + j;
             qv[u] = *(const float2*)(q + src);
             kv[u] = *(const float2*)(k + src);
+            vv[u] = *(const float2*)(v + src);
         }
 #pragma unroll
         for (int u = 0; u < PU; u++) {
@@ -227,21 +248,7 @@ __device__ void sp_prep(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float*
             *(u32*)(kr + dst) = pack2(kv[u].x, kv[u].y);
             *(u32*)(qt + dst) = pack2(qx.x * eq, qx.y * eq);
             *(u32*)(kt + dst) = pack2(kv[u].x * ek, kv[u].y * ek);
-        }
-    }
-    for (int i0 = threadIdx.x; i0 < m * E2; i0 += PU * blockDim.x) {
-        float2 x[PU];
-#pragma unroll
-        for (int u = 0; u < PU; u++) {
-            int i = min(i0 + u * (int)blockDim.x, m * E2 - 1), s = p0 + i / E2, j = 2 * (i % E2);
-            x[u] = j < D ? *(const float2*)(v + ((long)(b * T + t0 + s) * H + h) * D + j)
-                         : make_float2(j == D ? 1.f : 0.f, j == D ? 1.f : 0.f);
-        }
-#pragma unroll
-        for (int u = 0; u < PU; u++) {
-            int i = i0 + u * blockDim.x, s = p0 + i / E2, j = 2 * (i % E2);
-            if (i >= m * E2) break;
-            *(u32*)(vp + ((long)bh * T + t0 + s) * E + j) = pack2(x[u].x, x[u].y);
+            *(u32*)(vp + dst) = pack2(vv[u].x, vv[u].y);
         }
     }
     for (int s = p0 + threadIdx.x; s < p1; s += blockDim.x) Gout[(long)bh * T + t0 + s] = Gs[s];
@@ -250,7 +257,7 @@ __device__ void sp_prep(bf16* qs, bf16* kr, bf16* qt, bf16* kt, bf16* vp, float*
 // ---------------------------------------------------------------------------------------------
 // One chunk's contribution to the state, out[bh][i][a][j][b] = Σ_τ x_τa x_τb y_τj (bf16; the
 // full layout of the file's head — on Hopper sp_chunk_states_wg writes the packed one), for
-// x = k̃, y = v' (forward: ΔS_i) or x = q̃, y = ∂N (backward: the state gradient taken directly by
+// x = k̃, y = v (forward: ΔS_i) or x = q̃, y = ∂N (backward: the state gradient taken directly by
 // chunk i's queries). Block (group of A first indices a, bh, chunk i) — a chunk's groups run side
 // by side, so its tokens come from DRAM once. Each warp owns 16 rows of b for U consecutive a ×
 // all E columns: one A fragment (x_τb) per 16 tokens, scaled by x_τa for each a (the U scalars of
@@ -335,7 +342,7 @@ __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, 
     }
 #pragma unroll
     for (int u = 0; u < U; u++) {
-        long base = (((long)bh * NC + ci) * D + ab + u) * D * E;
+        long base = ((long)bh * NC + ci) * Slot<D>::elems + (long)(ab + u) * D * E;
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
@@ -346,17 +353,77 @@ __device__ void sp_chunk_states(bf16* out, const bf16* x, const bf16* y, int T, 
     }
 }
 
+// One chunk's Gram matrix, the denominator's part of its slot: Z = Σ_τ w_τ x_τ x_τᵀ (D × D,
+// bf16, both triangles) — forward x = k̃ and w = 1 (w null): the state of the column of ones
+// that v would otherwise carry; backward x = q̃, w = ∂Z (its gradient taken directly by chunk i's
+// queries). Block (bh, chunk i); warp w owns row tile w mod D/16 of a and NTW column tiles of b
+// (D = 32: four warps idle); tiles of 64 tokens, token-major in shared memory (with w: a second
+// copy scaled by it). ≈ 1/40 of the chunk states' products.
+template <int D>
+__device__ void sp_chunk_gram(bf16* out, const bf16* x, const float* w, int T, int L, bool skip) {
+    constexpr int MT = D / 16, WPR = WARPS / MT < D / 16 ? WARPS / MT : D / 16, NTW = D / WPR / 8, TT = 64,
+                  LDX = D + 8;
+    __shared__ __align__(16) bf16 Xs[TT * LDX], Ws[TT * LDX];
+    __shared__ float wt[TT];
+    if (skip) return;
+    int bh = blockIdx.y, ci = blockIdx.z, NC = gridDim.z;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    int mt = warp % MT, n0 = warp / MT * NTW * 8;
+    bool busy = warp < MT * WPR;
+    float acc[NTW][4];
+#pragma unroll
+    for (int nt = 0; nt < NTW; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[nt][i] = 0.f;
+    int t0 = ci * L, n = min(L, T - t0);
+    const bf16* xh = x + ((long)bh * T + t0) * D;
+    for (int s0 = 0; s0 < n; s0 += TT) {
+        int nv = min(TT, n - s0);
+        __syncthreads();  // every warp is done with the previous tile
+        load_rows_async(Xs, LDX, xh + (long)s0 * D, nv, TT, D);
+        if (w && threadIdx.x < TT) wt[threadIdx.x] = (int)threadIdx.x < nv ? w[(long)bh * T + t0 + s0 + threadIdx.x] : 0.f;
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        __syncthreads();
+        if (w) {
+            for (int i = threadIdx.x; i < TT * D / 2; i += blockDim.x) {
+                int r = i / (D / 2), c = 2 * (i % (D / 2));
+                u32 xv = *(const u32*)(Xs + r * LDX + c);
+                *(u32*)(Ws + r * LDX + c) = pack2(wt[r] * __uint_as_float(xv << 16), wt[r] * __uint_as_float(xv & 0xffff0000u));
+            }
+            __syncthreads();
+        }
+        if (busy)
+#pragma unroll
+            for (int kk = 0; kk < TT; kk += 16) {
+                u32 af[4];
+                lda_kmajor(af, Xs, LDX, mt * 16, kk);  // A(a, τ) = x_τa
+#pragma unroll
+                for (int nt = 0; nt < NTW; nt += 2) {
+                    u32 bfr[4];
+                    ldb2_kmajor(bfr, w ? Ws : Xs, LDX, kk, n0 + nt * 8);  // B(τ, b) = w_τ x_τb
+                    mma16816(acc[nt], af, bfr);
+                    mma16816(acc[nt + 1], af, bfr + 2);
+                }
+            }
+    }
+    if (!busy) return;
+    bf16* z = out + ((long)bh * NC + ci) * Slot<D>::elems + Slot<D>::z;
+#pragma unroll
+    for (int nt = 0; nt < NTW; nt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+            *(u32*)(z + (mt * 16 + g + 8 * h) * D + n0 + nt * 8 + 2 * t) = pack2(acc[nt][2 * h], acc[nt][2 * h + 1]);
+}
+
 // In place over the chunks of each head: the per-chunk contributions Δ_i become the discounted
 // cumulative sums that enter each chunk. Forward (reverse = 0): S_i = Σ_{j<i} e^{Γ_{j+1}+…+Γ_{i−1}} Δ_j,
 // i.e. run = 0; S_i = run; run = e^{Γ_i} run + Δ_i. Reverse: the same from the last chunk down,
 // giving R_i = ∂L/∂ΔS_i (f32 running sums). The gates' gradient needs no inner product with the
 // forward states here: sp_bwd_gates takes it from per-token terms.
 // Block (bh, slice of THREADS·8 elements); memory-bound: each thread owns one 16-byte vector
-// (8 bf16) of every chunk's state, so a warp moves 512 contiguous bytes per access, and the next
-// chunk's vector is loaded before this one is written (the loop over chunks is sequential, so
-// the load must not wait on the store). In the core-matrix order of the wgmma kernels (`pieces`
-// = E/8 pieces a group of 8 rows) the last piece of every group is zero in every chunk — columns
-// past Wg::LIVE — and is skipped: threads are numbered over the other pieces' vectors.
+// (8 bf16) of every chunk's slot (state and Z alike), so a warp moves 512 contiguous bytes per
+// access, and the next chunk's vector is loaded before this one is written (the loop over chunks
+// is sequential, so the load must not wait on the store).
 #define DISC_VEC 8
 __device__ __forceinline__ void unpack8(float* f, uint4 v) {
     u32 w[4] = {v.x, v.y, v.z, v.w};
@@ -366,11 +433,9 @@ __device__ __forceinline__ void unpack8(float* f, uint4 v) {
         f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
 }
-__device__ void sp_discumsum(bf16* st, const float* Gam, long per_chunk, int NC, int reverse, int pieces) {
+__device__ void sp_discumsum(bf16* st, const float* Gam, long per_chunk, int NC, int reverse) {
     int bh = blockIdx.x;
-    long v = (long)blockIdx.y * THREADS + threadIdx.x;  // this thread's vector
-    if (pieces) v = v / (8 * (pieces - 1)) * 8 * pieces + v % (8 * (pieces - 1));
-    long e0 = v * DISC_VEC;
+    long e0 = ((long)blockIdx.y * THREADS + threadIdx.x) * DISC_VEC;  // this thread's vector
     if (e0 >= per_chunk) return;  // per_chunk is a multiple of DISC_VEC
     bf16* head = st + (long)bh * NC * per_chunk + e0;
     float run[DISC_VEC];
@@ -422,7 +487,7 @@ __device__ void sp_read(float* r, float* dx, const bf16* x, const bf16* S, const
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, row0 = warp * 16 * RM;
     // S[a] of this chunk into stage st (contiguous)
     auto load_slice = [&](int a, bf16* st) {
-        load_rows_async(st, LDS, S + (((long)bh * NC + ci) * D + a) * D * E, E, E, D);
+        load_rows_async(st, LDS, S + ((long)bh * NC + ci) * Slot<D>::elems + (long)a * D * E, E, E, D);
     };
     load_slice(0, Sbuf);
     cp_async_commit();
@@ -562,11 +627,6 @@ template <int D> struct Wg {
     static constexpr int TASKS = TILES * (TILES + 1) / 2 * SUBS;
     static constexpr int BLOCKS = (TASKS + 1) / 2;
     static constexpr int TT = 64;  // tokens per stage
-    // Columns of a state that can be nonzero: v' = [v, 1, 1, 0…] (forward) and ∂N' = [∂N, ∂Z_hi,
-    // ∂Z_lo, 0…] (backward) end in zeros, so the state products form only D + 2 columns, rounded
-    // up to wgmma's step of 8; the rest of E (there so that the ∂x reads, which contract over
-    // the columns, take whole k-steps of 16) are zeros that sp_chunk_states_wg writes as such.
-    static constexpr int LIVE = (D + 2 + 7) / 8 * 8;
 };
 
 // sp_chunk_states on wgmma, writing the tile-packed state. A warpgroup's product has the 64 rows
@@ -574,12 +634,12 @@ template <int D> struct Wg {
 // contracts over the chunk's tokens, 16 at a time: A(row, τ) = x_τa x_τb, the ldmatrix fragment
 // of x_τb scaled by x_τa (registers, a fresh set per step so the previous step's products can
 // still be reading the other), B = y's 16 × E rows (shared memory).
-// A chunk whose contribution enters no state (`skip`) writes only the zero columns: the cumsum,
-// which leaves them alone, writes the state itself into that slot.
+// A chunk whose contribution enters no state (`skip`) writes nothing: the cumsum writes its slot.
 template <int D>
 __device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int T, int L, bool skip) {
+    if (skip) return;
     typedef Wg<D> W;
-    constexpr int E = W::E, NL = W::LIVE, U = W::U, TT = W::TT, ST = W::ST, LDX = D + 8;
+    constexpr int E = W::E, U = W::U, TT = W::TT, ST = W::ST, LDX = D + 8;
     constexpr int XST = TT * LDX, STAGE = XST + TT * E;  // a stage: Xs [TT][LDX], then y in core matrices
     bf16* buf = (bf16*)smem;
     int bh = blockIdx.y, ci = blockIdx.z, NC = gridDim.z;
@@ -591,7 +651,7 @@ __device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int 
     int pair = task / W::SUBS, ta = 0;
     while (pair >= W::TILES - ta) pair -= W::TILES - ta++;
     int tb = ta + pair, a_w = 16 * ta + (task % W::SUBS) * 4 * U + warp * U;
-    int t0 = ci * L, n = skip ? 0 : min(L, T - t0);  // a skipped chunk loads no tokens
+    int t0 = ci * L, n = min(L, T - t0);
     const bf16* xh = x + ((long)bh * T + t0) * D;
     const bf16* yh = y + ((long)bh * T + t0) * E;
     auto issue = [&](int tile) {
@@ -603,11 +663,11 @@ __device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int 
         }
         cp_async_commit();
     };
-    float acc[U][NL / 2];
+    float acc[U][E / 2];
 #pragma unroll
     for (int u = 0; u < U; u++)
 #pragma unroll
-        for (int i = 0; i < NL / 2; i++) acc[u][i] = 0.f;
+        for (int i = 0; i < E / 2; i++) acc[u][i] = 0.f;
     u32 af[2][U][4];  // two sets: step k scales into set k & 1
     int tiles = (n + TT - 1) / TT;
 #pragma unroll
@@ -653,26 +713,23 @@ __device__ void sp_chunk_states_wg(bf16* out, const bf16* x, const bf16* y, int 
             // y's rows k·16 … k·16 + 15: core matrices along tokens E·16 bytes apart, along E 128
             unsigned long long desc = wg_desc(Ys + k * 16 * E, E * 16, 128);
 #pragma unroll
-            for (int u = 0; u < U; u++) wgmma<NL, 1>(acc[u], as[u], desc, 1);
+            for (int u = 0; u < U; u++) wgmma<E, 1>(acc[u], as[u], desc, 1);
             wg_commit();
             wg_wait<1>();
         }
     }
     wg_wait<0>();
     if (!live) return;
-    bf16* oc = out + ((long)bh * NC + ci) * packed_before(D, D) * E;
+    bf16* oc = out + ((long)bh * NC + ci) * Slot<D>::elems;
     int g = lane >> 2;
 #pragma unroll
     for (int u = 0; u < U; u++)
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             bf16* orow = oc + core_row(E, packed_row(D, a_w + u, 16 * tb + g + 8 * h)) + 2 * t;
-            if (!skip)
 #pragma unroll
-                for (int nt = 0; nt < NL / 8; nt++)
-                    *(u32*)(orow + nt * CORE_PIECE) = pack2(acc[u][4 * nt + 2 * h], acc[u][4 * nt + 2 * h + 1]);
-#pragma unroll
-            for (int nt = NL / 8; nt < E / 8; nt++) *(u32*)(orow + nt * CORE_PIECE) = 0u;
+            for (int nt = 0; nt < E / 8; nt++)
+                *(u32*)(orow + nt * CORE_PIECE) = pack2(acc[u][4 * nt + 2 * h], acc[u][4 * nt + 2 * h + 1]);
         }
 }
 
@@ -764,10 +821,8 @@ __device__ __forceinline__ void wg_read_pass(float (*acc)[N / 2], const u32 (*fr
     wg_wait<0>();
 }
 
-// NR: the columns of r formed — the state's live ones (the forward's numerator and denominator)
-// or D (the backward's ∂v′ read, whose consumer takes ∂v alone); r's rows stay E apart.
 // maps: the gathered rows' tensor maps (dx only).
-template <int D, bool R, bool DX, int NR = Wg<D>::LIVE>
+template <int D, bool R, bool DX>
 __device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,
                            const GatherMaps* maps = nullptr) {
     static_assert(R != DX, "r and dx together are two passes here (see the entry points)");
@@ -782,12 +837,12 @@ __device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, co
     int nv = min(min(QT, L - tile * QT), T - t0);
     int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int row0 = wg * 64 * RW + warp * 16;  // this warp's rows in tile m: row0 + 64·m …
-    const bf16* Sc = S + ((long)bh * NC + ci) * packed_before(D, D) * E;
+    const bf16* Sc = S + ((long)bh * NC + ci) * Slot<D>::elems;
     load_rows(Xs, LDX, x + ((long)bh * T + t0) * D, nv, QT, D);
     if (DX) load_rows(Ws, LDW, w + ((long)bh * T + t0) * E, nv, QT, E);
     __syncthreads();
     // the A operand, in registers for the whole pass: X's fragments (r) or W's (dx)
-    constexpr int KA = DX ? E : D, N = DX ? D : NR, LDO = DX ? D : E;
+    constexpr int KA = DX ? E : D, N = DX ? D : E, LDO = DX ? D : E;
     u32 af[RW][KA / 16][4];
 #pragma unroll
     for (int m = 0; m < RW; m++)
@@ -799,7 +854,7 @@ __device__ void sp_read_wg(float* r, float* dx, const bf16* x, const bf16* S, co
 #pragma unroll
         for (int i = 0; i < N / 2; i++) acc[m][i] = 0.f;
     wg_read_pass<D, DX, KA / 16, N, RW>(acc, af, Xs, LDX, row0, Sc, Sbuf, maps,
-                                        (int)(((long)bh * NC + ci) * packed_before(D, D) / 8));
+                                        (int)(((long)bh * NC + ci) * Slot<D>::rows / 8));
     float* out = DX ? dx : r;
     const float scale = DX ? 2.f : 1.f;
 #pragma unroll
@@ -837,14 +892,18 @@ template <int D> struct TileStream {
     long base;  // this head's first row in [BH][T]
     int end, T, rows;
     bool keys_last;
+    const float* dz = nullptr;  // a second per-row value streamed beside G (∂Z of queries) …
+    float* Zs = nullptr;        // … into two stages of [rows]
     // Issues tile r0 into stage s (a group committed even when nothing is left to load).
     __device__ __forceinline__ void issue(int r0, int s) {
         if (r0 < end) {
             int n = min(rows, T - r0);
             load_rows_async(A + s * rows * (D + 8), D + 8, a + (base + r0) * D, n, rows, D);
             load_rows_async(B + s * rows * (E + 8), E + 8, b + (base + r0) * E, n, rows, E);
-            for (int i = threadIdx.x; i < rows; i += blockDim.x)
+            for (int i = threadIdx.x; i < rows; i += blockDim.x) {
                 cp_async4(Gs + s * rows + i, G + base + r0 + min(i, n - 1), i < n);
+                if (dz) cp_async4(Zs + s * rows + i, dz + base + r0 + min(i, n - 1), i < n);
+            }
         }
         cp_async_commit();
     }
@@ -872,38 +931,78 @@ template <int D> struct TileStream {
     __device__ __forceinline__ const bf16* a_tile(int s) const { return A + s * rows * (D + 8); }
     __device__ __forceinline__ const bf16* b_tile(int s) const { return B + s * rows * (E + 8); }
     __device__ __forceinline__ const float* g_tile(int s) const { return Gs + s * rows; }
+    __device__ __forceinline__ const float* dz_tile(int s) const { return Zs + s * rows; }
 };
+
+// The denominator's quadratic form for the 16 rows of this warp: for the rows row0 + g and
+// row0 + g + 8 of X (row-major in shared memory), u = X·Z (f32, the warp's accumulator tiles:
+// Z symmetric, its [D][D + 8] rows in shared memory) and x·Z·x (whole rows: quad sums).
+template <int D>
+__device__ __forceinline__ void quad_form(float (*u)[4], float* xzx, const bf16* X, int ldx, int row0, const bf16* Zs) {
+    int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) u[nt][i] = 0.f;
+    mma_rows<D, D / 8>(u, X, ldx, row0, Zs, D + 8);
+    float p0 = 0.f, p1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; nt++) {
+        u32 x0 = *(const u32*)(X + (row0 + g) * ldx + nt * 8 + 2 * t);
+        u32 x1 = *(const u32*)(X + (row0 + g + 8) * ldx + nt * 8 + 2 * t);
+        p0 += u[nt][0] * __uint_as_float(x0 << 16) + u[nt][1] * __uint_as_float(x0 & 0xffff0000u);
+        p1 += u[nt][2] * __uint_as_float(x1 << 16) + u[nt][3] * __uint_as_float(x1 & 0xffff0000u);
+    }
+    xzx[0] = quad_sum(p0);
+    xzx[1] = quad_sum(p1);
+}
+// Issues the copy of the chunk's Z (its slot's last D rows) into shared memory as [D][D + 8] rows.
+template <int D> __device__ __forceinline__ void load_z_async(bf16* dst, const bf16* S, int bh, int ci, int NC) {
+    load_rows_async(dst, D + 8, S + ((long)bh * NC + ci) * Slot<D>::elems + Slot<D>::z, D, D, D);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Intra-chunk attention of 128 queries (8 warps × 16) against the chunk's earlier keys, 64 at a
-// time, then the combine with the inter-chunk part `inter` ([BH][T][E] f32, numerator|den).
+// time, then the combine with the inter-chunk numerator `inter` ([BH][T][E] f32) and denominator
+// q̃ᵀZq̃ = e^{G}·qsᵀZqs (Z from the chunk's slot of the states S, formed before the keys stream).
+// The intra-chunk denominator sums the bf16 weights that the numerator's product takes, so that
+// a row whose weight sits on one key gets y = v exactly, as it did with v's column of ones.
 template <int D>
 __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf16* kr, const bf16* vp, const float* G,
-                             const float* inter, int T, int H, int L, float eps) {
+                             const float* inter, const bf16* S, int T, int H, int L, float eps) {
     typedef Dims<D> Dm;
-    // the numerator's D columns and the tile holding the denominator (column D); the rest of v′
-    // is zero
-    constexpr int E = Dm::E, NT = D / 8 + 1, QT = 128, KT = 64, LDQ = D + 8, LDV = E + 8;
+    constexpr int E = Dm::E, NT = E / 8, QT = 128, KT = 64, LDQ = D + 8, LDV = E + 8;
     bf16* Qs = (bf16*)smem;        // [QT][LDQ]
     bf16* Ks = Qs + QT * LDQ;      // two stages of [KT][LDQ]
     bf16* Vs = Ks + 2 * KT * LDQ;  // two stages of [KT][LDV]
-    float* Gk = (float*)(Vs + 2 * KT * LDV);  // two stages of [KT], then [WARPS][KT] decay factors
+    bf16* Zs = Vs + 2 * KT * LDV;  // [D][D + 8]
+    float* Gk = (float*)(Zs + D * (D + 8));  // two stages of [KT], then [WARPS][KT] decay factors
     int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z, b = bh / H, h = bh % H;
     int c0 = ci * L, q0 = c0 + tile * QT;
     if (tile * QT >= L || q0 >= T) return;
     int nq = min(QT, T - q0);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, row0 = warp * 16;
-    load_rows(Qs, LDQ, qs + ((long)bh * T + q0) * D, nq, QT, D);
+    int kend = min(q0 + QT, T);
+    TileStream<D> keys{Ks, Vs, Gk, Gk + 2 * KT, kr, vp, G, (long)bh * T, kend, T, KT, true};
+    // the queries and Z, then the first key tile (a group of its own, landing under quad_form)
+    load_rows_async(Qs, LDQ, qs + ((long)bh * T + q0) * D, nq, QT, D);
+    load_z_async<D>(Zs, S, bh, ci, gridDim.z);
+    cp_async_commit();
+    keys.issue(c0, 0);
+    cp_async_wait_prev();
+    __syncthreads();
     int qi0 = q0 + row0 + g, qi1 = qi0 + 8;
     float Gq0 = qi0 < T ? G[(long)bh * T + qi0] : 0.f, Gq1 = qi1 < T ? G[(long)bh * T + qi1] : 0.f;
-    float acc[NT][4];
+    float den_inter[2];
+    {
+        float u[D / 8][4];
+        quad_form<D>(u, den_inter, Qs, LDQ, row0, Zs);
+    }
+    float acc[NT][4], rs0 = 0.f, rs1 = 0.f;  // rs: the thread's part of its rows' weight sums
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)
 #pragma unroll
         for (int i = 0; i < 4; i++) acc[nt][i] = 0.f;
-    int kend = min(q0 + QT, T);
-    TileStream<D> keys{Ks, Vs, Gk, Gk + 2 * KT, kr, vp, G, (long)bh * T, kend, T, KT, true};
-    keys.issue(c0, 0);
     for (int k0 = c0, it = 0; k0 < kend; k0 += KT, it++) {
         int st = keys.advance(k0, it);
         const bf16 *Kc = keys.a_tile(st), *Vc = keys.b_tile(st);
@@ -942,19 +1041,22 @@ __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf
             for (int ks = 0; ks < KT / 16; ks++) {
                 u32 pf[4];
                 acc_to_a(pf, s[2 * ks], s[2 * ks + 1]);
+                rs0 += __uint_as_float(pf[0] << 16) + __uint_as_float(pf[0] & 0xffff0000u) +
+                       __uint_as_float(pf[2] << 16) + __uint_as_float(pf[2] & 0xffff0000u);
+                rs1 += __uint_as_float(pf[1] << 16) + __uint_as_float(pf[1] & 0xffff0000u) +
+                       __uint_as_float(pf[3] << 16) + __uint_as_float(pf[3] & 0xffff0000u);
 #pragma unroll
                 for (int nt = 0; nt < NT; nt += 2) {
                     u32 bfr[4];
                     ldb2_kmajor(bfr, Vc, LDV, ks * 16, nt * 8);
                     mma16816(acc[nt], pf, bfr);
-                    if (nt + 1 < NT) mma16816(acc[nt + 1], pf, bfr + 2);
+                    mma16816(acc[nt + 1], pf, bfr + 2);
                 }
             }
         }
     }
-    // combine: the denominator is column D (tile D/8, element 0/2 of the row's first lane)
-    int src = lane & ~3;
-    float den0 = __shfl_sync(FULL, acc[D / 8][0], src), den1 = __shfl_sync(FULL, acc[D / 8][2], src);
+    // combine
+    float den0 = quad_sum(rs0) + expf(Gq0) * den_inter[0], den1 = quad_sum(rs1) + expf(Gq1) * den_inter[1];
     int r0 = row0 + g, r1 = r0 + 8;
     // every load of inter before any store of y (a store might alias a later load, so the
     // compiler would keep each load behind the stores before it)
@@ -965,8 +1067,6 @@ __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf
         in0[nt] = *(const float2*)(inter + i0 + nt * 8 + 2 * t);
         in1[nt] = *(const float2*)(inter + i1 + nt * 8 + 2 * t);
     }
-    den0 += inter[i0 + D];
-    den1 += inter[i1 + D];
     den0 += eps;
     den1 += eps;
 #pragma unroll
@@ -987,20 +1087,19 @@ __device__ void sp_intra_fwd(float* y, float* log_norm, const bf16* qs, const bf
 }
 
 // ---------------------------------------------------------------------------------------------
-// ∂L/∂(numerator, denominator) per query: [∂N, ∂Z_hi, ∂Z_lo, 0…] with ∂N = bf16(dy/Z'), Z' =
-// e^{log_norm}, and ∂Z = −∂N·y computed from the rounded ∂N and kept to 16 bits as two bf16
-// columns (v' has a 1 in both). Every product with v'_s then sees ∂N·(v_s − y_t) with the
-// cancellation intact: a row whose weight sits on one key has y_t ≈ v_s and a near-zero ∂q_t,
-// which a single bf16 ∂Z (rounded apart from ∂N) turned into an O(2⁻⁹·|∂N·v|) error.
-// One warp per token, bf16 [BH][T][E].
+// ∂L/∂(numerator, denominator) per query: ∂N = bf16(dy/Z') ([BH][T][E]), Z' = e^{log_norm}, and
+// ∂Z = −∂N·y in f32 ([BH][T]), computed from the rounded ∂N: every product then sees
+// ∂N·(v_s − y_t) with the cancellation intact (a row whose weight sits on one key has y_t ≈ v_s
+// and a near-zero ∂q_t; ∂Z rounded to bf16 apart from ∂N made that an O(2⁻⁹·|∂N·v|) error).
+// One warp per token.
 template <int D>
-__device__ void sp_bwd_prep(bf16* dN, const float* dy, const float* y, const float* log_norm, int B, int T, int H) {
-    constexpr int E = Dims<D>::E;
+__device__ void sp_bwd_prep(bf16* dN, float* dZ, const float* dy, const float* y, const float* log_norm, int B, int T,
+                            int H) {
     long tok = (long)blockIdx.x * WARPS + (threadIdx.x >> 5);  // (b, t, h) row
     int lane = threadIdx.x & 31;
     if (tok >= (long)B * T * H) return;
     int h = tok % H, tt = (tok / H) % T, b = tok / H / T;
-    long bht = ((long)(b * H + h) * T + tt) * E;
+    long bht = (long)(b * H + h) * T + tt;
     constexpr int P = (D + 63) / 64;  // column pairs a lane: j = 2·lane + 64·p
     float2 dyv[P], yv[P];
 #pragma unroll
@@ -1016,11 +1115,10 @@ __device__ void sp_bwd_prep(bf16* dN, const float* dy, const float* y, const flo
         if (j >= D) break;
         u32 n = pack2(dyv[p].x * inv, dyv[p].y * inv);
         dot += __uint_as_float(n << 16) * yv[p].x + __uint_as_float(n & 0xffff0000u) * yv[p].y;
-        *(u32*)(dN + bht + j) = n;
+        *(u32*)(dN + bht * D + j) = n;
     }
     float dz = -warp_sum(dot);
-    bf16 hi = f2b(dz), lo = f2b(dz - b2f(hi));
-    for (int j = D + lane; j < E; j += 32) dN[bht + j] = j == D ? hi : j == D + 1 ? lo : f2b(0.f);
+    if (lane == 0) dZ[bht] = dz;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1049,43 +1147,56 @@ __device__ __forceinline__ void weigh_tile(float (*s)[4], float (*da)[4], const 
 // Intra-chunk backward, key side: 128 keys (8 warps × 16) against the chunk's later queries, QB
 // at a time, then the chain rule back to the model's ∂k and ∂v for those keys (folded in here: a
 // separate pass over the f32 gradients measured 0.54 ms at T = 4k):
-//   ∂k = e^{(Γ−G)/2} ∂k̃ + ∂k_intra, ∂v = ∂v'_inter + ∂v_intra,
+//   ∂k = e^{(Γ−G)/2} ∂k̃ + ∂k_intra, ∂v = ∂v_inter + ∂v_intra,
 // with gates ∂G_τ's key part −½ k̃·∂k̃ + ∂G_intra (dGk), k̃ from the model's f32 k (the block's bf16
 // keys instead saved ≈ 0.02 ms at T = 4k and raised the device check's ∂log-gates errors by up
 // to 17%).
-// dkt and dvp are the inter-chunk read's ∂k̃ ([BH][T][D]) and ∂v' ([BH][T][E]), f32.
+// dkt and dvp are the inter-chunk read's ∂k̃ and ∂v ([BH][T][D], f32): the numerator's. The
+// denominator's part of ∂k̃, 2·R_Z·k̃ (R_Z: the chunk's slot of the reverse states R), is formed
+// here before the queries stream, as is ∂A's part from ∂Z (each query's ∂Z added to its column).
 template <int D>
 __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* qs, const bf16* kr,
-                                 const bf16* vp, const bf16* dN, const float* G, const float* Gam, const float* k,
-                                 const float* dkt, const float* dvp, int T, int H, int L) {
+                                 const bf16* vp, const bf16* dN, const float* dZ, const float* G, const float* Gam,
+                                 const float* k, const float* dkt, const float* dvp, const bf16* R, int T, int H,
+                                 int L) {
     typedef Dims<D> Dm;
     constexpr int E = Dm::E, QB = Dm::QB, KB = 128, LDK = D + 8, LDV = E + 8;
     bf16* Ks = (bf16*)smem;        // [KB][LDK]
     bf16* Vs = Ks + KB * LDK;      // [KB][LDV]
     bf16* Qs = Vs + KB * LDV;      // two stages of [QB][LDK]
     bf16* Ns = Qs + 2 * QB * LDK;  // two stages of [QB][LDV]
-    float* Gq = (float*)(Ns + 2 * QB * LDV);  // two stages of [QB], then [WARPS][QB] decay factors
-    int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z;
+    bf16* Zs = Ns + 2 * QB * LDV;  // [D][D + 8]: R_Z
+    // two stages of [QB] G, [WARPS][QB] decay factors, two stages of [QB] ∂Z
+    float* Gq = (float*)(Zs + D * (D + 8));
+    int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z, NC = gridDim.z;
     int k0 = ci * L + tile * KB;
     if (tile * KB >= L || k0 >= T) return;
     int nk = min(KB, T - k0), cend = min(ci * L + L, T);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, row0 = warp * 16;
-    load_rows(Ks, LDK, kr + ((long)bh * T + k0) * D, nk, KB, D);
-    load_rows(Vs, LDV, vp + ((long)bh * T + k0) * E, nk, KB, E);
+    TileStream<D> queries{Qs, Ns, Gq, Gq + 2 * QB, qs, dN, G, (long)bh * T, cend, T, QB, false,
+                          dZ, Gq + (2 + WARPS) * QB};
+    // the keys, their values and R_Z, then the first query tile (landing under quad_form)
+    load_rows_async(Ks, LDK, kr + ((long)bh * T + k0) * D, nk, KB, D);
+    load_rows_async(Vs, LDV, vp + ((long)bh * T + k0) * E, nk, KB, E);
+    load_z_async<D>(Zs, R, bh, ci, NC);
+    cp_async_commit();
+    queries.issue(k0, 0);
+    cp_async_wait_prev();
+    __syncthreads();
     int kj0 = k0 + row0 + g, kj1 = kj0 + 8;
     float Gk0 = kj0 < T ? G[(long)bh * T + kj0] : 0.f, Gk1 = kj1 < T ? G[(long)bh * T + kj1] : 0.f;
-    // ∂v′'s columns past D (the gradient of v′'s constant ones) are never used: not formed
-    float dva[D / 8][4], dka[D / 8][4], dg0 = 0.f, dg1 = 0.f;
+    float gam = Gam[bh * NC + ci], ek0 = expf(0.5f * (gam - Gk0)), ek1 = expf(0.5f * (gam - Gk1));
+    float dva[D / 8][4], dka[D / 8][4], dg0 = 0.f, dg1 = 0.f, kzk[2];
+    // the denominator's ∂k = e^{(Γ−G)/2}·2R_Z·k̃ = 2e^{Γ−G}·R_Z·k (starts ∂K's accumulator), and
+    // k̃·(its ∂k̃) = 2e^{Γ−G}·kᵀR_Z k (kzk, to the gates' key part below)
+    quad_form<D>(dka, kzk, Ks, LDK, row0, Zs);
 #pragma unroll
     for (int nt = 0; nt < D / 8; nt++)
 #pragma unroll
-        for (int i = 0; i < 4; i++) dva[nt][i] = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < D / 8; nt++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) dka[nt][i] = 0.f;
-    TileStream<D> queries{Qs, Ns, Gq, Gq + 2 * QB, qs, dN, G, (long)bh * T, cend, T, QB, false};
-    queries.issue(k0, 0);
+        for (int i = 0; i < 4; i++) {
+            dva[nt][i] = 0.f;
+            dka[nt][i] *= 2.f * (i >= 2 ? ek1 * ek1 : ek0 * ek0);
+        }
     for (int qa = k0, it = 0; qa < cend; qa += QB, it++) {
         int stage = queries.advance(qa, it);
         const bf16 *Qc = queries.a_tile(stage), *Nc = queries.b_tile(stage);
@@ -1097,7 +1208,13 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
 #pragma unroll
                 for (int i = 0; i < 4; i++) st[nt][i] = da[nt][i] = 0.f;
             mma_rows<D, QB / 8>(st, Ks, LDK, row0, Qc, LDK);  // Sᵀ = K Qᵀ
-            mma_rows<E, QB / 8>(da, Vs, LDV, row0, Nc, LDV);  // ∂Aᵀ = V' ∂Nᵀ
+            mma_rows<E, QB / 8>(da, Vs, LDV, row0, Nc, LDV);  // ∂Aᵀ = V ∂Nᵀ, and ∂Z by query
+            const float* Zc = queries.dz_tile(stage);
+#pragma unroll
+            for (int nt = 0; nt < QB / 8; nt++) {
+                float2 z = *(const float2*)(Zc + nt * 8 + 2 * t);
+                da[nt][0] += z.x, da[nt][1] += z.y, da[nt][2] += z.x, da[nt][3] += z.y;
+            }
             if (qa >= k0 + row0 + 15) {  // every query of the tile follows every key of this warp
                 // (padded queries have F = 0, zero q and ∂N: they add nothing)
                 const float* Fc = queries.decay(qa, stage);
@@ -1127,7 +1244,7 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
                 acc_to_a(pf, st[2 * ks], st[2 * ks + 1]);
                 acc_to_a(df, da[2 * ks], da[2 * ks + 1]);
 #pragma unroll
-                for (int nt = 0; nt < D / 8; nt += 2) {  // ∂V' += Aᵀ ∂N (its first D columns)
+                for (int nt = 0; nt < D / 8; nt += 2) {  // ∂V += Aᵀ ∂N
                     u32 bfr[4];
                     ldb2_kmajor(bfr, Nc, LDV, ks * 16, nt * 8);
                     mma16816(dva[nt], pf, bfr);
@@ -1148,7 +1265,7 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
     // at a time above (the second block an SM hides the second trip; both at once spill more)
     constexpr int RA = D >= 64 ? 1 : 2;
     int b = bh / H, h = bh % H;
-    float gam = Gam[bh * ((T + L - 1) / L) + ci], kd[2] = {0.f, 0.f};
+    float kd[2] = {0.f, 0.f};
 #pragma unroll
     for (int h0 = 0; h0 < 2; h0 += RA) {  // rows g and g + 8 of the warp's 16
         float2 c[RA][D / 8], vo[RA][D / 8], kv[RA][D / 8];
@@ -1169,7 +1286,7 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
             int hr = h0 + u, row = row0 + g + 8 * hr;
             if (row >= nk) continue;
             long m = ((long)b * T + k0 + row) * H + h;
-            float ek = expf(0.5f * (gam - (hr ? Gk1 : Gk0)));
+            float ek = hr ? ek1 : ek0;
 #pragma unroll
             for (int nt = 0; nt < D / 8; nt++) {
                 int col = nt * 8 + 2 * t;
@@ -1187,42 +1304,56 @@ __device__ void sp_intra_bwd_dkv(float* dk, float* dv, float* dGk, const bf16* q
     kd[0] = quad_sum(kd[0]);
     kd[1] = quad_sum(kd[1]);
     if (t == 0) {
-        if (row0 + g < nk) dGk[(long)bh * T + kj0] = dg0 - 0.5f * kd[0];
-        if (row0 + g + 8 < nk) dGk[(long)bh * T + kj1] = dg1 - 0.5f * kd[1];
+        if (row0 + g < nk) dGk[(long)bh * T + kj0] = dg0 - 0.5f * kd[0] - ek0 * ek0 * kzk[0];
+        if (row0 + g + 8 < nk) dGk[(long)bh * T + kj1] = dg1 - 0.5f * kd[1] - ek1 * ek1 * kzk[1];
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Intra-chunk backward, query side, then the chain rule of its queries: the model's
-// ∂q = σ(e^{G/2} ∂q̃ + ∂qs) (dqt: the inter-chunk read's ∂q̃, f32 [BH][T][D]), and with gates ∂G_τ's
-// query part ½ q̃·∂q̃ + ∂G_intra (dGq), q̃ from the model's f32 q (as k̃ in sp_intra_bwd_dkv).
+// ∂q = σ(e^{G/2} ∂q̃ + ∂qs) (dqt: the inter-chunk read's ∂q̃, f32 [BH][T][D]: the numerator's; the
+// denominator's, 2∂Z·Zq̃ with Z from the chunk's slot of the forward states S, is formed here),
+// and with gates ∂G_τ's query part ½ q̃·∂q̃ + ∂G_intra (dGq), q̃ from the model's f32 q (as k̃ in
+// sp_intra_bwd_dkv). ∂A = ∂N Vᵀ + ∂Z (each query's ∂Z added to its row).
 template <int D>
 __device__ void sp_intra_bwd_dq(float* dq, float* dGq, const bf16* qs, const bf16* kr, const bf16* vp, const bf16* dN,
-                                const float* G, const float* q, const float* dqt, int T, int H, int L, float scale) {
+                                const float* dZ, const float* G, const float* q, const float* dqt, const bf16* S, int T,
+                                int H, int L, float scale) {
     typedef Dims<D> Dm;
     constexpr int E = Dm::E, QB = 128, KT = 64, LDK = D + 8, LDV = E + 8;
     bf16* Qs = (bf16*)smem;        // [QB][LDK]
     bf16* Ns = Qs + QB * LDK;      // [QB][LDV]
     bf16* Ks = Ns + QB * LDV;      // two stages of [KT][LDK]
     bf16* Vs = Ks + 2 * KT * LDK;  // two stages of [KT][LDV]
-    float* Gk = (float*)(Vs + 2 * KT * LDV);  // two stages of [KT], then [WARPS][KT] decay factors
+    bf16* Zs = Vs + 2 * KT * LDV;  // [D][D + 8]
+    float* Gk = (float*)(Zs + D * (D + 8));  // two stages of [KT], then [WARPS][KT] decay factors
     int tile = blockIdx.x, bh = blockIdx.y, ci = blockIdx.z;
     int c0 = ci * L, q0 = c0 + tile * QB;
     if (tile * QB >= L || q0 >= T) return;
     int nq = min(QB, T - q0);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, row0 = warp * 16;
-    load_rows(Qs, LDK, qs + ((long)bh * T + q0) * D, nq, QB, D);
-    load_rows(Ns, LDV, dN + ((long)bh * T + q0) * E, nq, QB, E);
+    int kend = min(q0 + QB, T);
+    TileStream<D> keys{Ks, Vs, Gk, Gk + 2 * KT, kr, vp, G, (long)bh * T, kend, T, KT, true};
+    // the queries, their ∂N and Z, then the first key tile (landing under quad_form)
+    load_rows_async(Qs, LDK, qs + ((long)bh * T + q0) * D, nq, QB, D);
+    load_rows_async(Ns, LDV, dN + ((long)bh * T + q0) * E, nq, QB, E);
+    load_z_async<D>(Zs, S, bh, ci, gridDim.z);
+    cp_async_commit();
+    keys.issue(c0, 0);
+    cp_async_wait_prev();
+    __syncthreads();
     int qi0 = q0 + row0 + g, qi1 = qi0 + 8;
     float Gq0 = qi0 < T ? G[(long)bh * T + qi0] : 0.f, Gq1 = qi1 < T ? G[(long)bh * T + qi1] : 0.f;
-    float dqa[D / 8][4], dg0 = 0.f, dg1 = 0.f;
+    float dz0 = qi0 < T ? dZ[(long)bh * T + qi0] : 0.f, dz1 = qi1 < T ? dZ[(long)bh * T + qi1] : 0.f;
+    // the denominator's part, in qs's coordinates: σ e^{G/2}·2∂Z·Zq̃ = σ·2∂Z e^{G}·Zqs starts ∂Q's
+    // accumulator; q̃·(its ∂q̃) = 2∂Z e^{G}·qsᵀZqs (qzq, to the gates' query part below)
+    float dqa[D / 8][4], dg0 = 0.f, dg1 = 0.f, qzq[2];
+    quad_form<D>(dqa, qzq, Qs, LDK, row0, Zs);
+    float zw0 = 2.f * dz0 * expf(Gq0), zw1 = 2.f * dz1 * expf(Gq1);
 #pragma unroll
     for (int nt = 0; nt < D / 8; nt++)
 #pragma unroll
-        for (int i = 0; i < 4; i++) dqa[nt][i] = 0.f;
-    int kend = min(q0 + QB, T);
-    TileStream<D> keys{Ks, Vs, Gk, Gk + 2 * KT, kr, vp, G, (long)bh * T, kend, T, KT, true};
-    keys.issue(c0, 0);
+        for (int i = 0; i < 4; i++) dqa[nt][i] *= i >= 2 ? zw1 : zw0;
     for (int k0 = c0, it = 0; k0 < kend; k0 += KT, it++) {
         int st = keys.advance(k0, it);
         const bf16 *Kc = keys.a_tile(st), *Vc = keys.b_tile(st);
@@ -1234,7 +1365,11 @@ __device__ void sp_intra_bwd_dq(float* dq, float* dGq, const bf16* qs, const bf1
 #pragma unroll
                 for (int i = 0; i < 4; i++) s[nt][i] = da[nt][i] = 0.f;
             mma_rows<D, KT / 8>(s, Qs, LDK, row0, Kc, LDK);  // S = Q Kᵀ
-            mma_rows<E, KT / 8>(da, Ns, LDV, row0, Vc, LDV);  // ∂A = ∂N V'ᵀ
+            mma_rows<E, KT / 8>(da, Ns, LDV, row0, Vc, LDV);  // ∂A = ∂N Vᵀ + ∂Z
+#pragma unroll
+            for (int nt = 0; nt < KT / 8; nt++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) da[nt][i] += i >= 2 ? dz1 : dz0;
             if (k0 + KT - 1 <= q0 + row0) {  // every key of the tile precedes every query of this warp
                 const float* Fc = keys.decay(k0, st);
                 float gref = Gc[min(KT, T - k0) - 1];
@@ -1299,8 +1434,8 @@ __device__ void sp_intra_bwd_dq(float* dq, float* dGq, const bf16* qs, const bf1
         }
     }
     if (!dGq) return;
-    dg0 = quad_sum(dg0) + 0.5f * quad_sum(qd[0]);
-    dg1 = quad_sum(dg1) + 0.5f * quad_sum(qd[1]);
+    dg0 = quad_sum(dg0) + 0.5f * quad_sum(qd[0]) + 0.5f * zw0 * qzq[0];
+    dg1 = quad_sum(dg1) + 0.5f * quad_sum(qd[1]) + 0.5f * zw1 * qzq[1];
     if (t == 0) {
         if (row0 + g < nq) dGq[(long)bh * T + qi0] = dg0;
         if (row0 + g + 8 < nq) dGq[(long)bh * T + qi1] = dg1;
@@ -1359,12 +1494,7 @@ extern "C" __global__ void sp_bwd_gates(float* dg, const float* dGq, const float
 #define SP_READ sp_read_wg
 template <int D>
 __device__ void sp_read_rdx(float*, float*, const bf16*, const bf16*, const bf16*, int, int, int) {
-    __trap();  // never launched: the host runs sp_read_rv and sp_read_dx (chunked.rs, read)
-}
-// The ∂k∂v read's r is ∂v′ = [∂v, ∂ of v′'s constant columns]: only ∂v is formed.
-template <int D>
-__device__ void sp_read_rv(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
-    sp_read_wg<D, true, false, D>(r, dx, x, S, w, T, L, NC);
+    __trap();  // never launched: the host runs sp_read_r and sp_read_dx (chunked.rs, read)
 }
 template <int D>
 __device__ void sp_read_dx(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,
@@ -1377,10 +1507,6 @@ __device__ void sp_read_dx(float* r, float* dx, const bf16* x, const bf16* S, co
 template <int D>
 __device__ void sp_read_rdx(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
     sp_read<D, true, true>(r, dx, x, S, w, T, L, NC);
-}
-template <int D>
-__device__ void sp_read_rv(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC) {
-    sp_read<D, true, false>(r, dx, x, S, w, T, L, NC);  // all of E (never launched: see read())
 }
 template <int D>
 __device__ void sp_read_dx(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,
@@ -1419,14 +1545,13 @@ template <int D> __device__ bool read_of_zero_state(float* r, float* dx, int T, 
         SP_STATES<D>(out, x, y, T, L, (int)blockIdx.z == skip_ci);                                                    \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
+        sp_chunk_gram_##D(bf16* out, const bf16* x, const float* w, int T, int L, int skip_ci) {                       \
+        sp_chunk_gram<D>(out, x, w, T, L, (int)blockIdx.z == skip_ci);                                                \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_read_r_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,         \
                       int zero_ci) {                                                                                  \
         if (!read_of_zero_state<D>(r, dx, T, L, zero_ci)) SP_READ<D, true, false>(r, dx, x, S, w, T, L, NC);         \
-    }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
-        sp_read_rv_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,        \
-                       int zero_ci) {                                                                                 \
-        if (!read_of_zero_state<D>(r, dx, T, L, zero_ci)) sp_read_rv<D>(r, dx, x, S, w, T, L, NC);                   \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_read_dx_##D(float* r, float* dx, const bf16* x, const bf16* S, const bf16* w, int T, int L, int NC,        \
@@ -1440,23 +1565,25 @@ template <int D> __device__ bool read_of_zero_state(float* r, float* dx, int T, 
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
         sp_intra_fwd_##D(float* y, float* log_norm, const bf16* qs, const bf16* kr, const bf16* vp, const float* G,   \
-                         const float* inter, int T, int H, int L, float eps) {                                        \
-        sp_intra_fwd<D>(y, log_norm, qs, kr, vp, G, inter, T, H, L, eps);                                             \
+                         const float* inter, const bf16* S, int T, int H, int L, float eps) {                         \
+        sp_intra_fwd<D>(y, log_norm, qs, kr, vp, G, inter, S, T, H, L, eps);                                          \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                             \
-        sp_bwd_prep_##D(bf16* dN, const float* dy, const float* y, const float* log_norm, int B, int T, int H) {     \
-        sp_bwd_prep<D>(dN, dy, y, log_norm, B, T, H);                                                                 \
+        sp_bwd_prep_##D(bf16* dN, float* dZ, const float* dy, const float* y, const float* log_norm, int B, int T,   \
+                        int H) {                                                                                      \
+        sp_bwd_prep<D>(dN, dZ, dy, y, log_norm, B, T, H);                                                             \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS, (D) <= 64 ? 2 : 1)                                          \
-        sp_intra_bwd_dkv_##D(float* dk, float* dv, float* dGk, const bf16* qs, const bf16* kr,                       \
-                             const bf16* vp, const bf16* dN, const float* G, const float* Gam, const float* k,        \
-                             const float* dkt, const float* dvp, int T, int H, int L) {                               \
-        sp_intra_bwd_dkv<D>(dk, dv, dGk, qs, kr, vp, dN, G, Gam, k, dkt, dvp, T, H, L);                                \
+        sp_intra_bwd_dkv_##D(float* dk, float* dv, float* dGk, const bf16* qs, const bf16* kr, const bf16* vp,       \
+                             const bf16* dN, const float* dZ, const float* G, const float* Gam, const float* k,       \
+                             const float* dkt, const float* dvp, const bf16* R, int T, int H, int L) {                \
+        sp_intra_bwd_dkv<D>(dk, dv, dGk, qs, kr, vp, dN, dZ, G, Gam, k, dkt, dvp, R, T, H, L);                         \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(THREADS, (D) <= 64 ? 2 : 1)                                          \
         sp_intra_bwd_dq_##D(float* dq, float* dGq, const bf16* qs, const bf16* kr, const bf16* vp, const bf16* dN,    \
-                            const float* G, const float* q, const float* dqt, int T, int H, int L, float scale) {     \
-        sp_intra_bwd_dq<D>(dq, dGq, qs, kr, vp, dN, G, q, dqt, T, H, L, scale);                                       \
+                            const float* dZ, const float* G, const float* q, const float* dqt, const bf16* S, int T,  \
+                            int H, int L, float scale) {                                                              \
+        sp_intra_bwd_dq<D>(dq, dGq, qs, kr, vp, dN, dZ, G, q, dqt, S, T, H, L, scale);                                \
     }
 
 SP_INSTANCES(32)
@@ -1464,19 +1591,19 @@ SP_INSTANCES(64)
 SP_INSTANCES(128)
 
 extern "C" __global__ void __launch_bounds__(THREADS)
-    sp_discumsum_all(bf16* st, const float* Gam, long per_chunk, int NC, int reverse, int pieces) {
-    sp_discumsum(st, Gam, per_chunk, NC, reverse, pieces);
+    sp_discumsum_all(bf16* st, const float* Gam, long per_chunk, int NC, int reverse) {
+    sp_discumsum(st, Gam, per_chunk, NC, reverse);
 }
 
 // Shared-memory bytes of each kernel, per head dimension, in the order the host reads them
 // (SMEM_ENTRIES ints for D = 32, then 64, then 128): prep, states, read_r, read_dx, read_rdx,
 // intra_fwd, dkv, dq; then tokens per sp_read block, sp_chunk_states blocks per chunk, whether
-// the state products run on wgmma, and rows (E wide) of a chunk's state.
+// the state products run on wgmma, and rows (E wide) of a chunk's slot (its state, then Z).
 #define SMEM_ENTRIES 12
 template <int D> __device__ void smem_sizes(int* o) {
     typedef Smem<D> S;
     int v[SMEM_ENTRIES] = {S::prep, S::states,  S::wg_read_r, S::wg_read_dx, S::read_rdx, S::intra_fwd,
-                           S::dkv,  S::dq,      S::read_qt,   S::states_blocks, SP_WGMMA, S::state_rows};
+                           S::dkv,  S::dq,      S::read_qt,   S::states_blocks, SP_WGMMA, S::slot_rows};
     for (int i = 0; i < SMEM_ENTRIES; i++) o[i] = v[i];
 }
 extern "C" __global__ void sp_smem_sizes(int* out) {

@@ -1,16 +1,18 @@
 //! Host side of the fused chunked sympow kernels (`kernels/sympow_chunked.cu`): p = 2 on
 //! tensor cores (bf16 operands, f32 accumulation), head dimension 32, 64 or 128 with dk = dv.
 //!
-//! The forward is five launches — prep (cumulative gates, bf16 staging), chunk states (each
-//! chunk's φ(K̃)ᵀV′, in parallel), discounted cumsum (in place), read (the inter-chunk part),
-//! intra (attention inside each chunk, plus the combine) — and the backward eight to ten (output
-//! gradients, state gradients and their reverse cumsum, the reads of ∂q and of ∂k and ∂v, the
-//! intra-chunk ∂k∂v and ∂q, each ending in the chain rule to the model's tensors, and with gates
-//! their scan; the ∂q read and intra-chunk ∂q on a second stream), each the GPU twin of a step
-//! of `sympow::attention::chunked` (SPEC §4). The forward hands its bf16 operands and chunk
-//! states to the backward through [`AttentionOut::saved`]. Memory is linear in T: one D×D×E
-//! bf16 state per chunk of `chunk` tokens (on Hopper tile-packed: the symmetric state's index
-//! pairs with tile(a) ≤ tile(b) of 16-wide tiles, 5/8 of that at D = 64).
+//! The forward is six launches — prep (cumulative gates, bf16 staging), chunk states (each
+//! chunk's φ(K̃)ᵀV, in parallel) and Gram matrices (K̃ᵀK̃: the denominator's state, kept apart
+//! so that the numerator's has D columns, not D + 1 padded to 16), discounted cumsum (in place,
+//! both), read (the inter-chunk numerator), intra (attention inside each chunk, plus the
+//! combine) — and the backward nine to eleven (output gradients, state gradients and their
+//! reverse cumsum, the reads of ∂q and of ∂k and ∂v, the intra-chunk ∂k∂v and ∂q, each ending in
+//! the chain rule to the model's tensors, and with gates their scan; the ∂q read and
+//! intra-chunk ∂q on a second stream), each the GPU twin of a step of
+//! `sympow::attention::chunked` (SPEC §4). The forward hands its bf16 operands and chunk states
+//! to the backward through [`AttentionOut::saved`]. Memory is linear in T: one D×D×D bf16 state
+//! and one D×D Gram matrix per chunk of `chunk` tokens (on Hopper the state tile-packed: the
+//! symmetric state's index pairs with tile(a) ≤ tile(b) of 16-wide tiles, 5/8 of that at D = 64).
 //!
 //! On Hopper (compute capability 9.0) the state products — chunk states and the reads of r or
 //! dx (both: one pass each) — run on `wgmma` (kernels compiled for `compute_90a`); elsewhere, or
@@ -38,8 +40,8 @@ pub(crate) const SOURCE: &str = concat!(
 const KERNELS: [(&str, Option<usize>); 10] = [
     ("sp_prep", Some(0)),
     ("sp_chunk_states", Some(1)),
+    ("sp_chunk_gram", None),
     ("sp_read_r", Some(2)),
-    ("sp_read_rv", Some(2)),
     ("sp_read_dx", Some(3)),
     ("sp_read_rdx", Some(4)),
     ("sp_intra_fwd", Some(5)),
@@ -86,9 +88,10 @@ struct BlockShape {
     states_blocks: usize,
     /// Whether the state products run on Hopper's `wgmma`.
     wgmma: bool,
-    /// Rows (E wide) of a chunk's state: D² in full, fewer tile-packed (the `wgmma` forms keep
-    /// only the index pairs whose 16-wide tiles have tile(a) ≤ tile(b); S is symmetric).
-    state_rows: usize,
+    /// Rows (E wide) of a chunk's slot: its state's — D² in full, fewer tile-packed (the `wgmma`
+    /// forms keep only the index pairs whose 16-wide tiles have tile(a) ≤ tile(b); S is
+    /// symmetric) — then the D of its Gram matrix.
+    slot_rows: usize,
 }
 
 /// The compiled kernels and their shared-memory needs.
@@ -121,9 +124,9 @@ struct Staged {
 /// What the forward keeps for the backward (in [`AttentionOut::saved`]): the bf16 operands and
 /// the discounted chunk states, which the backward would otherwise recompute (prep, chunk
 /// states and cumsum: about 15 % of a forward+backward). Memory: the states are D·D·E bf16
-/// numbers per chunk and head (5/8 of that tile-packed at D = 64); with the operands ≈ 1.5 KiB
-/// per token and head at d = 64 on Hopper (c = 512: 0.8 KiB of state, 0.7 KiB of bf16
-/// operands).
+/// numbers per chunk and head (5/8 of that tile-packed at D = 64), the Gram matrices D·D; with
+/// the operands ≈ 1.3 KiB per token and head at d = 64 on Hopper (c = 512: 0.66 KiB of state,
+/// 0.63 KiB of bf16 operands).
 struct FusedSaved {
     staged: Staged,
     states: CudaSlice<u16>,
@@ -151,8 +154,8 @@ impl Geo {
             t: s.time,
             h: s.heads,
             d: s.dk,
-            // [v, 1, 1] padded to 16 columns (E in the kernel source)
-            e: (s.dk + 2).next_multiple_of(16),
+            // v's (E in the kernel source; the denominator has a state of its own)
+            e: s.dv,
             l,
             nc: s.time.div_ceil(l),
         }
@@ -226,7 +229,7 @@ impl ChunkedSympow {
                     read_rows: row[8] as usize,
                     states_blocks: row[9] as usize,
                     wgmma: row[10] != 0,
-                    state_rows: row[11] as usize,
+                    slot_rows: row[11] as usize,
                 },
             );
             for (k, entry) in KERNELS {
@@ -298,9 +301,10 @@ impl ChunkedSympow {
         spec.kernel == Kernel::Power(2) && s.dk == s.dv && HEAD_DIMS.contains(&s.dk)
     }
 
-    /// Elements of one call's chunk states (all heads and chunks).
+    /// Elements of one call's chunk states (all heads and chunks; each chunk's slot its state,
+    /// then its Gram matrix).
     fn state_len(&self, g: &Geo) -> usize {
-        g.bh * g.nc * self.shapes[&g.d].state_rows * g.e
+        g.bh * g.nc * self.shapes[&g.d].slot_rows * g.e
     }
 
     fn f(&self, name: &str, d: usize) -> &CudaFunction {
@@ -361,8 +365,8 @@ impl ChunkedSympow {
         st
     }
 
-    /// Discounted cumulative chunk states of φ(x)ᵀy (forward order) or their gradient (reverse
-    /// order).
+    /// Discounted cumulative chunk states of φ(x)ᵀy with the Gram matrices xᵀ·diag(w)·x beside
+    /// them (w: 1 where None), in forward order, or their gradients (reverse order).
     #[allow(clippy::too_many_arguments)]
     fn states(
         &self,
@@ -370,6 +374,7 @@ impl ChunkedSympow {
         g: &Geo,
         x: &CudaSlice<u16>,
         y: &CudaSlice<u16>,
+        w: Option<&CudaSlice<f32>>,
         gam: &CudaSlice<f32>,
         reverse: bool,
     ) -> CudaSlice<u16> {
@@ -386,26 +391,23 @@ impl ChunkedSympow {
             // table, bh, chunks); every element of `out` is written.
             let grid = (shape.states_blocks, g.bh, g.nc);
             unsafe { b.launch(self.cfg("sp_chunk_states", g.d, grid)) }.expect("sp_chunk_states");
+            let mut b = stream.launch_builder(self.f("sp_chunk_gram", g.d));
+            b.arg(&mut out).arg(x);
+            match w {
+                Some(w) => b.arg(w),
+                None => b.arg(&NULL),
+            };
+            b.arg(&t).arg(&l).arg(&skip);
+            // SAFETY: as declared in sp_chunk_gram; a block per (bh, chunk), its shared memory
+            // static; it writes the Gram part of every slot but the skipped one's.
+            unsafe { b.launch(cfg((1, g.bh, g.nc), 0)) }.expect("sp_chunk_gram");
         }
-        let per_chunk = (shape.state_rows * g.e) as i64;
-        // tile-packed states are in core-matrix order, each group of 8 rows E/8 pieces of 8
-        // columns, the last of them zero (columns past the live ones): the cumsum skips it
-        let pieces = if shape.wgmma { g.e / 8 } else { 0 };
-        let vectors = per_chunk as usize / DISC_VEC;
-        let live = vectors
-            .checked_div(pieces)
-            .map_or(vectors, |per_piece| per_piece * (pieces - 1));
-        let slices = live.div_ceil(THREADS as usize);
-        let pieces = pieces as i32;
+        let per_chunk = (shape.slot_rows * g.e) as i64;
+        let slices = (per_chunk as usize / DISC_VEC).div_ceil(THREADS as usize);
         let mut b = stream.launch_builder(&self.fns["sp_discumsum_all"]);
-        b.arg(&mut out)
-            .arg(gam)
-            .arg(&per_chunk)
-            .arg(&nc)
-            .arg(&rev)
-            .arg(&pieces);
+        b.arg(&mut out).arg(gam).arg(&per_chunk).arg(&nc).arg(&rev);
         // SAFETY: as declared in sp_discumsum_all; each thread owns DISC_VEC elements of
-        // every chunk's state (none of the skipped pieces), bounded by per_chunk.
+        // every chunk's slot, bounded by per_chunk.
         unsafe { b.launch(cfg((g.bh, slices, 1), 0)) }.expect("sp_discumsum_all");
         out
     }
@@ -453,9 +455,7 @@ impl ChunkedSympow {
     /// reverse order (the last chunk's is zero). On `wgmma` both are two passes, r's and dx's
     /// (each streams S once more, by bulk copies); elsewhere one `mma.sync` pass can form both.
     /// Into `r` ([BH][T][E]) and `dx` ([BH][T][D], given with `w`: every token's row of each is
-    /// written once, by the block that owns it), launched on `on`. On `wgmma` r's columns are
-    /// those its consumer reads: the numerator and denominator (r alone, the forward), or ∂v of
-    /// ∂v′ (r with dx, the backward's ∂k∂v read); the rest of each row is left unwritten.
+    /// written once, by the block that owns it), launched on `on`.
     #[allow(clippy::too_many_arguments)]
     fn read(
         &self,
@@ -472,7 +472,7 @@ impl ChunkedSympow {
         let passes: &[&str] = match (r.is_some(), w.is_some()) {
             (true, false) => &["sp_read_r"],
             (false, true) => &["sp_read_dx"],
-            (true, true) if self.shapes[&g.d].wgmma => &["sp_read_rv", "sp_read_dx"],
+            (true, true) if self.shapes[&g.d].wgmma => &["sp_read_r", "sp_read_dx"],
             (true, true) => &["sp_read_rdx"],
             (false, false) => unreachable!("read wants r, dx or both"),
         };
@@ -523,7 +523,7 @@ impl ChunkedSympow {
         let t0 = self.mark(stream, "", Instant::now());
         let st = self.stage(stream, &g, spec, q, k, v, log_gates);
         let t0 = self.mark(stream, "fwd prep", t0);
-        let states = self.states(stream, &g, &st.kt, &st.vp, &st.gam, false);
+        let states = self.states(stream, &g, &st.kt, &st.vp, None, &st.gam, false);
         let t0 = self.mark(stream, "fwd states", t0);
         let rows = g.bh * g.t;
         let mut inter = alloc_output::<f32>(stream, rows * g.e);
@@ -550,6 +550,7 @@ impl ChunkedSympow {
             .arg(&st.vp)
             .arg(&st.g)
             .arg(&inter)
+            .arg(&states)
             .arg(&t)
             .arg(&h)
             .arg(&l)
@@ -598,7 +599,7 @@ impl ChunkedSympow {
             Some(s) => (&s.staged, &s.states),
             None => {
                 let st = self.stage(stream, &g, spec, q, k, v, log_gates);
-                let states = self.states(stream, &g, &st.kt, &st.vp, &st.gam, false);
+                let states = self.states(stream, &g, &st.kt, &st.vp, None, &st.gam, false);
                 recomputed = (st, states);
                 (&recomputed.0, &recomputed.1)
             }
@@ -608,9 +609,14 @@ impl ChunkedSympow {
 
         // ∂(numerator, denominator)
         let mut dn = alloc_output::<u16>(stream, n * g.e);
+        let mut dz = alloc_output::<f32>(stream, n);
         {
             let mut b = stream.launch_builder(self.f("sp_bwd_prep", g.d));
-            b.arg(&mut dn).arg(dy).arg(&out.y).arg(&out.log_norm);
+            b.arg(&mut dn)
+                .arg(&mut dz)
+                .arg(dy)
+                .arg(&out.y)
+                .arg(&out.log_norm);
             b.arg(&bi).arg(&t).arg(&h);
             // SAFETY: as declared in sp_bwd_prep; one warp per token.
             unsafe { b.launch(cfg((n.div_ceil(8), 1, 1), 0)) }.expect("sp_bwd_prep");
@@ -635,7 +641,7 @@ impl ChunkedSympow {
         let scale = spec.scale as f32;
         side.join(stream).expect("stream join");
 
-        let r_bwd = self.states(stream, &g, &st.qt, &dn, &st.gam, true);
+        let r_bwd = self.states(stream, &g, &st.qt, &dn, Some(&dz), &st.gam, true);
         let t0 = self.mark(stream, "bwd state grads (reverse)", t0);
         self.read(
             side,
@@ -667,8 +673,13 @@ impl ChunkedSympow {
                 Some((_, dgk)) => b.arg(dgk),
                 None => b.arg(&NULL),
             };
-            b.arg(&st.qs).arg(&st.kr).arg(&st.vp).arg(&dn).arg(&st.g);
-            b.arg(&st.gam).arg(k).arg(&dkt).arg(&dvp);
+            b.arg(&st.qs)
+                .arg(&st.kr)
+                .arg(&st.vp)
+                .arg(&dn)
+                .arg(&dz)
+                .arg(&st.g);
+            b.arg(&st.gam).arg(k).arg(&dkt).arg(&dvp).arg(&r_bwd);
             b.arg(&t).arg(&h).arg(&l);
             // SAFETY: as declared in sp_intra_bwd_dkv; one block per 128 keys of a chunk.
             unsafe { b.launch(self.cfg("sp_intra_bwd_dkv", g.d, (g.tiles(), g.bh, g.nc))) }
@@ -682,8 +693,13 @@ impl ChunkedSympow {
                 Some((dgq, _)) => b.arg(dgq),
                 None => b.arg(&NULL),
             };
-            b.arg(&st.qs).arg(&st.kr).arg(&st.vp).arg(&dn).arg(&st.g);
-            b.arg(q).arg(&dqt);
+            b.arg(&st.qs)
+                .arg(&st.kr)
+                .arg(&st.vp)
+                .arg(&dn)
+                .arg(&dz)
+                .arg(&st.g);
+            b.arg(q).arg(&dqt).arg(s_fwd);
             b.arg(&t).arg(&h).arg(&l).arg(&scale);
             // SAFETY: as declared in sp_intra_bwd_dq; one block per 128 queries of a chunk.
             unsafe { b.launch(self.cfg("sp_intra_bwd_dq", g.d, (g.tiles(), g.bh, g.nc))) }
@@ -692,7 +708,7 @@ impl ChunkedSympow {
         let t0 = self.mark(stream, "bwd intra dq", t0);
         stream.join(side).expect("stream join");
         // (freed on `stream`, after the join: nothing on `side` still uses them)
-        drop((r_bwd, dqt, dkt, dvp));
+        drop((r_bwd, dqt, dkt, dvp, dn, dz));
 
         // with gates, ∂g_r = Σ_{τ ≥ r} ∂G_τ over the sequence: the chunks' sums, then the suffixes
         let mut dg = log_gates.map(|_| out32(n));
