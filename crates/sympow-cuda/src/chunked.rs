@@ -378,7 +378,7 @@ impl ChunkedSympow {
         gam: &CudaSlice<f32>,
         reverse: bool,
     ) -> CudaSlice<u16> {
-        // sp_chunk_states writes every element before anything reads it
+        // sp_chunk_states and sp_chunk_gram write every element the cumsum reads; it writes all
         let mut out = alloc_output::<u16>(stream, self.state_len(g));
         let (t, l, nc, rev) = (g.t as i32, g.l as i32, g.nc as i32, i32::from(reverse));
         let shape = self.shapes[&g.d];
@@ -388,7 +388,8 @@ impl ChunkedSympow {
             let mut b = stream.launch_builder(self.f("sp_chunk_states", g.d));
             b.arg(&mut out).arg(x).arg(y).arg(&t).arg(&l).arg(&skip);
             // SAFETY: as declared in sp_chunk_states; grid (blocks a chunk per the kernel's
-            // table, bh, chunks); every element of `out` is written.
+            // table, bh, chunks); it writes the state part of every slot but the skipped
+            // one's (sp_chunk_gram the Gram part, the cumsum the skipped slot).
             let grid = (shape.states_blocks, g.bh, g.nc);
             unsafe { b.launch(self.cfg("sp_chunk_states", g.d, grid)) }.expect("sp_chunk_states");
             let mut b = stream.launch_builder(self.f("sp_chunk_gram", g.d));
