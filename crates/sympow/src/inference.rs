@@ -350,11 +350,22 @@ pub fn generate<B: Backend>(
     out.pop().unwrap()
 }
 
-/// Generates up to `max_tokens` after each of `prompts` (all the same length; repeat one
-/// prompt for several samples of it), decoding them together as one batch. Sequence i draws
-/// from its own random stream (stream i of ChaCha8 seeded with `seed`), so its tokens do not
-/// depend on the other sequences. `on_token(i, token)` is called with each token as it comes,
-/// a step's tokens in sequence order.
+/// Generates up to `max_tokens` after each of `prompts` (repeat one prompt for several samples
+/// of it), decoding them together: the prompts of one length as one batch, so prompts of
+/// several lengths as one batch per length, stepped side by side (a [`Decoder`] keeps one
+/// position for all its sequences). Sequence i draws from its own random stream (stream i of
+/// ChaCha8 seeded with `seed`), so its tokens do not depend on the other sequences.
+/// `on_token(i, token)` is called with each token as it comes, a step's tokens in sequence
+/// order.
+///
+/// ```
+/// use sympow::{backend::CpuBackend, config::Config, inference::*, model::Model};
+/// let model = Model::init(CpuBackend::<f32>::new(), &Config::preset("tiny").unwrap(), 0);
+/// let greedy = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 };
+/// let prompts: [&[u32]; 3] = [&[1, 2, 3], &[4, 5], &[6, 7, 8]];
+/// let outs = generate_batch(&model, &prompts, 5, &greedy, 0, |_, _| {});
+/// assert_eq!(outs[1], generate(&model, &[4, 5], 5, &greedy, 0, |_| {}));
+/// ```
 pub fn generate_batch<B: Backend>(
     model: &Model<B>,
     prompts: &[&[u32]],
@@ -375,8 +386,35 @@ pub fn generate_batch<B: Backend>(
     if max_tokens == 0 {
         return outs;
     }
-    let (mut dec, mut logits) = Decoder::prefill_batch(model, prompts);
+    // the sequences of each prompt length, shortest first, and their decoders
+    let mut lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
+    let groups: Vec<Vec<usize>> = lengths
+        .iter()
+        .map(|&n| {
+            (0..prompts.len())
+                .filter(|&i| prompts[i].len() == n)
+                .collect()
+        })
+        .collect();
     let v = model.dims.vocab;
+    // every sequence's next-token logits, in sequence order
+    let mut logits = vec![0.0; prompts.len() * v];
+    let scatter = |logits: &mut [f64], group: &[usize], rows: &[f64]| {
+        for (&i, row) in group.iter().zip(rows.chunks_exact(v)) {
+            logits[i * v..(i + 1) * v].copy_from_slice(row);
+        }
+    };
+    let mut decoders: Vec<Decoder<B>> = groups
+        .iter()
+        .map(|g| {
+            let ps: Vec<&[u32]> = g.iter().map(|&i| prompts[i]).collect();
+            let (dec, rows) = Decoder::prefill_batch(model, &ps);
+            scatter(&mut logits, g, &rows);
+            dec
+        })
+        .collect();
     loop {
         // each sequence its own stream: drawn in parallel, the same tokens
         let next: Vec<u32> = logits
@@ -391,8 +429,10 @@ pub fn generate_batch<B: Backend>(
         if outs[0].len() == max_tokens {
             return outs;
         }
-        logits.clear();
-        logits.extend_from_slice(dec.step(&next));
+        for (g, dec) in groups.iter().zip(&mut decoders) {
+            let tokens: Vec<u32> = g.iter().map(|&i| next[i]).collect();
+            scatter(&mut logits, g, dec.step(&tokens));
+        }
     }
 }
 

@@ -286,6 +286,40 @@ fn generate_batch_extends_generate() {
     );
 }
 
+/// Prompts of several lengths decode as one batch per length, stepped side by side: each
+/// sequence gets what a batch of its own length gives it, and `on_token` still sees every step's
+/// tokens in sequence order.
+#[test]
+fn generate_batch_takes_prompts_of_several_lengths() {
+    use sympow::inference::{generate, generate_batch, Sampling};
+    let greedy = Sampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let (a, b, c): (Vec<u32>, Vec<u32>, Vec<u32>) =
+        ((0..5).collect(), (40..47).collect(), (90..95).collect());
+    for attention in ["softmax", "conformal"] {
+        let cfg = tiny_config(&[("model.attention", attention)]);
+        let model = Model::init(CpuBackend::<f32>::new(), &cfg, 5);
+        let mut calls = Vec::new();
+        let ragged = generate_batch(&model, &[&a, &b, &c], 6, &greedy, 1, |i, t| {
+            calls.push((i, t))
+        });
+        let fives = generate_batch(&model, &[&a, &c], 6, &greedy, 1, |_, _| {});
+        let seven = generate(&model, &b, 6, &greedy, 1, |_| {});
+        assert_eq!(
+            ragged,
+            [fives[0].clone(), seven, fives[1].clone()],
+            "{attention}"
+        );
+        // (distinct continuations, so that sequences mixed up between groups would show)
+        assert!(ragged[0] != ragged[1] && ragged[1] != ragged[2] && ragged[0] != ragged[2]);
+        let order: Vec<usize> = calls.iter().map(|c| c.0).collect();
+        assert_eq!(order, (0..6).flat_map(|_| 0..3).collect::<Vec<_>>());
+    }
+}
+
 /// A NaN planted in one parameter is reported at the first activation it reaches: the MLP's
 /// hidden layer (through the backend's own check of what its forward kept), the attention
 /// output, the residual after attention, the next block's input, the logits.
