@@ -386,6 +386,7 @@ pub fn generate_batch<B: Backend>(
     if max_tokens == 0 {
         return outs;
     }
+    assert!(!prompts.is_empty(), "generation needs at least one prompt");
     // the sequences of each prompt length, shortest first, and their decoders
     let mut lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
     lengths.sort_unstable();
