@@ -602,11 +602,9 @@ impl CudaBackend {
                 e as i32,
             );
             // w_t = exp(Σ_{s>t} log γ_s) per input sequence and head, [n·heads, T] in f64
+            // (w, φ and w·[v, 1] are written whole before they are read: not zeroed first)
             let weights = log_gates.map(|g| {
-                let mut w = self
-                    .stream
-                    .alloc_zeros::<f64>(nh * t)
-                    .expect("device allocation");
+                let mut w = crate::device::alloc_output::<f64>(&self.stream, nh * t);
                 let cfg = LaunchConfig {
                     grid_dim: (nh as u32, 1, 1),
                     block_dim: (PREFILL_SCAN, 1, 1),
@@ -626,14 +624,8 @@ impl CudaBackend {
             let tc = (PREFILL_PHI_BYTES / (nh * dim * 8))
                 .min(max_chunk)
                 .clamp(1, t);
-            let mut phi = self
-                .stream
-                .alloc_zeros::<f64>(nh * tc * dim)
-                .expect("device allocation");
-            let mut vw = self
-                .stream
-                .alloc_zeros::<f64>(nh * tc * e1)
-                .expect("device allocation");
+            let mut phi = crate::device::alloc_output::<f64>(&self.stream, nh * tc * dim);
+            let mut vw = crate::device::alloc_output::<f64>(&self.stream, nh * tc * e1);
             for t0 in (0..t).step_by(tc) {
                 let c = tc.min(t - t0);
                 let cfg = LaunchConfig {
@@ -688,10 +680,8 @@ impl CudaBackend {
         if seqs.iter().copied().eq(0..n) {
             return out;
         }
-        let mut state = self
-            .stream
-            .alloc_zeros::<f64>((seqs.len() * per).max(1))
-            .expect("device allocation");
+        // every sequence's states copied in whole
+        let mut state = crate::device::alloc_output::<f64>(&self.stream, seqs.len() * per);
         for (i, &s) in seqs.iter().enumerate() {
             let src = out.state.slice(s * per..(s + 1) * per);
             let mut dst = state.slice_mut(i * per..(i + 1) * per);
