@@ -9,9 +9,9 @@
 //! [`Backend::softmax_decode_step`] appends to them and attends over them (linear in the
 //! context, as softmax must be).
 
-use crate::attention::{AttentionSpec, Form, Shape};
+use crate::attention::{Form, Shape};
 use crate::backend::{Backend, Footprint};
-use crate::config::{GateKind, RotaryKind};
+use crate::config::RotaryKind;
 use crate::model::{Dims, Model};
 use crate::Float;
 use rayon::prelude::*;
@@ -99,7 +99,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let (h, d) = (model.dims.heads, model.dims.head_dim);
         // block by block, each block's activations dropped once its decoding state is made:
         // the prefill holds one block's activations, not a training forward's every one
-        let ctx = model.forward_ctx(n, t, None);
+        let ctx = model.forward_ctx(n, t, 0, None);
         let shape = ctx.shape;
         // softmax: each sequence's keys and values are its prompt's rows, gathered on the device
         // where a prompt repeats
@@ -113,15 +113,16 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let mut x = model.embed(&distinct.concat(), n, t);
         for l in 0..model.params.blocks.len() {
             let (x_out, bt) = model.block_forward(l, x, &ctx);
+            let a = &bt.inputs;
             x = x_out;
             layers.push(
                 if model.cfg.model.attention == crate::config::AttentionKind::Softmax {
                     let shape = Shape { batch, ..shape };
                     LayerState::Cache(match &cache_rows {
-                        None => be.kv_cache(&ctx.spec, &shape, &bt.kr, &bt.v),
+                        None => be.kv_cache(&ctx.spec, &shape, &a.kr, &a.v),
                         Some(rows) => {
-                            let k = be.embedding_forward(&bt.kr, rows, h * d);
-                            let v = be.embedding_forward(&bt.v, rows, h * d);
+                            let k = be.embedding_forward(&a.kr, rows, h * d);
+                            let v = be.embedding_forward(&a.v, rows, h * d);
                             be.kv_cache(&ctx.spec, &shape, &k, &v)
                         }
                     })
@@ -131,15 +132,15 @@ impl<'m, B: Backend> Decoder<'m, B> {
                         Form::Chunked(c) => c,
                         _ => model.cfg.model.chunk,
                     };
-                    let g = bt.log_gates.as_ref();
+                    let g = a.log_gates.as_ref();
                     LayerState::Recurrent(
-                        be.sympow_prefill_state(&ctx.spec, &shape, chunk, &bt.kr, &bt.v, g, &src),
+                        be.sympow_prefill_state(&ctx.spec, &shape, chunk, &a.kr, &a.v, g, &src),
                     )
                 },
             );
-            angles.push(match &bt.angles {
-                Some(a) if model.cfg.rotary() == RotaryKind::Learned => {
-                    Some(be.embedding_forward(a, &last_rows, h * d / 2))
+            angles.push(match &a.angles {
+                Some(cum) if model.cfg.rotary() == RotaryKind::Learned => {
+                    Some(be.embedding_forward(cum, &last_rows, h * d / 2))
                 }
                 _ => None,
             });
@@ -199,77 +200,34 @@ impl<'m, B: Backend> Decoder<'m, B> {
         );
         let m = self.model;
         let be = &m.backend;
-        let dm = &m.dims;
-        let (c, h, d, b) = (dm.width, dm.heads, dm.head_dim, self.batch);
-        let spec: AttentionSpec = m.attention_spec();
-        let base = m.cfg.model.rotary_base;
-        let one = Shape {
-            batch: b,
-            time: 1,
-            heads: h,
-            dk: d,
-            dv: d,
-        };
-        let mut x = be.embedding_forward(&m.params.wte, tokens, c);
-        for (l, p) in m.params.blocks.iter().enumerate() {
-            let (w, bias) = p.ln1.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
-            let (hn, _) = be.layer_norm_forward(&x, c, w, bias);
-            let qkv = be
-                .linear_forward(&hn, &p.qkv_w, Some(&p.qkv_b), c, dm.qkv_out())
-                .0;
-            // columns: q, k, v, [gate logits], [rotary logits] — as in `Model::forward`
-            let mut parts = be.split_columns(&qkv, &dm.qkv_widths).into_iter();
-            let (q, k, v) = (
-                parts.next().unwrap(),
-                parts.next().unwrap(),
-                parts.next().unwrap(),
-            );
-            let log_gates = match m.cfg.gate() {
-                GateKind::Data => Some(be.log_gate_forward(&parts.next().unwrap())),
-                GateKind::Learned => {
-                    Some(be.log_gate_forward(&be.broadcast_rows(p.gate_bias.as_ref().unwrap(), b)))
-                }
-                GateKind::None => None,
-            };
-            let angles = match m.cfg.rotary() {
-                RotaryKind::None => None,
-                RotaryKind::Fixed => Some(be.fixed_rotary_angles(b, 1, h, d, base, self.pos)),
-                RotaryKind::Learned => {
-                    let a = be.learned_rotary_angles(
-                        &parts.next().unwrap(),
-                        &one,
-                        m.cfg.model.rotary_param.into(),
-                        base,
-                        self.angles[l].as_ref(),
-                    );
-                    self.angles[l] = Some(a.clone());
-                    Some(a)
-                }
-            };
-            let (q, k) = match &angles {
-                Some(a) => (be.rotary_forward(&q, a, d), be.rotary_forward(&k, a, d)),
-                None => (q, k),
-            };
+        let b = self.batch;
+        // the model's own block halves around each layer's decode step (one token a sequence)
+        let ctx = m.forward_ctx(b, 1, self.pos, None);
+        let mut x = m.embed(tokens, b, 1);
+        for l in 0..m.params.blocks.len() {
+            let mut a = m.attention_inputs(l, &x, &ctx, self.angles[l].as_ref());
             let y = match &mut self.layers[l] {
-                LayerState::Recurrent(state) => {
-                    be.sympow_decode_step(&spec, state, &q, &k, &v, log_gates.as_ref())
+                LayerState::Recurrent(state) => be.sympow_decode_step(
+                    &ctx.spec,
+                    state,
+                    &a.qr,
+                    &a.kr,
+                    &a.v,
+                    a.log_gates.as_ref(),
+                ),
+                LayerState::Cache(cache) => {
+                    be.softmax_decode_step(&ctx.spec, cache, &a.qr, &a.kr, &a.v)
                 }
-                LayerState::Cache(cache) => be.softmax_decode_step(&spec, cache, &q, &k, &v),
             };
-            let (o, _) = be.linear_forward(&y, &p.proj_w, Some(&p.proj_b), h * d, c);
-            be.add_assign(&mut x, &o);
-            let (w, bias) = p.ln2.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
-            let (hn, _) = be.layer_norm_forward(&x, c, w, bias);
-            let (fc, _) = be.linear_forward(&hn, &p.fc_w, Some(&p.fc_b), c, dm.hidden);
-            let f = be.gelu_forward(&fc);
-            let (mo, _) = be.linear_forward(&f, &p.fc2_w, Some(&p.fc2_b), dm.hidden, c);
-            be.add_assign(&mut x, &mo);
+            if m.cfg.rotary() == RotaryKind::Learned {
+                // cumulative: the next token's angles continue from this one's
+                self.angles[l] = a.angles.take();
+            }
+            x = m.block_tail(l, &x, &y, &ctx).0;
         }
-        let (w, bias) = m.params.lnf.as_ref().map(|p| (&p.weight, &p.bias)).unzip();
-        let (hn, _) = be.layer_norm_forward(&x, c, w, bias);
-        let head = m.params.lm_head.as_ref().unwrap_or(&m.params.wte);
         self.pos += 1;
-        let (logits, _) = be.linear_forward(&hn, head, None, c, dm.padded_vocab);
+        let (_, _, logits, _) = m.head_forward(&x);
+        let dm = &m.dims;
         self.padded.resize(b * dm.padded_vocab, B::Scalar::of(0.0));
         be.download_into(&logits, &mut self.padded);
         vocab_logits(dm, &self.padded, &mut self.logits);

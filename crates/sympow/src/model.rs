@@ -412,18 +412,32 @@ fn init_values(info: &ParamInfo, cfg: &Config, rng: &mut ChaCha8Rng) -> Vec<f64>
 
 /// What one block's forward keeps for its backward.
 pub struct BlockTrace<T> {
+    /// The block's input.
     pub(crate) x: T,
+    pub(crate) inputs: AttentionInputs<T>,
+    pub(crate) att: AttentionOut<T>,
+    pub(crate) tail: BlockTail<T>,
+}
+
+/// A block's first half, up to its attention ([`Model::attention_inputs`]): what the
+/// attention takes, and what the block's backward keeps of the rest.
+pub(crate) struct AttentionInputs<T> {
     pub(crate) ln1_out: T,
     pub(crate) ln1_saved: LayerNormSaved<T>,
     pub(crate) qkv_saved: LinearSaved,
     pub(crate) gate_logits: Option<T>,
     pub(crate) rot_logits: Option<T>,
+    /// The rotary angles of these tokens (learned: cumulative from the sequence's start).
     pub(crate) angles: Option<T>,
     pub(crate) qr: T,
     pub(crate) kr: T,
     pub(crate) v: T,
     pub(crate) log_gates: Option<T>,
-    pub(crate) att: AttentionOut<T>,
+}
+
+/// A block's second half, from its attention's output ([`Model::block_tail`]): what the
+/// block's backward keeps of it.
+pub(crate) struct BlockTail<T> {
     pub(crate) proj_saved: LinearSaved,
     pub(crate) proj_mask: Option<T>,
     pub(crate) x_mid: T,
@@ -622,7 +636,7 @@ impl<B: Backend> Model<B> {
         dropout: Option<DropoutCtx>,
     ) -> Trace<B::Tensor> {
         let be = &self.backend;
-        let ctx = self.forward_ctx(batch, time, dropout);
+        let ctx = self.forward_ctx(batch, time, 0, dropout);
         let mut x = self.embed(ids, batch, time);
         let mut blocks = Vec::with_capacity(self.params.blocks.len());
         for l in 0..self.params.blocks.len() {
@@ -650,17 +664,20 @@ impl<B: Backend> Model<B> {
     }
 
     /// What every block of one forward shares.
+    /// `start`: the position of the sequences' first token here (a decoder's step: the tokens
+    /// consumed so far).
     pub(crate) fn forward_ctx(
         &self,
         batch: usize,
         time: usize,
+        start: usize,
         dropout: Option<DropoutCtx>,
     ) -> ForwardCtx<B::Tensor> {
         let (h, hd) = (self.dims.heads, self.dims.head_dim);
         let fixed_angles = (self.cfg.rotary() == RotaryKind::Fixed).then(|| {
             let base = self.cfg.model.rotary_base;
             self.backend
-                .fixed_rotary_angles(batch, time, h, hd, base, 0)
+                .fixed_rotary_angles(batch, time, h, hd, base, start)
         });
         ForwardCtx {
             shape: Shape {
@@ -690,12 +707,43 @@ impl<B: Backend> Model<B> {
         x: B::Tensor,
         ctx: &ForwardCtx<B::Tensor>,
     ) -> (B::Tensor, BlockTrace<B::Tensor>) {
+        let a = self.attention_inputs(l, &x, ctx, None);
+        let att = self.backend.attention_forward(
+            &ctx.spec,
+            ctx.form,
+            &ctx.shape,
+            &a.qr,
+            &a.kr,
+            &a.v,
+            a.log_gates.as_ref(),
+        );
+        let (out, tail) = self.block_tail(l, &x, &att.y, ctx);
+        let trace = BlockTrace {
+            x,
+            inputs: a,
+            att,
+            tail,
+        };
+        (out, trace)
+    }
+
+    /// Block `l`'s first half on its input `x`, up to its attention: the layer norm, the fused
+    /// projection split into q, k, v, gate and rotary logits, the log-gates, the rotary angles
+    /// and the rotated q and k. `prev_angles`: a decoder's cumulative learned rotary angles
+    /// before this token (None: the sequence starts here).
+    pub(crate) fn attention_inputs(
+        &self,
+        l: usize,
+        x: &B::Tensor,
+        ctx: &ForwardCtx<B::Tensor>,
+        prev_angles: Option<&B::Tensor>,
+    ) -> AttentionInputs<B::Tensor> {
         let be = &self.backend;
         let dm = &self.dims;
         let p = &self.params.blocks[l];
         let shape = &ctx.shape;
-        let (n, c, h, hd) = (shape.batch * shape.time, dm.width, dm.heads, dm.head_dim);
-        let (ln1_out, ln1_saved) = self.layer_norm(&x, &p.ln1);
+        let (n, c, hd) = (shape.batch * shape.time, dm.width, dm.head_dim);
+        let (ln1_out, ln1_saved) = self.layer_norm(x, &p.ln1);
         let (qkv, qkv_saved) =
             be.linear_forward(&ln1_out, &p.qkv_w, Some(&p.qkv_b), c, dm.qkv_out());
         let mut parts = be.split_columns(&qkv, &dm.qkv_widths).into_iter();
@@ -716,7 +764,7 @@ impl<B: Backend> Model<B> {
                 shape,
                 self.cfg.model.rotary_param.into(),
                 self.cfg.model.rotary_base,
-                None,
+                prev_angles,
             )),
             RotaryKind::Fixed => ctx.fixed_angles.clone(),
             RotaryKind::None => None,
@@ -726,25 +774,7 @@ impl<B: Backend> Model<B> {
             None => (q, k),
         };
         let log_gates = gate_logits.as_ref().map(|g| be.log_gate_forward(g));
-        let att =
-            be.attention_forward(&ctx.spec, ctx.form, shape, &qr, &kr, &v, log_gates.as_ref());
-        let (mut o, proj_saved) = be.linear_forward(&att.y, &p.proj_w, Some(&p.proj_b), h * hd, c);
-        let proj_mask = self.dropout_mask(ctx.dropout, l, 0, n * c);
-        if let Some(m) = &proj_mask {
-            o = be.mul(&o, m);
-        }
-        // the residual sum in o's buffer (x is kept for the backward; a + b = b + a exactly)
-        be.add_assign(&mut o, &x);
-        let x_mid = o;
-        let (ln2_out, ln2_saved) = self.layer_norm(&x_mid, &p.ln2);
-        let (mut mo, mlp) = be.mlp_forward(&ln2_out, p.mlp_weights(), c, dm.hidden);
-        let mlp_mask = self.dropout_mask(ctx.dropout, l, 1, n * c);
-        if let Some(m) = &mlp_mask {
-            mo = be.mul(&mo, m);
-        }
-        be.add_assign(&mut mo, &x_mid);
-        let trace = BlockTrace {
-            x,
+        AttentionInputs {
             ln1_out,
             ln1_saved,
             qkv_saved,
@@ -755,7 +785,44 @@ impl<B: Backend> Model<B> {
             kr,
             v,
             log_gates,
-            att,
+        }
+    }
+
+    /// Block `l`'s second half, from its attention's output `y`: the output projection and
+    /// the residual sum with the block's input `x`, then the MLP and its residual sum. Returns
+    /// the block's output.
+    pub(crate) fn block_tail(
+        &self,
+        l: usize,
+        x: &B::Tensor,
+        y: &B::Tensor,
+        ctx: &ForwardCtx<B::Tensor>,
+    ) -> (B::Tensor, BlockTail<B::Tensor>) {
+        let be = &self.backend;
+        let dm = &self.dims;
+        let p = &self.params.blocks[l];
+        let (n, c, h, hd) = (
+            ctx.shape.batch * ctx.shape.time,
+            dm.width,
+            dm.heads,
+            dm.head_dim,
+        );
+        let (mut o, proj_saved) = be.linear_forward(y, &p.proj_w, Some(&p.proj_b), h * hd, c);
+        let proj_mask = self.dropout_mask(ctx.dropout, l, 0, n * c);
+        if let Some(m) = &proj_mask {
+            o = be.mul(&o, m);
+        }
+        // the residual sum in o's buffer (x is kept for the backward; a + b = b + a exactly)
+        be.add_assign(&mut o, x);
+        let x_mid = o;
+        let (ln2_out, ln2_saved) = self.layer_norm(&x_mid, &p.ln2);
+        let (mut mo, mlp) = be.mlp_forward(&ln2_out, p.mlp_weights(), c, dm.hidden);
+        let mlp_mask = self.dropout_mask(ctx.dropout, l, 1, n * c);
+        if let Some(m) = &mlp_mask {
+            mo = be.mul(&mo, m);
+        }
+        be.add_assign(&mut mo, &x_mid);
+        let tail = BlockTail {
             proj_saved,
             proj_mask,
             x_mid,
@@ -764,7 +831,7 @@ impl<B: Backend> Model<B> {
             mlp,
             mlp_mask,
         };
-        (mo, trace)
+        (mo, tail)
     }
 
     /// The final layer norm and the LM head on the last block's output rows `x`: (the norm's
@@ -828,27 +895,27 @@ impl<B: Backend> Model<B> {
         for (l, (p, t)) in self.params.blocks.iter().zip(&tr.blocks).enumerate().rev() {
             let g = &mut grads.blocks[l];
             // x_out = x_mid + dropout(fc2(gelu(fc(ln2(x_mid)))))
-            let masked = t.mlp_mask.as_ref().map(|m| be.mul(&dx, m));
+            let masked = t.tail.mlp_mask.as_ref().map(|m| be.mul(&dx, m));
             let dln2 = be.mlp_backward(
-                &t.ln2_out,
+                &t.tail.ln2_out,
                 masked.as_ref().unwrap_or(&dx),
                 p.mlp_weights(),
                 c,
                 dm.hidden,
-                &t.mlp,
+                &t.tail.mlp,
                 g.mlp_grads(),
             );
             let mut dx_mid = dx;
             self.layer_norm_backward_add(
-                &t.x_mid,
+                &t.tail.x_mid,
                 &dln2,
                 &p.ln2,
-                &t.ln2_saved,
+                &t.tail.ln2_saved,
                 &mut g.ln2,
                 &mut dx_mid,
             );
             // x_mid = x + dropout(proj(attention(rotary(q), rotary(k), v, gate)))
-            let masked = t.proj_mask.as_ref().map(|m| be.mul(&dx_mid, m));
+            let masked = t.tail.proj_mask.as_ref().map(|m| be.mul(&dx_mid, m));
             let dy = be.linear_backward(
                 &t.att.y,
                 &p.proj_w,
@@ -857,30 +924,30 @@ impl<B: Backend> Model<B> {
                 c,
                 &mut g.proj_w,
                 Some(&mut g.proj_b),
-                &t.proj_saved,
+                &t.tail.proj_saved,
             );
             let ga = be.attention_backward(
                 &spec,
                 form,
                 &shape,
-                &t.qr,
-                &t.kr,
-                &t.v,
-                t.log_gates.as_ref(),
+                &t.inputs.qr,
+                &t.inputs.kr,
+                &t.inputs.v,
+                t.inputs.log_gates.as_ref(),
                 &t.att,
                 &dy,
             );
-            let (dq, dk, dangles) = match &t.angles {
+            let (dq, dk, dangles) = match &t.inputs.angles {
                 Some(a) => {
-                    let (dq, mut dang) = be.rotary_backward(&ga.dq, &t.qr, a, hd);
-                    let (dk, dang_k) = be.rotary_backward(&ga.dk, &t.kr, a, hd);
+                    let (dq, mut dang) = be.rotary_backward(&ga.dq, &t.inputs.qr, a, hd);
+                    let (dk, dang_k) = be.rotary_backward(&ga.dk, &t.inputs.kr, a, hd);
                     be.add_assign(&mut dang, &dang_k);
                     (dq, dk, Some(dang))
                 }
                 None => (ga.dq, ga.dk, None),
             };
             let mut dparts = vec![dq, dk, ga.dv];
-            if let (Some(logits), Some(dlg)) = (&t.gate_logits, &ga.dlog_gates) {
+            if let (Some(logits), Some(dlg)) = (&t.inputs.gate_logits, &ga.dlog_gates) {
                 let dlogits = be.log_gate_backward(logits, dlg);
                 match self.cfg.gate() {
                     GateKind::Data => dparts.push(dlogits),
@@ -891,7 +958,7 @@ impl<B: Backend> Model<B> {
                     GateKind::None => unreachable!("gate logits without a gate"),
                 }
             }
-            if let Some(rl) = &t.rot_logits {
+            if let Some(rl) = &t.inputs.rot_logits {
                 let dang = dangles.as_ref().expect("learned rotary has angles");
                 dparts.push(be.learned_rotary_angles_backward(
                     rl,
@@ -905,17 +972,24 @@ impl<B: Backend> Model<B> {
                 dparts.push(be.zeros(n * dm.qkv_pad));
             }
             let dln1 = be.linear_backward_columns(
-                &t.ln1_out,
+                &t.inputs.ln1_out,
                 &p.qkv_w,
                 &dparts.iter().collect::<Vec<_>>(),
                 &dm.qkv_widths,
                 c,
                 &mut g.qkv_w,
                 Some(&mut g.qkv_b),
-                &t.qkv_saved,
+                &t.inputs.qkv_saved,
             );
             dx = dx_mid;
-            self.layer_norm_backward_add(&t.x, &dln1, &p.ln1, &t.ln1_saved, &mut g.ln1, &mut dx);
+            self.layer_norm_backward_add(
+                &t.x,
+                &dln1,
+                &p.ln1,
+                &t.inputs.ln1_saved,
+                &mut g.ln1,
+                &mut dx,
+            );
         }
         debug_assert_eq!(tr.ids.len(), n);
         be.embedding_backward(&mut grads.wte, &tr.ids, &dx, c);
@@ -929,13 +1003,13 @@ impl<B: Backend> Model<B> {
             for (what, t) in [
                 ("input", &b.x),
                 ("attention output", &b.att.y),
-                ("residual after attention", &b.x_mid),
+                ("residual after attention", &b.tail.x_mid),
             ] {
                 if bad(t) {
                     return Some(format!("blocks.{l} {what}"));
                 }
             }
-            if !self.backend.mlp_hidden_finite(&b.mlp) {
+            if !self.backend.mlp_hidden_finite(&b.tail.mlp) {
                 return Some(format!("blocks.{l} MLP hidden"));
             }
         }
