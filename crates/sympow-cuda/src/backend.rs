@@ -547,9 +547,8 @@ impl CudaBackend {
         let st = &self.stream;
         CudaDecodeState {
             state,
-            partial: st
-                .alloc_zeros(heads * tiles * (e + 1))
-                .expect("device allocation"),
+            // written whole by every decode step's update before its read
+            partial: crate::device::alloc_output(st, heads * tiles * (e + 1)),
             idx: st.clone_htod(&idx).expect("host to device copy"),
             coef: st.clone_htod(table.scales()).expect("host to device copy"),
             dim: table.dim,
@@ -691,10 +690,8 @@ impl CudaBackend {
         }
         // the same φ table, already on the device; a partial-read buffer for the new heads
         let heads = seqs.len() * h;
-        let partial = self
-            .stream
-            .alloc_zeros(heads * dim.div_ceil(DECODE_ROWS) * e1)
-            .expect("device allocation");
+        let partial =
+            crate::device::alloc_output(&self.stream, heads * dim.div_ceil(DECODE_ROWS) * e1);
         CudaDecodeState {
             state,
             partial,
