@@ -2272,6 +2272,40 @@ impl Backend for CudaBackend {
     ) -> CudaDecodeState {
         self.prefill_state(spec, shape, k, v, log_gates, seqs, usize::MAX)
     }
+    fn concat_decode_states(&self, parts: Vec<CudaDecodeState>) -> CudaDecodeState {
+        let _p = self.prof("concat_decode_states");
+        let mut parts = parts.into_iter();
+        let first = parts.next().expect("concat_decode_states needs a part");
+        let rest: Vec<CudaDecodeState> = parts.collect();
+        if rest.is_empty() {
+            return first;
+        }
+        let shape = |s: &CudaDecodeState| (s.dim, s.p, s.d, s.e);
+        assert!(
+            rest.iter().all(|s| shape(s) == shape(&first)),
+            "decode states of different shapes cannot share a batch"
+        );
+        // the (sequence, head) states one after another; the φ table is the first part's
+        let per = first.dim * (first.e + 1);
+        let heads = first.heads + rest.iter().map(|s| s.heads).sum::<usize>();
+        let mut state = crate::device::alloc_output::<f64>(&self.stream, heads * per);
+        let mut o = 0;
+        for s in std::iter::once(&first).chain(&rest) {
+            let n = s.heads * per;
+            let mut dst = state.slice_mut(o..o + n);
+            self.stream
+                .memcpy_dtod(&s.state.slice(0..n), &mut dst)
+                .expect("device to device copy");
+            o += n;
+        }
+        let tiles = first.dim.div_ceil(DECODE_ROWS);
+        CudaDecodeState {
+            state,
+            partial: crate::device::alloc_output(&self.stream, heads * tiles * (first.e + 1)),
+            heads,
+            ..first
+        }
+    }
     fn sympow_decode_step(
         &self,
         spec: &AttentionSpec,

@@ -1055,7 +1055,7 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         });
     }
     // generation through the whole model: prefill, then decode steps, on both backends
-    for attention in ["conformal", "softmax"] {
+    for attention in ["conformal", "softmax", "sympow"] {
         let mut c = cfg.clone();
         c.set("model.attention", attention).unwrap();
         let mc = Model::init(CpuBackend::<f32>::new(), &c, seed);
@@ -1078,6 +1078,30 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         }
         rows.push(Row {
             what: format!("model generation logits ({attention}, batch of 3, 4 tokens)"),
+            err,
+            tol: 1e-3,
+        });
+        if attention == "softmax" {
+            continue; // (its decoders do not merge)
+        }
+        // prompts of 37 and 20 tokens (the second twice) merged into one batch: the states and
+        // learned rotary's angles concatenated, fixed rotary's angles by sequence
+        let c20 = &b[..20];
+        use sympow::inference::Decoder;
+        let mut dc = Decoder::merge(vec![
+            Decoder::prefill(&mc, &a).0,
+            Decoder::prefill_batch(&mc, &[c20, c20]).0,
+        ]);
+        let mut dg = Decoder::merge(vec![
+            Decoder::prefill(&mg, &a).0,
+            Decoder::prefill_batch(&mg, &[c20, c20]).0,
+        ]);
+        let mut err: f64 = 0.0;
+        for toks in [[5u32, 9, 11], [77, 200, 3], [200, 1, 250]] {
+            err = err.max(rel_err(dg.step(&toks), dc.step(&toks)));
+        }
+        rows.push(Row {
+            what: format!("model generation logits ({attention}, merged decoders of 37 and 20 tokens, 3 tokens)"),
             err,
             tol: 1e-3,
         });

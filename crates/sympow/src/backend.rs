@@ -408,6 +408,11 @@ pub trait Backend: Send + Sync {
         };
         self.decode_state(spec, &one, &states)
     }
+    /// The sequences of `parts` (decode states as [`decode_state`](Self::decode_state) or
+    /// [`sympow_prefill_state`](Self::sympow_prefill_state) made them, of one spec and shape)
+    /// as one batch, in order: a recurrent state does not depend on how many tokens made it,
+    /// so decoders of prompts of different lengths can step together.
+    fn concat_decode_states(&self, parts: Vec<Self::DecodeState>) -> Self::DecodeState;
     /// One token of sympow attention per sequence and head, in the recurrent form (SPEC §9):
     /// S ← γS + φ(k)[v, 1]ᵀ, then y = φ(σq)ᵀS[:, :e] / (φ(σq)ᵀS[:, e] + ε). q, k are
     /// `[batch, heads, d]`, v `[batch, heads, e]`, log gates `[batch, heads]`; returns y
@@ -817,6 +822,12 @@ impl<F: Float> Backend for CpuBackend<F> {
                 st
             })
             .collect()
+    }
+    fn concat_decode_states(
+        &self,
+        parts: Vec<Vec<attention::RecurrentState<F>>>,
+    ) -> Vec<attention::RecurrentState<F>> {
+        parts.into_iter().flatten().collect()
     }
     fn sympow_decode_step(
         &self,

@@ -23,16 +23,18 @@ enum LayerState<S, C> {
     Cache(C),
 }
 
-/// Incremental decoder over a batch of sequences, all at the same position: each step feeds
-/// one token to every sequence and returns every sequence's next-token logits, through one
-/// forward of the batch (the backend's decode kernels take it whole).
+/// Incremental decoder over a batch of sequences: each step feeds one token to every sequence
+/// and returns every sequence's next-token logits, through one forward of the batch (the
+/// backend's decode kernels take it whole). The sequences of a prefill stand at one position;
+/// [`merge`](Self::merge) joins decoders whose sequences stand at others.
 pub struct Decoder<'m, B: Backend> {
     model: &'m Model<B>,
     layers: Vec<LayerState<B::DecodeState, B::KvCache>>,
     /// Cumulative rotary angles per layer `[batch, heads, d/2]` (learned rotary).
     angles: Vec<Option<B::Tensor>>,
     batch: usize,
-    pos: usize,
+    /// Tokens each sequence has consumed.
+    pos: Vec<usize>,
     /// The last step's logits, padded as the LM head writes them and then as returned: kept
     /// from step to step (a batch's logits are megabytes; fresh buffers each step cost more
     /// in page faults than the copy).
@@ -71,7 +73,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
     /// assert_eq!((dec.batch(), logits.len()), (3, 3 * vocab));
     /// assert_eq!(logits[..vocab], logits[vocab..2 * vocab]); // the same prompt
     /// let next = dec.step(&[4, 5, 10]); // one token per sequence
-    /// assert_eq!((next.len(), dec.position()), (3 * vocab, 4));
+    /// assert_eq!((next.len(), dec.positions()), (3 * vocab, &[4, 4, 4][..]));
     /// ```
     pub fn prefill_batch(model: &'m Model<B>, prompts: &[&[u32]]) -> (Self, Vec<f64>) {
         assert!(!prompts.is_empty(), "prefill needs at least one prompt");
@@ -156,7 +158,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 layers,
                 angles,
                 batch,
-                pos: t,
+                pos: vec![t; batch],
                 padded: Vec::new(),
                 logits: Vec::new(),
             },
@@ -170,8 +172,76 @@ impl<'m, B: Backend> Decoder<'m, B> {
     }
 
     /// Tokens consumed so far by each sequence.
-    pub fn position(&self) -> usize {
-        self.pos
+    pub fn positions(&self) -> &[usize] {
+        &self.pos
+    }
+
+    /// One decoder of the sequences of `parts`, in order, each at its own position: prompts of
+    /// different lengths, prefilled one length at a time, then stepped as one batch (one
+    /// forward a step, not one for each length). Sympow only: its recurrent state is the same
+    /// size after any number of tokens, where softmax KV caches of different lengths do not
+    /// make one batch (panics). The parts' states are copied into the merged decoder's, so
+    /// for a moment both are held.
+    ///
+    /// ```
+    /// use sympow::{backend::CpuBackend, config::Config, inference::Decoder, model::Model};
+    /// let cfg = Config::preset("tiny").unwrap(); // conformal-sympow
+    /// let model = Model::init(CpuBackend::<f32>::new(), &cfg, 0);
+    /// let (short, _) = Decoder::prefill(&model, &[1, 2]);
+    /// let (long, _) = Decoder::prefill_batch(&model, &[&[3, 4, 5, 6], &[7, 8, 9, 10]]);
+    /// let mut dec = Decoder::merge(vec![short, long]);
+    /// let next = dec.step(&[11, 12, 13]);
+    /// assert_eq!((next.len(), dec.positions()), (3 * model.dims.vocab, &[3, 5, 5][..]));
+    /// ```
+    pub fn merge(parts: Vec<Decoder<'m, B>>) -> Self {
+        assert!(!parts.is_empty(), "merge needs at least one decoder");
+        let model = parts[0].model;
+        assert!(
+            parts.iter().all(|d| std::ptr::eq(d.model, model)),
+            "merged decoders must decode one model"
+        );
+        let layers = model.params.blocks.len();
+        let mut states: Vec<Vec<B::DecodeState>> = (0..layers).map(|_| Vec::new()).collect();
+        let mut angles: Vec<Vec<B::Tensor>> = (0..layers).map(|_| Vec::new()).collect();
+        let (mut pos, mut batches) = (Vec::new(), Vec::new());
+        for d in parts {
+            pos.extend(d.pos);
+            batches.push(d.batch);
+            for (l, layer) in d.layers.into_iter().enumerate() {
+                match layer {
+                    LayerState::Recurrent(s) => states[l].push(s),
+                    LayerState::Cache(_) => panic!(
+                        "softmax decoders do not merge (KV caches of different lengths): step them side by side"
+                    ),
+                }
+            }
+            for (l, a) in d.angles.into_iter().enumerate() {
+                angles[l].extend(a);
+            }
+        }
+        let be = &model.backend;
+        // learned rotary's cumulative angles, [batch, heads, d/2] a part: one row each
+        let w = model.dims.heads * model.dims.head_dim / 2;
+        let widths: Vec<usize> = batches.iter().map(|b| b * w).collect();
+        Decoder {
+            model,
+            layers: states
+                .into_iter()
+                .map(|s| LayerState::Recurrent(be.concat_decode_states(s)))
+                .collect(),
+            angles: angles
+                .into_iter()
+                .map(|a| match a.len() {
+                    0 => None,
+                    1 => a.into_iter().next(),
+                    _ => Some(be.concat_columns(&a.iter().collect::<Vec<_>>(), &widths)),
+                })
+                .collect(),
+            batch: batches.iter().sum(),
+            pos,
+            padded: Vec::new(),
+            logits: Vec::new(),
+        }
     }
 
     /// Bytes the batch's recurrent states or KV caches hold on the backend's device, over every
@@ -202,7 +272,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let be = &m.backend;
         let b = self.batch;
         // the model's own block halves around each layer's decode step (one token a sequence)
-        let ctx = m.forward_ctx(b, 1, self.pos, None);
+        let ctx = m.decode_ctx(&self.pos);
         let mut x = m.embed(tokens, b, 1);
         for l in 0..m.params.blocks.len() {
             let mut a = m.attention_inputs(l, &x, &ctx, self.angles[l].as_ref());
@@ -225,7 +295,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
             }
             x = m.block_tail(l, &x, &y, &ctx).0;
         }
-        self.pos += 1;
+        self.pos.iter_mut().for_each(|p| *p += 1);
         let (_, _, logits, _) = m.head_forward(&x);
         let dm = &m.dims;
         self.padded.resize(b * dm.padded_vocab, B::Scalar::of(0.0));
@@ -309,9 +379,10 @@ pub fn generate<B: Backend>(
 }
 
 /// Generates up to `max_tokens` after each of `prompts` (repeat one prompt for several samples
-/// of it), decoding them together: the prompts of one length as one batch, so prompts of
-/// several lengths as one batch per length, stepped side by side (a [`Decoder`] keeps one
-/// position for all its sequences). Sequence i draws from its own random stream (stream i of
+/// of it), decoding them together: the prompts of each length are prefilled as one batch, and
+/// then every sequence steps in one batch ([`Decoder::merge`]) — for softmax, whose KV caches
+/// of different lengths do not merge, one batch per length, stepped side by side. Sequence i
+/// draws from its own random stream (stream i of
 /// ChaCha8 seeded with `seed`), so its tokens do not depend on the other sequences.
 /// `on_token(i, token)` is called with each token as it comes, a step's tokens in sequence
 /// order.
@@ -349,7 +420,7 @@ pub fn generate_batch<B: Backend>(
     let mut lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
     lengths.sort_unstable();
     lengths.dedup();
-    let groups: Vec<Vec<usize>> = lengths
+    let mut groups: Vec<Vec<usize>> = lengths
         .iter()
         .map(|&n| {
             (0..prompts.len())
@@ -374,6 +445,11 @@ pub fn generate_batch<B: Backend>(
             dec
         })
         .collect();
+    if decoders.len() > 1 && model.cfg.model.attention != crate::config::AttentionKind::Softmax {
+        // sympow: one batch of every length (its rows in the groups' order)
+        decoders = vec![Decoder::merge(decoders)];
+        groups = vec![groups.concat()];
+    }
     loop {
         // each sequence its own stream: drawn in parallel, the same tokens
         let next: Vec<u32> = logits

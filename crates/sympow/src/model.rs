@@ -694,6 +694,37 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// What a decode step's blocks share: one token of each sequence, sequence i at position
+    /// `positions[i]` (fixed rotary's angles; a merged decoder's sequences stand at several).
+    pub(crate) fn decode_ctx(&self, positions: &[usize]) -> ForwardCtx<B::Tensor> {
+        let (b, first) = (positions.len(), positions[0]);
+        let mut ctx = self.forward_ctx(b, 1, first, None);
+        if ctx.fixed_angles.is_some() && positions.iter().any(|&p| p != first) {
+            // each position's angles once, then a row of them for each sequence
+            let be = &self.backend;
+            let (h, hd, base) = (
+                self.dims.heads,
+                self.dims.head_dim,
+                self.cfg.model.rotary_base,
+            );
+            let mut distinct = positions.to_vec();
+            distinct.sort_unstable();
+            distinct.dedup();
+            let rows: Vec<B::Tensor> = distinct
+                .iter()
+                .map(|&p| be.fixed_rotary_angles(1, 1, h, hd, base, p))
+                .collect();
+            let w = h * hd / 2;
+            let table = be.concat_columns(&rows.iter().collect::<Vec<_>>(), &vec![w; rows.len()]);
+            let ids: Vec<u32> = positions
+                .iter()
+                .map(|p| distinct.binary_search(p).unwrap() as u32)
+                .collect();
+            ctx.fixed_angles = Some(be.embedding_forward(&table, &ids, w));
+        }
+        ctx
+    }
+
     /// The token embeddings of `ids` (`batch × time`, row-major): the first block's input.
     pub(crate) fn embed(&self, ids: &[u32], batch: usize, time: usize) -> B::Tensor {
         assert_eq!(ids.len(), batch * time, "ids must be batch × time");

@@ -244,8 +244,70 @@ fn a_batch_decodes_as_its_sequences_do_alone() {
             rel_err(&last[..v], &last[2 * v..]) > 1e-3,
             "{name}: copies did not part"
         );
-        assert_eq!(batch.position(), t + steps);
+        assert_eq!(batch.positions(), [t + steps; 3]);
     }
+}
+
+/// Decoders of prompts of different lengths, merged, continue as each did alone: every sympow
+/// variant (fixed rotary's angles then differ by sequence, learned rotary's cumulative angles
+/// and the recurrent states are concatenated), a part with two sequences among them.
+#[test]
+fn merged_decoders_continue_as_their_parts() {
+    let seed = common::seed("merged_decode");
+    for (i, (name, ov)) in variants().into_iter().enumerate().skip(1) {
+        let mut ov = ov.clone();
+        ov.retain(|(k, _)| *k != "model.dropout");
+        let cfg = tiny_config(
+            &[
+                ov.as_slice(),
+                &[("model.width", "16"), ("model.head_dim", "8")],
+            ]
+            .concat(),
+        );
+        let model = Model::init(CpuBackend::<f32>::new(), &cfg, seed + i as u64);
+        let mut r = rng(seed + i as u64);
+        let mut prompt = |n: usize| -> Vec<u32> { (0..n).map(|_| r.gen_range(0..256)).collect() };
+        let (a, b, c, d) = (prompt(4), prompt(9), prompt(9), prompt(6));
+        let sequences = [&a[..], &b[..], &c[..], &d[..]];
+        let parts = vec![
+            Decoder::prefill(&model, &a).0,
+            Decoder::prefill_batch(&model, &[&b, &c]).0,
+            Decoder::prefill(&model, &d).0,
+        ];
+        let mut merged = Decoder::merge(parts);
+        assert_eq!(merged.batch(), 4, "{name}");
+        let mut alone: Vec<Decoder<_>> = sequences
+            .iter()
+            .map(|p| Decoder::prefill(&model, p).0)
+            .collect();
+        let v = model.dims.vocab;
+        for step in 0..4 {
+            let toks: Vec<u32> = (0..4).map(|_| r.gen_range(0..256)).collect();
+            let got = merged.step(&toks).to_vec();
+            for (j, dec) in alone.iter_mut().enumerate() {
+                let want = dec.step(&toks[j..j + 1]);
+                let e = rel_err(&got[j * v..(j + 1) * v], want);
+                assert!(
+                    e < 1e-5,
+                    "{name}: sequence {j}, step {step}: rel err {e:.3e}"
+                );
+            }
+        }
+        assert_eq!(merged.positions(), [8, 13, 13, 10], "{name}");
+    }
+}
+
+/// Softmax decoders do not merge: their KV caches have different lengths.
+#[test]
+#[should_panic(expected = "softmax decoders do not merge")]
+fn softmax_decoders_do_not_merge() {
+    let cfg = tiny_config(&[("model.attention", "softmax")]);
+    let model = Model::init(CpuBackend::<f32>::new(), &cfg, 5);
+    let parts = vec![
+        Decoder::prefill(&model, &[1, 2]).0,
+        Decoder::prefill(&model, &[3, 4, 5]).0,
+    ];
+    Decoder::merge(parts);
 }
 
 /// `generate` is the first sequence of `generate_batch` with the same seed, and the sequences of
@@ -286,9 +348,9 @@ fn generate_batch_extends_generate() {
     );
 }
 
-/// Prompts of several lengths decode as one batch per length, stepped side by side: each
-/// sequence gets what a batch of its own length gives it, and `on_token` still sees every step's
-/// tokens in sequence order.
+/// Prompts of several lengths decode together (sympow: merged into one batch; softmax: one batch
+/// per length, stepped side by side): each sequence gets what a batch of its own length gives
+/// it, and `on_token` still sees every step's tokens in sequence order.
 #[test]
 fn generate_batch_takes_prompts_of_several_lengths() {
     use sympow::inference::{generate, generate_batch, Sampling};
