@@ -663,9 +663,8 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// What every block of one forward shares.
-    /// `start`: the position of the sequences' first token here (a decoder's step: the tokens
-    /// consumed so far).
+    /// What every block of one forward shares. `start` is the position of the sequences'
+    /// first token here (0 for a whole sequence; a decoder's step: the tokens consumed so far).
     pub(crate) fn forward_ctx(
         &self,
         batch: usize,
