@@ -101,7 +101,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let (h, d) = (model.dims.heads, model.dims.head_dim);
         // block by block, each block's activations dropped once its decoding state is made:
         // the prefill holds one block's activations, not a training forward's every one
-        let ctx = model.forward_ctx(n, t, 0, None);
+        let ctx = model.forward_ctx(n, t, &[0], None);
         let shape = ctx.shape;
         // softmax: each sequence's keys and values are its prompt's rows, gathered on the device
         // where a prompt repeats
@@ -272,7 +272,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let be = &m.backend;
         let b = self.batch;
         // the model's own block halves around each layer's decode step (one token a sequence)
-        let ctx = m.decode_ctx(&self.pos);
+        let ctx = m.forward_ctx(b, 1, &self.pos, None);
         let mut x = m.embed(tokens, b, 1);
         for l in 0..m.params.blocks.len() {
             let mut a = m.attention_inputs(l, &x, &ctx, self.angles[l].as_ref());
@@ -382,10 +382,9 @@ pub fn generate<B: Backend>(
 /// of it), decoding them together: the prompts of each length are prefilled as one batch, and
 /// then every sequence steps in one batch ([`Decoder::merge`]) — for softmax, whose KV caches
 /// of different lengths do not merge, one batch per length, stepped side by side. Sequence i
-/// draws from its own random stream (stream i of
-/// ChaCha8 seeded with `seed`), so its tokens do not depend on the other sequences.
-/// `on_token(i, token)` is called with each token as it comes, a step's tokens in sequence
-/// order.
+/// draws from its own random stream (stream i of ChaCha8 seeded with `seed`), so its tokens do
+/// not depend on the other sequences. `on_token(i, token)` is called with each token as it
+/// comes, a step's tokens in sequence order.
 ///
 /// ```
 /// use sympow::{backend::CpuBackend, config::Config, inference::*, model::Model};

@@ -636,7 +636,7 @@ impl<B: Backend> Model<B> {
         dropout: Option<DropoutCtx>,
     ) -> Trace<B::Tensor> {
         let be = &self.backend;
-        let ctx = self.forward_ctx(batch, time, 0, dropout);
+        let ctx = self.forward_ctx(batch, time, &[0], dropout);
         let mut x = self.embed(ids, batch, time);
         let mut blocks = Vec::with_capacity(self.params.blocks.len());
         for l in 0..self.params.blocks.len() {
@@ -663,21 +663,19 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// What every block of one forward shares. `start` is the position of the sequences'
-    /// first token here (0 for a whole sequence; a decoder's step: the tokens consumed so far).
+    /// What every block of one forward shares. `starts`: the position of the sequences' first
+    /// token here — one for every sequence (`[0]` for whole sequences), or, for a decoder's
+    /// step of one token a sequence, each sequence's own (the tokens it has consumed).
     pub(crate) fn forward_ctx(
         &self,
         batch: usize,
         time: usize,
-        start: usize,
+        starts: &[usize],
         dropout: Option<DropoutCtx>,
     ) -> ForwardCtx<B::Tensor> {
         let (h, hd) = (self.dims.heads, self.dims.head_dim);
-        let fixed_angles = (self.cfg.rotary() == RotaryKind::Fixed).then(|| {
-            let base = self.cfg.model.rotary_base;
-            self.backend
-                .fixed_rotary_angles(batch, time, h, hd, base, start)
-        });
+        let fixed_angles = (self.cfg.rotary() == RotaryKind::Fixed)
+            .then(|| self.fixed_angles(batch, time, starts));
         ForwardCtx {
             shape: Shape {
                 batch,
@@ -693,35 +691,38 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// What a decode step's blocks share: one token of each sequence, sequence i at position
-    /// `positions[i]` (fixed rotary's angles; a merged decoder's sequences stand at several).
-    pub(crate) fn decode_ctx(&self, positions: &[usize]) -> ForwardCtx<B::Tensor> {
-        let (b, first) = (positions.len(), positions[0]);
-        let mut ctx = self.forward_ctx(b, 1, first, None);
-        if ctx.fixed_angles.is_some() && positions.iter().any(|&p| p != first) {
-            // each position's angles once, then a row of them for each sequence
-            let be = &self.backend;
-            let (h, hd, base) = (
-                self.dims.heads,
-                self.dims.head_dim,
-                self.cfg.model.rotary_base,
-            );
-            let mut distinct = positions.to_vec();
-            distinct.sort_unstable();
-            distinct.dedup();
-            let rows: Vec<B::Tensor> = distinct
-                .iter()
-                .map(|&p| be.fixed_rotary_angles(1, 1, h, hd, base, p))
-                .collect();
-            let w = h * hd / 2;
-            let table = be.concat_columns(&rows.iter().collect::<Vec<_>>(), &vec![w; rows.len()]);
-            let ids: Vec<u32> = positions
-                .iter()
-                .map(|p| distinct.binary_search(p).unwrap() as u32)
-                .collect();
-            ctx.fixed_angles = Some(be.embedding_forward(&table, &ids, w));
+    /// Fixed rotary's angles `[batch·time, heads, d/2]` for sequences starting at `starts`
+    /// (see [`forward_ctx`](Self::forward_ctx)).
+    fn fixed_angles(&self, batch: usize, time: usize, starts: &[usize]) -> B::Tensor {
+        let be = &self.backend;
+        let (h, hd, base) = (
+            self.dims.heads,
+            self.dims.head_dim,
+            self.cfg.model.rotary_base,
+        );
+        let first = starts[0];
+        if starts.iter().all(|&p| p == first) {
+            return be.fixed_rotary_angles(batch, time, h, hd, base, first);
         }
-        ctx
+        assert!(
+            time == 1 && starts.len() == batch,
+            "sequences at several positions take one token each, one start a sequence"
+        );
+        // a merged decoder's step: each position's angles once, then a row for each sequence
+        let mut distinct = starts.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let rows: Vec<B::Tensor> = distinct
+            .iter()
+            .map(|&p| be.fixed_rotary_angles(1, 1, h, hd, base, p))
+            .collect();
+        let w = h * hd / 2;
+        let table = be.concat_columns(&rows.iter().collect::<Vec<_>>(), &vec![w; rows.len()]);
+        let ids: Vec<u32> = starts
+            .iter()
+            .map(|p| distinct.binary_search(p).unwrap() as u32)
+            .collect();
+        be.embedding_forward(&table, &ids, w)
     }
 
     /// The token embeddings of `ids` (`batch × time`, row-major): the first block's input.
