@@ -532,6 +532,12 @@ impl CudaBackend {
         crate::device::alloc_output(&self.stream, n)
     }
 
+    /// The decode read's per-tile partial sums for `heads` states of D = `dim` rows and e + 1
+    /// columns: uninitialised, as every decode step's update writes them whole before its read.
+    fn decode_partial(&self, heads: usize, dim: usize, e: usize) -> CudaSlice<f64> {
+        crate::device::alloc_output(&self.stream, heads * dim.div_ceil(DECODE_ROWS) * (e + 1))
+    }
+
     /// Decode states `[heads, D, e+1]` (f64, on the device) with φ's table and the read's
     /// scratch.
     fn decode_state_of(
@@ -543,12 +549,10 @@ impl CudaBackend {
         state: CudaSlice<f64>,
     ) -> CudaDecodeState {
         let idx: Vec<i32> = table.indices().iter().map(|&i| i32::from(i)).collect();
-        let tiles = table.dim.div_ceil(DECODE_ROWS);
         let st = &self.stream;
         CudaDecodeState {
             state,
-            // written whole by every decode step's update before its read
-            partial: crate::device::alloc_output(st, heads * tiles * (e + 1)),
+            partial: self.decode_partial(heads, table.dim, e),
             idx: st.clone_htod(&idx).expect("host to device copy"),
             coef: st.clone_htod(table.scales()).expect("host to device copy"),
             dim: table.dim,
@@ -690,11 +694,9 @@ impl CudaBackend {
         }
         // the same φ table, already on the device; a partial-read buffer for the new heads
         let heads = seqs.len() * h;
-        let partial =
-            crate::device::alloc_output(&self.stream, heads * dim.div_ceil(DECODE_ROWS) * e1);
         CudaDecodeState {
             state,
-            partial,
+            partial: self.decode_partial(heads, dim, e),
             heads,
             ..out
         }
@@ -2298,10 +2300,9 @@ impl Backend for CudaBackend {
                 .expect("device to device copy");
             o += n;
         }
-        let tiles = first.dim.div_ceil(DECODE_ROWS);
         CudaDecodeState {
             state,
-            partial: crate::device::alloc_output(&self.stream, heads * tiles * (first.e + 1)),
+            partial: self.decode_partial(heads, first.dim, first.e),
             heads,
             ..first
         }
