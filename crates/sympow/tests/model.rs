@@ -68,6 +68,21 @@ fn variants() -> Vec<(&'static str, Vec<(&'static str, &'static str)>)> {
     ]
 }
 
+/// A variant's config for the decoding tests: no dropout (decoding is evaluation), width 16 and
+/// head dimension 8, then `more`.
+fn decode_config(variant: &[(&str, &str)], more: &[(&str, &str)]) -> Config {
+    let mut ov = variant.to_vec();
+    ov.retain(|(k, _)| *k != "model.dropout");
+    tiny_config(
+        &[
+            &ov[..],
+            &[("model.width", "16"), ("model.head_dim", "8")],
+            more,
+        ]
+        .concat(),
+    )
+}
+
 #[test]
 fn model_backward_matches_finite_differences() {
     let seed = common::seed("model_grads");
@@ -150,20 +165,8 @@ fn model_backward_matches_finite_differences() {
 fn decoding_token_by_token_matches_full_forward() {
     let seed = common::seed("decode_vs_forward");
     for (i, (name, ov)) in variants().into_iter().enumerate() {
-        let mut ov = ov.clone();
-        ov.retain(|(k, _)| *k != "model.dropout");
-        let cfg = tiny_config(
-            &[
-                ov.as_slice(),
-                // 300 tokens: the LM head is padded to 320 rows, which the decoder drops
-                &[
-                    ("model.width", "16"),
-                    ("model.head_dim", "8"),
-                    ("model.vocab_size", "300"),
-                ],
-            ]
-            .concat(),
-        );
+        // 300 tokens: the LM head is padded to 320 rows, which the decoder drops
+        let cfg = decode_config(&ov, &[("model.vocab_size", "300")]);
         let model = Model::init(CpuBackend::<f32>::new(), &cfg, seed + i as u64);
         let mut r = rng(seed + i as u64);
         let t = 23;
@@ -199,15 +202,7 @@ fn decoding_token_by_token_matches_full_forward() {
 fn a_batch_decodes_as_its_sequences_do_alone() {
     let seed = common::seed("batch_decode");
     for (i, (name, ov)) in variants().into_iter().enumerate() {
-        let mut ov = ov.clone();
-        ov.retain(|(k, _)| *k != "model.dropout");
-        let cfg = tiny_config(
-            &[
-                ov.as_slice(),
-                &[("model.width", "16"), ("model.head_dim", "8")],
-            ]
-            .concat(),
-        );
+        let cfg = decode_config(&ov, &[]);
         let model = Model::init(CpuBackend::<f32>::new(), &cfg, seed + i as u64);
         let mut r = rng(seed + i as u64);
         let (t, steps) = (9, 5);
@@ -255,15 +250,7 @@ fn a_batch_decodes_as_its_sequences_do_alone() {
 fn merged_decoders_continue_as_their_parts() {
     let seed = common::seed("merged_decode");
     for (i, (name, ov)) in variants().into_iter().enumerate().skip(1) {
-        let mut ov = ov.clone();
-        ov.retain(|(k, _)| *k != "model.dropout");
-        let cfg = tiny_config(
-            &[
-                ov.as_slice(),
-                &[("model.width", "16"), ("model.head_dim", "8")],
-            ]
-            .concat(),
-        );
+        let cfg = decode_config(&ov, &[]);
         let model = Model::init(CpuBackend::<f32>::new(), &cfg, seed + i as u64);
         let mut r = rng(seed + i as u64);
         let mut prompt = |n: usize| -> Vec<u32> { (0..n).map(|_| r.gen_range(0..256)).collect() };
