@@ -386,6 +386,61 @@ extern "C" __global__ void rotary_backward(float* dx, float* dang, const float* 
     dang[i] = -ga * y[r * d + 2 * p + 1] + gb * y[r * d + 2 * p];
 }
 
+// The attention's inputs from the fused q/k/v projection's output qkv [rows, W] (q, k and v in
+// columns [0, c), [c, 2c) and [2c, 3c), c = heads·d) in one pass, a thread per rotary pair i of a
+// row: q and k rotated by ang [rows, c/2] when given (as rotary_forward, one sincos for both), v
+// copied; the row's first G threads also copy the gate's logits (columns g0 …) and write their
+// logsigmoid (as log_gate_forward). The other columns (rotary logits, padding) are not read.
+extern "C" __global__ void qkv_rotary_gate_forward(float* qr, float* kr, float* v, float* glog, float* lg,
+                                                   const float* qkv, const float* ang, long rows, int W, int c,
+                                                   int g0, int G) {
+    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    int half = c / 2;
+    if (i >= rows * half) return;
+    long r = i / half; int p = i % half;
+    const float* row = qkv + r * W;
+    float q0 = row[2 * p], q1 = row[2 * p + 1], k0 = row[c + 2 * p], k1 = row[c + 2 * p + 1];
+    v[2 * i] = row[2 * c + 2 * p];
+    v[2 * i + 1] = row[2 * c + 2 * p + 1];
+    if (ang) {
+        float s, co; sincosf(ang[i], &s, &co);
+        qr[2 * i] = q0 * co - q1 * s;
+        qr[2 * i + 1] = q0 * s + q1 * co;
+        kr[2 * i] = k0 * co - k1 * s;
+        kr[2 * i + 1] = k0 * s + k1 * co;
+    } else {
+        qr[2 * i] = q0, qr[2 * i + 1] = q1, kr[2 * i] = k0, kr[2 * i + 1] = k1;
+    }
+    if (p < G) {
+        float a = row[g0 + p];
+        double x = a;
+        glog[r * G + p] = a;
+        lg[r * G + p] = (float)(x < -30.0 ? x : -log1p(exp(-x)));
+    }
+}
+
+// Backward of qkv_rotary_gate_forward with rotation, a thread per rotary pair i: ∂q and ∂k as
+// rotary_backward gives them, ∂angles q's part plus k's; with a gate (glog non-null), threads
+// i < ng also write the gate logits' gradient, as log_gate_backward does (ng ≤ pairs).
+extern "C" __global__ void qkv_rotary_gate_backward(float* dq, float* dk, float* dang, float* dglog, const float* dqr,
+                                                    const float* dkr, const float* qr, const float* kr,
+                                                    const float* ang, const float* glog, const float* dlg, long pairs,
+                                                    long ng) {
+    long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+    if (i >= pairs) return;
+    float s, co; sincosf(ang[i], &s, &co);
+    float ga = dqr[2 * i], gb = dqr[2 * i + 1];
+    dq[2 * i] = ga * co + gb * s;
+    dq[2 * i + 1] = -ga * s + gb * co;
+    float da = -ga * qr[2 * i + 1] + gb * qr[2 * i];
+    ga = dkr[2 * i], gb = dkr[2 * i + 1];
+    dk[2 * i] = ga * co + gb * s;
+    dk[2 * i + 1] = -ga * s + gb * co;
+    float dak = -ga * kr[2 * i + 1] + gb * kr[2 * i];
+    dang[i] = da + dak;
+    if (glog && i < ng) dglog[i] = dlg[i] * (float)(1.0 / (1.0 + exp((double)glog[i])));
+}
+
 #define TAU 6.283185307179586
 
 extern "C" __global__ void fixed_rotary_angles(float* out, int batch, int time, int heads, int half, double base, long start) {

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Form, Shape};
 use sympow::backend::{
     mlp_backward_ops, mlp_forward_ops, AdamWParam, Backend, CpuBackend, LayerNormSaved,
-    LinearSaved, MlpGrads, MlpSaved, MlpWeights, ProfileRow, Saved,
+    LinearSaved, MlpGrads, MlpSaved, MlpWeights, ProfileRow, QkvInputGrads, QkvInputs, Saved,
 };
 use sympow::ops::rotary::RotaryParam;
 
@@ -212,7 +212,7 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 51] = [
+const KERNELS: [&str; 53] = [
     "f32_to_bf16",
     "count_non_finite_bf16",
     "copy_columns_to_bf16",
@@ -244,6 +244,8 @@ const KERNELS: [&str; 51] = [
     "embedding_backward",
     "rotary_forward",
     "rotary_backward",
+    "qkv_rotary_gate_forward",
+    "qkv_rotary_gate_backward",
     "fixed_rotary_angles",
     "learned_rotary_angles",
     "learned_rotary_angle_slice_sums",
@@ -2052,6 +2054,131 @@ impl Backend for CudaBackend {
             &d
         );
         (dx, da)
+    }
+    fn column_block(&self, x: &CudaSlice<f32>, widths: &[usize], i: usize) -> CudaSlice<f32> {
+        let _p = self.prof("column_block");
+        let (total, col0): (usize, usize) = (widths.iter().sum(), widths[..i].iter().sum());
+        let rows = x.len() / total;
+        let mut part = self.alloc(rows * widths[i]);
+        self.copy_columns(&mut part, x, rows, total, col0, widths[i], false);
+        part
+    }
+    fn qkv_rotary_gate_forward(
+        &self,
+        qkv: &CudaSlice<f32>,
+        widths: &[usize],
+        head_dim: usize,
+        angles: Option<&CudaSlice<f32>>,
+        gate: Option<usize>,
+    ) -> QkvInputs<CudaSlice<f32>> {
+        let _p = self.prof("qkv_rotary_gate_forward");
+        let (total, c) = (widths.iter().sum::<usize>(), widths[0]);
+        assert!(
+            widths[1] == c
+                && widths[2] == c
+                && c.is_multiple_of(head_dim)
+                && head_dim.is_multiple_of(2),
+            "q, k and v are the first three blocks, heads·head_dim wide (even head_dim)"
+        );
+        let rows = qkv.len() / total;
+        let (g0, g) = gate.map_or((0, 0), |i| (widths[..i].iter().sum(), widths[i]));
+        assert!(
+            g <= c / 2,
+            "the gate's block is at most heads·head_dim/2 wide"
+        );
+        let (mut qr, mut kr, mut v) = (
+            self.alloc(rows * c),
+            self.alloc(rows * c),
+            self.alloc(rows * c),
+        );
+        let (mut glog, mut lg) = (self.alloc(rows * g), self.alloc(rows * g));
+        let (r, w, ci, g0i, gi) = (rows as i64, total as i32, c as i32, g0 as i32, g as i32);
+        let f = &self.fns["qkv_rotary_gate_forward"];
+        let mut l = self.stream.launch_builder(f);
+        l.arg(&mut qr)
+            .arg(&mut kr)
+            .arg(&mut v)
+            .arg(&mut glog)
+            .arg(&mut lg)
+            .arg(qkv);
+        match angles {
+            Some(a) => l.arg(a),
+            None => l.arg(&NULL),
+        };
+        l.arg(&r).arg(&w).arg(&ci).arg(&g0i).arg(&gi);
+        // SAFETY: arguments match the declaration in kernels/ops.cu; a thread per rotary pair of
+        // each row, every index within qkv ([rows, total]) and the outputs sized above.
+        unsafe { l.launch(grid(rows * c / 2)) }.expect("qkv_rotary_gate_forward");
+        let (gate_logits, log_gates) = match gate {
+            Some(_) => (Some(glog), Some(lg)),
+            None => (None, None),
+        };
+        QkvInputs {
+            qr,
+            kr,
+            v,
+            gate_logits,
+            log_gates,
+        }
+    }
+    fn qkv_rotary_gate_backward(
+        &self,
+        dqr: CudaSlice<f32>,
+        dkr: CudaSlice<f32>,
+        qr: &CudaSlice<f32>,
+        kr: &CudaSlice<f32>,
+        angles: Option<&CudaSlice<f32>>,
+        head_dim: usize,
+        gate: Option<(&CudaSlice<f32>, &CudaSlice<f32>)>,
+    ) -> QkvInputGrads<CudaSlice<f32>> {
+        let _p = self.prof("qkv_rotary_gate_backward");
+        let Some(a) = angles else {
+            // nothing to rotate back: ∂q and ∂k pass through
+            let dgate_logits = gate.map(|(logits, dlg)| self.log_gate_backward(logits, dlg));
+            return QkvInputGrads {
+                dq: dqr,
+                dk: dkr,
+                dangles: None,
+                dgate_logits,
+            };
+        };
+        let pairs = a.len();
+        assert!(
+            dqr.len() == 2 * pairs && dkr.len() == 2 * pairs && head_dim.is_multiple_of(2),
+            "∂q and ∂k: two values a rotary angle"
+        );
+        let ng = gate.map_or(0, |(logits, dlg)| {
+            assert!(dlg.len() == logits.len() && logits.len() <= pairs);
+            logits.len()
+        });
+        let (mut dq, mut dk) = (self.alloc(2 * pairs), self.alloc(2 * pairs));
+        let (mut dang, mut dglog) = (self.alloc(pairs), self.alloc(ng));
+        let (pi, ni) = (pairs as i64, ng as i64);
+        let f = &self.fns["qkv_rotary_gate_backward"];
+        let mut l = self.stream.launch_builder(f);
+        l.arg(&mut dq)
+            .arg(&mut dk)
+            .arg(&mut dang)
+            .arg(&mut dglog)
+            .arg(&dqr)
+            .arg(&dkr)
+            .arg(qr)
+            .arg(kr)
+            .arg(a);
+        match gate {
+            Some((logits, dlg)) => l.arg(logits).arg(dlg),
+            None => l.arg(&NULL).arg(&NULL),
+        };
+        l.arg(&pi).arg(&ni);
+        // SAFETY: arguments match the declaration in kernels/ops.cu; a thread per rotary pair,
+        // every buffer sized by `pairs` or `ng` (≤ pairs) as allocated or asserted above.
+        unsafe { l.launch(grid(pairs)) }.expect("qkv_rotary_gate_backward");
+        QkvInputGrads {
+            dq,
+            dk,
+            dangles: Some(dang),
+            dgate_logits: gate.map(|_| dglog),
+        }
     }
     fn log_gate_forward(&self, logits: &CudaSlice<f32>) -> CudaSlice<f32> {
         let _p = self.prof("log_gate_forward");

@@ -605,6 +605,108 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         tol: TOL,
     });
 
+    // the attention's inputs from a fused projection's output in one pass: the model's layouts
+    // (q, k, v, gate logits, rotary logits, padding to a multiple of 8 columns) and an odd row
+    // width, rotated or not, gated or not
+    let c = shape.heads * shape.dk;
+    for (widths, rotated, gated) in [
+        (vec![c, c, c, 3, 3, 2], true, true),
+        (vec![c, c, c, 3, 3, 2], false, true),
+        (vec![c, c, c, 3], true, false),
+        (vec![c, c, c, 3], false, false),
+    ] {
+        let total: usize = widths.iter().sum();
+        let n = shape.batch * shape.time;
+        let mut qkv: Vec<f32> = randn(&mut r, n * total, 1.0);
+        // gate logits from −40 to 40: logsigmoid's two branches
+        for row in qkv.chunks_exact_mut(total) {
+            row[3 * c..3 * c + 3].copy_from_slice(&uniform(&mut r, 3, -40.0, 40.0));
+        }
+        let ang: Vec<f32> = uniform(&mut r, n * c / 2, -6.0, 6.0);
+        let angles = rotated.then_some(&ang);
+        let gate = gated.then_some(3);
+        let what = format!(
+            "q/k/v rotary + gate{}{} (row width {total})",
+            if rotated { "" } else { ", no rotation" },
+            if gated { "" } else { ", no gate" }
+        );
+        let (qg, ag) = (up(&qkv), up(&ang));
+        let fc = cpu.qkv_rotary_gate_forward(&qkv, &widths, shape.dk, angles, gate);
+        let fg = gpu.qkv_rotary_gate_forward(&qg, &widths, shape.dk, rotated.then_some(&ag), gate);
+        push(&mut rows, &format!("{what} q"), &dn(&fg.qr), &fc.qr, TOL);
+        push(&mut rows, &format!("{what} k"), &dn(&fg.kr), &fc.kr, TOL);
+        push(&mut rows, &format!("{what} v"), &dn(&fg.v), &fc.v, TOL);
+        if let (Some(a), Some(b)) = (&fg.log_gates, &fc.log_gates) {
+            push(&mut rows, &format!("{what} log-gates"), &dn(a), b, TOL);
+        }
+        let (dq, dk): (Vec<f32>, Vec<f32>) = (randn(&mut r, n * c, 1.0), randn(&mut r, n * c, 1.0));
+        let dlg: Vec<f32> = randn(&mut r, n * 3, 1.0);
+        let dlg_g = up(&dlg);
+        let gc = cpu.qkv_rotary_gate_backward(
+            dq.clone(),
+            dk.clone(),
+            &fc.qr,
+            &fc.kr,
+            angles,
+            shape.dk,
+            fc.gate_logits.as_ref().map(|l| (l, &dlg)),
+        );
+        let gg = gpu.qkv_rotary_gate_backward(
+            up(&dq),
+            up(&dk),
+            &fg.qr,
+            &fg.kr,
+            rotated.then_some(&ag),
+            shape.dk,
+            fg.gate_logits.as_ref().map(|l| (l, &dlg_g)),
+        );
+        push(
+            &mut rows,
+            &format!("{what} backward dq"),
+            &dn(&gg.dq),
+            &gc.dq,
+            TOL,
+        );
+        push(
+            &mut rows,
+            &format!("{what} backward dk"),
+            &dn(&gg.dk),
+            &gc.dk,
+            TOL,
+        );
+        if let (Some(a), Some(b)) = (&gg.dangles, &gc.dangles) {
+            push(
+                &mut rows,
+                &format!("{what} backward dangles"),
+                &dn(a),
+                b,
+                TOL,
+            );
+        }
+        if let (Some(a), Some(b)) = (&gg.dgate_logits, &gc.dgate_logits) {
+            push(
+                &mut rows,
+                &format!("{what} backward dgate logits"),
+                &dn(a),
+                b,
+                TOL,
+            );
+        }
+        push_agreement(
+            &mut rows,
+            &format!("{what} backward: which gradients"),
+            (gg.dangles.is_some(), gg.dgate_logits.is_some()) == (rotated, gated),
+        );
+        let last = widths.len() - 1;
+        push(
+            &mut rows,
+            &format!("column block {last} of {total}"),
+            &dn(&gpu.column_block(&qg, &widths, last)),
+            &cpu.column_block(&qkv, &widths, last),
+            TOL,
+        );
+    }
+
     // cross-entropy: unpadded rows (vocab a multiple of 4, and odd: the scalar path), and rows
     // padded past an odd vocabulary as the model's LM head pads them (the float4 path)
     for (nr, vocab, row_len) in [(19, 1000, 1000), (19, 1001, 1001), (19, 1001, 1024)] {

@@ -46,6 +46,29 @@ pub struct MlpGrads<'a, T> {
     pub fc2_b: &'a mut T,
 }
 
+/// The attention's inputs made from the fused q/k/v projection's output by
+/// [`Backend::qkv_rotary_gate_forward`].
+pub struct QkvInputs<T> {
+    /// q and k, rotated when the forward was given angles.
+    pub qr: T,
+    pub kr: T,
+    pub v: T,
+    /// The gate's column block and its logsigmoid (the log-gates), when the forward named one.
+    pub gate_logits: Option<T>,
+    pub log_gates: Option<T>,
+}
+
+/// What [`Backend::qkv_rotary_gate_backward`] returns.
+pub struct QkvInputGrads<T> {
+    /// ∂q and ∂k before the rotation.
+    pub dq: T,
+    pub dk: T,
+    /// ∂angles, q's and k's parts summed (when rotated).
+    pub dangles: Option<T>,
+    /// ∂gate logits (when gated).
+    pub dgate_logits: Option<T>,
+}
+
 /// What an MLP's forward hands its backward.
 pub struct MlpSaved<T> {
     /// fc's output and the GELU's, where the backend keeps them as tensors (None: a GPU
@@ -338,6 +361,86 @@ pub trait Backend: Send + Sync {
     fn log_gate_forward(&self, logits: &Self::Tensor) -> Self::Tensor;
     /// ∂a from ∂g.
     fn log_gate_backward(&self, logits: &Self::Tensor, dg: &Self::Tensor) -> Self::Tensor;
+    /// Column block `i` of `x` (`[rows, Σ widths]`), as [`split_columns`](Self::split_columns)
+    /// would return it, without copying the others.
+    fn column_block(&self, x: &Self::Tensor, widths: &[usize], i: usize) -> Self::Tensor {
+        self.split_columns(x, widths).swap_remove(i)
+    }
+    /// The attention's inputs from the fused q/k/v projection's output `qkv` (`[rows, Σ
+    /// widths]`, its first three column blocks q, k and v, `heads·head_dim` wide): q and k
+    /// rotated by `angles` (`[rows, heads·head_dim/2]`) when given, and — when `gate` names a
+    /// column block — the gate's logits and the log-gates, their logsigmoid. The other blocks
+    /// (rotary logits, padding) are not copied. One pass over `qkv` on a GPU, where the
+    /// composition of [`split_columns`](Self::split_columns),
+    /// [`rotary_forward`](Self::rotary_forward) and
+    /// [`log_gate_forward`](Self::log_gate_forward) (this default, the reference) reads and
+    /// writes q and k twice and launches a kernel a block.
+    fn qkv_rotary_gate_forward(
+        &self,
+        qkv: &Self::Tensor,
+        widths: &[usize],
+        head_dim: usize,
+        angles: Option<&Self::Tensor>,
+        gate: Option<usize>,
+    ) -> QkvInputs<Self::Tensor> {
+        let mut parts: Vec<Option<Self::Tensor>> = self
+            .split_columns(qkv, widths)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let gate_logits = gate.map(|i| parts[i].take().expect("the gate is a block of its own"));
+        let mut take = |i: usize| parts[i].take().unwrap();
+        let (q, k, v) = (take(0), take(1), take(2));
+        let (qr, kr) = match angles {
+            Some(a) => (
+                self.rotary_forward(&q, a, head_dim),
+                self.rotary_forward(&k, a, head_dim),
+            ),
+            None => (q, k),
+        };
+        let log_gates = gate_logits.as_ref().map(|g| self.log_gate_forward(g));
+        QkvInputs {
+            qr,
+            kr,
+            v,
+            gate_logits,
+            log_gates,
+        }
+    }
+    /// Backward of [`qkv_rotary_gate_forward`](Self::qkv_rotary_gate_forward) from the
+    /// attention's ∂q and ∂k (of the rotated q and k, which the forward returned as `qr`, `kr`)
+    /// and, when gated, the gate's logits with ∂log-gates (a learned gate's broadcast logits
+    /// too). One pass on a GPU; this default composes
+    /// [`rotary_backward`](Self::rotary_backward) and
+    /// [`log_gate_backward`](Self::log_gate_backward).
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_rotary_gate_backward(
+        &self,
+        dqr: Self::Tensor,
+        dkr: Self::Tensor,
+        qr: &Self::Tensor,
+        kr: &Self::Tensor,
+        angles: Option<&Self::Tensor>,
+        head_dim: usize,
+        gate: Option<(&Self::Tensor, &Self::Tensor)>,
+    ) -> QkvInputGrads<Self::Tensor> {
+        let (dq, dk, dangles) = match angles {
+            Some(a) => {
+                let (dq, mut dang) = self.rotary_backward(&dqr, qr, a, head_dim);
+                let (dk, dang_k) = self.rotary_backward(&dkr, kr, a, head_dim);
+                self.add_assign(&mut dang, &dang_k);
+                (dq, dk, Some(dang))
+            }
+            None => (dqr, dkr, None),
+        };
+        let dgate_logits = gate.map(|(logits, dlg)| self.log_gate_backward(logits, dlg));
+        QkvInputGrads {
+            dq,
+            dk,
+            dangles,
+            dgate_logits,
+        }
+    }
     /// Gated sympow or softmax attention.
     fn attention_forward(
         &self,
@@ -620,6 +723,13 @@ impl<F: Float> Backend for CpuBackend<F> {
             }
         }
         parts
+    }
+    fn column_block(&self, x: &Vec<F>, widths: &[usize], i: usize) -> Vec<F> {
+        let (total, col0): (usize, usize) = (widths.iter().sum(), widths[..i].iter().sum());
+        x.chunks_exact(total)
+            .flat_map(|row| &row[col0..col0 + widths[i]])
+            .copied()
+            .collect()
     }
     fn concat_columns(&self, parts: &[&Vec<F>], widths: &[usize]) -> Vec<F> {
         let rows = parts.first().map_or(0, |p| p.len() / widths[0].max(1));

@@ -7,7 +7,9 @@
 
 use crate::attention::phi::sympow_dim;
 use crate::attention::{AttentionOut, AttentionSpec, Form, Shape};
-use crate::backend::{Backend, LayerNormSaved, LinearSaved, MlpGrads, MlpSaved, MlpWeights};
+use crate::backend::{
+    Backend, LayerNormSaved, LinearSaved, MlpGrads, MlpSaved, MlpWeights, QkvInputGrads, QkvInputs,
+};
 use crate::config::{AttentionKind, Config, FormKind, GateKind, LayerNormKind, RotaryKind};
 use crate::ops::gate::GATE_INIT_BIAS;
 use crate::ops::rotary::{learned_rotary_init_bias, RotaryParam};
@@ -777,18 +779,12 @@ impl<B: Backend> Model<B> {
         let (ln1_out, ln1_saved) = self.layer_norm(x, &p.ln1);
         let (qkv, qkv_saved) =
             be.linear_forward(&ln1_out, &p.qkv_w, Some(&p.qkv_b), c, dm.qkv_out());
-        let mut parts = be.split_columns(&qkv, &dm.qkv_widths).into_iter();
-        let (q, k, v) = (
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-        );
-        let gate_logits = match self.cfg.gate() {
-            GateKind::Data => parts.next(),
-            GateKind::Learned => Some(be.broadcast_rows(p.gate_bias.as_ref().unwrap(), n)),
-            GateKind::None => None,
-        };
-        let rot_logits = (dm.rot_per_head > 0).then(|| parts.next().unwrap());
+        // the column blocks: q, k, v, then the gate's logits and the rotary logits if any
+        let gate_block = (self.cfg.gate() == GateKind::Data).then_some(3);
+        let rot_logits = (dm.rot_per_head > 0).then(|| {
+            let i = 3 + gate_block.is_some() as usize;
+            be.column_block(&qkv, &dm.qkv_widths, i)
+        });
         let angles = match self.cfg.rotary() {
             RotaryKind::Learned => Some(be.learned_rotary_angles(
                 rot_logits.as_ref().unwrap(),
@@ -800,11 +796,18 @@ impl<B: Backend> Model<B> {
             RotaryKind::Fixed => ctx.fixed_angles.clone(),
             RotaryKind::None => None,
         };
-        let (qr, kr) = match &angles {
-            Some(a) => (be.rotary_forward(&q, a, hd), be.rotary_forward(&k, a, hd)),
-            None => (q, k),
-        };
-        let log_gates = gate_logits.as_ref().map(|g| be.log_gate_forward(g));
+        let QkvInputs {
+            qr,
+            kr,
+            v,
+            mut gate_logits,
+            mut log_gates,
+        } = be.qkv_rotary_gate_forward(&qkv, &dm.qkv_widths, hd, angles.as_ref(), gate_block);
+        if self.cfg.gate() == GateKind::Learned {
+            let logits = be.broadcast_rows(p.gate_bias.as_ref().unwrap(), n);
+            log_gates = Some(be.log_gate_forward(&logits));
+            gate_logits = Some(logits);
+        }
         AttentionInputs {
             ln1_out,
             ln1_saved,
@@ -968,18 +971,23 @@ impl<B: Backend> Model<B> {
                 &t.att,
                 &dy,
             );
-            let (dq, dk, dangles) = match &t.inputs.angles {
-                Some(a) => {
-                    let (dq, mut dang) = be.rotary_backward(&ga.dq, &t.inputs.qr, a, hd);
-                    let (dk, dang_k) = be.rotary_backward(&ga.dk, &t.inputs.kr, a, hd);
-                    be.add_assign(&mut dang, &dang_k);
-                    (dq, dk, Some(dang))
-                }
-                None => (ga.dq, ga.dk, None),
-            };
+            let gate = t.inputs.gate_logits.as_ref().zip(ga.dlog_gates.as_ref());
+            let QkvInputGrads {
+                dq,
+                dk,
+                dangles,
+                dgate_logits,
+            } = be.qkv_rotary_gate_backward(
+                ga.dq,
+                ga.dk,
+                &t.inputs.qr,
+                &t.inputs.kr,
+                t.inputs.angles.as_ref(),
+                hd,
+                gate,
+            );
             let mut dparts = vec![dq, dk, ga.dv];
-            if let (Some(logits), Some(dlg)) = (&t.inputs.gate_logits, &ga.dlog_gates) {
-                let dlogits = be.log_gate_backward(logits, dlg);
+            if let Some(dlogits) = dgate_logits {
                 match self.cfg.gate() {
                     GateKind::Data => dparts.push(dlogits),
                     GateKind::Learned => {

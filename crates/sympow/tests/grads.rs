@@ -4,6 +4,7 @@ mod common;
 use sympow::attention::{
     attention_backward, attention_forward, AttentionSpec, Form, Kernel, Shape,
 };
+use sympow::backend::{Backend, CpuBackend};
 use sympow::ops::rotary::{self, RotaryParam};
 use sympow::ops::{cross_entropy, embedding, gate, gelu, layer_norm, linear};
 use sympow::testing::{numerical_grad, randn, rel_err, rng, uniform};
@@ -494,6 +495,77 @@ fn rotary_backward_matches_finite_differences() {
     // a rotation preserves norms
     let n2 = |v: &[f64]| v.iter().map(|a| a * a).sum::<f64>();
     assert!((n2(&x) - n2(&y)).abs() < 1e-10 * n2(&x));
+}
+
+#[test]
+fn qkv_rotary_gate_backward_matches_finite_differences() {
+    // the projection's output as the model lays it out: q, k, v (heads·d wide), the gate's
+    // logits (a column a head), the rotary logits and padding, which the op leaves alone
+    let be = CpuBackend::<f64>::new();
+    let mut r = rng(common::seed("qkv_rotary_gate_grads"));
+    let (rows, heads, d) = (5, 2, 4);
+    let c = heads * d;
+    let widths = [c, c, c, heads, heads, 3];
+    let total: usize = widths.iter().sum();
+    let qkv: Vec<f64> = randn(&mut r, rows * total, 1.0);
+    let ang: Vec<f64> = uniform(&mut r, rows * c / 2, -7.0, 7.0);
+    assert_eq!(
+        be.column_block(&qkv, &widths, 4),
+        be.split_columns(&qkv, &widths)[4]
+    );
+    let (wq, wk, wv, wg): (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) = (
+        randn(&mut r, rows * c, 1.0),
+        randn(&mut r, rows * c, 1.0),
+        randn(&mut r, rows * c, 1.0),
+        randn(&mut r, rows * heads, 1.0),
+    );
+    for (rotated, gated) in [(true, true), (false, true), (true, false)] {
+        let angles = rotated.then_some(&ang);
+        let gate = gated.then_some(3);
+        let loss = |x: &[f64], a: &[f64]| {
+            let out = be.qkv_rotary_gate_forward(
+                &x.to_vec(),
+                &widths,
+                d,
+                rotated.then_some(&a.to_vec()),
+                gate,
+            );
+            dot(&out.qr, &wq)
+                + dot(&out.kr, &wk)
+                + dot(&out.v, &wv)
+                + out.log_gates.map_or(0.0, |g| dot(&g, &wg))
+        };
+        let out = be.qkv_rotary_gate_forward(&qkv, &widths, d, angles, gate);
+        assert_eq!(out.gate_logits.is_some(), gated);
+        let g = be.qkv_rotary_gate_backward(
+            wq.clone(),
+            wk.clone(),
+            &out.qr,
+            &out.kr,
+            angles,
+            d,
+            out.gate_logits.as_ref().map(|l| (l, &wg)),
+        );
+        // ∂qkv: the op's column blocks in place (∂v = its weights), zero elsewhere
+        let mut dqkv = vec![0.0; qkv.len()];
+        for row in 0..rows {
+            let o = row * total;
+            dqkv[o..o + c].copy_from_slice(&g.dq[row * c..(row + 1) * c]);
+            dqkv[o + c..o + 2 * c].copy_from_slice(&g.dk[row * c..(row + 1) * c]);
+            dqkv[o + 2 * c..o + 3 * c].copy_from_slice(&wv[row * c..(row + 1) * c]);
+            if let Some(dg) = &g.dgate_logits {
+                dqkv[o + 3 * c..o + 3 * c + heads]
+                    .copy_from_slice(&dg[row * heads..(row + 1) * heads]);
+            }
+        }
+        let n = numerical_grad(&mut |x| loss(x, &ang), &qkv, H);
+        assert_close("qkv_rotary_gate ∂qkv", &dqkv, &n, TOL);
+        assert_eq!(g.dangles.is_some(), rotated);
+        if let Some(da) = &g.dangles {
+            let n = numerical_grad(&mut |a| loss(&qkv, a), &ang, H);
+            assert_close("qkv_rotary_gate ∂angles", da, &n, TOL);
+        }
+    }
 }
 
 #[test]
