@@ -1010,6 +1010,7 @@ impl CudaBackend {
         (rows, cin, cout): (usize, usize, usize),
         bias: cudarc::driver::sys::CUdeviceptr,
         (py, out): (cudarc::driver::sys::CUdeviceptr, Out),
+        residual: Option<cudarc::driver::sys::CUdeviceptr>,
     ) -> bool {
         let Some(lt) = &self.bias_gemm else {
             return false;
@@ -1026,13 +1027,16 @@ impl CudaBackend {
                 (xo.ptr(&self.stream), cin),
                 (Epilogue::Bias, bias),
                 (py, cout, out),
+                residual,
             )
         }
         .is_ok()
     }
 
-    /// y (f32 `[rows, cout]`) = x·Wᵀ + b, x as an operand: the bias in cuBLASLt's epilogue where
-    /// it runs, else filled in first and the product accumulated onto it.
+    /// y (f32 `[rows, cout]`) = x·Wᵀ + b (+ `residual`, `[rows, cout]`), x as an operand: the
+    /// bias and the residual in cuBLASLt's epilogue where it runs, else the bias filled in
+    /// first, the product accumulated onto it and the residual added.
+    #[allow(clippy::too_many_arguments)]
     fn linear_product(
         &self,
         xo: &Operand,
@@ -1041,6 +1045,7 @@ impl CudaBackend {
         b: Option<&CudaSlice<f32>>,
         cin: usize,
         cout: usize,
+        residual: Option<&CudaSlice<f32>>,
     ) -> CudaSlice<f32> {
         let mut y = self.alloc(rows * cout);
         // row-major y[rows, cout] = x·Wᵀ  ⇔  col-major yᵀ (cout×rows) = Wᵀ(cout×cin)·xᵀ(cin×rows)
@@ -1048,8 +1053,20 @@ impl CudaBackend {
         let fused = b.is_some_and(|b| {
             let (pb, _gb) = b.device_ptr(&self.stream);
             let (py, _gy) = y.device_ptr_mut(&self.stream);
-            // SAFETY: the bias has cout elements, y rows×cout f32.
-            unsafe { self.bias_epilogue((xo, &wo), (rows, cin, cout), pb, (py, Out::F32)) }
+            let pr = residual.map(|r| {
+                assert_eq!(r.len(), rows * cout, "the residual is the product's shape");
+                r.device_ptr(&self.stream)
+            });
+            // SAFETY: the bias has cout elements, y and the residual rows×cout f32.
+            unsafe {
+                self.bias_epilogue(
+                    (xo, &wo),
+                    (rows, cin, cout),
+                    pb,
+                    (py, Out::F32),
+                    pr.as_ref().map(|(p, _)| *p),
+                )
+            }
         });
         if !fused {
             if let Some(b) = b {
@@ -1061,6 +1078,9 @@ impl CudaBackend {
             self.gemm(
                 ta, tb, cout, rows, cin, &wo, cin, xo, cin, beta, &mut y, cout,
             );
+            if let Some(r) = residual {
+                self.add_assign(&mut y, r);
+            }
         }
         y
     }
@@ -1082,12 +1102,12 @@ impl CudaBackend {
             let (pb, _gb) = b16.device_ptr(&self.stream);
             let (py, _gy) = y.device_ptr_mut(&self.stream);
             // SAFETY: the bias has cout elements, y rows×cout bf16.
-            unsafe { self.bias_epilogue((xo, &wo), (rows, cin, cout), pb, (py, Out::Bf16)) }
+            unsafe { self.bias_epilogue((xo, &wo), (rows, cin, cout), pb, (py, Out::Bf16), None) }
         };
         if ok {
             return y;
         }
-        self.to_bf16(&self.linear_product(xo, rows, w, Some(b), cin, cout))
+        self.to_bf16(&self.linear_product(xo, rows, w, Some(b), cin, cout, None))
     }
 
     /// The GELU of bf16 `x`, or with `dy` its backward, in bf16.
@@ -1155,6 +1175,7 @@ impl CudaBackend {
                             (dyo.ptr(&self.stream), cout),
                             (Epilogue::BiasGrad, ps),
                             (pw, cin, Out::F32),
+                            None,
                         )
                     }
                     .is_ok()
@@ -1605,8 +1626,23 @@ impl Backend for CudaBackend {
     ) -> (CudaSlice<f32>, LinearSaved) {
         let _p = self.prof("linear_forward");
         let xo = self.operand(x);
-        let y = self.linear_product(&xo, x.len() / cin, w, b, cin, cout);
+        let y = self.linear_product(&xo, x.len() / cin, w, b, cin, cout, None);
         // the bf16 copy of x goes to the backward (its ∂W product)
+        let saved = xo.bf16.map(|x16| Arc::new(x16.into_owned()) as Saved);
+        (y, saved)
+    }
+    fn linear_residual_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        b: Option<&CudaSlice<f32>>,
+        residual: &CudaSlice<f32>,
+        cin: usize,
+        cout: usize,
+    ) -> (CudaSlice<f32>, LinearSaved) {
+        let _p = self.prof("linear_residual_forward");
+        let xo = self.operand(x);
+        let y = self.linear_product(&xo, x.len() / cin, w, b, cin, cout, Some(residual));
         let saved = xo.bf16.map(|x16| Arc::new(x16.into_owned()) as Saved);
         (y, saved)
     }
@@ -1729,9 +1765,10 @@ impl Backend for CudaBackend {
         w: MlpWeights<'_, CudaSlice<f32>>,
         c: usize,
         hidden: usize,
+        residual: Option<&CudaSlice<f32>>,
     ) -> (CudaSlice<f32>, MlpSaved<CudaSlice<f32>>) {
         if self.precision() != MatmulPrecision::Bf16 {
-            return mlp_forward_ops(self, x, w, c, hidden);
+            return mlp_forward_ops(self, x, w, c, hidden, residual);
         }
         let _p = self.prof("mlp_forward");
         let rows = x.len() / c;
@@ -1739,7 +1776,7 @@ impl Backend for CudaBackend {
         let h = self.linear_to_bf16(&xo, rows, w.fc_w, w.fc_b, c, hidden);
         let g = self.gelu_bf16(&h, None);
         let go = Operand::bf16_only(Cow::Borrowed(&g));
-        let y = self.linear_product(&go, rows, w.fc2_w, Some(w.fc2_b), hidden, c);
+        let y = self.linear_product(&go, rows, w.fc2_w, Some(w.fc2_b), hidden, c, residual);
         drop(go);
         let saved = MlpSaved {
             hidden: None,

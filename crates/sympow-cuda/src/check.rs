@@ -73,6 +73,20 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
             &cpu.linear_forward(&x, &w, Some(&b), cin, cout).0,
             tol,
         );
+        // the residual in the product's epilogue (and, without a bias, added after it)
+        let res: Vec<f32> = randn(&mut r, n * cout, 1.0);
+        for (bias, what) in [(Some(&b), ""), (None, ", no bias")] {
+            let bg = bias.map(|b| up(b));
+            push(
+                &mut rows,
+                &format!("linear forward + residual{what}{label}"),
+                &dn(&gpu
+                    .linear_residual_forward(&xg, &wg, bg.as_ref(), &up(&res), cin, cout)
+                    .0),
+                &cpu.linear_residual_forward(&x, &w, bias, &res, cin, cout).0,
+                tol,
+            );
+        }
         let (mut dw_c, mut db_c) = (b.repeat(cin)[..cout * cin].to_vec(), b.clone());
         let (mut dw_g, mut db_g) = (up(&dw_c), up(&db_c));
         let dw0 = dw_c.clone();
@@ -216,11 +230,11 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
                 fc2_b,
             }
         }
-        let (y_c, saved_c) = cpu.mlp_forward(&x, weights(&ws), c, hidden);
+        let (y_c, saved_c) = cpu.mlp_forward(&x, weights(&ws), c, hidden, None);
         let mut g_c = ws.clone(); // gradients accumulate onto non-zero buffers
         let dx_c = cpu.mlp_backward(&x, &dy, weights(&ws), c, hidden, &saved_c, grads(&mut g_c));
         let (wg, xg) = (ws.iter().map(|t| up(t)).collect::<Vec<_>>(), up(&x));
-        let (y_g, saved_g) = gpu.mlp_forward(&xg, weights(&wg), c, hidden);
+        let (y_g, saved_g) = gpu.mlp_forward(&xg, weights(&wg), c, hidden, None);
         let mut g_g: Vec<_> = ws.iter().map(|t| up(t)).collect();
         let dyg = up(&dy);
         let dx_g = gpu.mlp_backward(
@@ -239,6 +253,16 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
             &y_c,
             tol,
         );
+        let res: Vec<f32> = randn(&mut r, n * c, 1.0);
+        push(
+            &mut rows,
+            &format!("mlp forward + residual{label}"),
+            &dn(&gpu
+                .mlp_forward(&xg, weights(&wg), c, hidden, Some(&up(&res)))
+                .0),
+            &cpu.mlp_forward(&x, weights(&ws), c, hidden, Some(&res)).0,
+            tol,
+        );
         push(
             &mut rows,
             &format!("mlp backward dx{label}"),
@@ -253,8 +277,8 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         // the hidden layer's finiteness, wherever it is kept: a NaN in one input row
         let mut x_nan = x.clone();
         x_nan[c + 3] = f32::NAN;
-        let (_, saved_nan) = gpu.mlp_forward(&up(&x_nan), weights(&wg), c, hidden);
-        let (_, saved_nan_c) = cpu.mlp_forward(&x_nan, weights(&ws), c, hidden);
+        let (_, saved_nan) = gpu.mlp_forward(&up(&x_nan), weights(&wg), c, hidden, None);
+        let (_, saved_nan_c) = cpu.mlp_forward(&x_nan, weights(&ws), c, hidden, None);
         for (what, saved, saved_c) in [
             ("finite input", &saved_g, &saved_c),
             ("a NaN input", &saved_nan, &saved_nan_c),

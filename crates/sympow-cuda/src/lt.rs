@@ -80,9 +80,11 @@ impl BiasGemm {
         Ok(BiasGemm { handle, workspace })
     }
 
-    /// D (col-major m×n, leading dimension ldd) = op(A)·op(B) + bias, or D += op(A)·op(B)
-    /// with the bias gradient written ([`Epilogue`]); D and the bias f32 or bf16 ([`Out`]; a
-    /// bias gradient f32); A and B as in BLAS, bf16 under [`MatmulPrecision::Bf16`], else f32.
+    /// D (col-major m×n, leading dimension ldd) = op(A)·op(B) + bias (+ C when a `residual` C
+    /// is given: f32, D's layout, read in the epilogue in place of an add of its own), or D +=
+    /// op(A)·op(B) with the bias gradient written ([`Epilogue`]); D and the bias f32 or bf16
+    /// ([`Out`]; a bias gradient f32); A and B as in BLAS, bf16 under
+    /// [`MatmulPrecision::Bf16`], else f32.
     ///
     /// # Safety
     /// The pointers must hold matrices of the sizes the dimensions describe, on `stream`.
@@ -97,6 +99,7 @@ impl BiasGemm {
         (b, ldb): (CUdeviceptr, usize),
         (epilogue, bias): (Epilogue, CUdeviceptr),
         (d, ldd, out): (CUdeviceptr, usize, Out),
+        residual: Option<CUdeviceptr>,
     ) -> Result<(), String> {
         use sys::cublasComputeType_t as C;
         use sys::cudaDataType_t as T;
@@ -119,7 +122,12 @@ impl BiasGemm {
         use sys::cublasLtMatmulDescAttributes_t as A;
         let (ta, tb) = (i32::from(transa), i32::from(transb));
         use sys::cublasLtEpilogue_t as Ep;
+        assert!(
+            residual.is_none() || (epilogue == Epilogue::Bias && out == Out::F32),
+            "a residual is added to an f32 product with its bias"
+        );
         let (epilogue, beta) = match epilogue {
+            Epilogue::Bias if residual.is_some() => (Ep::CUBLASLT_EPILOGUE_BIAS, 1.0f32),
             Epilogue::Bias => (Ep::CUBLASLT_EPILOGUE_BIAS, 0.0f32),
             Epilogue::BiasGrad => (Ep::CUBLASLT_EPILOGUE_BGRADB, 1.0f32),
         };
@@ -170,7 +178,9 @@ impl BiasGemm {
                 .map_err(err)?;
         let alpha = 1.0f32;
         let (w, _w) = self.workspace.device_ptr(stream);
-        // C = D: read only with beta = 1 (Bias leaves D uninitialised until written)
+        // C = D (read only with beta = 1: Bias leaves D uninitialised until written) or the
+        // residual, in D's layout
+        let c = residual.unwrap_or(d);
         result::matmul(
             self.handle,
             ds.desc,
@@ -180,7 +190,7 @@ impl BiasGemm {
             la,
             b as _,
             lb,
-            d as _,
+            c as _,
             ld,
             d as _,
             ld,

@@ -89,10 +89,14 @@ pub fn mlp_forward_ops<B: Backend + ?Sized>(
     w: MlpWeights<'_, B::Tensor>,
     c: usize,
     hidden: usize,
+    residual: Option<&B::Tensor>,
 ) -> (B::Tensor, MlpSaved<B::Tensor>) {
     let (h, fc_saved) = be.linear_forward(x, w.fc_w, Some(w.fc_b), c, hidden);
     let g = be.gelu_forward(&h);
-    let (y, fc2_saved) = be.linear_forward(&g, w.fc2_w, Some(w.fc2_b), hidden, c);
+    let (y, fc2_saved) = match residual {
+        Some(r) => be.linear_residual_forward(&g, w.fc2_w, Some(w.fc2_b), r, hidden, c),
+        None => be.linear_forward(&g, w.fc2_w, Some(w.fc2_b), hidden, c),
+    };
     let saved = MlpSaved {
         hidden: Some((h, g)),
         fc_saved,
@@ -228,6 +232,24 @@ pub trait Backend: Send + Sync {
         cin: usize,
         cout: usize,
     ) -> (Self::Tensor, LinearSaved);
+    /// y = x Wᵀ + b + `residual` (`[rows, cout]`): a layer whose output is added to the
+    /// residual stream. A GPU reads the residual in the product's epilogue; this default adds it
+    /// after [`linear_forward`](Self::linear_forward). The backward is the layer's own (the
+    /// residual's gradient is ∂y).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_residual_forward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        residual: &Self::Tensor,
+        cin: usize,
+        cout: usize,
+    ) -> (Self::Tensor, LinearSaved) {
+        let (mut y, saved) = self.linear_forward(x, w, b, cin, cout);
+        self.add_assign(&mut y, residual);
+        (y, saved)
+    }
     /// Returns ∂x; adds into ∂W, ∂b. `saved` is the forward's (or None).
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
@@ -592,18 +614,21 @@ pub trait Backend: Send + Sync {
         let dlogits = self.cross_entropy_backward(logits, targets, losses, dloss, vocab, row_len);
         self.linear_backward(x, w, &dlogits, cin, row_len, dw, None, saved)
     }
-    /// The MLP of a block, y = fc2(GELU(fc(x))) with biases; x `[rows, c]`, the hidden layer
-    /// `[rows, hidden]`. The linear and GELU ops in turn; a GPU backend under bf16 products
-    /// keeps the hidden activations (the block's largest) in bf16 only — the products' operand
-    /// copies, written once — instead of f32 tensors rounded again for every product.
+    /// The MLP of a block, y = fc2(GELU(fc(x))) with biases, plus `residual` when given (as
+    /// [`linear_residual_forward`](Self::linear_residual_forward) adds it); x `[rows, c]`, the
+    /// hidden layer `[rows, hidden]`. The linear and GELU ops in turn; a GPU backend under bf16
+    /// products keeps the hidden activations (the block's largest) in bf16 only — the
+    /// products' operand copies, written once — instead of f32 tensors rounded again for every
+    /// product.
     fn mlp_forward(
         &self,
         x: &Self::Tensor,
         w: MlpWeights<'_, Self::Tensor>,
         c: usize,
         hidden: usize,
+        residual: Option<&Self::Tensor>,
     ) -> (Self::Tensor, MlpSaved<Self::Tensor>) {
-        mlp_forward_ops(self, x, w, c, hidden)
+        mlp_forward_ops(self, x, w, c, hidden, residual)
     }
     /// Whether the hidden activations an MLP's forward kept (fc's output and the GELU's, in
     /// whatever form the backend keeps them) are all finite: where a diverging run first went

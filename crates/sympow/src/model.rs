@@ -841,21 +841,30 @@ impl<B: Backend> Model<B> {
             dm.heads,
             dm.head_dim,
         );
-        let (mut o, proj_saved) = be.linear_forward(y, &p.proj_w, Some(&p.proj_b), h * hd, c);
+        // each branch's output plus the residual stream, the sum in the product's epilogue
+        // unless dropout comes between them (x is kept for the backward; a + b = b + a exactly)
+        let (proj_w, proj_b) = (&p.proj_w, Some(&p.proj_b));
         let proj_mask = self.dropout_mask(ctx.dropout, l, 0, n * c);
-        if let Some(m) = &proj_mask {
-            o = be.mul(&o, m);
-        }
-        // the residual sum in o's buffer (x is kept for the backward; a + b = b + a exactly)
-        be.add_assign(&mut o, x);
-        let x_mid = o;
+        let (x_mid, proj_saved) = match &proj_mask {
+            Some(m) => {
+                let (o, saved) = be.linear_forward(y, proj_w, proj_b, h * hd, c);
+                let mut o = be.mul(&o, m);
+                be.add_assign(&mut o, x);
+                (o, saved)
+            }
+            None => be.linear_residual_forward(y, proj_w, proj_b, x, h * hd, c),
+        };
         let (ln2_out, ln2_saved) = self.layer_norm(&x_mid, &p.ln2);
-        let (mut mo, mlp) = be.mlp_forward(&ln2_out, p.mlp_weights(), c, dm.hidden);
         let mlp_mask = self.dropout_mask(ctx.dropout, l, 1, n * c);
-        if let Some(m) = &mlp_mask {
-            mo = be.mul(&mo, m);
-        }
-        be.add_assign(&mut mo, &x_mid);
+        let (mo, mlp) = match &mlp_mask {
+            Some(m) => {
+                let (mo, mlp) = be.mlp_forward(&ln2_out, p.mlp_weights(), c, dm.hidden, None);
+                let mut mo = be.mul(&mo, m);
+                be.add_assign(&mut mo, &x_mid);
+                (mo, mlp)
+            }
+            None => be.mlp_forward(&ln2_out, p.mlp_weights(), c, dm.hidden, Some(&x_mid)),
+        };
         let tail = BlockTail {
             proj_saved,
             proj_mask,
