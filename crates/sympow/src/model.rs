@@ -842,7 +842,7 @@ impl<B: Backend> Model<B> {
             dm.head_dim,
         );
         // each branch's output plus the residual stream, the sum in the product's epilogue
-        // unless dropout comes between them (x is kept for the backward; a + b = b + a exactly)
+        // unless dropout comes between them (x itself is kept for the backward)
         let (proj_w, proj_b) = (&p.proj_w, Some(&p.proj_b));
         let proj_mask = self.dropout_mask(ctx.dropout, l, 0, n * c);
         let (x_mid, proj_saved) = match &proj_mask {
