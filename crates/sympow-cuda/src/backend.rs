@@ -1085,6 +1085,25 @@ impl CudaBackend {
         y
     }
 
+    /// [`linear_forward`](Backend::linear_forward), or with `residual` its
+    /// [`linear_residual_forward`](Backend::linear_residual_forward): the product, and the bf16
+    /// copy of x for the backward (its ∂W product).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_saved(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        b: Option<&CudaSlice<f32>>,
+        cin: usize,
+        cout: usize,
+        residual: Option<&CudaSlice<f32>>,
+    ) -> (CudaSlice<f32>, LinearSaved) {
+        let xo = self.operand(x);
+        let y = self.linear_product(&xo, x.len() / cin, w, b, cin, cout, residual);
+        let saved = xo.bf16.map(|x16| Arc::new(x16.into_owned()) as Saved);
+        (y, saved)
+    }
+
     /// y = x·Wᵀ + b written once in bf16 (`[rows, cout]`; the bias rounded to bf16 too, as
     /// under PyTorch's autocast): a layer whose output only feeds bf16 consumers.
     fn linear_to_bf16(
@@ -1625,11 +1644,7 @@ impl Backend for CudaBackend {
         cout: usize,
     ) -> (CudaSlice<f32>, LinearSaved) {
         let _p = self.prof("linear_forward");
-        let xo = self.operand(x);
-        let y = self.linear_product(&xo, x.len() / cin, w, b, cin, cout, None);
-        // the bf16 copy of x goes to the backward (its ∂W product)
-        let saved = xo.bf16.map(|x16| Arc::new(x16.into_owned()) as Saved);
-        (y, saved)
+        self.linear_saved(x, w, b, cin, cout, None)
     }
     fn linear_residual_forward(
         &self,
@@ -1641,10 +1656,7 @@ impl Backend for CudaBackend {
         cout: usize,
     ) -> (CudaSlice<f32>, LinearSaved) {
         let _p = self.prof("linear_residual_forward");
-        let xo = self.operand(x);
-        let y = self.linear_product(&xo, x.len() / cin, w, b, cin, cout, Some(residual));
-        let saved = xo.bf16.map(|x16| Arc::new(x16.into_owned()) as Saved);
-        (y, saved)
+        self.linear_saved(x, w, b, cin, cout, Some(residual))
     }
     fn linear_backward(
         &self,
