@@ -28,7 +28,7 @@ use cudarc::driver::{
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use sympow::attention::{AttentionGrads, AttentionOut, AttentionSpec, Form, Shape};
 use sympow::backend::{
     mlp_backward_ops, mlp_forward_ops, AdamWParam, Backend, CpuBackend, LayerNormSaved,
@@ -391,7 +391,9 @@ impl CudaBackend {
         let drv = |e: cudarc::driver::DriverError| crate::Unavailable::Driver(e.to_string());
         let ctx = CudaContext::new(ordinal).map_err(drv)?;
         crate::device::single_stream_allocation(&ctx, ordinal);
-        let stream = ctx.default_stream();
+        // a stream of its own: the legacy default stream cannot be captured into a graph
+        // (`Backend::record`)
+        let stream = ctx.new_stream().map_err(drv)?;
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| crate::Unavailable::Driver(format!("cuBLAS: {e}")))?;
         let ptx = cudarc::nvrtc::compile_ptx(SOURCE)
@@ -1479,11 +1481,21 @@ impl CudaBackend {
     }
 }
 
+/// A recorded sequence of ops ([`Backend::record`]): a CUDA graph on the backend's stream.
+pub struct CudaRecording(Mutex<GraphCell>);
+
+struct GraphCell(cudarc::driver::CudaGraph);
+
+// SAFETY: a CUDA graph may be used from any thread, one call at a time (the driver's rule for
+// graph objects), which the recording's mutex ensures.
+unsafe impl Send for GraphCell {}
+
 impl Backend for CudaBackend {
     type Scalar = f32;
     type Tensor = CudaSlice<f32>;
     type DecodeState = CudaDecodeState;
     type KvCache = CudaKvCache;
+    type Recording = CudaRecording;
 
     fn name(&self) -> String {
         format!("cuda ({})", self.name)
@@ -1514,6 +1526,13 @@ impl Backend for CudaBackend {
     fn zeros(&self, len: usize) -> CudaSlice<f32> {
         let _p = self.prof("zeros");
         self.alloc_zeroed(len)
+    }
+    fn copy_into(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) {
+        let _p = self.prof("copy_into");
+        assert_eq!(dst.len(), src.len(), "copy_into: length mismatch");
+        self.stream
+            .memcpy_dtod(src, dst)
+            .expect("device to device copy");
     }
     fn add_assign(&self, dst: &mut CudaSlice<f32>, src: &CudaSlice<f32>) {
         let _p = self.prof("add_assign");
@@ -2686,6 +2705,34 @@ impl Backend for CudaBackend {
             &bc2,
             &gs
         );
+    }
+    fn record(&self, ops: &mut dyn FnMut()) -> Option<CudaRecording> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        // a profiled op synchronises, which a capture cannot hold
+        if self.profiler.is_on() || std::env::var_os("SYMPOW_NO_GRAPHS").is_some() {
+            return None;
+        }
+        // this thread's calls only: rayon's threads may work on the host meanwhile
+        let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        self.stream.begin_capture(mode).ok()?;
+        // an op the capture cannot hold fails its launch and panics; the capture must end
+        // either way, and the caller then runs the ops itself (a real fault panics again there)
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(ops));
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        // errors cudarc could only record (a free inside the capture that failed, say)
+        let clean = self.ctx.check_err().is_ok();
+        match (ran, graph) {
+            (Ok(()), Ok(Some(graph))) if clean => {
+                graph.upload().ok()?;
+                Some(CudaRecording(Mutex::new(GraphCell(graph))))
+            }
+            _ => None,
+        }
+    }
+    fn replay(&self, recording: &CudaRecording) {
+        let _p = self.prof("replay (a recorded step)");
+        let graph = recording.0.lock().unwrap_or_else(|e| e.into_inner());
+        graph.0.launch().expect("CUDA graph launch");
     }
     fn set_profiling(&self, on: bool) -> bool {
         self.profiler.set(on);

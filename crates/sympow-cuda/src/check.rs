@@ -1198,15 +1198,39 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         let prompts = [&a[..], &b[..], &a[..]];
         let (mut dc, lc) = sympow::inference::Decoder::prefill_batch(&mc, &prompts);
         let (mut dg, lg) = sympow::inference::Decoder::prefill_batch(&mg, &prompts);
-        let mut err = rel_err(&lg, &lc);
+        // the same steps with their ops one by one (sympow's steps on the GPU are otherwise
+        // recorded at the first and replayed)
+        let (mut de, _) = sympow::inference::Decoder::prefill_batch(&mg, &prompts);
+        de.set_recording(false);
+        let (mut err, mut err_eager) = (rel_err(&lg, &lc), 0.0f64);
         for toks in [[5u32, 9, 11], [77, 200, 3], [200, 1, 250], [3, 3, 40]] {
-            err = err.max(rel_err(dg.step(&toks), dc.step(&toks)));
+            let want = dc.step(&toks);
+            err = err.max(rel_err(dg.step(&toks), want));
+            err_eager = err_eager.max(rel_err(de.step(&toks), want));
         }
+        let replayed = if attention == "softmax" {
+            ""
+        } else {
+            ", replayed"
+        };
         rows.push(Row {
-            what: format!("model generation logits ({attention}, batch of 3, 4 tokens)"),
+            what: format!("model generation logits ({attention}, batch of 3, 4 tokens{replayed})"),
             err,
             tol: 1e-3,
         });
+        rows.push(Row {
+            what: format!("model generation logits ({attention}, batch of 3, 4 tokens, op by op)"),
+            err: err_eager,
+            tol: 1e-3,
+        });
+        if attention != "softmax" {
+            // 0 where the steps were recorded, as they should be, 1 where not
+            rows.push(Row {
+                what: format!("model generation ({attention}): steps recorded as a CUDA graph"),
+                err: if dg.is_recorded() { 0.0 } else { 1.0 },
+                tol: 0.5,
+            });
+        }
         if attention == "softmax" {
             continue; // (its decoders do not merge)
         }
@@ -1227,7 +1251,7 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
             err = err.max(rel_err(dg.step(&toks), dc.step(&toks)));
         }
         rows.push(Row {
-            what: format!("model generation logits ({attention}, merged decoders of 37 and 20 tokens, 3 tokens)"),
+            what: format!("model generation logits ({attention}, merged decoders of 37 and 20 tokens, 3 tokens, replayed)"),
             err,
             tol: 1e-3,
         });

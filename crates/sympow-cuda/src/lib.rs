@@ -8,7 +8,9 @@
 #[cfg(feature = "cuda")]
 mod backend;
 #[cfg(feature = "cuda")]
-pub use backend::{set_default_matmul, CudaBackend, CudaDecodeState, CudaKvCache, MatmulPrecision};
+pub use backend::{
+    set_default_matmul, CudaBackend, CudaDecodeState, CudaKvCache, CudaRecording, MatmulPrecision,
+};
 #[cfg(feature = "cuda")]
 pub mod bench;
 #[cfg(feature = "cuda")]

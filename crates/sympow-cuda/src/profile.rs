@@ -34,6 +34,11 @@ impl Profiler {
         self.rows.lock().expect("profiler lock").clear();
     }
 
+    /// Whether ops are being timed (each synchronises the stream: nothing records then).
+    pub(crate) fn is_on(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
     /// A timer for `op`, or `None` when profiling is off.
     pub(crate) fn time<'a>(
         &'a self,

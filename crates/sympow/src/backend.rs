@@ -181,6 +181,9 @@ pub trait Backend: Send + Sync {
     /// Softmax's KV caches of a batch of sequences being generated: every head's rotated keys
     /// and values so far (see [`KvCache`](crate::attention::KvCache)).
     type KvCache: Send + Sync + Footprint;
+    /// A sequence of ops recorded for replay ([`record`](Self::record)): a CUDA graph. The CPU
+    /// backend records nothing (`Infallible`).
+    type Recording: Send + Sync;
 
     /// Human-readable device name.
     fn name(&self) -> String;
@@ -197,6 +200,9 @@ pub trait Backend: Send + Sync {
     }
     /// A zero tensor of `len` elements.
     fn zeros(&self, len: usize) -> Self::Tensor;
+    /// `dst = src`, in place (same length): a buffer that a [`Recording`](Self::Recording)
+    /// reads or writes keeps its address.
+    fn copy_into(&self, dst: &mut Self::Tensor, src: &Self::Tensor);
     /// Sets every tensor of `xs` to 0 in place (the gradient buffers at each step's start; a
     /// GPU backend does them all in one launch, where fresh `zeros` cost one allocation and
     /// one memset each).
@@ -658,6 +664,22 @@ pub trait Backend: Send + Sync {
     /// backend updates them all in one launch.
     fn adamw_step(&self, step: u64, grad_scale: f64, params: &mut [AdamWParam<'_, Self::Tensor>]);
 
+    // ---- recording ----------------------------------------------------------------------
+    /// Records the ops that `ops` calls, without running them, for [`replay`](Self::replay) to
+    /// run again and again at the cost of one launch: a decode step of one sequence is a chain
+    /// of a few hundred small kernels, bound by launching them one by one. A replay reads and
+    /// writes the very buffers the ops were given when recorded — the caller keeps them alive
+    /// and unmoved and puts each replay's inputs into them ([`copy_into`](Self::copy_into)),
+    /// and it keeps the backend's settings of when it was made. So `ops` must not move data
+    /// between host and device, and must not drop a tensor made before recording began (the
+    /// tensors it makes itself it may). None where the backend cannot record (the CPU's
+    /// default), or did not manage to: then nothing ran, and the caller runs the ops itself.
+    fn record(&self, _ops: &mut dyn FnMut()) -> Option<Self::Recording> {
+        None
+    }
+    /// Runs a [`record`](Self::record)ed sequence of ops once more.
+    fn replay(&self, recording: &Self::Recording);
+
     // ---- diagnostics --------------------------------------------------------------------
     /// Starts per-op timing (clearing earlier rows) or stops it; returns false if this
     /// backend cannot time its ops (`sympow bench train --profile`).
@@ -689,6 +711,7 @@ impl<F: Float> Backend for CpuBackend<F> {
     type Tensor = Vec<F>;
     type DecodeState = Vec<attention::RecurrentState<F>>;
     type KvCache = attention::KvCache<F>;
+    type Recording = std::convert::Infallible;
 
     fn name(&self) -> String {
         format!(
@@ -708,6 +731,9 @@ impl<F: Float> Backend for CpuBackend<F> {
     }
     fn zeros(&self, len: usize) -> Vec<F> {
         vec![F::zero(); len]
+    }
+    fn copy_into(&self, dst: &mut Vec<F>, src: &Vec<F>) {
+        dst.copy_from_slice(src);
     }
     fn zero_all(&self, xs: &mut [&mut Vec<F>]) {
         xs.iter_mut().for_each(|x| x.fill(F::zero()));
@@ -1024,6 +1050,9 @@ impl<F: Float> Backend for CpuBackend<F> {
         row_len: usize,
     ) -> Vec<F> {
         cross_entropy::cross_entropy_backward(logits, targets, losses, dloss, vocab, row_len)
+    }
+    fn replay(&self, recording: &std::convert::Infallible) {
+        match *recording {}
     }
     fn adamw_step(&self, step: u64, grad_scale: f64, params: &mut [AdamWParam<'_, Vec<F>>]) {
         for t in params {

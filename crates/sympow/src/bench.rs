@@ -216,6 +216,8 @@ pub fn decode<B: crate::backend::Backend>(
             for ((ctx, mut dec, prefill_s), mut times) in live.into_iter().zip(times) {
                 times.sort_by(f64::total_cmp);
                 let profile = (profile && model.backend.set_profiling(true)).then(|| {
+                    // op by op: a recorded step would time as one replay
+                    dec.set_recording(false);
                     let t0 = Instant::now();
                     for s in 0..steps {
                         dec.step(&tokens(4 + steps + s));

@@ -7,12 +7,14 @@
 //! ([`Backend::sympow_prefill_state`]) and stay there; [`Backend::sympow_decode_step`] updates
 //! and reads them in one pass (f64 states, as on the CPU); softmax's KV caches stay there too and
 //! [`Backend::softmax_decode_step`] appends to them and attends over them (linear in the
-//! context, as softmax must be).
+//! context, as softmax must be). One sequence's step is a few hundred small kernels; where
+//! the backend can record them ([`Backend::record`]: a CUDA graph), sympow's step is recorded
+//! at the first step and replayed as one launch after that.
 
 use crate::attention::{Form, Shape};
 use crate::backend::{Backend, Footprint};
 use crate::config::RotaryKind;
-use crate::model::{Dims, Model};
+use crate::model::{Dims, ForwardCtx, Model};
 use crate::Float;
 use rayon::prelude::*;
 
@@ -40,6 +42,23 @@ pub struct Decoder<'m, B: Backend> {
     /// in page faults than the copy).
     padded: Vec<B::Scalar>,
     logits: Vec<f64>,
+    /// The step's layers and head, recorded at the first step where the backend records
+    /// ([`Backend::record`]) and replayed at every later one.
+    graph: Option<StepGraph<B>>,
+    /// Whether to try recording (once: a backend that did not record at the first step is
+    /// not asked again).
+    try_graph: bool,
+}
+
+/// A decode step's layers and LM head as one [`Backend::Recording`], with the buffers it reads
+/// and writes: each step copies its embedded tokens (and fixed rotary's angles) into `x` and
+/// `ctx`, replays, and reads the logits from `logits`. The states it updates and learned
+/// rotary's running angles are the decoder's own, updated in place.
+struct StepGraph<B: Backend> {
+    recording: B::Recording,
+    x: B::Tensor,
+    ctx: ForwardCtx<B::Tensor>,
+    logits: B::Tensor,
 }
 
 /// The vocabulary's logits (`out`, `[rows, vocab]`) from the LM head's padded rows (`[rows,
@@ -161,6 +180,8 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 pos: vec![t; batch],
                 padded: Vec::new(),
                 logits: Vec::new(),
+                graph: None,
+                try_graph: true,
             },
             logits,
         )
@@ -169,6 +190,21 @@ impl<'m, B: Backend> Decoder<'m, B> {
     /// Sequences decoded together.
     pub fn batch(&self) -> usize {
         self.batch
+    }
+
+    /// Whether the steps replay a recording of their ops ([`Backend::record`]; see
+    /// [`step`](Self::step)).
+    pub fn is_recorded(&self) -> bool {
+        self.graph.is_some()
+    }
+
+    /// Turns the recording of steps off (every step then runs its ops one by one, as on a
+    /// backend that cannot record) or back on (tried at the next step).
+    pub fn set_recording(&mut self, on: bool) {
+        self.try_graph = on;
+        if !on {
+            self.graph = None;
+        }
     }
 
     /// Tokens consumed so far by each sequence.
@@ -241,6 +277,8 @@ impl<'m, B: Backend> Decoder<'m, B> {
             pos,
             padded: Vec::new(),
             logits: Vec::new(),
+            graph: None,
+            try_graph: true,
         }
     }
 
@@ -262,6 +300,10 @@ impl<'m, B: Backend> Decoder<'m, B> {
 
     /// Feeds one token to each sequence (`tokens[i]` to sequence i); returns their next-token
     /// logits (`[batch, vocab]`).
+    ///
+    /// Sympow's step on a backend that records ([`Backend::record`], CUDA graphs) is recorded
+    /// at the first step and replayed from then on: the same ops, one launch. Softmax's is
+    /// not (its caches grow, and with them its kernels' arguments).
     pub fn step(&mut self, tokens: &[u32]) -> &[f64] {
         assert_eq!(
             tokens.len(),
@@ -273,10 +315,100 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let b = self.batch;
         // the model's own block halves around each layer's decode step (one token a sequence)
         let ctx = m.forward_ctx(b, 1, &self.pos, None);
-        let mut x = m.embed(tokens, b, 1);
-        for l in 0..m.params.blocks.len() {
-            let mut a = m.attention_inputs(l, &x, &ctx, self.angles[l].as_ref());
-            let y = match &mut self.layers[l] {
+        let x = m.embed(tokens, b, 1);
+        self.pos.iter_mut().for_each(|p| *p += 1);
+        // (learned rotary's running angles exist from the prefill on: a recording updates them)
+        let recordable = self
+            .layers
+            .iter()
+            .all(|l| matches!(l, LayerState::Recurrent(_)))
+            && (m.cfg.rotary() != RotaryKind::Learned || self.angles.iter().all(Option::is_some));
+        // a recorded step reads its inputs from the buffers it was recorded with
+        let inputs = match &mut self.graph {
+            Some(g) => {
+                be.copy_into(&mut g.x, &x);
+                if let (Some(dst), Some(src)) = (&mut g.ctx.fixed_angles, &ctx.fixed_angles) {
+                    be.copy_into(dst, src);
+                }
+                None
+            }
+            None => Some((x, ctx)),
+        };
+        let inputs = match inputs {
+            Some((x, ctx)) if self.try_graph && recordable => {
+                self.try_graph = false;
+                match self.record_step(x, ctx) {
+                    Ok(g) => {
+                        self.graph = Some(g);
+                        None
+                    }
+                    Err(inputs) => Some(inputs),
+                }
+            }
+            inputs => inputs,
+        };
+        let eager;
+        let logits = match inputs {
+            None => {
+                let g = self.graph.as_ref().expect("a recorded step");
+                be.replay(&g.recording);
+                &g.logits
+            }
+            Some((x, ctx)) => {
+                eager = Self::layers_and_head(m, &mut self.layers, &mut self.angles, &x, &ctx);
+                &eager
+            }
+        };
+        let dm = &m.dims;
+        self.padded.resize(b * dm.padded_vocab, B::Scalar::of(0.0));
+        be.download_into(logits, &mut self.padded);
+        vocab_logits(dm, &self.padded, &mut self.logits);
+        &self.logits
+    }
+
+    /// Records a step's layers and head over the inputs `x` and `ctx`, which the recording
+    /// keeps (nothing runs yet); gives them back where the backend did not record.
+    #[allow(clippy::type_complexity)]
+    fn record_step(
+        &mut self,
+        x: B::Tensor,
+        ctx: ForwardCtx<B::Tensor>,
+    ) -> Result<StepGraph<B>, (B::Tensor, ForwardCtx<B::Tensor>)> {
+        let m = self.model;
+        let be = &m.backend;
+        let mut logits = be.zeros(self.batch * m.dims.padded_vocab);
+        let (layers, angles) = (&mut self.layers, &mut self.angles);
+        let recording = be.record(&mut || {
+            let out = Self::layers_and_head(m, layers, angles, &x, &ctx);
+            be.copy_into(&mut logits, &out);
+        });
+        match recording {
+            Some(recording) => Ok(StepGraph {
+                recording,
+                x,
+                ctx,
+                logits,
+            }),
+            None => Err((x, ctx)),
+        }
+    }
+
+    /// A step's ops after the embedding (`x`, `[batch, width]`): every layer, its state or
+    /// cache and learned rotary's running angles updated in place, then the LM head's padded
+    /// logits.
+    fn layers_and_head(
+        m: &Model<B>,
+        layers: &mut [LayerState<B::DecodeState, B::KvCache>],
+        angles: &mut [Option<B::Tensor>],
+        x: &B::Tensor,
+        ctx: &ForwardCtx<B::Tensor>,
+    ) -> B::Tensor {
+        let be = &m.backend;
+        let mut h: Option<B::Tensor> = None;
+        for (l, (layer, angle)) in layers.iter_mut().zip(angles.iter_mut()).enumerate() {
+            let xl = h.as_ref().unwrap_or(x);
+            let mut a = m.attention_inputs(l, xl, ctx, angle.as_ref());
+            let y = match layer {
                 LayerState::Recurrent(state) => be.sympow_decode_step(
                     &ctx.spec,
                     state,
@@ -290,18 +422,17 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 }
             };
             if m.cfg.rotary() == RotaryKind::Learned {
-                // cumulative: the next token's angles continue from this one's
-                self.angles[l] = a.angles.take();
+                // cumulative: the next token's angles continue from this one's, in the same
+                // buffer (a recorded step reads them from there)
+                let next = a.angles.take().expect("learned rotary makes angles");
+                match angle {
+                    Some(a) => be.copy_into(a, &next),
+                    None => *angle = Some(next),
+                }
             }
-            x = m.block_tail(l, &x, &y, &ctx).0;
+            h = Some(m.block_tail(l, xl, &y, ctx).0);
         }
-        self.pos.iter_mut().for_each(|p| *p += 1);
-        let (_, _, logits, _) = m.head_forward(&x);
-        let dm = &m.dims;
-        self.padded.resize(b * dm.padded_vocab, B::Scalar::of(0.0));
-        be.download_into(&logits, &mut self.padded);
-        vocab_logits(dm, &self.padded, &mut self.logits);
-        &self.logits
+        m.head_forward(h.as_ref().unwrap_or(x)).2
     }
 }
 
