@@ -97,6 +97,8 @@ struct Operand<'a> {
     /// None only for an operand made in bf16 in the first place ([`Operand::bf16_only`]).
     f32: Option<&'a CudaSlice<f32>>,
     bf16: Option<Cow<'a, CudaSlice<u16>>>,
+    /// A weight's bf16 copy held by [`Backend::hold_weights`] (then `bf16` is None).
+    held: Option<Arc<CudaSlice<u16>>>,
 }
 
 impl<'a> Operand<'a> {
@@ -106,11 +108,16 @@ impl<'a> Operand<'a> {
         Operand {
             f32: None,
             bf16: Some(x),
+            held: None,
         }
+    }
+    /// The bf16 copy, if there is one.
+    fn half(&self) -> Option<&CudaSlice<u16>> {
+        self.held.as_deref().or(self.bf16.as_deref())
     }
     /// The device address of the copy the products read (bf16 if there is one).
     fn ptr(&self, stream: &Arc<CudaStream>) -> cudarc::driver::sys::CUdeviceptr {
-        match &self.bf16 {
+        match self.half() {
             Some(x) => x.device_ptr(stream).0,
             None => {
                 self.f32
@@ -204,6 +211,9 @@ pub struct CudaBackend {
     /// A [`MatmulPrecision`] as u8.
     matmul: AtomicU8,
     profiler: Profiler,
+    /// bf16 copies of the weights [`Backend::hold_weights`] holds, by the f32 tensor's address
+    /// and length, each with how many holds it has.
+    held: Mutex<HashMap<(u64, usize), Held>>,
 }
 
 // SAFETY: cudarc's context, stream and cuBLAS handle are used from one thread at a time here
@@ -424,6 +434,7 @@ impl CudaBackend {
             use_flash: AtomicBool::new(true),
             matmul: AtomicU8::new(0),
             profiler: Profiler::default(),
+            held: Mutex::new(HashMap::new()),
         };
         be.set_matmul(precision_from(MATMUL_DEFAULT.load(Ordering::Relaxed)));
         Ok(be)
@@ -722,7 +733,11 @@ impl CudaBackend {
     /// made here once however many products of the op use it.
     fn operand<'a>(&self, x: &'a CudaSlice<f32>) -> Operand<'a> {
         let bf16 = (self.precision() == MatmulPrecision::Bf16).then(|| Cow::Owned(self.to_bf16(x)));
-        Operand { f32: Some(x), bf16 }
+        Operand {
+            f32: Some(x),
+            bf16,
+            held: None,
+        }
     }
 
     /// [`operand`](Self::operand) of a linear layer's input, reusing the forward's bf16 copy.
@@ -735,8 +750,37 @@ impl CudaBackend {
             Some(x16) if bf16 && x16.len() == x.len() => Operand {
                 f32: Some(x),
                 bf16: Some(Cow::Borrowed(x16)),
+                held: None,
             },
             _ => self.operand(x),
+        }
+    }
+
+    /// The bf16 copy of `w` that [`Backend::hold_weights`] keeps, under bf16 products.
+    fn held_bf16(&self, w: &CudaSlice<f32>) -> Option<Arc<CudaSlice<u16>>> {
+        if self.precision() != MatmulPrecision::Bf16 {
+            return None;
+        }
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.is_empty() {
+            return None;
+        }
+        held.get(&self.held_key(w)).map(|h| h.bf16.clone())
+    }
+
+    fn held_key(&self, w: &CudaSlice<f32>) -> (u64, usize) {
+        (w.device_ptr(&self.stream).0, w.len())
+    }
+
+    /// [`operand`](Self::operand) of a layer's weight: its held bf16 copy where there is one.
+    fn weight_operand<'a>(&self, w: &'a CudaSlice<f32>) -> Operand<'a> {
+        match self.held_bf16(w) {
+            Some(held) => Operand {
+                f32: Some(w),
+                bf16: None,
+                held: Some(held),
+            },
+            None => self.operand(w),
         }
     }
 
@@ -759,7 +803,7 @@ impl CudaBackend {
         ldc: usize,
     ) {
         let cfg = gemm_config((ta, tb), (m, n, k), (lda, ldb, ldc), beta);
-        let (Some(a16), Some(b16)) = (&a.bf16, &b.bf16) else {
+        let (Some(a16), Some(b16)) = (a.half(), b.half()) else {
             let (a, b) = (a.f32.expect("f32 operand"), b.f32.expect("f32 operand"));
             // SAFETY: the dimensions and leading dimensions describe buffers of the sizes given.
             unsafe { self.blas.gemm(cfg, a, b, c) }.expect("cuBLAS sgemm");
@@ -1051,7 +1095,7 @@ impl CudaBackend {
     ) -> CudaSlice<f32> {
         let mut y = self.alloc(rows * cout);
         // row-major y[rows, cout] = x·Wᵀ  ⇔  col-major yᵀ (cout×rows) = Wᵀ(cout×cin)·xᵀ(cin×rows)
-        let wo = self.operand(w);
+        let wo = self.weight_operand(w);
         let fused = b.is_some_and(|b| {
             let (pb, _gb) = b.device_ptr(&self.stream);
             let (py, _gy) = y.device_ptr_mut(&self.stream);
@@ -1118,7 +1162,18 @@ impl CudaBackend {
         cout: usize,
     ) -> CudaSlice<u16> {
         let mut y = crate::device::alloc_output::<u16>(&self.stream, rows * cout);
-        let (wo, b16) = (self.operand(w), self.to_bf16(b));
+        let wo = self.weight_operand(w);
+        let (held_b, own_b);
+        let b16: &CudaSlice<u16> = match self.held_bf16(b) {
+            Some(h) => {
+                held_b = h;
+                &held_b
+            }
+            None => {
+                own_b = self.to_bf16(b);
+                &own_b
+            }
+        };
         let ok = {
             let (pb, _gb) = b16.device_ptr(&self.stream);
             let (py, _gy) = y.device_ptr_mut(&self.stream);
@@ -1479,6 +1534,12 @@ impl CudaBackend {
             && s.dk <= GPU_ATTENTION_MAX_DIM
             && s.dv <= GPU_ATTENTION_MAX_DIM
     }
+}
+
+/// A weight's bf16 copy kept by [`Backend::hold_weights`], and its holds.
+struct Held {
+    holds: usize,
+    bf16: Arc<CudaSlice<u16>>,
 }
 
 /// A recorded sequence of ops ([`Backend::record`]): a CUDA graph on the backend's stream.
@@ -2705,6 +2766,34 @@ impl Backend for CudaBackend {
             &bc2,
             &gs
         );
+    }
+    fn hold_weights(&self, weights: &[&CudaSlice<f32>]) {
+        if self.precision() != MatmulPrecision::Bf16 {
+            return; // (the products read f32)
+        }
+        for w in weights {
+            let key = self.held_key(w);
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            match held.get_mut(&key) {
+                Some(h) => h.holds += 1,
+                None => {
+                    let bf16 = Arc::new(self.to_bf16(w));
+                    held.insert(key, Held { holds: 1, bf16 });
+                }
+            }
+        }
+    }
+    fn release_weights(&self, weights: &[&CudaSlice<f32>]) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        for w in weights {
+            let key = self.held_key(w);
+            if let Some(h) = held.get_mut(&key) {
+                h.holds -= 1;
+                if h.holds == 0 {
+                    held.remove(&key);
+                }
+            }
+        }
     }
     fn record(&self, ops: &mut dyn FnMut()) -> Option<CudaRecording> {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};

@@ -664,6 +664,16 @@ pub trait Backend: Send + Sync {
     /// backend updates them all in one launch.
     fn adamw_step(&self, step: u64, grad_scale: f64, params: &mut [AdamWParam<'_, Self::Tensor>]);
 
+    // ---- weights held for decoding ------------------------------------------------------
+    /// Keeps each of `weights` in the form the matrix products read (a GPU backend: their bf16
+    /// copies, under bf16 products) until [`release_weights`](Self::release_weights), so that
+    /// the products stop converting them at every call: for one sequence's decode step the
+    /// conversions move more bytes than the products. Holds count (two holds, two releases).
+    /// The caller must not change a tensor while it is held, nor drop it before releasing it.
+    fn hold_weights(&self, _weights: &[&Self::Tensor]) {}
+    /// Ends one [`hold_weights`](Self::hold_weights) of each of `weights`.
+    fn release_weights(&self, _weights: &[&Self::Tensor]) {}
+
     // ---- recording ----------------------------------------------------------------------
     /// Records the ops that `ops` calls, without running them, for [`replay`](Self::replay) to
     /// run again and again at the cost of one launch: a decode step of one sequence is a chain

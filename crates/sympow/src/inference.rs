@@ -48,6 +48,26 @@ pub struct Decoder<'m, B: Backend> {
     /// Whether to try recording (once: a backend that did not record at the first step is
     /// not asked again).
     try_graph: bool,
+    /// Last, so that it is released after the recording that reads it is gone.
+    _weights: HeldWeights<'m, B>,
+}
+
+/// The model's weights held by its backend in the form its products read
+/// ([`Backend::hold_weights`]) for as long as a decoder lives: the decoder borrows the model,
+/// so they cannot change meanwhile.
+struct HeldWeights<'m, B: Backend>(&'m Model<B>);
+
+impl<'m, B: Backend> HeldWeights<'m, B> {
+    fn new(model: &'m Model<B>) -> Self {
+        model.backend.hold_weights(&model.params.refs());
+        HeldWeights(model)
+    }
+}
+
+impl<B: Backend> Drop for HeldWeights<'_, B> {
+    fn drop(&mut self) {
+        self.0.backend.release_weights(&self.0.params.refs());
+    }
 }
 
 /// A decode step's layers and LM head as one [`Backend::Recording`], with the buffers it reads
@@ -116,6 +136,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
             .collect();
         let last_rows: Vec<u32> = src.iter().map(|&s| (s * t + t - 1) as u32).collect();
         let (n, batch) = (distinct.len(), prompts.len());
+        let weights = HeldWeights::new(model);
         let be = &model.backend;
         let (h, d) = (model.dims.heads, model.dims.head_dim);
         // block by block, each block's activations dropped once its decoding state is made:
@@ -182,6 +203,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 logits: Vec::new(),
                 graph: None,
                 try_graph: true,
+                _weights: weights,
             },
             logits,
         )
@@ -237,6 +259,8 @@ impl<'m, B: Backend> Decoder<'m, B> {
             "merged decoders must decode one model"
         );
         let layers = model.params.blocks.len();
+        // (held again before the parts let go of them)
+        let weights = HeldWeights::new(model);
         let mut states: Vec<Vec<B::DecodeState>> = (0..layers).map(|_| Vec::new()).collect();
         let mut angles: Vec<Vec<B::Tensor>> = (0..layers).map(|_| Vec::new()).collect();
         let (mut pos, mut batches) = (Vec::new(), Vec::new());
@@ -279,6 +303,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
             logits: Vec::new(),
             graph: None,
             try_graph: true,
+            _weights: weights,
         }
     }
 
