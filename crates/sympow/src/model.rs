@@ -73,6 +73,10 @@ pub struct Dims {
     /// Column widths of the fused projection: q, k, v, then gate and rotary logits if present,
     /// then `qkv_pad` unused columns if any.
     pub qkv_widths: Vec<usize>,
+    /// Which of `qkv_widths`' blocks holds the data-dependent gate's logits, if any.
+    pub gate_block: Option<usize>,
+    /// Which of `qkv_widths`' blocks holds learned rotary's logits, if any.
+    pub rot_block: Option<usize>,
     /// Columns that round the fused projection up to a multiple of 8, so its bf16 products are
     /// 16-byte aligned (q, k, v and a gate logit per head make gpt2-124m's 2,316 columns, and
     /// cuBLAS's unaligned kernels cost sympow-gated ≈ 4 ms a step). Their outputs are never
@@ -90,12 +94,12 @@ impl Dims {
             _ => 0,
         };
         let mut qkv_widths = vec![hd, hd, hd];
-        if cfg.gate() == GateKind::Data {
-            qkv_widths.push(m.heads);
-        }
-        if rot_per_head > 0 {
-            qkv_widths.push(m.heads * rot_per_head);
-        }
+        let mut block = |width| {
+            qkv_widths.push(width);
+            qkv_widths.len() - 1
+        };
+        let gate_block = (cfg.gate() == GateKind::Data).then(|| block(m.heads));
+        let rot_block = (rot_per_head > 0).then(|| block(m.heads * rot_per_head));
         let used: usize = qkv_widths.iter().sum();
         let qkv_pad = used.next_multiple_of(8) - used;
         if qkv_pad > 0 {
@@ -110,6 +114,8 @@ impl Dims {
             hidden: m.mlp_ratio * m.width,
             rot_per_head,
             qkv_widths,
+            gate_block,
+            rot_block,
             qkv_pad,
         }
     }
@@ -780,11 +786,9 @@ impl<B: Backend> Model<B> {
         let (qkv, qkv_saved) =
             be.linear_forward(&ln1_out, &p.qkv_w, Some(&p.qkv_b), c, dm.qkv_out());
         // the column blocks: q, k, v, then the gate's logits and the rotary logits if any
-        let gate_block = (self.cfg.gate() == GateKind::Data).then_some(3);
-        let rot_logits = (dm.rot_per_head > 0).then(|| {
-            let i = 3 + gate_block.is_some() as usize;
-            be.column_block(&qkv, &dm.qkv_widths, i)
-        });
+        let rot_logits = dm
+            .rot_block
+            .map(|i| be.column_block(&qkv, &dm.qkv_widths, i));
         let angles = match self.cfg.rotary() {
             RotaryKind::Learned => Some(be.learned_rotary_angles(
                 rot_logits.as_ref().unwrap(),
@@ -802,7 +806,7 @@ impl<B: Backend> Model<B> {
             v,
             mut gate_logits,
             mut log_gates,
-        } = be.qkv_rotary_gate_forward(&qkv, &dm.qkv_widths, hd, angles.as_ref(), gate_block);
+        } = be.qkv_rotary_gate_forward(&qkv, &dm.qkv_widths, hd, angles.as_ref(), dm.gate_block);
         if self.cfg.gate() == GateKind::Learned {
             let logits = be.broadcast_rows(p.gate_bias.as_ref().unwrap(), n);
             log_gates = Some(be.log_gate_forward(&logits));
@@ -995,20 +999,22 @@ impl<B: Backend> Model<B> {
                 hd,
                 gate,
             );
-            let mut dparts = vec![dq, dk, ga.dv];
+            // each column block's gradient where Dims puts it; the padding's is zero
+            let mut dparts: Vec<Option<B::Tensor>> = vec![Some(dq), Some(dk), Some(ga.dv)];
+            dparts.resize_with(dm.qkv_widths.len(), || None);
             if let Some(dlogits) = dgate_logits {
-                match self.cfg.gate() {
-                    GateKind::Data => dparts.push(dlogits),
-                    GateKind::Learned => {
+                match (self.cfg.gate(), dm.gate_block) {
+                    (GateKind::Data, Some(i)) => dparts[i] = Some(dlogits),
+                    (GateKind::Learned, _) => {
                         let db = be.sum_rows(&dlogits, h);
                         be.add_assign(g.gate_bias.as_mut().unwrap(), &db);
                     }
-                    GateKind::None => unreachable!("gate logits without a gate"),
+                    _ => unreachable!("gate logits without a gate or its column block"),
                 }
             }
-            if let Some(rl) = &t.inputs.rot_logits {
+            if let (Some(rl), Some(i)) = (&t.inputs.rot_logits, dm.rot_block) {
                 let dang = dangles.as_ref().expect("learned rotary has angles");
-                dparts.push(be.learned_rotary_angles_backward(
+                dparts[i] = Some(be.learned_rotary_angles_backward(
                     rl,
                     dang,
                     &shape,
@@ -1016,9 +1022,11 @@ impl<B: Backend> Model<B> {
                     base,
                 ));
             }
-            if dm.qkv_pad > 0 {
-                dparts.push(be.zeros(n * dm.qkv_pad));
-            }
+            let dparts: Vec<B::Tensor> = dparts
+                .into_iter()
+                .zip(&dm.qkv_widths)
+                .map(|(d, &w)| d.unwrap_or_else(|| be.zeros(n * w)))
+                .collect();
             let dln1 = be.linear_backward_columns(
                 &t.inputs.ln1_out,
                 &p.qkv_w,
