@@ -1650,17 +1650,8 @@ impl Backend for CudaBackend {
     }
     fn split_columns(&self, x: &CudaSlice<f32>, widths: &[usize]) -> Vec<CudaSlice<f32>> {
         let _p = self.prof("split_columns");
-        let total: usize = widths.iter().sum();
-        let rows = x.len() / total;
-        let mut col0 = 0;
-        widths
-            .iter()
-            .map(|&w| {
-                let mut part = self.alloc(rows * w);
-                self.copy_columns(&mut part, x, rows, total, col0, w, false);
-                col0 += w;
-                part
-            })
+        (0..widths.len())
+            .map(|i| self.column_block(x, widths, i))
             .collect()
     }
     fn concat_columns(&self, parts: &[&CudaSlice<f32>], widths: &[usize]) -> CudaSlice<f32> {
