@@ -1163,17 +1163,9 @@ impl CudaBackend {
     ) -> CudaSlice<u16> {
         let mut y = crate::device::alloc_output::<u16>(&self.stream, rows * cout);
         let wo = self.weight_operand(w);
-        let (held_b, own_b);
-        let b16: &CudaSlice<u16> = match self.held_bf16(b) {
-            Some(h) => {
-                held_b = h;
-                &held_b
-            }
-            None => {
-                own_b = self.to_bf16(b);
-                &own_b
-            }
-        };
+        let b16 = self
+            .held_bf16(b)
+            .unwrap_or_else(|| Arc::new(self.to_bf16(b)));
         let ok = {
             let (pb, _gb) = b16.device_ptr(&self.stream);
             let (py, _gy) = y.device_ptr_mut(&self.stream);
