@@ -148,34 +148,47 @@ extern "C" __global__ void sympow_decode_read(float* y, const double* partial, i
 
 // ---- softmax: a KV cache, keys and values [batch, cap, heads, d] in f32 --------------------
 
-// dst[b][dst_row0 + r][:] = src[b][r][:] for r < rows, rows of `width` floats; src holds
-// src_cap rows per sequence, dst dst_cap. grid (ceil(rows·width / blockDim), batch). Fills a
-// cache from the prefill, appends a token, and moves a cache into a larger buffer.
+// dst[b][r][:] = src[b][r][:] for r < rows, rows of `width` floats; src holds src_cap rows per
+// sequence, dst dst_cap. grid (ceil(rows·width / blockDim), batch). Fills a cache from the
+// prefill, and moves a cache into a larger buffer.
 extern "C" __global__ void kv_cache_copy(float* dst, const float* src, int rows, int width, int src_cap,
-                                         int dst_cap, int dst_row0) {
+                                         int dst_cap) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)rows * width) return;
     long b = blockIdx.y;
-    dst[(b * dst_cap + dst_row0) * width + i] = src[b * src_cap * width + i];
+    dst[b * dst_cap * width + i] = src[b * src_cap * width + i];
+}
+
+// dst[b][*len][:] = src[b][:], rows of `width` floats, dst holding cap rows per sequence: a decode
+// step's token appended where the count on the device says (a recorded step cannot take it as
+// an argument). grid (ceil(width / blockDim), batch).
+extern "C" __global__ void kv_cache_append(float* dst, const float* src, const int* len, int width, int cap) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= width) return;
+    long b = blockIdx.y;
+    dst[(b * cap + *len) * width + i] = src[b * width + i];
 }
 
 #define KV_SPLIT 256
 
-// Flash-decoding, first pass: grid (ceil(len / KV_SPLIT), batch·heads), blockDim a multiple of 32
-// (128; ops.cu's block_max and block_sum reduce over it). Block (s, bh) scores keys [s·KV_SPLIT,
-// +KV_SPLIT) of head bh against its query, and writes its running max m, Σ exp(score − m) and Σ
-// exp(score − m)·v to part_ml[bh][s][0..2] and part_acc[bh][s][0..e] (combined by
-// softmax_decode_combine: deterministic, no atomics). Dynamic shared memory: (d + KV_SPLIT +
-// blockDim) floats.
+// Flash-decoding, first pass: grid (cap / KV_SPLIT, batch·heads), blockDim a multiple of 32
+// (128; ops.cu's block_max and block_sum reduce over it). The cache holds *len + 1 keys (the
+// step's own appended after the *len before it; the count is on the device so that a recorded
+// step reads the current one). Block (s, bh) scores keys [s·KV_SPLIT, +KV_SPLIT) of head bh
+// against its query, and writes its running max m, Σ exp(score − m) and Σ exp(score − m)·v to
+// part_ml[bh][s][0..2] and part_acc[bh][s][0..e] (combined by softmax_decode_combine:
+// deterministic, no atomics); a block past the keys writes m = −∞ and zero sums, which the
+// combine weighs by zero. Dynamic shared memory: (d rounded up to 4 + KV_SPLIT + 4·blockDim)
+// floats.
 extern "C" __global__ void softmax_decode_partial(float* part_acc, float* part_ml, const float* q,
-                                                  const float* keys, const float* values, int len, int cap,
+                                                  const float* keys, const float* values, const int* len, int cap,
                                                   int heads, int d, int e, float scale) {
-    extern __shared__ float sm[];
-    float* qs = sm;            // [d], scaled
-    float* w = qs + d;         // [KV_SPLIT] scores, then weights
-    float* red = w + KV_SPLIT; // [blockDim]: the reductions' warp totals, then Σ p·v's groups
+    extern __shared__ __align__(16) float sm[];
+    float* qs = sm;                  // [d], scaled
+    float* w = qs + ((d + 3) & ~3);  // [KV_SPLIT] scores, then weights
+    float* red = w + KV_SPLIT;       // [4·blockDim]: the reductions' warp totals, then Σ p·v's groups
     int s = blockIdx.x, bh = blockIdx.y, splits = gridDim.x, tid = threadIdx.x, nt = blockDim.x;
-    int b = bh / heads, h = bh % heads, j0 = s * KV_SPLIT, n = min(KV_SPLIT, len - j0);
+    int b = bh / heads, h = bh % heads, j0 = s * KV_SPLIT, n = min(KV_SPLIT, *len + 1 - j0);
     for (int i = tid; i < d; i += nt) qs[i] = scale * q[(long)bh * d + i];
     __syncthreads();
     // a thread a key: its row is d contiguous floats
@@ -206,8 +219,33 @@ extern "C" __global__ void softmax_decode_partial(float* part_acc, float* part_m
         part_ml[((long)bh * splits + s) * 2 + 1] = sum;
     }
     __syncthreads();
-    // Σ p·v: groups of e threads (a row of v, coalesced), each group a stride of the keys; for
-    // e > blockDim, one group over column chunks
+    if ((e & 3) == 0 && e / 4 <= nt) {
+        // Σ p·v, rows 16-byte aligned: a thread 4 columns (e/4 threads a row, coalesced), the
+        // block's nt / (e/4) groups each a stride of the keys (8 at e = 64: each thread's chain
+        // of loads is an eighth of the split, where a thread a column walked half of it)
+        int c4 = e / 4, groups = nt / c4, g = tid / c4, col = 4 * (tid % c4);
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (g < groups)
+            for (int j = g; j < n; j += groups) {
+                float4 x = *(const float4*)(values + (((long)b * cap + j0 + j) * heads + h) * e + col);
+                float p = w[j];
+                acc.x = fmaf(p, x.x, acc.x); acc.y = fmaf(p, x.y, acc.y);
+                acc.z = fmaf(p, x.z, acc.z); acc.w = fmaf(p, x.w, acc.w);
+            }
+        float4* red4 = (float4*)red;  // group g's sums at [g·c4, +c4)
+        if (g < groups) red4[tid] = acc;
+        __syncthreads();
+        if (tid < c4) {
+            for (int gg = 1; gg < groups; gg++) {
+                float4 o = red4[gg * c4 + tid];
+                acc.x += o.x; acc.y += o.y; acc.z += o.z; acc.w += o.w;
+            }
+            *(float4*)(part_acc + ((long)bh * splits + s) * e + col) = acc;
+        }
+        return;
+    }
+    // Σ p·v otherwise: groups of e threads (a row of v, coalesced), each group a stride of the
+    // keys; for e > blockDim, one group over column chunks
     int groups = max(1, nt / e);
     for (int c0 = 0; c0 < e; c0 += nt) {
         int g = e >= nt ? 0 : tid / e, col = c0 + (e >= nt ? tid : tid % e);
@@ -225,10 +263,13 @@ extern "C" __global__ void softmax_decode_partial(float* part_acc, float* part_m
     }
 }
 
-// y[bh][c] = Σ_s exp(m_s − M)·acc_s[c] / Σ_s exp(m_s − M)·l_s, M = max_s m_s; a block a head
+// y[bh][c] = Σ_s exp(m_s − M)·acc_s[c] / Σ_s exp(m_s − M)·l_s, M = max_s m_s; a block a head.
+// The step's last kernel, so it counts the appended token: *len += 1 (none of its blocks reads
+// the count).
 extern "C" __global__ void softmax_decode_combine(float* y, const float* part_acc, const float* part_ml,
-                                                  int splits, int e) {
+                                                  int splits, int e, int* len) {
     int bh = blockIdx.x;
+    if (bh == 0 && threadIdx.x == 0) *len += 1;
     const float* ml = part_ml + (long)bh * splits * 2;
     float mx = __int_as_float(0xff800000); // −∞
     for (int s = 0; s < splits; s++) mx = fmaxf(mx, ml[2 * s]);

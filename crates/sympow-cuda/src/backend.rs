@@ -222,7 +222,7 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 53] = [
+const KERNELS: [&str; 54] = [
     "f32_to_bf16",
     "count_non_finite_bf16",
     "copy_columns_to_bf16",
@@ -233,6 +233,7 @@ const KERNELS: [&str; 53] = [
     "prefill_phi",
     "sympow_decode_read",
     "kv_cache_copy",
+    "kv_cache_append",
     "softmax_decode_partial",
     "softmax_decode_combine",
     "add_assign",
@@ -2623,6 +2624,9 @@ impl Backend for CudaBackend {
     ) -> CudaSlice<f32> {
         let _p = self.prof("softmax_decode_step");
         self.softmax_decode(spec, cache, q, k, v)
+    }
+    fn kv_cache_reserve(&self, cache: &mut CudaKvCache, len: usize, more: usize) -> bool {
+        self.reserve_kv_cache(cache, len, more)
     }
     fn cross_entropy_forward(
         &self,

@@ -578,6 +578,15 @@ pub trait Backend: Send + Sync {
         k: &Self::Tensor,
         v: &Self::Tensor,
     ) -> Self::Tensor;
+    /// Room in `cache` for `more` tokens a sequence after the `len` each holds, without moving
+    /// it; returns whether it moved. A step recorded over the cache ([`record`](Self::record))
+    /// appends to and reads it where it was when recorded, so a decoder makes room before it
+    /// records and before each replay, and records anew when the cache moved. `len` is the
+    /// decoder's count, which replays advance unseen by the ops. The default does nothing: a
+    /// backend that does not record grows its caches in the step itself.
+    fn kv_cache_reserve(&self, _cache: &mut Self::KvCache, _len: usize, _more: usize) -> bool {
+        false
+    }
 
     // ---- loss and optimiser -------------------------------------------------------------
     /// Per-row cross-entropy of `logits` (`[rows, row_len]`) over their first `vocab`

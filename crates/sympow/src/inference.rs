@@ -8,8 +8,9 @@
 //! and reads them in one pass (f64 states, as on the CPU); softmax's KV caches stay there too and
 //! [`Backend::softmax_decode_step`] appends to them and attends over them (linear in the
 //! context, as softmax must be). One sequence's step is a few hundred small kernels; where
-//! the backend can record them ([`Backend::record`]: a CUDA graph), sympow's step is recorded
-//! at the first step and replayed as one launch after that.
+//! the backend can record them ([`Backend::record`]: a CUDA graph), the step is recorded at the
+//! first step and replayed as one launch after that (softmax's again whenever its caches move
+//! to more room: [`Backend::kv_cache_reserve`]).
 
 use crate::attention::{Form, Shape};
 use crate::backend::{Backend, Footprint};
@@ -43,10 +44,10 @@ pub struct Decoder<'m, B: Backend> {
     padded: Vec<B::Scalar>,
     logits: Vec<f64>,
     /// The step's layers and head, recorded at the first step where the backend records
-    /// ([`Backend::record`]) and replayed at every later one.
+    /// ([`Backend::record`]) and replayed at every later one (until softmax's caches move).
     graph: Option<StepGraph<B>>,
-    /// Whether to try recording (once: a backend that did not record at the first step is
-    /// not asked again).
+    /// Whether to try recording at the next step (a backend that did not record at the first
+    /// step is not asked again; one that did is asked again when softmax's caches move).
     try_graph: bool,
     /// Last, so that it is released after the recording that reads it is gone.
     _weights: HeldWeights<'m, B>,
@@ -326,9 +327,10 @@ impl<'m, B: Backend> Decoder<'m, B> {
     /// Feeds one token to each sequence (`tokens[i]` to sequence i); returns their next-token
     /// logits (`[batch, vocab]`).
     ///
-    /// Sympow's step on a backend that records ([`Backend::record`], CUDA graphs) is recorded
-    /// at the first step and replayed from then on: the same ops, one launch. Softmax's is
-    /// not (its caches grow, and with them its kernels' arguments).
+    /// On a backend that records ([`Backend::record`], CUDA graphs) the step is recorded at
+    /// the first step and replayed from then on: the same ops, one launch. Softmax's is
+    /// recorded again each time its caches move to more room (twice the room each time:
+    /// [`Backend::kv_cache_reserve`]).
     pub fn step(&mut self, tokens: &[u32]) -> &[f64] {
         assert_eq!(
             tokens.len(),
@@ -341,13 +343,21 @@ impl<'m, B: Backend> Decoder<'m, B> {
         // the model's own block halves around each layer's decode step (one token a sequence)
         let ctx = m.forward_ctx(b, 1, &self.pos, None);
         let x = m.embed(tokens, b, 1);
+        // softmax: room for this token in each cache before the step is recorded or replayed
+        // (its sequences all stand at one position: softmax decoders do not merge)
+        let mut moved = false;
+        for layer in &mut self.layers {
+            if let LayerState::Cache(cache) = layer {
+                moved |= be.kv_cache_reserve(cache, self.pos[0], 1);
+            }
+        }
+        if moved && self.graph.take().is_some() {
+            self.try_graph = true; // the recording appended where the caches were
+        }
         self.pos.iter_mut().for_each(|p| *p += 1);
         // (learned rotary's running angles exist from the prefill on: a recording updates them)
-        let recordable = self
-            .layers
-            .iter()
-            .all(|l| matches!(l, LayerState::Recurrent(_)))
-            && (m.cfg.rotary() != RotaryKind::Learned || self.angles.iter().all(Option::is_some));
+        let recordable =
+            m.cfg.rotary() != RotaryKind::Learned || self.angles.iter().all(Option::is_some);
         // a recorded step reads its inputs from the buffers it was recorded with
         let inputs = match &mut self.graph {
             Some(g) => {

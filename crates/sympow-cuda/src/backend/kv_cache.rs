@@ -8,6 +8,14 @@
 //! [`KV_SPLIT`] keys each write their running max, sum and weighted values; one block per head
 //! combines them. Every key and value is read once per step: the cost grows linearly with the
 //! context, which is what softmax pays and sympow's recurrent state does not.
+//!
+//! The step's kernels take the tokens cached from a count on the device, which they advance
+//! themselves, and run over every split of the room (those past the keys write nothing that
+//! counts): so a step recorded as a CUDA graph ([`Backend::record`]) stays right as the cache
+//! fills, until the cache has to move ([`Backend::kv_cache_reserve`]).
+//!
+//! [`Backend::record`]: sympow::backend::Backend::record
+//! [`Backend::kv_cache_reserve`]: sympow::backend::Backend::kv_cache_reserve
 
 use super::CudaBackend;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
@@ -22,7 +30,10 @@ const THREADS: u32 = 128;
 pub struct CudaKvCache {
     keys: CudaSlice<f32>,
     values: CudaSlice<f32>,
-    /// Tokens cached per sequence, and room for.
+    /// Tokens cached per sequence, as the steps' kernels count them (one `i32`).
+    len_dev: CudaSlice<i32>,
+    /// The same count as the host last knew it (a replayed step advances only the device's
+    /// until the next [`reserve`](CudaBackend::reserve_kv_cache)), and the room.
     len: usize,
     cap: usize,
     batch: usize,
@@ -38,7 +49,9 @@ impl sympow::backend::Footprint for CudaKvCache {
 }
 
 impl CudaKvCache {
-    /// Tokens cached per sequence.
+    /// Tokens cached per sequence, as of the last step run op by op or the last
+    /// [`kv_cache_reserve`](sympow::backend::Backend::kv_cache_reserve) (a replayed step is
+    /// counted on the device only).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -50,9 +63,8 @@ impl CudaKvCache {
 }
 
 impl CudaBackend {
-    /// `dst[b][row0 + r] = src[b][r]` for `rows` rows of `width` floats per sequence; `src`
-    /// holds `src_cap` rows a sequence, `dst` `dst_cap`.
-    #[allow(clippy::too_many_arguments)]
+    /// `dst[b][r] = src[b][r]` for `rows` rows of `width` floats per sequence; `src` holds
+    /// `src_cap` rows a sequence, `dst` `dst_cap`.
     fn copy_cache_rows(
         &self,
         dst: &mut CudaSlice<f32>,
@@ -60,22 +72,16 @@ impl CudaBackend {
         batch: usize,
         rows: usize,
         width: usize,
-        (src_cap, dst_cap, row0): (usize, usize, usize),
+        (src_cap, dst_cap): (usize, usize),
     ) {
         assert!(
             src.len() >= batch * src_cap * width
                 && dst.len() >= batch * dst_cap * width
                 && rows <= src_cap
-                && row0 + rows <= dst_cap,
+                && rows <= dst_cap,
             "KV cache copy out of bounds"
         );
-        let (r, w, sc, dc, r0) = (
-            rows as i32,
-            width as i32,
-            src_cap as i32,
-            dst_cap as i32,
-            row0 as i32,
-        );
+        let (r, w, sc, dc) = (rows as i32, width as i32, src_cap as i32, dst_cap as i32);
         launch!(
             self,
             "kv_cache_copy",
@@ -89,8 +95,7 @@ impl CudaBackend {
             &r,
             &w,
             &sc,
-            &dc,
-            &r0
+            &dc
         );
     }
 
@@ -108,9 +113,11 @@ impl CudaBackend {
         // room for the prompt and at least one more token, in whole splits: a prompt of a
         // round length does not double the cache at the first step
         let cap = (t + 1).next_multiple_of(KV_SPLIT);
+        let len = i32::try_from(t).expect("a KV cache holds fewer than 2^31 tokens");
         let mut cache = CudaKvCache {
             keys: self.alloc(b * cap * h * shape.dk),
             values: self.alloc(b * cap * h * shape.dv),
+            len_dev: self.stream.clone_htod(&[len]).expect("host to device copy"),
             len: t,
             cap,
             batch: b,
@@ -119,24 +126,44 @@ impl CudaBackend {
             dv: shape.dv,
         };
         if t > 0 {
-            self.copy_cache_rows(&mut cache.keys, keys, b, t, h * shape.dk, (t, cap, 0));
-            self.copy_cache_rows(&mut cache.values, values, b, t, h * shape.dv, (t, cap, 0));
+            self.copy_cache_rows(&mut cache.keys, keys, b, t, h * shape.dk, (t, cap));
+            self.copy_cache_rows(&mut cache.values, values, b, t, h * shape.dv, (t, cap));
         }
         cache
     }
 
-    /// Moves the cache into buffers of twice the room.
-    fn grow(&self, c: &mut CudaKvCache) {
-        let cap = 2 * c.cap;
+    /// Moves the cache into buffers of `cap` rows a sequence (a multiple of [`KV_SPLIT`], more
+    /// than it holds).
+    fn grow(&self, c: &mut CudaKvCache, cap: usize) {
+        debug_assert!(cap > c.cap && cap.is_multiple_of(KV_SPLIT));
         for (buf, w) in [
             (&mut c.keys, c.heads * c.dk),
             (&mut c.values, c.heads * c.dv),
         ] {
             let mut bigger = self.alloc(c.batch * cap * w);
-            self.copy_cache_rows(&mut bigger, buf, c.batch, c.len, w, (c.cap, cap, 0));
+            self.copy_cache_rows(&mut bigger, buf, c.batch, c.len, w, (c.cap, cap));
             *buf = bigger;
         }
         c.cap = cap;
+    }
+
+    /// [`Backend::kv_cache_reserve`](sympow::backend::Backend::kv_cache_reserve): the host's
+    /// count set to `len`, the cache moved (to twice the room, or more) where `more` tokens
+    /// would not fit.
+    pub(super) fn reserve_kv_cache(&self, c: &mut CudaKvCache, len: usize, more: usize) -> bool {
+        assert!(
+            c.len <= len && len <= c.cap,
+            "KV cache: {len} tokens reserved for, but the host counted {} and there is room for {}",
+            c.len,
+            c.cap
+        );
+        c.len = len;
+        if len + more <= c.cap {
+            return false;
+        }
+        let cap = (2 * c.cap).max((len + more).next_multiple_of(KV_SPLIT));
+        self.grow(c, cap);
+        true
     }
 
     pub(super) fn softmax_decode(
@@ -153,17 +180,36 @@ impl CudaBackend {
             "decode step: q, k must be [batch·heads, dk] and v [batch·heads, dv] of the cache's shape"
         );
         if c.len == c.cap {
-            self.grow(c);
+            self.grow(c, 2 * c.cap);
         }
-        let (b, cap, len) = (c.batch, c.cap, c.len);
-        self.copy_cache_rows(&mut c.keys, k, b, 1, c.heads * dk, (1, cap, len));
-        self.copy_cache_rows(&mut c.values, v, b, 1, c.heads * dv, (1, cap, len));
+        let (b, cap) = (c.batch, c.cap as i32);
+        for (buf, src, w) in [
+            (&mut c.keys, k, c.heads * dk),
+            (&mut c.values, v, c.heads * dv),
+        ] {
+            let wi = w as i32;
+            launch!(
+                self,
+                "kv_cache_append",
+                LaunchConfig {
+                    grid_dim: (w.div_ceil(256) as u32, b as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                buf,
+                src,
+                &c.len_dev,
+                &wi,
+                &cap
+            );
+        }
         c.len += 1;
 
-        let splits = c.len.div_ceil(KV_SPLIT);
+        // every split of the room, not of the length: a recorded step's grid stays as it was
+        let splits = c.cap / KV_SPLIT;
         let mut part_acc = self.alloc(bh * splits * dv);
         let mut part_ml = self.alloc(bh * splits * 2);
-        let (len, cap, heads) = (c.len as i32, cap as i32, c.heads as i32);
+        let heads = c.heads as i32;
         let (di, ei, scale) = (dk as i32, dv as i32, spec.scale as f32);
         launch!(
             self,
@@ -171,14 +217,15 @@ impl CudaBackend {
             LaunchConfig {
                 grid_dim: (splits as u32, bh as u32, 1),
                 block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: ((dk + KV_SPLIT + THREADS as usize) * 4) as u32,
+                shared_mem_bytes: ((dk.next_multiple_of(4) + KV_SPLIT + 4 * THREADS as usize) * 4)
+                    as u32,
             },
             &mut part_acc,
             &mut part_ml,
             q,
             &c.keys,
             &c.values,
-            &len,
+            &c.len_dev,
             &cap,
             &heads,
             &di,
@@ -199,7 +246,8 @@ impl CudaBackend {
             &part_acc,
             &part_ml,
             &si,
-            &ei
+            &ei,
+            &mut c.len_dev
         );
         y
     }
