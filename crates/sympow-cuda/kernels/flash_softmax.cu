@@ -2,6 +2,12 @@
 // the chip. The GPU twin of the quadratic form in crates/sympow/src/attention/quadratic.rs for
 // ungated softmax with ε = 0, head dimension D = dk = dv ∈ {32, 64, 128}.
 //
+// The same kernels with POWER take ungated symmetric power attention of any even p in its
+// quadratic form (p = 4, whose chunked state is too large): the weight of a pair is
+// (σq·k)^p = e^ℓ with the log-weight ℓ = p·ln|σq·k| in place of softmax's σq·k, and
+// y = Σ e^ℓ v / (Σ e^ℓ + ε); everything else — the running maximum, the log-normaliser, the
+// backward's ∂ℓ = P ∘ (∂P − Δ) — is softmax's, and ∂(σq·k) = ∂ℓ·p/(σq·k).
+//
 // A block is 4 warps and a tile of rows (queries in the forward and the ∂q pass, keys in the
 // ∂k∂v pass: 128 at D ≤ 64, else 64); each warp owns 32 or 16 of them and walks
 // the other side 64 at a time, the next tile streaming into shared memory (cp.async,
@@ -99,25 +105,38 @@ template <int D> struct SharedRows {
 // acc[M][D/8] += P·B over the FT columns of P — P the M row tiles' accumulators (probabilities or
 // ∂S, rounded to bf16 as A fragments), B the FT × D tile b (k-major: token rows): P·V, ∂S·K,
 // P·∂Y, ∂Sᵀ·Q.
+// One k-step of it: the 16 columns kk of P, given as A fragments.
+template <int D, int M>
+__device__ __forceinline__ void mma_pb_frag(float (*acc)[D / 8][4], const u32 (*a)[4], const bf16* b, int kk) {
+    constexpr int LD = Flash<D>::LD;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt += 2) {
+        u32 bf[4];
+        ldb2_kmajor(bf, b, LD, kk * 16, dt * 8);
+#pragma unroll
+        for (int mm = 0; mm < M; mm++) {
+            mma16816(acc[mm][dt], a[mm], bf);
+            mma16816(acc[mm][dt + 1], a[mm], bf + 2);
+        }
+    }
+}
 template <int D, int M>
 __device__ __forceinline__ void mma_pb(float (*acc)[D / 8][4], float (*p)[8][4], const bf16* b) {
-    constexpr int LD = Flash<D>::LD;
 #pragma unroll
     for (int kk = 0; kk < FT / 16; kk++) {
         u32 a[M][4];
 #pragma unroll
         for (int mm = 0; mm < M; mm++) acc_to_a(a[mm], p[mm][2 * kk], p[mm][2 * kk + 1]);
-#pragma unroll
-        for (int dt = 0; dt < D / 8; dt += 2) {
-            u32 bf[4];
-            ldb2_kmajor(bf, b, LD, kk * 16, dt * 8);
-#pragma unroll
-            for (int mm = 0; mm < M; mm++) {
-                mma16816(acc[mm][dt], a[mm], bf);
-                mma16816(acc[mm][dt + 1], a[mm], bf + 2);
-            }
-        }
+        mma_pb_frag<D, M>(acc, a, b, kk);
     }
+}
+// The same over the 16 columns kk alone, P's two 8-column tiles given apart (p[mm][0..2]).
+template <int D, int M>
+__device__ __forceinline__ void mma_pb_step(float (*acc)[D / 8][4], float (*p)[2][4], const bf16* b, int kk) {
+    u32 a[M][4];
+#pragma unroll
+    for (int mm = 0; mm < M; mm++) acc_to_a(a[mm], p[mm][0], p[mm][1]);
+    mma_pb_frag<D, M>(acc, a, b, kk);
 }
 
 // 2^x (ex2.approx.ftz: 2^−∞ = 0). The softmax's exponentials are taken in base 2 with log₂e folded
@@ -130,14 +149,24 @@ __device__ __forceinline__ float exp2_approx(float x) {
 }
 #define LOG2E 1.4426950408889634f
 
+// log₂x (lg2.approx.ftz: log₂0 = −∞)
+__device__ __forceinline__ float log2_approx(float x) {
+    float y;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+#define LN2 0.6931471805599453f
+
 // A block of 4 warps takes QF = 64·M queries, each warp 16·M consecutive rows (M row tiles: each
 // B fragment of K and V then feeds M products, and the warp has M independent chains of them)
 // and walks the keys FT at a time. Only the tiles that cross a warp's diagonal (or T) are masked;
 // a warp skips the tiles wholly after its rows (they are all masked). The query tiles with the
 // most keys start first (blockIdx.x counts down from the last tile), so that the short ones fill
 // in behind them rather than the long ones ending alone.
-template <int D>
-__device__ void flash_fwd(float* y, float* lse, const bf16* qs, const bf16* ks, const bf16* vs, int T, int H) {
+// POWER: the log-weights p·ln|s| (pw = p), and ε in the normaliser.
+template <int D, bool POWER>
+__device__ void flash_fwd(float* y, float* lse, const bf16* qs, const bf16* ks, const bf16* vs, int T, int H,
+                          float pw, float eps) {
     constexpr int M = Flash<D>::M, QF = Flash<D>::QF, LD = Flash<D>::LD, TILE = Flash<D>::TILE;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *Qs = (bf16*)smem, *Kb = Qs + QF * LD, *Vb = Kb + 2 * TILE;
@@ -191,6 +220,7 @@ __device__ void flash_fwd(float* y, float* lse, const bf16* qs, const bf16* ks, 
                 for (int nt = 0; nt < 8; nt++)
 #pragma unroll
                     for (int i = 0; i < 4; i++) {
+                        if (POWER) s[mm][nt][i] = pw * LN2 * log2_approx(fabsf(s[mm][nt][i]));
                         if (masked) {
                             int kq = k0 + acc_col(nt, i), qi = first + 16 * mm + acc_row(i);
                             if (kq > qi || kq >= T) s[mm][nt][i] = NEG_INF;
@@ -202,7 +232,10 @@ __device__ void flash_fwd(float* y, float* lse, const bf16* qs, const bf16* ks, 
                 for (int r = 0; r < 2; r++) {
                     mx[r] = quad_max(mx[r]);
                     // every row sees key 0 in the first tile: mx is finite from there on, and
-                    // alpha = 2^−∞ = 0 against the first tile's m = −∞
+                    // alpha = 2^−∞ = 0 against the first tile's m = −∞ — but for a power, whose
+                    // weight (σq·k)^p is 0 where q·k is, a row may see only zeros so far: it
+                    // measures from 0 until it sees a weight
+                    if (POWER && mx[r] == NEG_INF) mx[r] = 0.f;
                     float alpha = exp2_approx((m[mm][r] - mx[r]) * LOG2E);
                     l[mm][r] *= alpha;
 #pragma unroll
@@ -234,12 +267,18 @@ __device__ void flash_fwd(float* y, float* lse, const bf16* qs, const bf16* ks, 
             int qi = first + 16 * mm + acc_row(2 * r);
             if (qi >= T) continue;
             long base = ((long)(b * T + qi) * H + h) * D;
-            float inv = 1.f / sum;
+            float inv = 1.f / sum, ln_norm = m[mm][r] + logf(sum);
+            if (POWER && eps > 0.f) {
+                // ln(Σ e^ℓ + ε) as a log-add-exp (e^−m may overflow), y = Σ e^ℓ v / that
+                float a = ln_norm, e = logf(eps), hi = fmaxf(a, e);
+                ln_norm = hi + log1pf(__expf(-fabsf(a - e)));
+                inv = __expf(m[mm][r] - ln_norm);
+            }
 #pragma unroll
             for (int dt = 0; dt < D / 8; dt++)
                 *(float2*)(y + base + acc_col(dt, 0)) =
                     make_float2(o[mm][dt][2 * r] * inv, o[mm][dt][2 * r + 1] * inv);
-            if ((threadIdx.x & 3) == 0) lse[(long)(b * T + qi) * H + h] = m[mm][r] + logf(sum);
+            if ((threadIdx.x & 3) == 0) lse[(long)(b * T + qi) * H + h] = ln_norm;
         }
 }
 
@@ -262,9 +301,11 @@ extern "C" __global__ void flash_bwd_delta(float* delta, float* nlse, const floa
 // Per query tile of QF = 64·M rows (M row tiles a warp, as in the forward): ∂q = σ Σ_s ∂S_ts k_s
 // with P recomputed from the log-sum-exp and ∂S = P ∘ (∂y vᵀ − Δ). ∂P is formed two 8-key tiles
 // at a time and turned into ∂S in place of P, so that only a sliver of it is ever live.
-template <int D>
+// POWER: ∂(σq·k) = ∂ℓ·p/(σq·k), formed as p·sign(s)·2^((p−1)·log₂|s| − lse·log₂e)·(∂P − Δ) — finite
+// (zero) where s is.
+template <int D, bool POWER>
 __device__ void flash_bwd_dq(float* dq, const bf16* qs, const bf16* ks, const bf16* vs, const bf16* dys,
-                             const float* nlse, const float* delta, int T, int H, float scale) {
+                             const float* nlse, const float* delta, int T, int H, float scale, float pw) {
     constexpr int M = Flash<D>::M, QF = Flash<D>::QF, LD = Flash<D>::LD, TILE = Flash<D>::TILE;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *Qs = (bf16*)smem, *dYs = Qs + QF * LD, *Kb = dYs + QF * LD, *Vb = Kb + 2 * TILE;
@@ -315,7 +356,11 @@ __device__ void flash_bwd_dq(float* dq, const bf16* qs, const bf16* ks, const bf
                     for (int j = 0; j < 2; j++)
 #pragma unroll
                         for (int i = 0; i < 4; i++) {
-                            float p = exp2_approx(fmaf(s[mm][nt + j][i], LOG2E, L[mm][i >> 1]));
+                            float u = s[mm][nt + j][i], p;
+                            if (POWER)  // P·p/s
+                                p = copysignf(pw, u) * exp2_approx(fmaf(pw - 1.f, log2_approx(fabsf(u)), L[mm][i >> 1]));
+                            else
+                                p = exp2_approx(fmaf(u, LOG2E, L[mm][i >> 1]));
                             int kq = k0 + acc_col(nt + j, i), qi = first + 16 * mm + acc_row(i);
                             if (masked && (kq > qi || kq >= T)) p = 0.f;
                             s[mm][nt + j][i] = p * (dp[mm][j][i] - Dl[mm][i >> 1]);  // ∂S
@@ -341,10 +386,11 @@ __device__ void flash_bwd_dq(float* dq, const bf16* qs, const bf16* ks, const bf
 
 // Per key tile of QF = 64·M rows (M row tiles a warp): ∂v = Pᵀ∂y and ∂k = ∂Sᵀ(σq), walking the
 // queries from the tile's first key on. P is used for ∂v first, then becomes ∂S in place, its ∂P
-// formed two 8-query tiles at a time.
-template <int D>
+// formed two 8-query tiles at a time. POWER needs the scores themselves for ∂S (P·p/s), so it
+// takes P and ∂S of 16 queries at a time from them, ∂v's product a k-step at a time.
+template <int D, bool POWER>
 __device__ void flash_bwd_dkv(float* dk, float* dv, const bf16* qs, const bf16* ks, const bf16* vs, const bf16* dys,
-                              const float* nlse, const float* delta, int T, int H) {
+                              const float* nlse, const float* delta, int T, int H, float pw) {
     constexpr int M = Flash<D>::M, QF = Flash<D>::QF, LD = Flash<D>::LD, TILE = Flash<D>::TILE;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *Ks = (bf16*)smem, *Vs = Ks + QF * LD, *Qb = Vs + QF * LD, *dYb = Qb + 2 * TILE;
@@ -388,32 +434,56 @@ __device__ void flash_bwd_dkv(float* dk, float* dv, const bf16* qs, const bf16* 
             mma_abt<D, M, 8>(st, SharedRows<D>{Ks, row0}, Qs, 0);
             // the diagonal, and queries past T (zero rows, whose p must not reach real keys)
             bool masked = last > q0 || q0 + FT > T;
+            if (POWER) {
 #pragma unroll
-            for (int mm = 0; mm < M; mm++)
+                for (int nt = 0; nt < 8; nt += 2) {
+                    float pp[M][2][4], dpt[M][2][4];
+                    mma_abt<D, M, 2>(dpt, SharedRows<D>{Vs, row0}, dYs, nt);
 #pragma unroll
-                for (int nt = 0; nt < 8; nt++)
+                    for (int mm = 0; mm < M; mm++)
 #pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        int c = acc_col(nt, i), qi = q0 + c, kq = first + 16 * mm + acc_row(i);
-                        float p = exp2_approx(fmaf(st[mm][nt][i], LOG2E, Ls[c]));
-                        if (masked && (kq > qi || qi >= T)) p = 0.f;
-                        st[mm][nt][i] = p;
-                    }
-            mma_pb<D, M>(av, st, dYs);  // ∂v += P·∂Y over the tile's queries
-            // ∂Pᵀ = V·∂Yᵀ two 8-query tiles at a time, and ∂Sᵀ = P ∘ (∂Pᵀ − Δ) in place of P
+                        for (int j = 0; j < 2; j++)
 #pragma unroll
-            for (int nt = 0; nt < 8; nt += 2) {
-                float dpt[M][2][4];
-                mma_abt<D, M, 2>(dpt, SharedRows<D>{Vs, row0}, dYs, nt);
+                            for (int i = 0; i < 4; i++) {
+                                int c = acc_col(nt + j, i), qi = q0 + c, kq = first + 16 * mm + acc_row(i);
+                                float u = st[mm][nt + j][i], lg = log2_approx(fabsf(u));
+                                float p = exp2_approx(fmaf(pw, lg, Ls[c]));
+                                float f = copysignf(pw, u) * exp2_approx(fmaf(pw - 1.f, lg, Ls[c]));  // P·p/s
+                                if (masked && (kq > qi || qi >= T)) p = f = 0.f;
+                                pp[mm][j][i] = p;
+                                st[mm][nt + j][i] = f * (dpt[mm][j][i] - Dls[c]);
+                            }
+                    mma_pb_step<D, M>(av, pp, dYs, nt / 2);  // ∂v += P·∂Y over these 16 queries
+                }
+                mma_pb<D, M>(ak, st, Qs);  // ∂k += ∂Sᵀ·Q
+            } else {
 #pragma unroll
                 for (int mm = 0; mm < M; mm++)
 #pragma unroll
-                    for (int j = 0; j < 2; j++)
+                    for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-                        for (int i = 0; i < 4; i++)
-                            st[mm][nt + j][i] *= dpt[mm][j][i] - Dls[acc_col(nt + j, i)];
+                        for (int i = 0; i < 4; i++) {
+                            int c = acc_col(nt, i), qi = q0 + c, kq = first + 16 * mm + acc_row(i);
+                            float p = exp2_approx(fmaf(st[mm][nt][i], LOG2E, Ls[c]));
+                            if (masked && (kq > qi || qi >= T)) p = 0.f;
+                            st[mm][nt][i] = p;
+                        }
+                mma_pb<D, M>(av, st, dYs);  // ∂v += P·∂Y over the tile's queries
+                // ∂Pᵀ = V·∂Yᵀ two 8-query tiles at a time, and ∂Sᵀ = P ∘ (∂Pᵀ − Δ) in place of P
+#pragma unroll
+                for (int nt = 0; nt < 8; nt += 2) {
+                    float dpt[M][2][4];
+                    mma_abt<D, M, 2>(dpt, SharedRows<D>{Vs, row0}, dYs, nt);
+#pragma unroll
+                    for (int mm = 0; mm < M; mm++)
+#pragma unroll
+                        for (int j = 0; j < 2; j++)
+#pragma unroll
+                            for (int i = 0; i < 4; i++)
+                                st[mm][nt + j][i] *= dpt[mm][j][i] - Dls[acc_col(nt + j, i)];
+                }
+                mma_pb<D, M>(ak, st, Qs);  // ∂k += ∂Sᵀ·Q
             }
-            mma_pb<D, M>(ak, st, Qs);  // ∂k += ∂Sᵀ·Q
         }
         __syncthreads();
     }
@@ -433,20 +503,22 @@ __device__ void flash_bwd_dkv(float* dk, float* dv, const bf16* qs, const bf16* 
         }
 }
 
-#define FLASH_INSTANCES(D)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(FTHREADS)                                                     \
-        flash_fwd_##D(float* y, float* lse, const bf16* qs, const bf16* ks, const bf16* vs, int T, int H) {    \
-        flash_fwd<D>(y, lse, qs, ks, vs, T, H);                                                                \
+// Softmax (flash_fwd_D …) and power (flash_fwd_pow_D …, p = pw and ε as arguments).
+#define FLASH_INSTANCES(D) FLASH_KERNELS(D, , false) FLASH_KERNELS(D, pow_, true)
+#define FLASH_KERNELS(D, KIND, POWER)                                                                          \
+    extern "C" __global__ void __launch_bounds__(FTHREADS) flash_fwd_##KIND##D(                                 \
+        float* y, float* lse, const bf16* qs, const bf16* ks, const bf16* vs, int T, int H, float pw, float eps) { \
+        flash_fwd<D, POWER>(y, lse, qs, ks, vs, T, H, pw, eps);                                                \
     }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(FTHREADS)                                                     \
-        flash_bwd_dq_##D(float* dq, const bf16* qs, const bf16* ks, const bf16* vs, const bf16* dys,            \
-                         const float* nlse, const float* delta, int T, int H, float scale) {                   \
-        flash_bwd_dq<D>(dq, qs, ks, vs, dys, nlse, delta, T, H, scale);                                        \
+    extern "C" __global__ void __launch_bounds__(FTHREADS) flash_bwd_dq_##KIND##D(                              \
+        float* dq, const bf16* qs, const bf16* ks, const bf16* vs, const bf16* dys, const float* nlse,          \
+        const float* delta, int T, int H, float scale, float pw) {                                            \
+        flash_bwd_dq<D, POWER>(dq, qs, ks, vs, dys, nlse, delta, T, H, scale, pw);                             \
     }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(FTHREADS)                                                     \
-        flash_bwd_dkv_##D(float* dk, float* dv, const bf16* qs, const bf16* ks, const bf16* vs,                 \
-                          const bf16* dys, const float* nlse, const float* delta, int T, int H) {              \
-        flash_bwd_dkv<D>(dk, dv, qs, ks, vs, dys, nlse, delta, T, H);                                          \
+    extern "C" __global__ void __launch_bounds__(FTHREADS) flash_bwd_dkv_##KIND##D(                             \
+        float* dk, float* dv, const bf16* qs, const bf16* ks, const bf16* vs, const bf16* dys, const float* nlse, \
+        const float* delta, int T, int H, float pw) {                                                          \
+        flash_bwd_dkv<D, POWER>(dk, dv, qs, ks, vs, dys, nlse, delta, T, H, pw);                               \
     }
 
 FLASH_INSTANCES(32)

@@ -7,8 +7,9 @@
 //! Sympow attention with p = 2 and head dimension 32, 64 or 128 runs as the fused tensor-core
 //! chunked kernels of [`crate::chunked`] (bf16 operands, f32 accumulation; linear in T).
 //! Ungated softmax attention with head dimension 32, 64 or 128 runs as the flash kernels of
-//! [`crate::flash`] (bf16 tensor cores, scores on chip); with other head dimensions on cuBLAS,
-//! a block of queries at a time (`backend/softmax.rs`, any T). Other attention (p = 4, gated
+//! [`crate::flash`] (bf16 tensor cores, scores on chip), and so does ungated power attention
+//! with p = 4 (its quadratic form); softmax with other head dimensions on cuBLAS, a block of
+//! queries at a time (`backend/softmax.rs`, any T). Other attention (gated p = 4, gated
 //! softmax, other head sizes) runs as the naive quadratic-form kernels of
 //! `kernels/attention.cu` (one thread per query or key, CUDA cores, f32) for sequences of up to
 //! [`GPU_ATTENTION_MAX_T`] tokens, and through the CPU implementation beyond.

@@ -137,6 +137,8 @@ pub fn attention_gpu(
         };
         run(&fused, &sym, true, true);
         run("softmax flash (bf16 tensor cores)", &soft, false, true);
+        let p4 = AttentionSpec::sympow(4, d).expect("p = 4");
+        run("sympow flash quadratic p=4 ungated", &p4, false, true);
         gpu.set_flash_softmax(false);
         run("softmax cuBLAS (scores in memory)", &soft, false, true);
         gpu.set_flash_softmax(true);

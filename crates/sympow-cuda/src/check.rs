@@ -986,25 +986,38 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
                     randn(&mut r, n, 1.0),
                     randn(&mut r, n, 1.0),
                 );
-                let spec = AttentionSpec::softmax(d);
-                compare_attention(
-                    gpu,
-                    &cpu,
-                    &mut rows,
-                    &AttentionCase {
-                        label: format!("flash softmax d={d} T={time}"),
-                        spec,
-                        form: Form::Quadratic,
-                        shape,
-                        qkv: [&q, &k, &v],
-                        gates: None,
-                        dy: &dy,
-                        tol: 1e-2,
-                    },
-                );
-                let label = format!("flash softmax d={d} backward restaging its operands");
-                let case = (&spec, Form::Quadratic, &shape);
-                recompute_check(gpu, &mut rows, &label, case, [&q, &k, &v], None, &dy);
+                // softmax, and ungated power attention (p = 4) in its quadratic form — its q
+                // and k sharing a direction, as the fused sympow rows' do (below: with
+                // independent ones a few early rows have Σ a ≈ 0, ill-conditioned in bf16)
+                let m: Vec<f32> = randn(&mut r, d, 1.0);
+                let shifted = |x: &[f32]| -> Vec<f32> {
+                    x.iter().enumerate().map(|(i, v)| v + m[i % d]).collect()
+                };
+                let (qp, kp) = (shifted(&q), shifted(&k));
+                let power = AttentionSpec::sympow(4, d).expect("an even power");
+                for (name, spec, q, k) in [
+                    ("softmax", AttentionSpec::softmax(d), &q, &k),
+                    ("p=4", power, &qp, &kp),
+                ] {
+                    compare_attention(
+                        gpu,
+                        &cpu,
+                        &mut rows,
+                        &AttentionCase {
+                            label: format!("flash {name} d={d} T={time}"),
+                            spec,
+                            form: Form::Quadratic,
+                            shape,
+                            qkv: [q, k, &v],
+                            gates: None,
+                            dy: &dy,
+                            tol: 1e-2,
+                        },
+                    );
+                    let label = format!("flash {name} d={d} backward restaging its operands");
+                    let case = (&spec, Form::Quadratic, &shape);
+                    recompute_check(gpu, &mut rows, &label, case, [q, k, &v], None, &dy);
+                }
             }
         }
         Err(e) => rows.push(Row {

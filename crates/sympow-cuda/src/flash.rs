@@ -1,6 +1,8 @@
 //! Causal softmax attention, flash-style on tensor cores (`kernels/flash_softmax.cu`): the
 //! baseline's attention with the scores kept on chip, bf16 operands and f32 accumulation, for
-//! ungated softmax with ε = 0 and head dimension 32, 64 or 128 (dk = dv).
+//! ungated softmax with ε = 0 and head dimension 32, 64 or 128 (dk = dv). The same kernels take
+//! ungated symmetric power attention in its quadratic form (p = 4, whose chunked state is too
+//! large to keep): the weights (σq·k)^p as e^ℓ with ℓ = p·ln|σq·k|, and any ε.
 //!
 //! Forward: q (×σ), k, v staged to bf16 `[B, H, T, D]`, then one launch (y and the log-sum-exp
 //! per row); the staged copies go to the backward in [`AttentionOut::saved`]. Backward: ∂y staged
@@ -26,6 +28,8 @@ const THREADS: u32 = 128;
 /// Entries per head dimension of the `flash_smem_sizes` table: fwd, dq and dkv bytes, rows a block.
 const SIZE_ENTRIES: usize = 4;
 const KERNELS: [&str; 3] = ["flash_fwd", "flash_bwd_dq", "flash_bwd_dkv"];
+/// Each kernel's two kinds: `{kernel}_{D}` for softmax, `{kernel}_pow_{D}` for a power.
+const KINDS: [&str; 2] = ["", "pow_"];
 
 /// The forward's bf16 staging of σq, k, v, kept for the backward.
 struct FlashSaved {
@@ -60,9 +64,11 @@ impl FlashSoftmax {
         for (i, d) in crate::FUSED_HEAD_DIMS.into_iter().enumerate() {
             let s = [0, 1, 2, 3].map(|j| sizes[i * SIZE_ENTRIES + j] as u32);
             for (j, k) in KERNELS.iter().enumerate() {
-                let name = format!("{k}_{d}");
-                let f = crate::device::load_with_shared_memory(&module, &name, s[j])?;
-                fns.insert(name, f);
+                for kind in KINDS {
+                    let name = format!("{k}_{kind}{d}");
+                    let f = crate::device::load_with_shared_memory(&module, &name, s[j])?;
+                    fns.insert(name, f);
+                }
             }
             per_d.insert(d, s);
         }
@@ -77,18 +83,33 @@ impl FlashSoftmax {
         })
     }
 
-    /// Whether these kernels take the problem: ungated softmax with ε = 0, dk = dv ∈ {32, 64, 128}.
+    /// Whether these kernels take the problem: ungated softmax with ε = 0, or ungated power
+    /// attention; dk = dv ∈ {32, 64, 128}.
     pub fn supports(spec: &AttentionSpec, shape: &Shape, gated: bool) -> bool {
-        spec.kernel == Kernel::Softmax
-            && spec.eps == 0.0
-            && !gated
-            && shape.dk == shape.dv
-            && crate::FUSED_HEAD_DIMS.contains(&shape.dk)
+        let kernel = match spec.kernel {
+            Kernel::Softmax => spec.eps == 0.0,
+            Kernel::Power(_) => true,
+        };
+        kernel && !gated && shape.dk == shape.dv && crate::FUSED_HEAD_DIMS.contains(&shape.dk)
     }
 
-    fn launch(&self, shape: &Shape, which: usize) -> (&CudaFunction, LaunchConfig) {
+    /// The power p the kernels take (0: softmax), and ε.
+    fn power(spec: &AttentionSpec) -> (f32, f32) {
+        match spec.kernel {
+            Kernel::Softmax => (0.0, 0.0),
+            Kernel::Power(p) => (p as f32, spec.eps as f32),
+        }
+    }
+
+    fn launch(
+        &self,
+        spec: &AttentionSpec,
+        shape: &Shape,
+        which: usize,
+    ) -> (&CudaFunction, LaunchConfig) {
         let d = shape.dk;
-        let f = &self.fns[&format!("{}_{d}", KERNELS[which])];
+        let kind = KINDS[usize::from(matches!(spec.kernel, Kernel::Power(_)))];
+        let f = &self.fns[&format!("{}_{kind}{d}", KERNELS[which])];
         let sizes = self.sizes[&d];
         let cfg = LaunchConfig {
             grid_dim: (
@@ -161,10 +182,11 @@ impl FlashSoftmax {
         let mut lse = alloc_output::<f32>(stream, rows);
         let st = self.stage_qkv(stream, spec, shape, [q, k, v]);
         let (t, h) = (shape.time as i32, shape.heads as i32);
-        let (f, cfg) = self.launch(shape, 0);
+        let (pw, eps) = Self::power(spec);
+        let (f, cfg) = self.launch(spec, shape, 0);
         let mut l = stream.launch_builder(f);
         l.arg(&mut y).arg(&mut lse).arg(&st.q).arg(&st.k).arg(&st.v);
-        l.arg(&t).arg(&h);
+        l.arg(&t).arg(&h).arg(&pw).arg(&eps);
         // SAFETY: arguments match flash_fwd's declaration; the grid covers every query tile of
         // every (sequence, head), and the kernel bounds rows past T.
         unsafe { l.launch(cfg) }.expect("flash_fwd");
@@ -220,13 +242,19 @@ impl FlashSoftmax {
         let (qs, ks, vs) = (&st.q, &st.k, &st.v);
         let dys = self.stage(stream, shape, dy, 1.0);
         let (t, h, scale) = (shape.time as i32, shape.heads as i32, spec.scale as f32);
-        let (f, cfg) = self.launch(shape, 1);
+        let (pw, _) = Self::power(spec);
+        let (f, cfg) = self.launch(spec, shape, 1);
         let mut l = stream.launch_builder(f);
         l.arg(&mut dq).arg(qs).arg(ks).arg(vs).arg(&dys);
-        l.arg(&nlse).arg(&delta).arg(&t).arg(&h).arg(&scale);
+        l.arg(&nlse)
+            .arg(&delta)
+            .arg(&t)
+            .arg(&h)
+            .arg(&scale)
+            .arg(&pw);
         // SAFETY: arguments match flash_bwd_dq's declaration; grid as in the forward.
         unsafe { l.launch(cfg) }.expect("flash_bwd_dq");
-        let (f, cfg) = self.launch(shape, 2);
+        let (f, cfg) = self.launch(spec, shape, 2);
         let mut l = stream.launch_builder(f);
         l.arg(&mut dk)
             .arg(&mut dv)
@@ -234,7 +262,7 @@ impl FlashSoftmax {
             .arg(ks)
             .arg(vs)
             .arg(&dys);
-        l.arg(&nlse).arg(&delta).arg(&t).arg(&h);
+        l.arg(&nlse).arg(&delta).arg(&t).arg(&h).arg(&pw);
         // SAFETY: arguments match flash_bwd_dkv's declaration; one block per key tile.
         unsafe { l.launch(cfg) }.expect("flash_bwd_dkv");
         AttentionGrads {
@@ -270,9 +298,10 @@ mod tests {
         assert!(SOURCE.contains(&last), "no `{last}` in the sizes table");
         for k in KERNELS {
             assert!(
-                SOURCE.contains(&format!("{k}_##D(")),
+                SOURCE.contains(&format!("{k}_##KIND##D(")),
                 "kernel {k} is not declared"
             );
         }
+        assert!(SOURCE.contains("FLASH_KERNELS(D, , false) FLASH_KERNELS(D, pow_, true)"));
     }
 }
