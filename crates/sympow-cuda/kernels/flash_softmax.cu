@@ -157,6 +157,12 @@ __device__ __forceinline__ float log2_approx(float x) {
 }
 #define LN2 0.6931471805599453f
 
+// For a power's score s (lg = log₂|s|, nl = −lse·log₂e): P·p/s, the factor that turns ∂ℓ into
+// ∂s (ℓ = p·ln|s|), as p·sign(s)·2^((p−1)·lg + nl) — zero where s is, where P/s would be 0/0.
+__device__ __forceinline__ float power_dscore(float s, float lg, float nl, float pw) {
+    return copysignf(pw, s) * exp2_approx(fmaf(pw - 1.f, lg, nl));
+}
+
 // A block of 4 warps takes QF = 64·M queries, each warp 16·M consecutive rows (M row tiles: each
 // B fragment of K and V then feeds M products, and the warp has M independent chains of them)
 // and walks the keys FT at a time. Only the tiles that cross a warp's diagonal (or T) are masked;
@@ -301,8 +307,7 @@ extern "C" __global__ void flash_bwd_delta(float* delta, float* nlse, const floa
 // Per query tile of QF = 64·M rows (M row tiles a warp, as in the forward): ∂q = σ Σ_s ∂S_ts k_s
 // with P recomputed from the log-sum-exp and ∂S = P ∘ (∂y vᵀ − Δ). ∂P is formed two 8-key tiles
 // at a time and turned into ∂S in place of P, so that only a sliver of it is ever live.
-// POWER: ∂(σq·k) = ∂ℓ·p/(σq·k), formed as p·sign(s)·2^((p−1)·log₂|s| − lse·log₂e)·(∂P − Δ) — finite
-// (zero) where s is.
+// POWER: ∂(σq·k) = ∂ℓ·p/(σq·k) = power_dscore·(∂P − Δ).
 template <int D, bool POWER>
 __device__ void flash_bwd_dq(float* dq, const bf16* qs, const bf16* ks, const bf16* vs, const bf16* dys,
                              const float* nlse, const float* delta, int T, int H, float scale, float pw) {
@@ -358,7 +363,7 @@ __device__ void flash_bwd_dq(float* dq, const bf16* qs, const bf16* ks, const bf
                         for (int i = 0; i < 4; i++) {
                             float u = s[mm][nt + j][i], p;
                             if (POWER)  // P·p/s
-                                p = copysignf(pw, u) * exp2_approx(fmaf(pw - 1.f, log2_approx(fabsf(u)), L[mm][i >> 1]));
+                                p = power_dscore(u, log2_approx(fabsf(u)), L[mm][i >> 1], pw);
                             else
                                 p = exp2_approx(fmaf(u, LOG2E, L[mm][i >> 1]));
                             int kq = k0 + acc_col(nt + j, i), qi = first + 16 * mm + acc_row(i);
@@ -448,7 +453,7 @@ __device__ void flash_bwd_dkv(float* dk, float* dv, const bf16* qs, const bf16* 
                                 int c = acc_col(nt + j, i), qi = q0 + c, kq = first + 16 * mm + acc_row(i);
                                 float u = st[mm][nt + j][i], lg = log2_approx(fabsf(u));
                                 float p = exp2_approx(fmaf(pw, lg, Ls[c]));
-                                float f = copysignf(pw, u) * exp2_approx(fmaf(pw - 1.f, lg, Ls[c]));  // P·p/s
+                                float f = power_dscore(u, lg, Ls[c], pw);  // P·p/s
                                 if (masked && (kq > qi || qi >= T)) p = f = 0.f;
                                 pp[mm][j][i] = p;
                                 st[mm][nt + j][i] = f * (dpt[mm][j][i] - Dls[c]);

@@ -108,7 +108,10 @@ impl FlashSoftmax {
         which: usize,
     ) -> (&CudaFunction, LaunchConfig) {
         let d = shape.dk;
-        let kind = KINDS[usize::from(matches!(spec.kernel, Kernel::Power(_)))];
+        let kind = match spec.kernel {
+            Kernel::Softmax => KINDS[0],
+            Kernel::Power(_) => KINDS[1],
+        };
         let f = &self.fns[&format!("{}_{kind}{d}", KERNELS[which])];
         let sizes = self.sizes[&d];
         let cfg = LaunchConfig {

@@ -179,9 +179,7 @@ impl CudaBackend {
             q.len() == bh * dk && k.len() == bh * dk && v.len() == bh * dv,
             "decode step: q, k must be [batch·heads, dk] and v [batch·heads, dv] of the cache's shape"
         );
-        if c.len == c.cap {
-            self.grow(c, 2 * c.cap);
-        }
+        self.reserve_kv_cache(c, c.len, 1);
         let (b, cap) = (c.batch, c.cap as i32);
         for (buf, src, w) in [
             (&mut c.keys, k, c.heads * dk),
