@@ -129,6 +129,11 @@ enum Command {
         /// several print when done.
         #[arg(long, default_value_t = 1)]
         samples: usize,
+        /// How each layer holds the context: auto (sympow's recurrent state where it is no
+        /// larger than a KV cache of 64k tokens — p = 2 — a KV cache otherwise, e.g. p = 4 at
+        /// d = 64), recurrent, or kv-cache.
+        #[arg(long, default_value_t = sympow::inference::DecodeForm::Auto)]
+        decode: sympow::inference::DecodeForm,
     },
     /// Train the paper's variants at one size and print their validation losses side by side.
     Compare {
@@ -262,8 +267,15 @@ struct AttentionBench {
 enum BenchCommand {
     /// Generation: prefill time, then the time of one decode step (a token for each sequence of
     /// a batch) and tokens/s after a prefill of each context length, conformal sympow
-    /// (recurrent state) against softmax (KV cache), random weights.
+    /// (recurrent state) against softmax (KV cache) by default, random weights.
     Decode {
+        /// Variants (as in `sympow compare`).
+        #[arg(long, value_delimiter = ',', default_values_t = ["conformal".to_string(), "softmax".into()])]
+        variants: Vec<String>,
+        /// How sympow variants hold the context (as `generate --decode`): auto, recurrent or
+        /// kv-cache. Softmax always decodes from a KV cache.
+        #[arg(long, default_value_t = sympow::inference::DecodeForm::Auto)]
+        decode: sympow::inference::DecodeForm,
         /// Context lengths (tokens prefilled before the timed steps).
         #[arg(long, value_delimiter = ',', default_values_t = vec![1024, 4096, 16384, 65536])]
         context: Vec<usize>,
@@ -273,12 +285,13 @@ enum BenchCommand {
         /// Sequences decoded together (each continues the same prompt, prefilled once).
         #[arg(long, value_delimiter = ',', default_values_t = vec![1])]
         batch: Vec<usize>,
-        /// Longest context at which softmax is timed (its prefill is quadratic: slow on a CPU
-        /// beyond 16k; a GPU prefills 65536 in seconds).
+        /// Longest context at which softmax, or any variant decoded from a KV cache, is timed
+        /// (softmax's prefill is quadratic: slow on a CPU beyond 16k; a GPU prefills 65536 in
+        /// seconds).
         #[arg(long, default_value_t = 16384)]
         softmax_max: usize,
-        /// Most tokens softmax caches over a batch (batch × context): its KV cache's memory
-        /// (gpt2-124m on a GPU: 72 KiB a token, 18 GiB at the default).
+        /// Most tokens a KV cache holds over a batch (batch × context): its memory (gpt2-124m on
+        /// a GPU: 72 KiB a token, 18 GiB at the default).
         #[arg(long, default_value_t = 262_144)]
         softmax_max_cached: usize,
         /// Also time each row's ops over --reps more steps (a GPU build on a GPU).
@@ -581,11 +594,15 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
             top_k,
             top_p,
             samples,
+            decode,
         } => {
             if samples == 0 {
                 bail!("--samples must be at least 1");
             }
             let model = train::load_model(make(), &run)?;
+            let decode = decode
+                .resolve(&model.cfg)
+                .map_err(|e| anyhow::anyhow!("--decode {decode}: {e}"))?;
             let tok = Tokenizer::new(model.cfg.data.tokenizer);
             let ids = tok.encode(&prompt);
             if ids.is_empty() {
@@ -600,11 +617,19 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
             if samples == 1 {
                 write!(out, "{prompt}")?;
                 let mut stream = sympow::data::tokenizer::StreamDecoder::default();
-                sympow::inference::generate(&model, &ids, max_tokens, &sampling, seed, |t| {
-                    let bytes = tok.decode_bytes(&[t]).unwrap_or_default();
-                    let _ = write!(out, "{}", stream.push(&bytes));
-                    let _ = out.flush();
-                });
+                sympow::inference::generate(
+                    &model,
+                    &ids,
+                    max_tokens,
+                    &sampling,
+                    decode,
+                    seed,
+                    |t| {
+                        let bytes = tok.decode_bytes(&[t]).unwrap_or_default();
+                        let _ = write!(out, "{}", stream.push(&bytes));
+                        let _ = out.flush();
+                    },
+                );
                 writeln!(out, "{}", stream.finish())?;
             } else {
                 let prompts = vec![&ids[..]; samples];
@@ -613,6 +638,7 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
                     &prompts,
                     max_tokens,
                     &sampling,
+                    decode,
                     seed,
                     |_, _| {},
                 );
@@ -765,6 +791,8 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
         Command::Bench {
             what:
                 BenchCommand::Decode {
+                    variants,
+                    decode,
                     context,
                     reps,
                     batch,
@@ -777,6 +805,17 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
             let c = cfg.build()?;
             if batch.contains(&0) || context.contains(&0) {
                 bail!("--batch and --context take positive sizes");
+            }
+            let mut configs = Vec::new();
+            for (name, ov) in experiment::find_variants(&variants)? {
+                let mut v = c.clone();
+                for (k, val) in ov {
+                    v.set(k, val).with_context(|| format!("variant {name}"))?;
+                }
+                decode
+                    .resolve(&v)
+                    .map_err(|e| anyhow::anyhow!("--decode {decode}, variant {name}: {e}"))?;
+                configs.push((name.to_string(), v));
             }
             // the first model takes this backend (a GPU backend compiles its kernels when made)
             let first = make();
@@ -797,21 +836,22 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
             let mut spare = Some(first);
             let rows = sympow::bench::decode(
                 &mut || spare.take().unwrap_or_else(make),
-                &c,
-                &["conformal", "softmax"],
+                &configs,
+                decode,
                 &batch,
                 &context,
                 reps,
                 softmax_max,
                 softmax_max_cached,
                 profile,
-            )?;
+            )
+            .map_err(anyhow::Error::msg)?;
             print!("{}", sympow::bench::format_decode_table(&rows));
             for r in &rows {
                 if let Some((ops, total)) = &r.profile {
                     println!(
                         "\n{}, batch {}, context {}: {reps} steps, {:.1} ms synchronised\n{}",
-                        r.attention,
+                        r.variant,
                         r.batch,
                         r.context,
                         total * 1e3,
@@ -821,7 +861,7 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
                 if let Some((ops, total)) = &r.prefill_profile {
                     println!(
                         "\n{}, batch {}, context {}: one prefill, {:.1} ms synchronised\n{}",
-                        r.attention,
+                        r.variant,
                         r.batch,
                         r.context,
                         total * 1e3,

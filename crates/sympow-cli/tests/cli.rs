@@ -125,7 +125,7 @@ fn train_eval_generate_end_to_end_and_deterministic() {
     assert_eq!(csv.lines().count(), 5);
     assert!(a.join("eval_ctx48_runs.png").exists());
 
-    let gen = |samples: &str| {
+    let gen_as = |samples: &str, decode: &str| {
         sympow(&[
             "generate",
             "--run",
@@ -138,13 +138,25 @@ fn train_eval_generate_end_to_end_and_deterministic() {
             "5",
             "--samples",
             samples,
+            "--decode",
+            decode,
         ])
     };
+    let gen = |samples: &str| gen_as(samples, "auto");
     let (g1, g2) = (gen("1"), gen("1"));
     assert!(g1.status.success(), "{}", stderr(&g1));
     let text = String::from_utf8_lossy(&g1.stdout);
     assert!(text.starts_with("Fellow-Citizens") && text.len() > "Fellow-Citizens".len());
     assert_eq!(g1.stdout, g2.stdout, "same seed, same text");
+    // the recurrent state (auto, for this p = 2 model) and a KV cache are one function of the
+    // context: the same draws
+    let cached = gen_as("1", "kv-cache");
+    assert!(cached.status.success(), "{}", stderr(&cached));
+    assert_eq!(
+        cached.stdout, g1.stdout,
+        "KV-cache decoding drew other tokens"
+    );
+    assert_error(&gen_as("1", "sideways"), "unknown decode form");
     // three samples decoded as one batch: the first is the single sample of the same seed
     let many = gen("3");
     assert!(many.status.success(), "{}", stderr(&many));
@@ -792,6 +804,40 @@ fn bench_decode_prints_a_row_per_variant_batch_and_context() {
     assert!(
         row("softmax", 2, 32)[3].starts_with("skipped"),
         "64 cached tokens > 32"
+    );
+    assert_eq!(row("conformal", 1, 16)[8], "recurrent");
+    assert_eq!(row("softmax", 1, 16)[8], "kv-cache");
+    // conformal asked to decode from a KV cache: its memory grows with the context
+    let o = sympow(
+        &[
+            &["--cpu", "bench", "decode"][..],
+            SMALL_MODEL,
+            &[
+                "--variants",
+                "conformal",
+                "--decode",
+                "kv-cache",
+                "--context",
+                "16,32",
+                "--reps",
+                "2",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let cached: Vec<Vec<String>> = out
+        .lines()
+        .filter(|l| l.starts_with(" conformal"))
+        .map(|l| l.split('|').map(|f| f.trim().to_string()).collect())
+        .collect();
+    assert_eq!(cached.len(), 2, "{out}");
+    assert!(cached.iter().all(|r| r[8] == "kv-cache"), "{out}");
+    assert!(mib(&cached[1]) > mib(&cached[0]), "{out}");
+    assert_error(
+        &sympow(&["--cpu", "bench", "decode", "--decode", "recurrent"]),
+        "no recurrent state",
     );
     assert_error(
         &sympow(&["--cpu", "bench", "decode", "--batch", "0"]),

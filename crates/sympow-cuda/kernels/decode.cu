@@ -148,15 +148,23 @@ extern "C" __global__ void sympow_decode_read(float* y, const double* partial, i
 
 // ---- softmax: a KV cache, keys and values [batch, cap, heads, d] in f32 --------------------
 
-// dst[b][r][:] = src[b][r][:] for r < rows, rows of `width` floats; src holds src_cap rows per
+// dst[b][r][:] = src[b][r][:] for r < rows, rows of `width` elements; src holds src_cap rows per
 // sequence, dst dst_cap. grid (ceil(rows·width / blockDim), batch). Fills a cache from the
-// prefill, and moves a cache into a larger buffer.
-extern "C" __global__ void kv_cache_copy(float* dst, const float* src, int rows, int width, int src_cap,
-                                         int dst_cap) {
+// prefill, and moves a cache into a larger buffer: keys and values (f32), cumulative gates (f64).
+template <typename T>
+__device__ void copy_rows(T* dst, const T* src, int rows, int width, int src_cap, int dst_cap) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)rows * width) return;
     long b = blockIdx.y;
     dst[b * dst_cap * width + i] = src[b * src_cap * width + i];
+}
+extern "C" __global__ void kv_cache_copy(float* dst, const float* src, int rows, int width, int src_cap,
+                                         int dst_cap) {
+    copy_rows(dst, src, rows, width, src_cap, dst_cap);
+}
+extern "C" __global__ void kv_cache_copy_f64(double* dst, const double* src, int rows, int width, int src_cap,
+                                             int dst_cap) {
+    copy_rows(dst, src, rows, width, src_cap, dst_cap);
 }
 
 // dst[b][*len][:] = src[b][:], rows of `width` floats, dst holding cap rows per sequence: a decode
@@ -169,20 +177,34 @@ extern "C" __global__ void kv_cache_append(float* dst, const float* src, const i
     dst[(b * cap + *len) * width + i] = src[b * width + i];
 }
 
+// gates[b][*len][h] = gates[b][*len − 1][h] + lg[b][h] (lg alone at the first row): a gated
+// decode step's cumulative log gate G_t appended where the count on the device says, in f64 (a
+// long context's G_t runs to thousands, whose differences G_t − G_s are the weights' decay).
+// grid batch, blockDim ≥ heads.
+extern "C" __global__ void kv_cache_gate_append(double* gates, const float* lg, const int* len, int heads, int cap) {
+    int h = threadIdx.x;
+    if (h >= heads) return;
+    long b = blockIdx.x, n = *len;
+    double prev = n > 0 ? gates[(b * cap + n - 1) * heads + h] : 0.0;
+    gates[(b * cap + n) * heads + h] = prev + (double)lg[b * heads + h];
+}
+
 #define KV_SPLIT 256
 
 // Flash-decoding, first pass: grid (cap / KV_SPLIT, batch·heads), blockDim a multiple of 32
 // (128; ops.cu's block_max and block_sum reduce over it). The cache holds *len + 1 keys (the
 // step's own appended after the *len before it; the count is on the device so that a recorded
-// step reads the current one). Block (s, bh) scores keys [s·KV_SPLIT, +KV_SPLIT) of head bh
-// against its query, and writes its running max m, Σ exp(score − m) and Σ exp(score − m)·v to
-// part_ml[bh][s][0..2] and part_acc[bh][s][0..e] (combined by softmax_decode_combine:
-// deterministic, no atomics); a block past the keys writes m = −∞ and zero sums, which the
-// combine weighs by zero. Dynamic shared memory: (d rounded up to 4 + KV_SPLIT + 4·blockDim)
-// floats.
-extern "C" __global__ void softmax_decode_partial(float* part_acc, float* part_ml, const float* q,
-                                                  const float* keys, const float* values, const int* len, int cap,
-                                                  int heads, int d, int e, float scale) {
+// step reads the current one). Block (s, bh) takes keys [s·KV_SPLIT, +KV_SPLIT) of head bh and
+// their log-weights ℓ as the quadratic form's (attention/tile.rs): ℓ = σq·k for softmax (power
+// 0), p·ln|σq·k| for power p (−∞ where the score is 0), plus G_t − G_s where the cache is gated
+// (gates non-null: the cumulative log gates, the query's own at row *len). It writes its running
+// max m, Σ exp(ℓ − m) and Σ exp(ℓ − m)·v to part_ml[bh][s][0..2] and part_acc[bh][s][0..e]
+// (combined by kv_decode_combine: deterministic, no atomics); a block past the keys, or whose
+// weights are all zero, writes m = −∞ and zero sums, which the combine weighs by zero. Dynamic
+// shared memory: (d rounded up to 4 + KV_SPLIT + 4·blockDim) floats.
+extern "C" __global__ void kv_decode_partial(float* part_acc, float* part_ml, const float* q, const float* keys,
+                                             const float* values, const double* gates, const int* len, int cap,
+                                             int heads, int d, int e, float scale, float power) {
     extern __shared__ __align__(16) float sm[];
     float* qs = sm;                  // [d], scaled
     float* w = qs + ((d + 3) & ~3);  // [KV_SPLIT] scores, then weights
@@ -190,6 +212,8 @@ extern "C" __global__ void softmax_decode_partial(float* part_acc, float* part_m
     int s = blockIdx.x, bh = blockIdx.y, splits = gridDim.x, tid = threadIdx.x, nt = blockDim.x;
     int b = bh / heads, h = bh % heads, j0 = s * KV_SPLIT, n = min(KV_SPLIT, *len + 1 - j0);
     for (int i = tid; i < d; i += nt) qs[i] = scale * q[(long)bh * d + i];
+    const double* g = gates ? gates + (long)b * cap * heads + h : nullptr;  // G of row j: g[j·heads]
+    double gt = g ? g[(long)*len * heads] : 0.0;
     __syncthreads();
     // a thread a key: its row is d contiguous floats
     float mx = __int_as_float(0xff800000); // −∞
@@ -203,13 +227,17 @@ extern "C" __global__ void softmax_decode_partial(float* part_acc, float* part_m
             }
         else
             for (int i = 0; i < d; i++) acc = fmaf(qs[i], kr[i], acc);
+        if (power > 0.f) acc = power * logf(fabsf(acc));
+        if (g) acc += (float)(gt - g[(long)(j0 + j) * heads]);
         w[j] = acc;
         mx = fmaxf(mx, acc);
     }
     mx = block_max(mx, red);
+    // every weight zero (or no key): exp(−∞ − 0) = 0 rather than exp(−∞ + ∞)
+    float mref = mx == __int_as_float(0xff800000) ? 0.f : mx;
     float sum = 0.f;
     for (int j = tid; j < n; j += nt) {
-        float p = expf(w[j] - mx);
+        float p = expf(w[j] - mref);
         w[j] = p;
         sum += p;
     }
@@ -263,18 +291,21 @@ extern "C" __global__ void softmax_decode_partial(float* part_acc, float* part_m
     }
 }
 
-// y[bh][c] = Σ_s exp(m_s − M)·acc_s[c] / Σ_s exp(m_s − M)·l_s, M = max_s m_s; a block a head.
-// The step's last kernel, so it counts the appended token: *len += 1 (none of its blocks reads
-// the count).
-extern "C" __global__ void softmax_decode_combine(float* y, const float* part_acc, const float* part_ml,
-                                                  int splits, int e, int* len) {
+// y[bh][c] = Σ_s exp(m_s − M)·acc_s[c] / (Σ_s exp(m_s − M)·l_s + ε·exp(−M)), M = max_s m_s (0
+// where every weight is zero, as attention/mod.rs's normalise); a block a head. The step's last
+// kernel, so it counts the appended token: *len += 1 (none of its blocks reads the count).
+extern "C" __global__ void kv_decode_combine(float* y, const float* part_acc, const float* part_ml, int splits,
+                                             int e, float eps, int* len) {
     int bh = blockIdx.x;
     if (bh == 0 && threadIdx.x == 0) *len += 1;
     const float* ml = part_ml + (long)bh * splits * 2;
     float mx = __int_as_float(0xff800000); // −∞
     for (int s = 0; s < splits; s++) mx = fmaxf(mx, ml[2 * s]);
+    if (mx == __int_as_float(0xff800000)) mx = 0.f;
     float z = 0.f;
     for (int s = 0; s < splits; s++) z += expf(ml[2 * s] - mx) * ml[2 * s + 1];
+    // (softmax's ε is 0, and exp(−M) may overflow where its scores are all below −88)
+    if (eps > 0.f) z += eps * expf(-mx);
     for (int c = threadIdx.x; c < e; c += blockDim.x) {
         float t = 0.f;
         for (int s = 0; s < splits; s++) t += expf(ml[2 * s] - mx) * part_acc[((long)bh * splits + s) * e + c];

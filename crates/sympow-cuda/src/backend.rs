@@ -223,7 +223,7 @@ pub struct CudaBackend {
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
-const KERNELS: [&str; 54] = [
+const KERNELS: [&str; 56] = [
     "f32_to_bf16",
     "count_non_finite_bf16",
     "copy_columns_to_bf16",
@@ -234,9 +234,11 @@ const KERNELS: [&str; 54] = [
     "prefill_phi",
     "sympow_decode_read",
     "kv_cache_copy",
+    "kv_cache_copy_f64",
     "kv_cache_append",
-    "softmax_decode_partial",
-    "softmax_decode_combine",
+    "kv_cache_gate_append",
+    "kv_decode_partial",
+    "kv_decode_combine",
     "add_assign",
     "mul",
     "broadcast_rows",
@@ -2611,20 +2613,22 @@ impl Backend for CudaBackend {
         shape: &Shape,
         keys: &CudaSlice<f32>,
         values: &CudaSlice<f32>,
+        log_gates: Option<&CudaSlice<f32>>,
     ) -> CudaKvCache {
         let _p = self.prof("kv_cache");
-        self.new_kv_cache(shape, keys, values)
+        self.new_kv_cache(shape, keys, values, log_gates)
     }
-    fn softmax_decode_step(
+    fn kv_cache_decode_step(
         &self,
         spec: &AttentionSpec,
         cache: &mut CudaKvCache,
         q: &CudaSlice<f32>,
         k: &CudaSlice<f32>,
         v: &CudaSlice<f32>,
+        log_gates: Option<&CudaSlice<f32>>,
     ) -> CudaSlice<f32> {
-        let _p = self.prof("softmax_decode_step");
-        self.softmax_decode(spec, cache, q, k, v)
+        let _p = self.prof("kv_cache_decode_step");
+        self.kv_cache_decode(spec, cache, q, k, v, log_gates)
     }
     fn kv_cache_reserve(&self, cache: &mut CudaKvCache, len: usize, more: usize) -> bool {
         self.reserve_kv_cache(cache, len, more)

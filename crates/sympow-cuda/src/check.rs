@@ -1110,40 +1110,66 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         });
     }
 
-    // generation, softmax: a KV cache filled from a prefill, then appended to. 40 tokens: one
-    // partial split; 255: the prefill leaves one free row, the second step grows the cache and
-    // its second split holds one key; d = 130: wider than a block (values in column chunks),
-    // rows of a width not a multiple of 4
-    for (d, time) in [(16, 40), (64, 255), (130, 300)] {
-        let spec = AttentionSpec::softmax(d);
-        let shape = Shape {
-            batch: 2,
-            time,
-            heads: 3,
-            dk: d,
-            dv: d,
-        };
-        let n = 2 * time * 3 * d;
-        let (k, v): (Vec<f32>, Vec<f32>) = (randn(&mut r, n, 1.0), randn(&mut r, n, 1.0));
-        let mut cc = cpu.kv_cache(&spec, &shape, &k, &v);
-        let mut cg = gpu.kv_cache(&spec, &shape, &up(&k), &up(&v));
-        let mut err: f64 = 0.0;
-        for _ in 0..3 {
-            let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
-                randn(&mut r, 6 * d, 1.5),
-                randn(&mut r, 6 * d, 1.0),
-                randn(&mut r, 6 * d, 1.0),
-            );
-            let yc = cpu.softmax_decode_step(&spec, &mut cc, &q, &k, &v);
-            let yg = gpu.softmax_decode_step(&spec, &mut cg, &up(&q), &up(&k), &up(&v));
-            err = err.max(rel_err(&dn(&yg), &yc));
+    // generation from a KV cache (softmax; sympow where its state would be larger): a cache
+    // filled from a prefill, then appended to. 40 tokens: one partial split; 255: the prefill
+    // leaves one free row, the second step grows the cache (and its gates) and its second split
+    // holds one key; d = 130: wider than a block (values in column chunks), rows of a width not a
+    // multiple of 4. Strong gates (0.9–0.999 a token), so that G_t − G_s matters.
+    let kinds = [
+        (
+            "softmax",
+            AttentionSpec::softmax as fn(usize) -> AttentionSpec,
+            false,
+        ),
+        ("p=2 gated", |d| AttentionSpec::sympow(2, d).unwrap(), true),
+        ("p=4", |d| AttentionSpec::sympow(4, d).unwrap(), false),
+        ("p=4 gated", |d| AttentionSpec::sympow(4, d).unwrap(), true),
+    ];
+    for (label, spec_of, gated) in kinds {
+        for (d, time) in [(16, 40), (64, 255), (130, 300)] {
+            let spec = spec_of(d);
+            let shape = Shape {
+                batch: 2,
+                time,
+                heads: 3,
+                dk: d,
+                dv: d,
+            };
+            let n = 2 * time * 3 * d;
+            let (k, v): (Vec<f32>, Vec<f32>) = (randn(&mut r, n, 1.0), randn(&mut r, n, 1.0));
+            let g = gated.then(|| sympow::testing::log_gates(&mut r, 2 * time * 3, 0.9, 0.999));
+            let mut cc = cpu.kv_cache(&spec, &shape, &k, &v, g.as_ref());
+            let gg = g.as_ref().map(|g| up(g));
+            let mut cg = gpu.kv_cache(&spec, &shape, &up(&k), &up(&v), gg.as_ref());
+            let mut err: f64 = 0.0;
+            for _ in 0..3 {
+                let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+                    randn(&mut r, 6 * d, 1.5),
+                    randn(&mut r, 6 * d, 1.0),
+                    randn(&mut r, 6 * d, 1.0),
+                );
+                let g = gated.then(|| sympow::testing::log_gates(&mut r, 6, 0.9, 0.999));
+                let gg = g.as_ref().map(|g| up(g));
+                let yc = cpu.kv_cache_decode_step(&spec, &mut cc, &q, &k, &v, g.as_ref());
+                let yg = gpu.kv_cache_decode_step(
+                    &spec,
+                    &mut cg,
+                    &up(&q),
+                    &up(&k),
+                    &up(&v),
+                    gg.as_ref(),
+                );
+                err = err.max(rel_err(&dn(&yg), &yc));
+            }
+            assert_eq!((cc.len(), cg.len()), (time + 3, time + 3));
+            rows.push(Row {
+                what: format!(
+                    "KV-cache decode step, {label}, d={d}, {time} cached tokens (3 tokens)"
+                ),
+                err,
+                tol: TOL,
+            });
         }
-        assert_eq!((cc.len(), cg.len()), (time + 3, time + 3));
-        rows.push(Row {
-            what: format!("softmax decode step d={d}, {time} cached tokens (3 tokens)"),
-            err,
-            tol: TOL,
-        });
     }
 
     // the whole model: loss and every gradient
@@ -1193,10 +1219,25 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
             tol: 1e-3,
         });
     }
-    // generation through the whole model: prefill, then decode steps, on both backends
-    for attention in ["conformal", "softmax", "sympow"] {
+    // generation through the whole model: prefill, then decode steps, on both backends, in
+    // each decoding form (sympow from a KV cache too: conformal's gates and learned rotary, and
+    // p = 4, whose form that is at d = 64)
+    use sympow::inference::{DecodeForm, Decoder};
+    let forms = [
+        ("conformal", "2", DecodeForm::Recurrent),
+        ("softmax", "2", DecodeForm::KvCache),
+        ("sympow", "2", DecodeForm::Recurrent),
+        ("conformal", "2", DecodeForm::KvCache),
+        ("sympow", "4", DecodeForm::KvCache),
+    ];
+    for (name, power, form) in forms {
         let mut c = cfg.clone();
-        c.set("model.attention", attention).unwrap();
+        c.set_all(&[("model.attention", name), ("model.power", power)])
+            .unwrap();
+        let attention = match name {
+            "softmax" => name.to_string(),
+            _ => format!("{name} p={power}, {form}"),
+        };
         let mc = Model::init(CpuBackend::<f32>::new(), &c, seed);
         let params: Vec<Vec<f32>> = mc.params.refs().into_iter().cloned().collect();
         let mg = Model::from_params(
@@ -1209,11 +1250,11 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
         let a: Vec<u32> = (0..37).map(|i| (i * 13 % 256) as u32).collect();
         let b: Vec<u32> = (0..37).map(|i| (i * 101 % 256) as u32).collect();
         let prompts = [&a[..], &b[..], &a[..]];
-        let (mut dc, lc) = sympow::inference::Decoder::prefill_batch(&mc, &prompts);
-        let (mut dg, lg) = sympow::inference::Decoder::prefill_batch(&mg, &prompts);
+        let (mut dc, lc) = Decoder::prefill_batch_as(&mc, &prompts, form);
+        let (mut dg, lg) = Decoder::prefill_batch_as(&mg, &prompts, form);
         // the same steps with their ops one by one (the steps on the GPU are otherwise
         // recorded at the first and replayed)
-        let (mut de, _) = sympow::inference::Decoder::prefill_batch(&mg, &prompts);
+        let (mut de, _) = Decoder::prefill_batch_as(&mg, &prompts, form);
         de.set_recording(false);
         let (mut err, mut err_eager) = (rel_err(&lg, &lc), 0.0f64);
         for toks in [[5u32, 9, 11], [77, 200, 3], [200, 1, 250], [3, 3, 40]] {
@@ -1237,14 +1278,15 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
             err: if dg.is_recorded() { 0.0 } else { 1.0 },
             tol: 0.5,
         });
-        if attention == "softmax" {
+        if form == DecodeForm::KvCache {
             // a prompt of 253 tokens leaves its caches room for 3 more ([KV_SPLIT] = 256): the
-            // fourth step moves them, and the step is recorded anew over the moved caches
+            // fourth step moves them (and their gates), and the step is recorded anew over the
+            // moved caches
             let long: Vec<u32> = (0..253).map(|i| (i * 29 % 256) as u32).collect();
             let other = b.repeat(7)[..253].to_vec();
             let prompts = [&long[..], &other[..], &long[..]];
-            let (mut dc, lc) = sympow::inference::Decoder::prefill_batch(&mc, &prompts);
-            let (mut dg, lg) = sympow::inference::Decoder::prefill_batch(&mg, &prompts);
+            let (mut dc, lc) = Decoder::prefill_batch_as(&mc, &prompts, form);
+            let (mut dg, lg) = Decoder::prefill_batch_as(&mg, &prompts, form);
             let mut err = rel_err(&lg, &lc);
             let mut recorded = true;
             for i in 0..6u32 {
@@ -1253,23 +1295,22 @@ pub fn device_check(gpu: &CudaBackend, seed: u64) -> Vec<Row> {
                 recorded &= dg.is_recorded();
             }
             rows.push(Row {
-                what: "model generation logits (softmax, 253-token prompts, 6 tokens: the caches move at the 4th, replayed)".into(),
+                what: format!("model generation logits ({attention}, 253-token prompts, 6 tokens: the caches move at the 4th, replayed)"),
                 err,
                 tol: 1e-3,
             });
             rows.push(Row {
-                what:
-                    "model generation (softmax): every step recorded, again after the caches moved"
-                        .into(),
+                what: format!(
+                    "model generation ({attention}): every step recorded, again after the caches moved"
+                ),
                 err: if recorded { 0.0 } else { 1.0 },
                 tol: 0.5,
             });
-            continue; // (its decoders do not merge)
+            continue; // (KV-cache decoders do not merge)
         }
         // prompts of 37 and 20 tokens (the second twice) merged into one batch: the states and
         // learned rotary's angles concatenated, fixed rotary's angles by sequence
         let c20 = &b[..20];
-        use sympow::inference::Decoder;
         let mut dc = Decoder::merge(vec![
             Decoder::prefill(&mc, &a).0,
             Decoder::prefill_batch(&mc, &[c20, c20]).0,

@@ -558,25 +558,32 @@ pub trait Backend: Send + Sync {
         log_gates: Option<&Self::Tensor>,
     ) -> Self::Tensor;
     /// KV caches for `shape.batch` sequences of `shape.heads` heads holding their first
-    /// `shape.time` tokens: `keys` `[batch, time, heads, dk]` and `values` `[batch, time,
-    /// heads, dv]` (the prefill's rotated keys and its values, as the forward lays them out).
+    /// `shape.time` tokens: `keys` `[batch, time, heads, dk]`, `values` `[batch, time, heads,
+    /// dv]` and, for gated attention, `log_gates` `[batch, time, heads]` (the prefill's rotated
+    /// keys, its values and gates, as the forward lays them out). Softmax decodes from one;
+    /// sympow does where its recurrent state would be larger
+    /// ([`DecodeForm`](crate::inference::DecodeForm)).
     fn kv_cache(
         &self,
         spec: &AttentionSpec,
         shape: &Shape,
         keys: &Self::Tensor,
         values: &Self::Tensor,
+        log_gates: Option<&Self::Tensor>,
     ) -> Self::KvCache;
-    /// One token of softmax attention per sequence and head: appends k (`[batch, heads, dk]`)
-    /// and v (`[batch, heads, dv]`) to the cache and attends over it with q (`[batch, heads,
-    /// dk]`); returns y `[batch, heads, dv]`. Its cost grows linearly with the context.
-    fn softmax_decode_step(
+    /// One token of attention per sequence and head from a KV cache (the quadratic form's last
+    /// row, softmax or power): appends k (`[batch, heads, dk]`), v (`[batch, heads, dv]`) and,
+    /// for a gated cache, the log gates (`[batch, heads]`) to the cache and attends over it
+    /// with q (`[batch, heads, dk]`); returns y `[batch, heads, dv]`. Its cost grows linearly
+    /// with the context.
+    fn kv_cache_decode_step(
         &self,
         spec: &AttentionSpec,
         cache: &mut Self::KvCache,
         q: &Self::Tensor,
         k: &Self::Tensor,
         v: &Self::Tensor,
+        log_gates: Option<&Self::Tensor>,
     ) -> Self::Tensor;
     /// Room in `cache` for `more` tokens a sequence after the `len` each holds, without moving
     /// it; returns whether it moved. A step recorded over the cache ([`record`](Self::record))
@@ -1037,18 +1044,20 @@ impl<F: Float> Backend for CpuBackend<F> {
         shape: &Shape,
         keys: &Vec<F>,
         values: &Vec<F>,
+        log_gates: Option<&Vec<F>>,
     ) -> attention::KvCache<F> {
-        attention::KvCache::new(spec, shape, keys, values)
+        attention::KvCache::new(spec, shape, keys, values, log_gates.map(|g| &g[..]))
     }
-    fn softmax_decode_step(
+    fn kv_cache_decode_step(
         &self,
         _spec: &AttentionSpec,
         cache: &mut attention::KvCache<F>,
         q: &Vec<F>,
         k: &Vec<F>,
         v: &Vec<F>,
+        log_gates: Option<&Vec<F>>,
     ) -> Vec<F> {
-        cache.step(q, k, v)
+        cache.step(q, k, v, log_gates.map(|g| &g[..]))
     }
     fn cross_entropy_forward(
         &self,

@@ -112,8 +112,10 @@ pub fn format_attention_table(rows: &[AttentionBenchRow]) -> String {
 /// One row of the decode benchmark.
 #[derive(Clone, Debug)]
 pub struct DecodeBenchRow {
-    /// Attention variant (config value of `model.attention`).
-    pub attention: String,
+    /// The variant's name.
+    pub variant: String,
+    /// How its decoder held the context: recurrent state or KV cache.
+    pub form: crate::inference::DecodeForm,
     /// Sequences decoded together.
     pub batch: usize,
     /// Tokens already in each sequence's context when decoding starts.
@@ -134,45 +136,48 @@ pub struct DecodeBenchRow {
     pub prefill_profile: Option<(Vec<crate::backend::ProfileRow>, f64)>,
 }
 
-/// Per-step decode time after a prefill of each context length, for each attention variant
-/// (`model.attention` values) of config `cfg` with random weights and each batch size (every
-/// sequence of a batch continues the same prompt, which is prefilled once): the recurrent state
-/// makes a sympow step independent of the context; softmax's KV cache makes it grow with it.
-/// For one variant and batch size, every context's decoder is prefilled first and their steps are
-/// then timed in turn (one step of each, `steps` times), so that a drift of the machine's speed
-/// during the run falls on every context alike (a step of one sequence is bound by its kernel
-/// launches, whose cost drifts by tens of percent from minute to minute); this holds every
-/// context's state or cache at once. Softmax is timed only up to `softmax_max` tokens of context
-/// (its prefill is quadratic) and `softmax_max_cached` tokens cached over the batch (its cache's
-/// memory); the rows beyond are reported as skipped. With `profile` (a backend that can time its
-/// ops), each row also times its ops over `steps` more steps and over one more prefill.
+/// Per-step decode time after a prefill of each context length, for each named variant config
+/// (random weights) decoded in `form` (resolved per variant, [`DecodeForm::resolve`]: `Auto`
+/// decodes softmax, and sympow p = 4 at d = 64, from KV caches, sympow p = 2 recurrently) and
+/// each batch size (every sequence of a batch continues the same prompt, which is prefilled
+/// once): the recurrent state makes a step independent of the context; a KV cache makes it grow
+/// with it. For one variant and batch size, every context's decoder is prefilled first and their
+/// steps are then timed in turn (one step of each, `steps` times), so that a drift of the
+/// machine's speed during the run falls on every context alike (a step of one sequence is bound
+/// by its kernel launches, whose cost drifts by tens of percent from minute to minute); this
+/// holds every context's state or cache at once. A KV cache is timed only up to `cache_max`
+/// tokens of context (softmax's prefill is quadratic) and `cache_max_tokens` tokens cached over
+/// the batch (its memory); the rows beyond are reported as skipped. With `profile` (a backend
+/// that can time its ops), each row also times its ops over `steps` more steps and over one more
+/// prefill.
+///
+/// [`DecodeForm::resolve`]: crate::inference::DecodeForm::resolve
 #[allow(clippy::too_many_arguments)]
 pub fn decode<B: crate::backend::Backend>(
     make: &mut dyn FnMut() -> B,
-    cfg: &crate::config::Config,
-    attentions: &[&str],
+    variants: &[(String, crate::config::Config)],
+    form: crate::inference::DecodeForm,
     batches: &[usize],
     contexts: &[usize],
     steps: usize,
-    softmax_max: usize,
-    softmax_max_cached: usize,
+    cache_max: usize,
+    cache_max_tokens: usize,
     profile: bool,
-) -> Result<Vec<DecodeBenchRow>, crate::config::ConfigError> {
-    use crate::inference::Decoder;
+) -> Result<Vec<DecodeBenchRow>, String> {
+    use crate::inference::{DecodeForm, Decoder};
     use crate::model::Model;
     let steps = steps.max(1);
     let mut rows = Vec::new();
-    for &att in attentions {
-        let mut c = cfg.clone();
-        c.set_all(&[("model.attention", att)])?;
-        let model = Model::init(make(), &c, 1);
+    for (name, c) in variants {
+        let form = form.resolve(c).map_err(|e| format!("{name}: {e}"))?;
+        let model = Model::init(make(), c, 1);
         let vocab = model.dims.vocab as u64;
         let prompt = |ctx: usize| -> Vec<u32> {
             (0..ctx as u64)
                 .map(|i| (i.wrapping_mul(2_654_435_761) % vocab) as u32)
                 .collect()
         };
-        let mut att_rows = Vec::new();
+        let mut variant_rows = Vec::new();
         for &batch in batches {
             // sequence i's tokens at step s: distinct across the batch, like real sampling
             let tokens = |s: usize| -> Vec<u32> {
@@ -182,9 +187,11 @@ pub fn decode<B: crate::backend::Backend>(
             };
             let mut live = Vec::new(); // (context, decoder, prefill seconds)
             for &ctx in contexts {
-                if att == "softmax" && (ctx > softmax_max || batch * ctx > softmax_max_cached) {
-                    att_rows.push(DecodeBenchRow {
-                        attention: att.to_string(),
+                let cached = form == DecodeForm::KvCache;
+                if cached && (ctx > cache_max || batch * ctx > cache_max_tokens) {
+                    variant_rows.push(DecodeBenchRow {
+                        variant: name.clone(),
+                        form,
                         batch,
                         context: ctx,
                         step_us: None,
@@ -197,7 +204,8 @@ pub fn decode<B: crate::backend::Backend>(
                 }
                 let prompt = prompt(ctx);
                 let t0 = Instant::now();
-                let (mut dec, _) = Decoder::prefill_batch(&model, &vec![&prompt[..]; batch]);
+                let (mut dec, _) =
+                    Decoder::prefill_batch_as(&model, &vec![&prompt[..]; batch], form);
                 let prefill_s = t0.elapsed().as_secs_f64();
                 for s in 0..4 {
                     dec.step(&tokens(s)); // warm-up: caches, allocator
@@ -233,15 +241,16 @@ pub fn decode<B: crate::backend::Backend>(
                     model.backend.set_profiling(true);
                     let prompt = prompt(ctx);
                     let t0 = Instant::now();
-                    let dec = Decoder::prefill_batch(&model, &vec![&prompt[..]; batch]);
+                    let dec = Decoder::prefill_batch_as(&model, &vec![&prompt[..]; batch], form);
                     let total = t0.elapsed().as_secs_f64();
                     drop(dec);
                     let ops = model.backend.profile();
                     model.backend.set_profiling(false);
                     (ops, total)
                 });
-                att_rows.push(DecodeBenchRow {
-                    attention: att.to_string(),
+                variant_rows.push(DecodeBenchRow {
+                    variant: name.clone(),
+                    form,
                     batch,
                     context: ctx,
                     step_us: Some(times[times.len() / 2]),
@@ -254,8 +263,9 @@ pub fn decode<B: crate::backend::Backend>(
         }
         // the table's order: by context, then batch (a stable sort keeps `contexts`' order)
         let order = |ctx: usize| contexts.iter().position(|&c| c == ctx);
-        att_rows.sort_by_key(|r| (order(r.context), batches.iter().position(|&b| b == r.batch)));
-        rows.extend(att_rows);
+        variant_rows
+            .sort_by_key(|r| (order(r.context), batches.iter().position(|&b| b == r.batch)));
+        rows.extend(variant_rows);
     }
     Ok(rows)
 }
@@ -276,31 +286,32 @@ pub fn format_bytes(bytes: usize) -> String {
 /// shortest context.
 pub fn format_decode_table(rows: &[DecodeBenchRow]) -> String {
     let mut s = String::from(
-        " attention  | batch | context | prefill s | µs per step | tokens/s | × shortest context | state or cache\n",
+        " variant    | batch | context | prefill s | µs per step | tokens/s | × shortest context | state or cache | form\n",
     );
     s.push_str(
-        "------------+-------+---------+-----------+-------------+----------+--------------------+---------------\n",
+        "------------+-------+---------+-----------+-------------+----------+--------------------+----------------+----------\n",
     );
     for r in rows {
         let base = rows
             .iter()
-            .find(|b| b.attention == r.attention && b.batch == r.batch)
+            .find(|b| b.variant == r.variant && b.batch == r.batch)
             .and_then(|b| b.step_us);
         match r.step_us {
             Some(us) => s.push_str(&format!(
-                " {:<10} | {:>5} | {:>7} | {:>9.2} | {:>11.1} | {:>8.0} | {:>17.2}× | {:>14}\n",
-                r.attention,
+                " {:<10} | {:>5} | {:>7} | {:>9.2} | {:>11.1} | {:>8.0} | {:>17.2}× | {:>14} | {}\n",
+                r.variant,
                 r.batch,
                 r.context,
                 r.prefill_s,
                 us,
                 r.batch as f64 * 1e6 / us,
                 base.map_or(f64::NAN, |b| us / b),
-                format_bytes(r.memory_bytes)
+                format_bytes(r.memory_bytes),
+                r.form
             )),
             None => s.push_str(&format!(
-                " {:<10} | {:>5} | {:>7} | skipped: over --softmax-max or --softmax-max-cached\n",
-                r.attention, r.batch, r.context
+                " {:<10} | {:>5} | {:>7} | skipped ({}): over --softmax-max or --softmax-max-cached\n",
+                r.variant, r.batch, r.context, r.form
             )),
         }
     }

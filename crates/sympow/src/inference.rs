@@ -1,15 +1,17 @@
 //! Generation: a batch of prompts is prefilled with the training form (chunked for sympow), then
 //! each new token costs the same whatever the context — sympow updates a recurrent state per
-//! sequence and head (SPEC §9), softmax appends to a KV cache.
+//! sequence and head (SPEC §9), softmax appends to a KV cache. Where a sympow head's recurrent
+//! state would be larger than a KV cache of any context it will meet (p = 4: [`DecodeForm`]),
+//! sympow decodes from a KV cache too.
 //!
 //! A step runs entirely through the backend, for every sequence of the batch at once. On a GPU,
 //! sympow's recurrent states are made from the prompt there
 //! ([`Backend::sympow_prefill_state`]) and stay there; [`Backend::sympow_decode_step`] updates
-//! and reads them in one pass (f64 states, as on the CPU); softmax's KV caches stay there too and
-//! [`Backend::softmax_decode_step`] appends to them and attends over them (linear in the
+//! and reads them in one pass (f64 states, as on the CPU); KV caches stay there too and
+//! [`Backend::kv_cache_decode_step`] appends to them and attends over them (linear in the
 //! context, as softmax must be). One sequence's step is a few hundred small kernels; where
 //! the backend can record them ([`Backend::record`]: a CUDA graph), the step is recorded at the
-//! first step and replayed as one launch after that (softmax's again whenever its caches move
+//! first step and replayed as one launch after that (a KV-cache decoder's again whenever its caches move
 //! to more room: [`Backend::kv_cache_reserve`]).
 
 use crate::attention::{Form, Shape};
@@ -19,10 +21,129 @@ use crate::model::{Dims, ForwardCtx, Model};
 use crate::Float;
 use rayon::prelude::*;
 
+/// Sympow decodes recurrently (with [`DecodeForm::Auto`]) while its state holds no more numbers
+/// than a KV cache of this many tokens: a step then also costs fewer FLOPs than the cache's
+/// would beyond this context (≈ 2·D·(e+1) against ≈ 2·(d+e)·t). At d = 64 that is p = 2 (a
+/// state the size of 1,056 tokens of cache) and not p = 4 (389,000 tokens).
+pub const RECURRENT_HORIZON: usize = 65_536;
+
+/// How a decoder holds each attention layer's context from step to step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeForm {
+    /// [`Recurrent`](Self::Recurrent) for sympow whose state is no larger than a KV cache of
+    /// [`RECURRENT_HORIZON`] tokens, [`KvCache`](Self::KvCache) otherwise (softmax always).
+    Auto,
+    /// Sympow's recurrent state (SPEC §9): the same cost and memory per token at any context.
+    Recurrent,
+    /// Every token's rotated key, value (and cumulative gate), attended over at each step: cost
+    /// and memory grow with the context.
+    KvCache,
+}
+
+impl std::str::FromStr for DecodeForm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "recurrent" => Ok(Self::Recurrent),
+            "kv-cache" => Ok(Self::KvCache),
+            _ => Err(format!(
+                "unknown decode form {s:?} (expected auto, recurrent or kv-cache)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for DecodeForm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Recurrent => "recurrent",
+            Self::KvCache => "kv-cache",
+        })
+    }
+}
+
+impl DecodeForm {
+    /// The form a model of config `cfg` decodes in: `Auto` made concrete; an error for a
+    /// recurrent softmax, which has no recurrent state.
+    ///
+    /// ```
+    /// use sympow::{config::Config, inference::DecodeForm};
+    /// let mut cfg = Config::preset("gpt2-124m").unwrap(); // conformal sympow, p = 2, d = 64
+    /// assert_eq!(DecodeForm::Auto.resolve(&cfg), Ok(DecodeForm::Recurrent));
+    /// cfg.set("model.power", "4").unwrap(); // D = 766,480: a state of 389k tokens of cache
+    /// assert_eq!(DecodeForm::Auto.resolve(&cfg), Ok(DecodeForm::KvCache));
+    /// cfg.set("model.attention", "softmax").unwrap();
+    /// assert!(DecodeForm::Recurrent.resolve(&cfg).is_err());
+    /// ```
+    pub fn resolve(self, cfg: &crate::config::Config) -> Result<Self, String> {
+        let m = &cfg.model;
+        let softmax = m.attention == crate::config::AttentionKind::Softmax;
+        match self {
+            Self::Recurrent if softmax => {
+                Err("softmax attention has no recurrent state: it decodes from a KV cache".into())
+            }
+            Self::Auto if softmax => Ok(Self::KvCache),
+            Self::Auto => {
+                let d = m.head_dim;
+                let state = crate::attention::phi::sympow_dim(d, m.power) * (d + 1);
+                let gated = usize::from(cfg.gate() != crate::config::GateKind::None);
+                let token = 2 * d + gated;
+                Ok(if state <= token * RECURRENT_HORIZON {
+                    Self::Recurrent
+                } else {
+                    Self::KvCache
+                })
+            }
+            form => Ok(form),
+        }
+    }
+}
+
+/// What decoding a model of config `cfg` holds, in its default form ([`DecodeForm::Auto`]): a
+/// line for the training log.
+///
+/// ```
+/// use sympow::{config::Config, inference::decoding_memory};
+/// let mut cfg = Config::preset("small").unwrap(); // 6 layers, 6 heads × 64, conformal p = 2
+/// assert!(decoding_memory(&cfg).starts_with("recurrent state: 4867200 numbers (37.1 MiB"));
+/// cfg.set_all(&[("model.attention", "sympow"), ("model.power", "4")]).unwrap();
+/// assert!(decoding_memory(&cfg).starts_with("KV cache: 4608 numbers per token"));
+/// ```
+pub fn decoding_memory(cfg: &crate::config::Config) -> String {
+    let m = &cfg.model;
+    let (heads, d) = (m.layers * m.heads, m.head_dim);
+    let state = heads * crate::attention::phi::sympow_dim(d, m.power) * (d + 1);
+    let gated = usize::from(cfg.gate() != crate::config::GateKind::None);
+    let token = heads * (2 * d + gated);
+    let mib = |n: usize, bytes: usize| (n * bytes) as f64 / (1 << 20) as f64;
+    match DecodeForm::Auto.resolve(cfg) {
+        Ok(DecodeForm::Recurrent) => format!(
+            "recurrent state: {state} numbers ({:.1} MiB a sequence in f64, as the decoder keeps it), the same at any context length",
+            mib(state, 8)
+        ),
+        _ => {
+            let mut s = format!(
+                "KV cache: {token} numbers per token ({:.1} KiB/token in f32), growing with context",
+                mib(token, 4) * 1024.0
+            );
+            if m.attention != crate::config::AttentionKind::Softmax {
+                s += &format!(
+                    " (its recurrent state would be {state} numbers, {:.1} GiB a sequence in f64)",
+                    mib(state, 8) / 1024.0
+                );
+            }
+            s
+        }
+    }
+}
+
 enum LayerState<S, C> {
     /// Sympow: one recurrent state per head, owned by the backend.
     Recurrent(S),
-    /// Softmax: every head's rotated keys and values so far, owned by the backend.
+    /// Softmax, or sympow decoded from a cache: every head's rotated keys and values (and
+    /// cumulative gates) so far, owned by the backend.
     Cache(C),
 }
 
@@ -33,6 +154,8 @@ enum LayerState<S, C> {
 pub struct Decoder<'m, B: Backend> {
     model: &'m Model<B>,
     layers: Vec<LayerState<B::DecodeState, B::KvCache>>,
+    /// Recurrent or KV cache, resolved.
+    form: DecodeForm,
     /// Cumulative rotary angles per layer `[batch, heads, d/2]` (learned rotary).
     angles: Vec<Option<B::Tensor>>,
     batch: usize,
@@ -44,10 +167,10 @@ pub struct Decoder<'m, B: Backend> {
     padded: Vec<B::Scalar>,
     logits: Vec<f64>,
     /// The step's layers and head, recorded at the first step where the backend records
-    /// ([`Backend::record`]) and replayed at every later one (until softmax's caches move).
+    /// ([`Backend::record`]) and replayed at every later one (until KV caches move).
     graph: Option<StepGraph<B>>,
     /// Whether to try recording at the next step (a backend that did not record at the first
-    /// step is not asked again; one that did is asked again when softmax's caches move).
+    /// step is not asked again; one that did is asked again when KV caches move).
     try_graph: bool,
     /// Last, so that it is released after the recording that reads it is gone.
     _weights: HeldWeights<'m, B>,
@@ -116,6 +239,31 @@ impl<'m, B: Backend> Decoder<'m, B> {
     /// assert_eq!((next.len(), dec.positions()), (3 * vocab, &[4, 4, 4][..]));
     /// ```
     pub fn prefill_batch(model: &'m Model<B>, prompts: &[&[u32]]) -> (Self, Vec<f64>) {
+        Self::prefill_batch_as(model, prompts, DecodeForm::Auto)
+    }
+
+    /// [`prefill_batch`](Self::prefill_batch) into the decoding form `form` ([`DecodeForm`]):
+    /// e.g. sympow from a KV cache, to compare its steps with the recurrent state's. Panics
+    /// where the model has no such form (a recurrent softmax: check with
+    /// [`DecodeForm::resolve`]).
+    ///
+    /// ```
+    /// use sympow::{backend::CpuBackend, config::Config, inference::*, model::Model};
+    /// let model = Model::init(CpuBackend::<f64>::new(), &Config::preset("tiny").unwrap(), 0);
+    /// let (mut rec, a) = Decoder::prefill_batch_as(&model, &[&[1, 2, 3]], DecodeForm::Recurrent);
+    /// let (mut kv, b) = Decoder::prefill_batch_as(&model, &[&[1, 2, 3]], DecodeForm::KvCache);
+    /// assert_eq!((rec.form(), kv.form()), (DecodeForm::Recurrent, DecodeForm::KvCache));
+    /// // the same function of the context either way
+    /// let close = |x: &[f64], y: &[f64]| x.iter().zip(y).all(|(x, y)| (x - y).abs() < 1e-9);
+    /// assert!(close(&a, &b));
+    /// assert!(close(&rec.step(&[4]).to_vec(), kv.step(&[4])));
+    /// ```
+    pub fn prefill_batch_as(
+        model: &'m Model<B>,
+        prompts: &[&[u32]],
+        form: DecodeForm,
+    ) -> (Self, Vec<f64>) {
+        let form = form.resolve(&model.cfg).unwrap_or_else(|e| panic!("{e}"));
         assert!(!prompts.is_empty(), "prefill needs at least one prompt");
         let t = prompts[0].len();
         assert!(t > 0, "prefill needs at least one token");
@@ -144,8 +292,8 @@ impl<'m, B: Backend> Decoder<'m, B> {
         // the prefill holds one block's activations, not a training forward's every one
         let ctx = model.forward_ctx(n, t, &[0], None);
         let shape = ctx.shape;
-        // softmax: each sequence's keys and values are its prompt's rows, gathered on the device
-        // where a prompt repeats
+        // KV caches: each sequence's keys, values (and gates) are its prompt's rows, gathered on
+        // the device where a prompt repeats
         let cache_rows: Option<Vec<u32>> = (n < batch).then(|| {
             src.iter()
                 .flat_map(|&s| (s * t..(s + 1) * t).map(|r| r as u32))
@@ -158,29 +306,29 @@ impl<'m, B: Backend> Decoder<'m, B> {
             let (x_out, bt) = model.block_forward(l, x, &ctx);
             let a = &bt.inputs;
             x = x_out;
-            layers.push(
-                if model.cfg.model.attention == crate::config::AttentionKind::Softmax {
-                    let shape = Shape { batch, ..shape };
-                    LayerState::Cache(match &cache_rows {
-                        None => be.kv_cache(&ctx.spec, &shape, &a.kr, &a.v),
-                        Some(rows) => {
-                            let k = be.embedding_forward(&a.kr, rows, h * d);
-                            let v = be.embedding_forward(&a.v, rows, h * d);
-                            be.kv_cache(&ctx.spec, &shape, &k, &v)
-                        }
-                    })
-                } else {
-                    // the state after the prompt, in f64 (see `RecurrentState`)
-                    let chunk = match ctx.form {
-                        Form::Chunked(c) => c,
-                        _ => model.cfg.model.chunk,
-                    };
-                    let g = a.log_gates.as_ref();
-                    LayerState::Recurrent(
-                        be.sympow_prefill_state(&ctx.spec, &shape, chunk, &a.kr, &a.v, g, &src),
-                    )
-                },
-            );
+            layers.push(if form == DecodeForm::KvCache {
+                let shape = Shape { batch, ..shape };
+                let g = a.log_gates.as_ref();
+                LayerState::Cache(match &cache_rows {
+                    None => be.kv_cache(&ctx.spec, &shape, &a.kr, &a.v, g),
+                    Some(rows) => {
+                        let k = be.embedding_forward(&a.kr, rows, h * d);
+                        let v = be.embedding_forward(&a.v, rows, h * d);
+                        let g = g.map(|g| be.embedding_forward(g, rows, h));
+                        be.kv_cache(&ctx.spec, &shape, &k, &v, g.as_ref())
+                    }
+                })
+            } else {
+                // the state after the prompt, in f64 (see `RecurrentState`)
+                let chunk = match ctx.form {
+                    Form::Chunked(c) => c,
+                    _ => model.cfg.model.chunk,
+                };
+                let g = a.log_gates.as_ref();
+                LayerState::Recurrent(
+                    be.sympow_prefill_state(&ctx.spec, &shape, chunk, &a.kr, &a.v, g, &src),
+                )
+            });
             angles.push(match &a.angles {
                 Some(cum) if model.cfg.rotary() == RotaryKind::Learned => {
                     Some(be.embedding_forward(cum, &last_rows, h * d / 2))
@@ -197,6 +345,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
             Decoder {
                 model,
                 layers,
+                form,
                 angles,
                 batch,
                 pos: vec![t; batch],
@@ -213,6 +362,12 @@ impl<'m, B: Backend> Decoder<'m, B> {
     /// Sequences decoded together.
     pub fn batch(&self) -> usize {
         self.batch
+    }
+
+    /// How the decoder holds its context: [`DecodeForm::Recurrent`] or
+    /// [`DecodeForm::KvCache`].
+    pub fn form(&self) -> DecodeForm {
+        self.form
     }
 
     /// Whether the steps replay a recording of their ops ([`Backend::record`]; see
@@ -237,8 +392,8 @@ impl<'m, B: Backend> Decoder<'m, B> {
 
     /// One decoder of the sequences of `parts`, in order, each at its own position: prompts of
     /// different lengths, prefilled one length at a time, then stepped as one batch (one
-    /// forward a step, not one for each length). Sympow only: its recurrent state is the same
-    /// size after any number of tokens, where softmax KV caches of different lengths do not
+    /// forward a step, not one for each length). Recurrent decoders only: a recurrent state is
+    /// the same size after any number of tokens, where KV caches of different lengths do not
     /// make one batch (panics). The parts' states are copied into the merged decoder's, so
     /// for a moment both are held.
     ///
@@ -272,7 +427,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 match layer {
                     LayerState::Recurrent(s) => states[l].push(s),
                     LayerState::Cache(_) => panic!(
-                        "softmax decoders do not merge (KV caches of different lengths): step them side by side"
+                        "KV-cache decoders do not merge (caches of different lengths): step them side by side"
                     ),
                 }
             }
@@ -290,6 +445,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 .into_iter()
                 .map(|s| LayerState::Recurrent(be.concat_decode_states(s)))
                 .collect(),
+            form: DecodeForm::Recurrent,
             angles: angles
                 .into_iter()
                 .map(|a| match a.len() {
@@ -309,7 +465,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
     }
 
     /// Bytes the batch's recurrent states or KV caches hold on the backend's device, over every
-    /// layer: constant in the context for sympow, linear in it for softmax.
+    /// layer: constant in the context for a recurrent state, linear in it for a cache.
     pub fn memory_bytes(&self) -> usize {
         let angles: usize = self.angles.iter().flatten().count() * self.batch;
         let angles = angles * self.model.dims.heads * self.model.dims.head_dim / 2;
@@ -328,8 +484,8 @@ impl<'m, B: Backend> Decoder<'m, B> {
     /// logits (`[batch, vocab]`).
     ///
     /// On a backend that records ([`Backend::record`], CUDA graphs) the step is recorded at
-    /// the first step and replayed from then on: the same ops, one launch. Softmax's is
-    /// recorded again each time its caches move to more room (twice the room each time:
+    /// the first step and replayed from then on: the same ops, one launch. A KV-cache decoder's
+    /// is recorded again each time its caches move to more room (twice the room each time:
     /// [`Backend::kv_cache_reserve`]).
     pub fn step(&mut self, tokens: &[u32]) -> &[f64] {
         assert_eq!(
@@ -343,8 +499,8 @@ impl<'m, B: Backend> Decoder<'m, B> {
         // the model's own block halves around each layer's decode step (one token a sequence)
         let ctx = m.forward_ctx(b, 1, &self.pos, None);
         let x = m.embed(tokens, b, 1);
-        // softmax: room for this token in each cache before the step is recorded or replayed
-        // (its sequences all stand at one position: softmax decoders do not merge)
+        // KV caches: room for this token in each before the step is recorded or replayed (their
+        // sequences all stand at one position: KV-cache decoders do not merge)
         let mut moved = false;
         for layer in &mut self.layers {
             if let LayerState::Cache(cache) = layer {
@@ -452,9 +608,14 @@ impl<'m, B: Backend> Decoder<'m, B> {
                     &a.v,
                     a.log_gates.as_ref(),
                 ),
-                LayerState::Cache(cache) => {
-                    be.softmax_decode_step(&ctx.spec, cache, &a.qr, &a.kr, &a.v)
-                }
+                LayerState::Cache(cache) => be.kv_cache_decode_step(
+                    &ctx.spec,
+                    cache,
+                    &a.qr,
+                    &a.kr,
+                    &a.v,
+                    a.log_gates.as_ref(),
+                ),
             };
             if m.cfg.rotary() == RotaryKind::Learned {
                 // cumulative: the next token's angles continue from this one's, in the same
@@ -527,27 +688,36 @@ pub fn sample(logits: &[f64], s: &Sampling, rng: &mut impl rand::Rng) -> u32 {
     *idx.last().unwrap() as u32
 }
 
-/// Generates up to `max_tokens` after `prompt`, calling `on_token` with each as it comes.
-/// Memory per step is constant for sympow (recurrent state), linear for softmax (KV cache).
-/// The same as the first sequence of [`generate_batch`] with this seed.
+/// Generates up to `max_tokens` after `prompt`, decoding in `form`, calling `on_token` with
+/// each token as it comes. Memory per step is constant for a recurrent state, linear for a KV
+/// cache. The same as the first sequence of [`generate_batch`] with this seed.
 pub fn generate<B: Backend>(
     model: &Model<B>,
     prompt: &[u32],
     max_tokens: usize,
     sampling: &Sampling,
+    form: DecodeForm,
     seed: u64,
     mut on_token: impl FnMut(u32),
 ) -> Vec<u32> {
-    let mut out = generate_batch(model, &[prompt], max_tokens, sampling, seed, |_, t| {
-        on_token(t)
-    });
+    let mut out = generate_batch(
+        model,
+        &[prompt],
+        max_tokens,
+        sampling,
+        form,
+        seed,
+        |_, t| on_token(t),
+    );
     out.pop().unwrap()
 }
 
 /// Generates up to `max_tokens` after each of `prompts` (repeat one prompt for several samples
-/// of it), decoding them together: the prompts of each length are prefilled as one batch, and
-/// then every sequence steps in one batch ([`Decoder::merge`]) — for softmax, whose KV caches
-/// of different lengths do not merge, one batch per length, stepped side by side. Sequence i
+/// of it), decoding them together in `form` (panics where the model has no such form:
+/// [`DecodeForm::resolve`]): the prompts of each length are prefilled as one batch, and
+/// then every sequence steps in one batch ([`Decoder::merge`]) — for a KV cache (softmax, or
+/// sympow whose state is too large: [`DecodeForm::Auto`]), whose caches of different lengths do
+/// not merge, one batch per length, stepped side by side. Sequence i
 /// draws from its own random stream (stream i of ChaCha8 seeded with `seed`), so its tokens do
 /// not depend on the other sequences. `on_token(i, token)` is called with each token as it
 /// comes, a step's tokens in sequence order.
@@ -557,14 +727,16 @@ pub fn generate<B: Backend>(
 /// let model = Model::init(CpuBackend::<f32>::new(), &Config::preset("tiny").unwrap(), 0);
 /// let greedy = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 };
 /// let prompts: [&[u32]; 3] = [&[1, 2, 3], &[4, 5], &[6, 7, 8]];
-/// let outs = generate_batch(&model, &prompts, 5, &greedy, 0, |_, _| {});
-/// assert_eq!(outs[1], generate(&model, &[4, 5], 5, &greedy, 0, |_| {}));
+/// let auto = DecodeForm::Auto;
+/// let outs = generate_batch(&model, &prompts, 5, &greedy, auto, 0, |_, _| {});
+/// assert_eq!(outs[1], generate(&model, &[4, 5], 5, &greedy, auto, 0, |_| {}));
 /// ```
 pub fn generate_batch<B: Backend>(
     model: &Model<B>,
     prompts: &[&[u32]],
     max_tokens: usize,
     sampling: &Sampling,
+    form: DecodeForm,
     seed: u64,
     mut on_token: impl FnMut(usize, u32),
 ) -> Vec<Vec<u32>> {
@@ -605,13 +777,13 @@ pub fn generate_batch<B: Backend>(
         .iter()
         .map(|g| {
             let ps: Vec<&[u32]> = g.iter().map(|&i| prompts[i]).collect();
-            let (dec, rows) = Decoder::prefill_batch(model, &ps);
+            let (dec, rows) = Decoder::prefill_batch_as(model, &ps, form);
             scatter(&mut logits, g, &rows);
             dec
         })
         .collect();
-    if decoders.len() > 1 && model.cfg.model.attention != crate::config::AttentionKind::Softmax {
-        // sympow: one batch of every length (its rows in the groups' order)
+    if decoders.len() > 1 && decoders[0].form() == DecodeForm::Recurrent {
+        // recurrent states: one batch of every length (its rows in the groups' order)
         decoders = vec![Decoder::merge(decoders)];
         groups = vec![groups.concat()];
     }

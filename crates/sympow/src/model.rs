@@ -588,19 +588,6 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// Memory of inference state: for sympow, the recurrent state (constant in context);
-    /// for softmax, the KV cache per token. Returns (numbers, description).
-    pub fn inference_state_size(&self) -> (usize, String) {
-        let (l, h, d) = (self.cfg.model.layers, self.dims.heads, self.dims.head_dim);
-        if self.cfg.model.attention == AttentionKind::Softmax {
-            let n = 2 * l * h * d;
-            (n, format!("KV cache: {n} numbers per token ({:.1} KiB/token in f32), growing with context", n as f64 * 4.0 / 1024.0))
-        } else {
-            let n = l * h * sympow_dim(d, self.cfg.model.power) * (d + 1);
-            (n, format!("recurrent state: {n} numbers ({:.1} MiB a sequence in f64, as the decoder keeps it), the same at any context length", n as f64 * 8.0 / (1 << 20) as f64))
-        }
-    }
-
     fn layer_norm(
         &self,
         x: &B::Tensor,

@@ -398,7 +398,7 @@ pub fn train_with<B: Backend>(
             } else {
                 String::new()
             },
-            model.inference_state_size().1
+            crate::inference::decoding_memory(cfg)
         );
         println!(
         "data: {train_docs} training documents ({train_tokens} tokens), {val_docs} validation ({val_tokens}); unigram baseline {unigram:.4} nats/token"

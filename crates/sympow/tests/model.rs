@@ -5,7 +5,7 @@ mod common;
 use rand::Rng;
 use sympow::backend::{Backend, CpuBackend};
 use sympow::config::Config;
-use sympow::inference::Decoder;
+use sympow::inference::{DecodeForm, Decoder};
 use sympow::model::{DropoutCtx, Model};
 use sympow::testing::{numerical_grad, rel_err, rng};
 
@@ -161,10 +161,25 @@ fn model_backward_matches_finite_differences() {
     }
 }
 
+/// Every variant's decoding forms: sympow's recurrent state and KV cache, softmax's cache.
+fn decode_forms(name: &str) -> &'static [DecodeForm] {
+    if name == "softmax" {
+        &[DecodeForm::KvCache]
+    } else {
+        &[DecodeForm::Recurrent, DecodeForm::KvCache]
+    }
+}
+
+/// Prefill and steps give the logits of the full forward, in every decoding form (sympow from a
+/// KV cache too: the gates' cumulative sums and learned rotary's angles carried by the cache).
 #[test]
 fn decoding_token_by_token_matches_full_forward() {
     let seed = common::seed("decode_vs_forward");
-    for (i, (name, ov)) in variants().into_iter().enumerate() {
+    for ((i, (name, ov)), &form) in variants()
+        .into_iter()
+        .enumerate()
+        .flat_map(|v| decode_forms(v.1 .0).iter().map(move |f| (v.clone(), f)))
+    {
         // 300 tokens: the LM head is padded to 320 rows, which the decoder drops
         let cfg = decode_config(&ov, &[("model.vocab_size", "300")]);
         let model = Model::init(CpuBackend::<f32>::new(), &cfg, seed + i as u64);
@@ -177,16 +192,16 @@ fn decoding_token_by_token_matches_full_forward() {
         assert_eq!((v, vp), (300, 320));
         let want: Vec<f32> = padded.chunks(vp).flat_map(|r| r[..v].to_vec()).collect();
         for prompt in [1usize, 5, 10] {
-            let (mut dec, pre) = Decoder::prefill(&model, &ids[..prompt]);
-            assert_eq!(pre.len(), v);
+            let (mut dec, pre) = Decoder::prefill_batch_as(&model, &[&ids[..prompt]], form);
+            assert_eq!((pre.len(), dec.form()), (v, form));
             let e = rel_err(&pre, &want[(prompt - 1) * v..prompt * v]);
-            assert!(e < 1e-5, "{name}: prefill logits rel err {e:.3e}");
+            assert!(e < 1e-5, "{name} ({form}): prefill logits rel err {e:.3e}");
             for pos in prompt..t {
                 let logits = dec.step(&ids[pos..pos + 1]);
                 let e = rel_err(logits, &want[pos * v..(pos + 1) * v]);
                 assert!(
                     e < 1e-4,
-                    "{name}: prompt {prompt}, decoded position {pos}: logits rel err {e:.3e}"
+                    "{name} ({form}): prompt {prompt}, decoded position {pos}: logits rel err {e:.3e}"
                 );
             }
         }
@@ -195,13 +210,17 @@ fn decoding_token_by_token_matches_full_forward() {
 
 /// A batch decodes as its sequences do alone: three prompts (the first and last identical, run
 /// once by the prefill) continue with different tokens at every step, and each sequence's
-/// logits match a decoder of its own — for every variant (sympow's states, learned rotary's
-/// cumulative angles and softmax's KV caches are per sequence; learned gates and fixed rotary
-/// broadcast over the batch).
+/// logits match a decoder of its own — for every variant and decoding form (recurrent states,
+/// learned rotary's cumulative angles and KV caches with their gates are per sequence; learned
+/// gates and fixed rotary broadcast over the batch).
 #[test]
 fn a_batch_decodes_as_its_sequences_do_alone() {
     let seed = common::seed("batch_decode");
-    for (i, (name, ov)) in variants().into_iter().enumerate() {
+    for ((i, (name, ov)), &form) in variants()
+        .into_iter()
+        .enumerate()
+        .flat_map(|v| decode_forms(v.1 .0).iter().map(move |f| (v.clone(), f)))
+    {
         let cfg = decode_config(&ov, &[]);
         let model = Model::init(CpuBackend::<f32>::new(), &cfg, seed + i as u64);
         let mut r = rng(seed + i as u64);
@@ -213,11 +232,11 @@ fn a_batch_decodes_as_its_sequences_do_alone() {
             .map(|_| (0..3).map(|_| r.gen_range(0..256)).collect())
             .collect();
         let v = model.dims.vocab;
-        let (mut batch, pre) = Decoder::prefill_batch(&model, &prompts);
+        let (mut batch, pre) = Decoder::prefill_batch_as(&model, &prompts, form);
         assert_eq!((batch.batch(), pre.len()), (3, 3 * v));
         let mut alone: Vec<(Decoder<_>, Vec<f64>)> = prompts
             .iter()
-            .map(|p| Decoder::prefill(&model, p))
+            .map(|p| Decoder::prefill_batch_as(&model, &[p], form))
             .collect();
         for (s, toks) in next.iter().enumerate() {
             let got = if s == 0 {
@@ -230,14 +249,17 @@ fn a_batch_decodes_as_its_sequences_do_alone() {
                     *want = dec.step(&toks[j..j + 1]).to_vec();
                 }
                 let e = rel_err(&got[j * v..(j + 1) * v], want);
-                assert!(e < 1e-5, "{name}: sequence {j}, step {s}: rel err {e:.3e}");
+                assert!(
+                    e < 1e-5,
+                    "{name} ({form}): sequence {j}, step {s}: rel err {e:.3e}"
+                );
             }
         }
         // the steps fed different tokens to the copies of one prompt: their logits part
         let last = batch.step(&next[0]).to_vec();
         assert!(
             rel_err(&last[..v], &last[2 * v..]) > 1e-3,
-            "{name}: copies did not part"
+            "{name} ({form}): copies did not part"
         );
         assert_eq!(batch.positions(), [t + steps; 3]);
     }
@@ -284,17 +306,56 @@ fn merged_decoders_continue_as_their_parts() {
     }
 }
 
-/// Softmax decoders do not merge: their KV caches have different lengths.
+/// KV-cache decoders (softmax's, or sympow's asked for one) do not merge: their caches have
+/// different lengths.
 #[test]
-#[should_panic(expected = "softmax decoders do not merge")]
-fn softmax_decoders_do_not_merge() {
-    let cfg = tiny_config(&[("model.attention", "softmax")]);
-    let model = Model::init(CpuBackend::<f32>::new(), &cfg, 5);
-    let parts = vec![
-        Decoder::prefill(&model, &[1, 2]).0,
-        Decoder::prefill(&model, &[3, 4, 5]).0,
-    ];
-    Decoder::merge(parts);
+fn kv_cache_decoders_do_not_merge() {
+    for (attention, form) in [
+        ("softmax", DecodeForm::Auto),
+        ("conformal", DecodeForm::KvCache),
+    ] {
+        let cfg = tiny_config(&[("model.attention", attention)]);
+        let model = Model::init(CpuBackend::<f32>::new(), &cfg, 5);
+        let merge = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let parts = vec![
+                Decoder::prefill_batch_as(&model, &[&[1, 2]], form).0,
+                Decoder::prefill_batch_as(&model, &[&[3, 4, 5]], form).0,
+            ];
+            Decoder::merge(parts);
+        }));
+        let msg = merge.expect_err(attention);
+        let msg = (msg.downcast_ref::<String>().map(String::as_str))
+            .or(msg.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        assert!(
+            msg.contains("KV-cache decoders do not merge"),
+            "{attention}: {msg}"
+        );
+    }
+}
+
+/// p = 4 at d = 64 decodes from a KV cache by default (its recurrent state would be the size of
+/// 389k tokens of cache), and softmax cannot be asked for a recurrent state.
+#[test]
+fn the_default_decoding_form_follows_the_state_size() {
+    let p4 = tiny_config(&[
+        ("model.attention", "sympow"),
+        ("model.power", "4"),
+        ("model.head_dim", "64"),
+    ]);
+    let p2 = tiny_config(&[("model.attention", "sympow"), ("model.head_dim", "64")]);
+    assert_eq!(DecodeForm::Auto.resolve(&p4), Ok(DecodeForm::KvCache));
+    assert_eq!(DecodeForm::Auto.resolve(&p2), Ok(DecodeForm::Recurrent));
+    let model = Model::init(CpuBackend::<f32>::new(), &p4, 5);
+    let (mut dec, _) = Decoder::prefill(&model, &[1, 2, 3]);
+    assert_eq!(dec.form(), DecodeForm::KvCache);
+    // three tokens' keys and values (f64) a head, not a state of 766,480 × 65 numbers
+    let heads = p4.model.layers * p4.model.heads;
+    assert_eq!(dec.memory_bytes(), heads * 3 * 2 * 64 * 8);
+    dec.step(&[4]);
+    let softmax = tiny_config(&[("model.attention", "softmax")]);
+    let e = DecodeForm::Recurrent.resolve(&softmax).unwrap_err();
+    assert!(e.contains("no recurrent state"), "{e}");
 }
 
 /// `generate` is the first sequence of `generate_batch` with the same seed, and the sequences of
@@ -303,6 +364,7 @@ fn softmax_decoders_do_not_merge() {
 fn generate_batch_extends_generate() {
     let cfg = tiny_config(&[("model.attention", "conformal")]);
     let model = Model::init(CpuBackend::<f32>::new(), &cfg, 5);
+    let auto = DecodeForm::Auto;
     let prompt: Vec<u32> = (0..6).map(|i| (i * 37 % 256) as u32).collect();
     let sampling = sympow::inference::Sampling {
         temperature: 1.0,
@@ -310,13 +372,20 @@ fn generate_batch_extends_generate() {
         top_p: 1.0,
     };
     let mut streamed = Vec::new();
-    let one = sympow::inference::generate(&model, &prompt, 12, &sampling, 9, |t| streamed.push(t));
+    let one = sympow::inference::generate(&model, &prompt, 12, &sampling, auto, 9, |t| {
+        streamed.push(t)
+    });
     assert_eq!(one, streamed);
     let mut calls = Vec::new();
-    let many =
-        sympow::inference::generate_batch(&model, &[&prompt[..]; 4], 12, &sampling, 9, |i, t| {
-            calls.push((i, t))
-        });
+    let many = sympow::inference::generate_batch(
+        &model,
+        &[&prompt[..]; 4],
+        12,
+        &sampling,
+        auto,
+        9,
+        |i, t| calls.push((i, t)),
+    );
     assert_eq!(many.len(), 4);
     assert_eq!(many[0], one);
     assert!(many.iter().all(|s| s.len() == 12));
@@ -329,14 +398,20 @@ fn generate_batch_extends_generate() {
     // on_token saw each step's tokens in sequence order
     let order: Vec<usize> = calls.iter().map(|c| c.0).collect();
     assert_eq!(order, (0..12).flat_map(|_| 0..4).collect::<Vec<_>>());
-    assert!(
-        sympow::inference::generate_batch(&model, &[&prompt[..]], 0, &sampling, 9, |_, _| {})[0]
-            .is_empty()
-    );
+    assert!(sympow::inference::generate_batch(
+        &model,
+        &[&prompt[..]],
+        0,
+        &sampling,
+        auto,
+        9,
+        |_, _| {}
+    )[0]
+    .is_empty());
 }
 
-/// Prompts of several lengths decode together (sympow: merged into one batch; softmax: one batch
-/// per length, stepped side by side): each sequence gets what a batch of its own length gives
+/// Prompts of several lengths decode together (recurrent: merged into one batch; KV caches, of
+/// softmax or of sympow asked for one: one batch per length, stepped side by side): each sequence gets what a batch of its own length gives
 /// it, and `on_token` still sees every step's tokens in sequence order.
 #[test]
 fn generate_batch_takes_prompts_of_several_lengths() {
@@ -348,15 +423,19 @@ fn generate_batch_takes_prompts_of_several_lengths() {
     };
     let (a, b, c): (Vec<u32>, Vec<u32>, Vec<u32>) =
         ((0..5).collect(), (40..47).collect(), (90..95).collect());
-    for attention in ["softmax", "conformal"] {
+    for (attention, auto) in [
+        ("softmax", DecodeForm::Auto),
+        ("conformal", DecodeForm::Auto),
+        ("conformal", DecodeForm::KvCache),
+    ] {
         let cfg = tiny_config(&[("model.attention", attention)]);
         let model = Model::init(CpuBackend::<f32>::new(), &cfg, 5);
         let mut calls = Vec::new();
-        let ragged = generate_batch(&model, &[&a, &b, &c], 6, &greedy, 1, |i, t| {
+        let ragged = generate_batch(&model, &[&a, &b, &c], 6, &greedy, auto, 1, |i, t| {
             calls.push((i, t))
         });
-        let fives = generate_batch(&model, &[&a, &c], 6, &greedy, 1, |_, _| {});
-        let seven = generate(&model, &b, 6, &greedy, 1, |_| {});
+        let fives = generate_batch(&model, &[&a, &c], 6, &greedy, auto, 1, |_, _| {});
+        let seven = generate(&model, &b, 6, &greedy, auto, 1, |_| {});
         assert_eq!(
             ragged,
             [fives[0].clone(), seven, fives[1].clone()],
