@@ -578,6 +578,9 @@ impl Config {
             );
         }
         let t = &self.train;
+        if t.steps == 0 {
+            return bad("train.steps", "0".into(), "must be at least 1");
+        }
         if t.batch_size == 0 {
             return bad("train.batch_size", "0".into(), "must be at least 1");
         }
@@ -671,6 +674,7 @@ mod tests {
         let cases = [
             ("model.power", "3", "model.power"),
             ("model.heads", "0", "model.heads"),
+            ("train.steps", "0", "train.steps"),
             ("model.chunk", "0", "model.chunk"),
             ("model.head_dim", "7", "model.head_dim"),
             ("model.vocab_size", "100", "model.vocab_size"),
