@@ -11,8 +11,8 @@
 //! [`Backend::kv_cache_decode_step`] appends to them and attends over them (linear in the
 //! context, as softmax must be). One sequence's step is a few hundred small kernels; where
 //! the backend can record them ([`Backend::record`]: a CUDA graph), the step is recorded at the
-//! first step and replayed as one launch after that (a KV-cache decoder's again whenever its caches move
-//! to more room: [`Backend::kv_cache_reserve`]).
+//! first step and replayed as one launch after that (a KV-cache decoder's again whenever its
+//! caches move to more room: [`Backend::kv_cache_reserve`]).
 
 use crate::attention::{Form, Shape};
 use crate::backend::{Backend, Footprint};
@@ -86,10 +86,7 @@ impl DecodeForm {
             }
             Self::Auto if softmax => Ok(Self::KvCache),
             Self::Auto => {
-                let d = m.head_dim;
-                let state = crate::attention::phi::sympow_dim(d, m.power) * (d + 1);
-                let gated = usize::from(cfg.gate() != crate::config::GateKind::None);
-                let token = 2 * d + gated;
+                let (state, token) = head_sizes(cfg);
                 Ok(if state <= token * RECURRENT_HORIZON {
                     Self::Recurrent
                 } else {
@@ -99,6 +96,17 @@ impl DecodeForm {
             form => Ok(form),
         }
     }
+}
+
+/// A head's recurrent state (D·(e+1) numbers) and its KV cache's numbers per token (key, value
+/// and, gated, the cumulative gate).
+fn head_sizes(cfg: &crate::config::Config) -> (usize, usize) {
+    let (d, p) = (cfg.model.head_dim, cfg.model.power);
+    let gated = usize::from(cfg.gate() != crate::config::GateKind::None);
+    (
+        crate::attention::phi::sympow_dim(d, p) * (d + 1),
+        2 * d + gated,
+    )
 }
 
 /// What decoding a model of config `cfg` holds, in its default form ([`DecodeForm::Auto`]): a
@@ -113,10 +121,9 @@ impl DecodeForm {
 /// ```
 pub fn decoding_memory(cfg: &crate::config::Config) -> String {
     let m = &cfg.model;
-    let (heads, d) = (m.layers * m.heads, m.head_dim);
-    let state = heads * crate::attention::phi::sympow_dim(d, m.power) * (d + 1);
-    let gated = usize::from(cfg.gate() != crate::config::GateKind::None);
-    let token = heads * (2 * d + gated);
+    let heads = m.layers * m.heads;
+    let (state, token) = head_sizes(cfg);
+    let (state, token) = (heads * state, heads * token);
     let mib = |n: usize, bytes: usize| (n * bytes) as f64 / (1 << 20) as f64;
     match DecodeForm::Auto.resolve(cfg) {
         Ok(DecodeForm::Recurrent) => format!(

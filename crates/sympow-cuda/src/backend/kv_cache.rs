@@ -132,17 +132,17 @@ impl CudaBackend {
         // round length does not double the cache at the first step
         let cap = (t + 1).next_multiple_of(KV_SPLIT);
         let len = i32::try_from(t).expect("a KV cache holds fewer than 2^31 tokens");
-        // the prompt's cumulative gates, summed in f64 on the host (a prefill's one read-back)
+        // the prompt's cumulative gates, summed in f64 on the host (at the prefill, not in a
+        // step: b·t·h numbers)
         let gates = log_gates.map(|g| {
             let g = self.stream.clone_dtoh(g).expect("device to host copy");
             let mut cum = vec![0.0f64; b * cap * h];
-            for (bi, seq) in g.chunks_exact(t * h).enumerate() {
+            for bi in 0..b {
                 let mut acc = vec![0.0f64; h];
-                for (ti, row) in seq.chunks_exact(h).enumerate() {
-                    let out = &mut cum[(bi * cap + ti) * h..][..h];
-                    for ((a, &x), o) in acc.iter_mut().zip(row).zip(out) {
-                        *a += f64::from(x);
-                        *o = *a;
+                for ti in 0..t {
+                    for (hh, a) in acc.iter_mut().enumerate() {
+                        *a += f64::from(g[(bi * t + ti) * h + hh]);
+                        cum[(bi * cap + ti) * h + hh] = *a;
                     }
                 }
             }
