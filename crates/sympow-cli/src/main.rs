@@ -812,10 +812,10 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
                 for (k, val) in ov {
                     v.set(k, val).with_context(|| format!("variant {name}"))?;
                 }
-                decode
+                let form = decode
                     .resolve(&v)
                     .map_err(|e| anyhow::anyhow!("--decode {decode}, variant {name}: {e}"))?;
-                configs.push((name.to_string(), v));
+                configs.push((name.to_string(), v, form));
             }
             // the first model takes this backend (a GPU backend compiles its kernels when made)
             let first = make();
@@ -837,15 +837,13 @@ fn run<B: Backend>(cli: Cli, make: &dyn Fn() -> B) -> Result<i32> {
             let rows = sympow::bench::decode(
                 &mut || spare.take().unwrap_or_else(make),
                 &configs,
-                decode,
                 &batch,
                 &context,
                 reps,
                 softmax_max,
                 softmax_max_cached,
                 profile,
-            )
-            .map_err(anyhow::Error::msg)?;
+            );
             print!("{}", sympow::bench::format_decode_table(&rows));
             for r in &rows {
                 if let Some((ops, total)) = &r.profile {

@@ -137,9 +137,9 @@ pub struct DecodeBenchRow {
 }
 
 /// Per-step decode time after a prefill of each context length, for each named variant config
-/// (random weights) decoded in `form` (resolved per variant, [`DecodeForm::resolve`]: `Auto`
-/// decodes softmax, and sympow p = 4 at d = 64, from KV caches, sympow p = 2 recurrently) and
-/// each batch size (every sequence of a batch continues the same prompt, which is prefilled
+/// (random weights) in its decoding form (as [`DecodeForm::resolve`] makes it: `Auto` decodes
+/// softmax, and sympow p = 4 at d = 64, from KV caches, sympow p = 2 recurrently) and each batch
+/// size (every sequence of a batch continues the same prompt, which is prefilled
 /// once): the recurrent state makes a step independent of the context; a KV cache makes it grow
 /// with it. For one variant and batch size, every context's decoder is prefilled first and their
 /// steps are then timed in turn (one step of each, `steps` times), so that a drift of the
@@ -155,21 +155,20 @@ pub struct DecodeBenchRow {
 #[allow(clippy::too_many_arguments)]
 pub fn decode<B: crate::backend::Backend>(
     make: &mut dyn FnMut() -> B,
-    variants: &[(String, crate::config::Config)],
-    form: crate::inference::DecodeForm,
+    variants: &[(String, crate::config::Config, crate::inference::DecodeForm)],
     batches: &[usize],
     contexts: &[usize],
     steps: usize,
     cache_max: usize,
     cache_max_tokens: usize,
     profile: bool,
-) -> Result<Vec<DecodeBenchRow>, String> {
+) -> Vec<DecodeBenchRow> {
     use crate::inference::{DecodeForm, Decoder};
     use crate::model::Model;
     let steps = steps.max(1);
     let mut rows = Vec::new();
-    for (name, c) in variants {
-        let form = form.resolve(c).map_err(|e| format!("{name}: {e}"))?;
+    for (name, c, form) in variants {
+        let form = *form;
         let model = Model::init(make(), c, 1);
         let vocab = model.dims.vocab as u64;
         let prompt = |ctx: usize| -> Vec<u32> {
@@ -267,7 +266,7 @@ pub fn decode<B: crate::backend::Backend>(
             .sort_by_key(|r| (order(r.context), batches.iter().position(|&b| b == r.batch)));
         rows.extend(variant_rows);
     }
-    Ok(rows)
+    rows
 }
 
 /// `bytes` in the largest binary unit that keeps the number at least 1 (`"2.5 KiB"`).
