@@ -9,7 +9,8 @@
 #   CTX=1024 STEPS=150 OUT=/tmp/out bash scripts/context_scaling.sh
 # (WARMUP and EVAL_EVERY set train.warmup_steps and train.eval_every: 30 and 40 by default; SEED
 # sets train.seed, the config's 1337 by default — runs of another seed belong in RUNS of their
-# own, e.g. RUNS=runs/context-scaling-seed2.)
+# own, e.g. RUNS=runs/context-scaling-seed2. SET adds one more config override to every run, e.g.
+# SET=model.rotary_param=per-frequency, in RUNS of its own too.)
 set -euo pipefail
 B=${SYMPOW:-.carry/sympow}
 DATA=${DATA:-/tmp/linux}
@@ -21,7 +22,7 @@ fi
   --contexts "${CTX:?set CTX}" --steps "${STEPS:-150}" --tokens-per-step 32768 \
   --variants "${VARIANTS:-softmax,sympow-p2,sympow-gated,conformal}" \
   --set train.warmup_steps="${WARMUP:-30}" --set train.eval_every="${EVAL_EVERY:-40}" --set train.eval_batches=2 \
-  ${SEED:+--set train.seed="$SEED"} \
+  ${SEED:+--set train.seed="$SEED"} ${SET:+--set "$SET"} \
   --eval-windows "${EVAL_WINDOWS:-32}" --out "$RUNS" --no-progress
 if [ -n "${OUT:-}" ]; then
   names=${VARIANTS:-all}  # (commas are not names the device tool returns)
