@@ -7,7 +7,9 @@
 //! `eval_factor`·C tokens: the loss by position shows both how well a model uses its training
 //! context and what happens beyond it. Runs live in `out/ctx<C>/<variant>`; a finished run is
 //! not retrained, an interrupted one resumes, an evaluation newer than its checkpoint is
-//! reused — so the experiment can be spread over several time-limited calls.
+//! reused — so the experiment can be spread over several time-limited calls. The report alone
+//! (`--report-only`) can also be made over several copies of the experiment (`--runs`: other
+//! seeds), each loss then a mean ± standard deviation.
 
 use crate::{interrupt_flag, run_train, ConfigArgs, Variant, VARIANTS};
 use anyhow::{bail, Context, Result};
@@ -53,31 +55,68 @@ pub(crate) struct ContextScaling {
     /// --out (e.g. runs made on other machines, checkpoints left behind).
     #[arg(long)]
     report_only: bool,
+    /// With --report-only: the experiment's run directories (each a --out of the same
+    /// experiment, e.g. one per seed) to report on instead of --out's own. With more than one,
+    /// each loss in the table is their mean ± standard deviation and the figure draws the mean
+    /// curves; the report goes to --out.
+    #[arg(long, value_delimiter = ',', requires = "report_only")]
+    runs: Vec<PathBuf>,
 }
 
-/// One trained and evaluated run.
+/// One variant at one training context: its evaluation in each run of the experiment (one,
+/// unless `--runs` names several).
 struct Row {
     context: usize,
     variant: String,
     params: usize,
-    curve: Vec<Bucket>,
+    curves: Vec<Vec<Bucket>>,
 }
 
 impl Row {
-    /// Token-weighted mean loss over positions [from, to).
-    fn mean(&self, from: usize, to: usize) -> f64 {
-        let (s, n) = self
-            .curve
+    /// Each run's token-weighted mean loss over positions [from, to).
+    fn means(&self, from: usize, to: usize) -> Vec<f64> {
+        self.curves
             .iter()
-            .filter(|b| b.start >= from && b.end <= to && b.tokens > 0)
-            .fold((0.0, 0u64), |(s, n), b| {
-                (s + b.loss * b.tokens as f64, n + b.tokens)
-            });
-        if n == 0 {
-            f64::NAN
-        } else {
-            s / n as f64
+            .map(|curve| {
+                let (s, n) = curve
+                    .iter()
+                    .filter(|b| b.start >= from && b.end <= to && b.tokens > 0)
+                    .fold((0.0, 0u64), |(s, n), b| {
+                        (s + b.loss * b.tokens as f64, n + b.tokens)
+                    });
+                if n == 0 {
+                    f64::NAN
+                } else {
+                    s / n as f64
+                }
+            })
+            .collect()
+    }
+
+    /// A table cell over [from, to): the loss of a single run, or the runs' mean ± their
+    /// (sample) standard deviation.
+    fn cell(&self, from: usize, to: usize) -> String {
+        let xs = self.means(from, to);
+        if xs.len() == 1 {
+            return format!("{:.4}", xs[0]);
         }
+        let n = xs.len() as f64;
+        let mean = xs.iter().sum::<f64>() / n;
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+        format!("{mean:.3} ± {:.3}", var.sqrt())
+    }
+
+    /// The runs' curves averaged bucket by bucket (they share their buckets: the same
+    /// evaluation set-up).
+    fn mean_curve(&self) -> Vec<(f64, f64)> {
+        let n = self.curves.len() as f64;
+        (0..self.curves[0].len())
+            .map(|i| {
+                let b = &self.curves[0][i];
+                let loss = self.curves.iter().map(|c| c[i].loss).sum::<f64>() / n;
+                ((b.start + b.end) as f64 / 2.0, loss)
+            })
+            .collect()
     }
 }
 
@@ -102,6 +141,12 @@ pub(crate) fn context_scaling<B: Backend>(make: &dyn Fn() -> B, a: &ContextScali
     let unigram = data
         .as_ref()
         .map(|d| format!("{:.4}", d.unigram_baseline(base.model.vocab_size)));
+    // the run directories reported on: --runs, or --out itself
+    let runs = if a.runs.is_empty() {
+        vec![a.out.clone()]
+    } else {
+        a.runs.clone()
+    };
     let mut rows = Vec::new();
     for &context in &a.contexts {
         for (name, overrides) in &variants {
@@ -113,19 +158,35 @@ pub(crate) fn context_scaling<B: Backend>(make: &dyn Fn() -> B, a: &ContextScali
             cfg.train.batch_size = (tokens_per_step / context).max(1);
             cfg.validate()
                 .with_context(|| format!("variant {name} at context {context}"))?;
-            let dir = a.out.join(format!("ctx{context}")).join(name);
+            // the run's directory and evaluation, relative to the experiment's directory
+            let run = Path::new(&format!("ctx{context}")).join(name);
             let eval_ctx = a.eval_factor * context;
-            let csv = dir.join(format!("eval_ctx{eval_ctx}.csv"));
+            let csv_name = format!("eval_ctx{eval_ctx}.csv");
+            let dir = a.out.join(&run);
+            let csv = dir.join(&csv_name);
             println!("== {name}, training context {context}");
             if a.report_only {
-                let curve = sympow::eval::read_csv(&csv).map_err(anyhow::Error::msg)?;
+                let csvs: Vec<PathBuf> =
+                    runs.iter().map(|r| r.join(&run).join(&csv_name)).collect();
+                let curves = csvs
+                    .iter()
+                    .map(|p| sympow::eval::read_csv(p).map_err(anyhow::Error::msg))
+                    .collect::<Result<Vec<_>>>()?;
+                let layout = |c: &[Bucket]| c.iter().map(|b| (b.start, b.end)).collect::<Vec<_>>();
+                if let Some(i) = curves.iter().position(|c| layout(c) != layout(&curves[0])) {
+                    bail!(
+                        "{} and {}: the evaluations' position buckets differ (not the same experiment)",
+                        csvs[0].display(),
+                        csvs[i].display()
+                    );
+                }
                 let params =
                     sympow::model::Model::init(CpuBackend::<f32>::new(), &cfg, 0).num_params();
                 rows.push(Row {
                     context,
                     variant: name.to_string(),
                     params,
-                    curve,
+                    curves,
                 });
                 continue;
             }
@@ -152,14 +213,26 @@ pub(crate) fn context_scaling<B: Backend>(make: &dyn Fn() -> B, a: &ContextScali
                 context,
                 variant: name.to_string(),
                 params: model.num_params(),
-                curve,
+                curves: vec![curve],
             });
         }
     }
     std::fs::create_dir_all(&a.out)?;
     let table = table(&rows, a.eval_factor);
+    let over = if runs.len() > 1 {
+        format!(
+            "; each loss the mean ± standard deviation of {} runs ({})",
+            runs.len(),
+            runs.iter()
+                .map(|r| r.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    } else {
+        String::new()
+    };
     let text = format!(
-        "{table}\n{} optimizer steps of {tokens_per_step} tokens per run; loss in nats/token on {} validation windows of {}× the training context{}.\n",
+        "{table}\n{} optimizer steps of {tokens_per_step} tokens per run; loss in nats/token on {} validation windows of {}× the training context{}{over}.\n",
         base.train.steps,
         a.eval_windows,
         a.eval_factor,
@@ -227,22 +300,22 @@ fn table(rows: &[Row], eval_factor: usize) -> String {
     for r in rows {
         let c = r.context;
         s.push_str(&format!(
-            "| {c} | {} | {} | {:.4} | {:.4} |",
+            "| {c} | {} | {} | {} | {} |",
             r.variant,
             r.params,
-            r.mean(0, c),
-            r.mean(c - c / 8, c)
+            r.cell(0, c),
+            r.cell(c - c / 8, c)
         ));
         for (f, g) in &beyond {
-            s.push_str(&format!(" {:.4} |", r.mean(f * c, g * c)));
+            s.push_str(&format!(" {} |", r.cell(f * c, g * c)));
         }
         s.push('\n');
     }
     s
 }
 
-/// One panel per training context: loss against position, one line per variant, a dashed
-/// line at the training context.
+/// One panel per training context: loss against position, one line per variant (the runs'
+/// mean), a dashed line at the training context.
 fn figure(path: &Path, rows: &[Row], contexts: &[usize]) -> Result<()> {
     let panels: Vec<Panel> = contexts
         .iter()
@@ -254,11 +327,7 @@ fn figure(path: &Path, rows: &[Row], contexts: &[usize]) -> Result<()> {
                 .filter(|r| r.context == c)
                 .map(|r| Series {
                     label: r.variant.clone(),
-                    points: r
-                        .curve
-                        .iter()
-                        .map(|b| ((b.start + b.end) as f64 / 2.0, b.loss))
-                        .collect(),
+                    points: r.mean_curve(),
                 })
                 .collect(),
         })

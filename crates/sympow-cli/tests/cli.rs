@@ -491,6 +491,62 @@ fn context_scaling_experiment_writes_table_and_figure_and_resumes() {
     let mut bad = args.to_vec();
     bad[9] = "softmax,nope";
     assert_error(&sympow(&bad), "unknown variant \"nope\"");
+
+    // the report over two copies of the experiment (a second seed's, here every bucket's loss
+    // 0.2 higher): each loss is their mean ± standard deviation, 0.1 higher ± 0.2/√2
+    let out2 = tmp.path().join("cs-seed2");
+    let csvs = [
+        "ctx16/softmax/eval_ctx64.csv",
+        "ctx16/conformal/eval_ctx64.csv",
+    ]
+    .into_iter()
+    .chain([
+        "ctx32/softmax/eval_ctx128.csv",
+        "ctx32/conformal/eval_ctx128.csv",
+    ]);
+    for rel in csvs {
+        let mut b = sympow::eval::read_csv(&out.join(rel)).unwrap();
+        b.iter_mut().for_each(|b| b.loss += 0.2);
+        std::fs::create_dir_all(out2.join(rel).parent().unwrap()).unwrap();
+        sympow::eval::write_csv(&out2.join(rel), &b).unwrap();
+    }
+    let mean_out = tmp.path().join("cs-mean");
+    let runs = format!("{},{}", out.display(), out2.display());
+    let mut report = args.to_vec();
+    report[5] = mean_out.to_str().unwrap();
+    report.extend(["--report-only", "--runs", &runs]);
+    let o = sympow(&report);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mean_table = std::fs::read_to_string(mean_out.join("context_scaling.md")).unwrap();
+    let cells = |line: &str| -> Vec<String> {
+        line.split('|')
+            .skip(4)
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty())
+            .collect()
+    };
+    let mean_rows: Vec<&str> = mean_table
+        .lines()
+        .filter(|l| l.starts_with("| 16 ") || l.starts_with("| 32 "))
+        .collect();
+    assert_eq!(mean_rows.len(), rows.len(), "{mean_table}");
+    for (one, two) in rows.iter().zip(&mean_rows) {
+        for (x, cell) in cells(one).iter().zip(cells(two)) {
+            let (m, s) = cell.split_once(" ± ").expect(&cell);
+            let (x, m, s): (f64, f64, f64) =
+                (x.parse().unwrap(), m.parse().unwrap(), s.parse().unwrap());
+            assert!((m - (x + 0.1)).abs() < 1e-3, "{one} / {two}");
+            assert!((s - 0.2 / 2f64.sqrt()).abs() < 1e-3, "{one} / {two}");
+        }
+    }
+    assert!(mean_table.contains("mean ± standard deviation of 2 runs"));
+    assert!(mean_out.join("context_scaling.png").exists());
+    // runs evaluated on other position buckets are not the same experiment
+    let rel = "ctx32/conformal/eval_ctx128.csv";
+    let mut b = sympow::eval::read_csv(&out2.join(rel)).unwrap();
+    b.pop();
+    sympow::eval::write_csv(&out2.join(rel), &b).unwrap();
+    assert_error(&sympow(&report), "position buckets differ");
 }
 
 #[test]
