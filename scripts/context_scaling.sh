@@ -25,6 +25,7 @@ fi
   ${SEED:+--set train.seed="$SEED"} ${SET:+--set "$SET"} \
   --eval-windows "${EVAL_WINDOWS:-32}" --out "$RUNS" --no-progress
 if [ -n "${OUT:-}" ]; then
-  names=${VARIANTS:-all}  # (commas are not names the device tool returns)
-  tar -C "$RUNS" --exclude='checkpoint*' -czf "$OUT/context-scaling-ctx$CTX-${names//,/_}${SEED:+-seed$SEED}.tar.gz" .
+  names=${VARIANTS:-all}  # (commas and '=' are not names the device tool returns)
+  set_name=${SET//[^A-Za-z0-9._-]/_}
+  tar -C "$RUNS" --exclude='checkpoint*' -czf "$OUT/context-scaling-ctx$CTX-${names//,/_}${SEED:+-seed$SEED}${SET:+-$set_name}.tar.gz" .
 fi
